@@ -1,0 +1,41 @@
+"""Human size strings ("200G", "512M", "1.5T") <-> bytes, binary units like tmpfs uses."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a size. Plain integers are bytes. Raises ValueError naming the bad value."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative; a size must be 0 or more bytes")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a size")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(
+            f"{value!r} is not a size; use a number with an optional unit K, M, G, T or P "
+            "(binary: 1G = 1024 MiB), e.g. 512M or 1.5T"
+        )
+    number, unit = m.groups()
+    result = float(number) * _UNITS[unit.upper()]
+    return int(result)
+
+
+def format_size(n: int) -> str:
+    """Bytes to a short human string, e.g. 1.5G. Exact multiples print without a fraction."""
+    for unit in ("P", "T", "G", "M", "K"):
+        mult = _UNITS[unit]
+        if n >= mult:
+            value = n / mult
+            if n % mult == 0:
+                return f"{n // mult}{unit}"
+            return f"{value:.1f}{unit}"
+    return f"{n}B"
