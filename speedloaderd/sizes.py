@@ -39,3 +39,11 @@ def format_size(n: int) -> str:
                 return f"{n // mult}{unit}"
             return f"{value:.1f}{unit}"
     return f"{n}B"
+
+
+def format_size_exact(n: int) -> str:
+    """Bytes to the largest unit that represents them exactly (for writing config back)."""
+    for unit in ("P", "T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)

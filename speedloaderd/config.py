@@ -1,0 +1,314 @@
+"""Configuration: the JSON file an admin edits, validated with pydantic.
+
+Accepts, as is, the camelCase format of the tool Speedloader replaces (``modelsDir``,
+``ramdisk``, ``storage``, ``backend``, ``remoteTiers``, ``modelPlacement``) and adds
+``pools`` (several local tmpfs pools), ``sshKeyPath`` and ``stateDir``.
+
+Unknown keys are errors that name the key, so a typo never silently does nothing. Keys
+starting with ``x-`` or ``_`` (e.g. ``"_comment"``) are extension fields: accepted,
+ignored and kept when the file is saved. Saving writes back only what the file set
+(plus changes), never a wall of defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .paths import check_model_name, check_pool_name, overlapping
+from .sizes import format_size_exact, parse_size
+
+SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
+LOCAL_POOL_NAME = "local"  # the pool the legacy ``ramdisk`` key describes
+DEFAULT_LOCAL_SPEED = 100
+DEFAULT_REMOTE_SPEED = 50
+
+
+def _size(value: Any) -> int:
+    return parse_size(value)
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(_size),
+    PlainSerializer(format_size_exact, return_type=str, when_used="json"),
+]
+
+
+def _abs_path(value: Any) -> Path:
+    p = Path(value)
+    if not p.is_absolute():
+        raise ValueError(f"{value!r} is not an absolute path")
+    if ".." in p.parts:
+        raise ValueError(f"{value!r} contains '..'")
+    return Path(os.path.normpath(p))
+
+
+AbsPath = Annotated[Path, BeforeValidator(_abs_path)]
+
+
+def _is_extension_key(key: str) -> bool:
+    return key.startswith(("x-", "_"))
+
+
+class _Model(BaseModel):
+    """camelCase in the file, snake_case in code; unknown keys refused, extension keys kept."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        populate_by_name=True,
+        alias_generator=lambda s: "".join(
+            w if i == 0 else w.capitalize() for i, w in enumerate(s.split("_"))
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _only_extension_extras(self) -> _Model:
+        for key in self.model_extra or {}:
+            if not _is_extension_key(key):
+                raise ValueError(
+                    f"unknown key {key!r} (extension keys must start with 'x-' or '_')"
+                )
+        return self
+
+
+class StorageType(str, Enum):
+    LOCAL = "local"
+    NFS = "nfs"
+    BEEGFS = "beegfs"
+
+
+class BackendType(str, Enum):
+    OLLAMA = "ollama"
+    LLAMACPP = "llamacpp"
+    VLLM = "vllm"
+    HUGGINGFACE = "huggingface"
+
+
+class Strategy(str, Enum):
+    FASTEST_FIT = "fastest-fit"
+    FILL_FIRST = "fill-first"
+    ROUND_ROBIN = "round-robin"
+
+
+class RamdiskConfig(_Model):
+    path: AbsPath
+    size: Size
+
+
+class StorageConfig(_Model):
+    path: AbsPath
+    type: StorageType = StorageType.LOCAL
+
+
+class BackendConfig(_Model):
+    type: BackendType
+    api_url: str | None = None
+
+
+class PoolConfig(_Model):
+    name: str
+    path: AbsPath
+    size: Size
+    speed: int = Field(default=DEFAULT_LOCAL_SPEED, ge=0, le=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_pool_name(v)
+
+
+class RemoteHostConfig(_Model):
+    ssh: str
+    rdma_ip: str | None = None
+    ramdisk_size: Size
+    transport: str = "rdma"
+    port: int = Field(default=4420, ge=1, le=65535)
+    path: AbsPath | None = None
+    speed: int = Field(default=DEFAULT_REMOTE_SPEED, ge=0, le=10_000)
+
+    @field_validator("transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if v not in ("rdma", "tcp"):
+            raise ValueError(f"{v!r} is not a transport; use 'rdma' or 'tcp'")
+        return v
+
+
+class RemoteTiersConfig(_Model):
+    hosts: dict[str, RemoteHostConfig] = Field(default_factory=dict)
+
+    @field_validator("hosts")
+    @classmethod
+    def _names(cls, v: dict[str, RemoteHostConfig]) -> dict[str, RemoteHostConfig]:
+        for name in v:
+            check_pool_name(name)
+        return v
+
+
+class PlacementConfig(_Model):
+    default_strategy: Strategy = Strategy.FASTEST_FIT
+    pinned: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("pinned")
+    @classmethod
+    def _pins(cls, v: dict[str, str]) -> dict[str, str]:
+        for model, pool in v.items():
+            check_model_name(model)
+            check_pool_name(pool)
+        return v
+
+
+class Config(_Model):
+    models_dir: AbsPath
+    storage: StorageConfig
+    backend: BackendConfig
+    ramdisk: RamdiskConfig | None = None
+    pools: list[PoolConfig] = Field(default_factory=list)
+    remote_tiers: RemoteTiersConfig = Field(default_factory=RemoteTiersConfig)
+    model_placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    ssh_key_path: AbsPath | None = None
+    state_dir: AbsPath = Path("/var/lib/speedloader")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names: list[str] = [p.name for p in self.local_pools()]
+        names += list(self.remote_tiers.hosts)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pool name {dupes[0]!r} is defined twice")
+        roots = {"modelsDir": self.models_dir, "storage.path": self.storage.path}
+        roots |= {f"pool {p.name!r} path": p.path for p in self.local_pools()}
+        items = list(roots.items())
+        for i, (ka, a) in enumerate(items):
+            for kb, b in items[i + 1 :]:
+                if overlapping(a, b):
+                    raise ValueError(f"{ka} ({a}) and {kb} ({b}) overlap; they must be separate")
+        for model, pool in self.model_placement.pinned.items():
+            if pool not in names:
+                raise ValueError(
+                    f"model {model!r} is pinned to pool {pool!r}, which is not defined"
+                )
+        return self
+
+    def local_pools(self) -> list[PoolConfig]:
+        """The tmpfs pools: the legacy ``ramdisk`` (named 'local') first, then ``pools``."""
+        pools = []
+        if self.ramdisk is not None:
+            pools.append(
+                PoolConfig(name=LOCAL_POOL_NAME, path=self.ramdisk.path, size=self.ramdisk.size)
+            )
+        pools.extend(self.pools)
+        return pools
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.state_dir / "journal"
+
+
+def _explain(err: ValidationError) -> str:
+    """One line per problem, naming the key path (camelCase, as in the file) and the value."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not loc:
+            lines.append(msg)
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        elif e["type"] == "extra_forbidden" or "unknown key" in msg:
+            lines.append(f"{loc}: {msg}")
+        else:
+            lines.append(f"{loc} = {e.get('input')!r}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_explain(err)}") from None
+    except ValueError as err:  # raised by a validator outside pydantic's wrapping
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def default_config_path() -> Path:
+    if SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG
+    return Path.home() / ".config" / "speedloader" / "config.json"
+
+
+def load_config(path: Path | None = None) -> tuple[Config, Path]:
+    path = path or default_config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no configuration at {path}; create one or pass --config") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}") from None
+    return parse_config(data, str(path)), path
+
+
+def dump_config(config: Config) -> dict[str, Any]:
+    """What the file should contain: only keys that were set, in the file's own spelling."""
+    return config.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Atomically replace ``path``: temp file in the same dir, fsync, rename, fsync the dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(dump_config(config), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def with_changes(config: Config, **changes: Any) -> Config:
+    """A re-validated copy; ``changes`` use snake_case field names. Keeps 'set' tracking."""
+    data = dump_config(config)
+    for key, value in changes.items():
+        field = Config.model_fields[key]
+        alias = field.alias or key
+        data[alias] = (
+            value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+            if isinstance(value, BaseModel)
+            else value
+        )
+    return parse_config(data)
