@@ -12,7 +12,9 @@ class SpeedloaderError(Exception):
     dbus_name = "Failed"
 
 
-class InvalidArgument(SpeedloaderError):
+class InvalidArgument(SpeedloaderError, ValueError):
+    """Also a ValueError so that pydantic validators reporting it name the offending key."""
+
     dbus_name = "InvalidArgument"
 
 

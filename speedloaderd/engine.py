@@ -1,0 +1,755 @@
+"""The engine: promote, demote, pin, pools and recovery, with no D-Bus in sight.
+
+A promote reads as a straight line: validate -> placement -> journal -> copy (worker
+thread, verified, renamed into place) -> swap symlinks -> collect garbage -> forget the
+journal entry. Only the metadata steps hold the engine lock; copies run concurrently.
+
+Where a model lives is read from the models dir symlinks, never stored elsewhere, so the
+state after any crash is whatever the links say, repaired by the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import health, placement
+from .catalog import scan
+from .catalog.types import FileRole, Model, ModelFile, ScanResult
+from .config import Config, PoolConfig, parse_config, save_config, with_changes
+from .errors import Busy, Cancelled, Failed, InvalidArgument, NoSuchModel, NoSuchPool
+from .health import HealthReport
+from .jobs import Job, run_job
+from .journal import Entry, Journal
+from .modelsdir import COLD, ModelsDir, Where
+from .paths import check_model_name, check_pool_name
+from .pools import PoolState, TmpfsPool
+from .sizes import format_size
+from .transfer import Progress, ProgressMeter, copy_file, is_partial
+
+log = logging.getLogger(__name__)
+
+# Names the pool layer may create that are not model files.
+_POOL_SKIP = {"lost+found"}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    format: str
+    size: int
+    tier: str  # "cold" or a pool name
+    pinned_pool: str  # "" when not pinned
+    state: str  # cold | hot | promoting | demoting | degraded
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    name: str
+    kind: str
+    state: str
+    path: str
+    size: int
+    used: int
+    free: int
+    speed: int
+
+
+Listener = Callable[[str, str], None]
+"""Called on the event loop with (kind, name): kind is model|pool|job|catalog."""
+
+
+class Engine:
+    def __init__(self, config: Config, config_path: Path | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.pools: dict[str, TmpfsPool] = {}
+        self.pool_roots: dict[str, Path] = {}
+        self.catalog = ScanResult()
+        self.users: dict[str, list[str]] = {}  # data rel -> names of models using it
+        self.models_dir = ModelsDir(config.models_dir, config.storage.path, self.pool_roots)
+        self.journal = Journal(config.journal_dir)
+        self.jobs: dict[int, Job] = {}
+        self.listeners: list[Listener] = []
+        self._active: dict[str, Job] = {}  # model name -> its running job
+        self._pool_jobs: dict[str, Job] = {}  # pool name -> its running lifecycle job
+        self._lock = asyncio.Lock()
+        self._reserved: Counter[tuple[str, str]] = Counter()
+        self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._rr_cursor = -1
+        for pc in config.local_pools():
+            self._add_pool_object(pc)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Mount pools, scan cold storage, recover from any crash, sync the models dir."""
+        await asyncio.to_thread(self._start_blocking)
+
+    def _start_blocking(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.journal.open()
+        self.models_dir.ensure()
+        for pool in self.pools.values():
+            try:
+                pool.mount()
+            except Exception as err:  # one bad pool must not keep the others down
+                log.error("pool %s not mounted: %s", pool.name, err)
+        self._scan()
+        self.recover()
+
+    def _scan(self) -> None:
+        self.catalog = scan(self.config.storage.path, self.config.backend.type.value)
+        users: dict[str, list[str]] = defaultdict(list)
+        for model in self.catalog.models.values():
+            for rel in {f.rel for f in model.data_files}:
+                users[rel].append(model.name)
+        self.users = dict(users)
+        bad = sum(1 for m in self.catalog.models.values() if not m.ok)
+        log.info(
+            "catalog: %d models on %s (%d with problems)",
+            len(self.catalog.models),
+            self.config.storage.path,
+            bad,
+        )
+
+    def recover(self) -> list[str]:
+        """Finish or roll back what a crash interrupted; then make links and pools agree.
+
+        Promote entries roll forward when every file reached its final name in the pool
+        (final names are only given to complete, verified copies), else roll back. Demote
+        entries always roll forward: pointing at cold storage is always valid."""
+        actions = [f"removed half-written link {r}" for r in self.models_dir.remove_temp_links()]
+        mounted = self._mounted()
+        for entry in self.journal.pending():
+            actions.append(self._replay(entry, mounted))
+            self.journal.remove(entry.id)
+        report = self.models_dir.sync(self.catalog, mounted)
+        actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
+        actions += [f"removed stale entry {rel}" for rel in report.removed]
+        for name in mounted:
+            actions += [f"removed {p} from pool {name}" for p in self._gc_pool(name)]
+        for a in actions:
+            log.info("recovery: %s", a)
+        return actions
+
+    def _replay(self, entry: Entry, mounted: set[str]) -> str:
+        if entry.op == "promote" and entry.pool in mounted:
+            root = self.pool_roots[entry.pool]
+            sizes = self._sizes(entry.rels)
+            complete = all(
+                (root / rel).is_file() and (root / rel).stat().st_size == sizes.get(rel, -1)
+                for rel in entry.rels
+            )
+            if complete:
+                for rel in entry.rels:
+                    self.models_dir.point_pool(rel, entry.pool)
+                return f"finished interrupted promote of {entry.model} to {entry.pool}"
+            return f"rolled back interrupted promote of {entry.model}"
+        if entry.op == "demote":
+            for rel in entry.rels:
+                self.models_dir.point_cold(rel)
+            return f"finished interrupted demote of {entry.model}"
+        return f"dropped interrupted {entry.op} of {entry.model}"
+
+    def _sizes(self, rels: Iterable[str]) -> dict[str, int]:
+        out = {}
+        for rel in rels:
+            for name in self.users.get(rel, ()):
+                for f in self.catalog.models[name].data_files:
+                    if f.rel == rel:
+                        out[rel] = f.size
+        return out
+
+    # --- reading state -----------------------------------------------------------------
+
+    def _mounted(self) -> set[str]:
+        return {n for n, p in self.pools.items() if p.state() is PoolState.MOUNTED}
+
+    def model(self, name: str) -> Model:
+        check_model_name(name)
+        try:
+            return self.catalog.models[name]
+        except KeyError:
+            raise NoSuchModel(
+                f"no model named {name!r} on cold storage {self.config.storage.path}; "
+                "run a rescan if it was just added"
+            ) from None
+
+    def pool(self, name: str) -> TmpfsPool:
+        check_pool_name(name)
+        try:
+            return self.pools[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise NoSuchPool(f"no pool named {name!r} (pools: {known})") from None
+
+    def _where(self, model: Model) -> dict[str, Where]:
+        return {f.rel: self.models_dir.where(f.rel) for f in model.data_files}
+
+    def _is_hot(self, where: dict[str, Where], mounted: set[str]) -> bool:
+        return bool(where) and all(
+            w.tier not in (None, COLD) and w.tier in mounted and w.exists for w in where.values()
+        )
+
+    def model_status(self, name: str, mounted: set[str] | None = None) -> ModelStatus:
+        model = self.model(name)
+        mounted = self._mounted() if mounted is None else mounted
+        where = self._where(model)
+        sizes = {f.rel: f.size for f in model.data_files}
+        tier, state = COLD, "cold"
+        if any(
+            w.tier is None or not w.exists or (w.tier != COLD and w.tier not in mounted)
+            for w in where.values()
+        ):
+            state = "degraded"
+        elif self._is_hot(where, mounted):
+            by_pool: Counter[str] = Counter()
+            for rel, w in where.items():
+                by_pool[w.tier or ""] += sizes[rel]
+            tier, state = by_pool.most_common(1)[0][0], "hot"
+        if not model.ok:
+            state = "degraded"
+        job = self._active.get(name)
+        if job is not None:
+            state = "promoting" if job.operation == "promote" else "demoting"
+        return ModelStatus(
+            name=model.name,
+            format=model.format.value,
+            size=model.size,
+            tier=tier,
+            pinned_pool=self.config.model_placement.pinned.get(name, ""),
+            state=state,
+            problems=model.problems,
+        )
+
+    def model_statuses(self) -> list[ModelStatus]:
+        mounted = self._mounted()
+        return [self.model_status(n, mounted) for n in self.catalog.models]
+
+    def pool_status(self, name: str) -> PoolStatus:
+        pool = self.pool(name)
+        state = pool.state()
+        size, used, free = pool.size, 0, 0
+        if state is PoolState.MOUNTED:
+            usage = pool.usage()
+            size, used, free = usage.size, usage.used, usage.free
+        return PoolStatus(
+            name=pool.name,
+            kind=pool.kind,
+            state=state.value,
+            path=str(pool.path),
+            size=size,
+            used=used,
+            free=free,
+            speed=pool.speed,
+        )
+
+    def pool_statuses(self) -> list[PoolStatus]:
+        return [self.pool_status(n) for n in self.pools]
+
+    # --- events ------------------------------------------------------------------------
+
+    def _emit(self, kind: str, name: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, name)
+            except Exception:
+                log.exception("engine listener failed")
+
+    def _emit_models(self, rels: Iterable[str], also: Iterable[str] = ()) -> None:
+        names = set(also)
+        for rel in rels:
+            names.update(self.users.get(rel, ()))
+        for name in sorted(names):
+            self._emit("model", name)
+
+    def _start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
+        self.jobs[job.id] = job
+        if job.model is not None:
+            self._active[job.model] = job
+
+        def done(j: Job) -> None:
+            if j.finished:
+                if j.model is not None and self._active.get(j.model) is j:
+                    del self._active[j.model]
+                    self._emit("model", j.model)
+                if j.pool is not None and self._pool_jobs.get(j.pool) is j:
+                    del self._pool_jobs[j.pool]
+                level = logging.INFO if j.state.value == "succeeded" else logging.WARNING
+                log.log(level, "job %d %s %s: %s", j.id, j.operation, j.state.value, j.message)
+            self._emit("job", str(j.id))
+
+        job.listeners.append(done)
+        run_job(job, body)
+        self._emit("job", str(job.id))
+        if job.model is not None:
+            self._emit("model", job.model)
+        return job
+
+    def _progress(self, job: Job, p: Progress) -> None:
+        job.bytes_done, job.rate, job.eta = p.done, p.rate, p.eta
+        job.notify()
+
+    # --- promote -----------------------------------------------------------------------
+
+    def promote(self, name: str, pool: str | None = None) -> Job:
+        """Start copying ``name`` into a RAM pool; returns its Job at once.
+
+        A second request for a model already being promoted joins the running Job."""
+        model = self.model(name)
+        if pool:
+            self.pool(pool)
+        if not model.ok:
+            raise Failed(f"model {name!r} cannot be promoted: {model.problems[0]}")
+        active = self._active.get(name)
+        if active is not None:
+            if active.operation == "promote" and (not pool or active.pool in (None, pool)):
+                return active
+            raise Busy(
+                f"model {name!r} is busy with {active.operation} (job {active.id}); "
+                "wait for it or cancel it"
+            )
+        return self._start_job(Job("promote", model=name, pool=pool or None), self._promote)
+
+    def _choose_pool(self, model: Model, requested: str | None, mounted: set[str]) -> str:
+        candidates = []
+        for name, pool in self.pools.items():
+            online = name in mounted
+            free = pool.usage().free if online else 0
+            root = self.pool_roots[name]
+            need = sum(
+                f.size
+                for f in _unique(model.data_files)
+                if not (root / f.rel).exists() and (name, f.rel) not in self._copies
+            )
+            candidates.append(
+                placement.Candidate(
+                    name=name, speed=pool.speed, free=free, need=need, online=online
+                )
+            )
+        decision = placement.place(
+            candidates,
+            placement.Strategy(self.config.model_placement.default_strategy.value),
+            pinned=self.config.model_placement.pinned.get(model.name),
+            requested=requested,
+            rr_cursor=self._rr_cursor,
+        )
+        self._rr_cursor = decision.rr_cursor
+        return decision.pool
+
+    async def _promote(self, job: Job) -> str:
+        assert job.model is not None
+        model = self.model(job.model)
+        files = _unique(model.data_files)
+        rels = tuple(f.rel for f in files)
+        async with self._lock:
+            mounted = await asyncio.to_thread(self._mounted)
+            where = self._where(model)
+            pinned = self.config.model_placement.pinned.get(model.name)
+            wanted = job.pool or pinned
+            if self._is_hot(where, mounted) and (
+                wanted is None or all(w.tier == wanted for w in where.values())
+            ):
+                tier = next(iter(where.values())).tier
+                job.pool = job.pool or tier
+                return f"{model.name} is already hot in pool {tier}"
+            target = await asyncio.to_thread(self._choose_pool, model, job.pool, mounted)
+            job.pool = target
+            root = self.pool_roots[target]
+            to_copy = [f for f in files if not (root / f.rel).exists()]
+            for rel in rels:
+                self._reserved[(target, rel)] += 1
+            entry = Entry(
+                f"promote-{job.id}-{secrets.token_hex(3)}", "promote", model.name, target, rels
+            )
+            await asyncio.to_thread(self.journal.write, entry)
+        job.bytes_total = sum(f.size for f in to_copy)
+        loop = asyncio.get_running_loop()
+        meter = ProgressMeter(
+            job.bytes_total,
+            lambda p: loop.call_soon_threadsafe(self._progress, job, p),
+        )
+        started = time.monotonic()
+        ok = False
+        try:
+            for f in to_copy:
+                await self._copy_once(target, f, meter, job)
+            meter.finish()
+            async with self._lock:
+                if target not in await asyncio.to_thread(self._mounted):
+                    raise Failed(f"pool {target!r} went away during the promote of {model.name}")
+                job.cancelable = False  # past this point the swap is quick and must finish
+                await asyncio.to_thread(self._swap_to_pool, rels, target)
+                ok = True
+        finally:
+            async with self._lock:
+                for rel in rels:
+                    self._reserved[(target, rel)] -= 1
+                    if self._reserved[(target, rel)] <= 0:
+                        del self._reserved[(target, rel)]
+                if not ok:
+                    await asyncio.to_thread(self._gc_rels, target, rels)
+                await asyncio.to_thread(self.journal.remove, entry.id)
+            self._emit_models(rels)
+            self._emit("pool", target)
+        secs = time.monotonic() - started
+        return (
+            f"promoted {model.name} to pool {target}: "
+            f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
+        )
+
+    async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
+        """Copy one file into a pool, joining a copy of the same blob already under way."""
+        key = (pool, f.rel)
+        while True:
+            running = self._copies.get(key)
+            if running is None:
+                break
+            try:
+                await asyncio.shield(running)
+            except Cancelled:
+                if job.cancel_event.is_set():
+                    raise
+                continue  # the other job was cancelled; copy it ourselves
+            meter.add(f.size)
+            return
+        dst = self.pool_roots[pool] / f.rel
+        if dst.exists():
+            meter.add(f.size)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._copies[key] = future
+        try:
+            await asyncio.to_thread(
+                copy_file,
+                self.config.storage.path / f.rel,
+                dst,
+                digest=f.digest,
+                expected_size=f.size,
+                on_bytes=meter.add,
+                cancel=job.cancel_event,
+            )
+        except BaseException as err:
+            future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
+            future.exception()  # mark retrieved: joiners may not exist
+            raise
+        else:
+            future.set_result(None)
+        finally:
+            del self._copies[key]
+
+    def _swap_to_pool(self, rels: Iterable[str], pool: str) -> None:
+        old_pools = set()
+        for rel in rels:
+            w = self.models_dir.where(rel)
+            if w.tier == pool and w.exists:
+                continue
+            if w.tier not in (None, COLD):
+                old_pools.add(w.tier)
+            self.models_dir.point_pool(rel, pool)
+        for old in old_pools:
+            self._gc_rels(old, rels)
+
+    # --- demote ------------------------------------------------------------------------
+
+    def demote(self, name: str) -> Job:
+        """Repoint ``name`` to cold storage and free its RAM; returns its Job at once."""
+        self.model(name)
+        active = self._active.get(name)
+        if active is not None:
+            if active.operation == "demote":
+                return active
+            raise Busy(
+                f"model {name!r} is being promoted (job {active.id}); "
+                "cancel that job first or wait for it"
+            )
+        return self._start_job(Job("demote", model=name), self._demote)
+
+    async def _demote(self, job: Job) -> str:
+        assert job.model is not None
+        model = self.model(job.model)
+        async with self._lock:
+            released, kept_for = await asyncio.to_thread(self._release, model, None, job)
+        self._emit_models(released, [model.name])
+        if not released and not kept_for:
+            return f"{model.name} is already cold"
+        msg = f"demoted {model.name}: {format_size(job.bytes_total)} freed"
+        if kept_for:
+            msg += f"; shared blobs stay in RAM for {', '.join(sorted(kept_for))}"
+        return msg
+
+    def _release(
+        self, model: Model, only_pool: str | None, job: Job | None
+    ) -> tuple[list[str], set[str]]:
+        """Point a model's links back to cold (those in ``only_pool``, if given) and delete
+        the pool copies no other hot model uses. Journaled; runs under the engine lock."""
+        mounted = self._mounted()
+        where = self._where(model)
+        sizes = {f.rel: f.size for f in model.data_files}
+        release, kept_for = [], set()
+        for rel, w in where.items():
+            if w.tier == COLD or (only_pool is not None and w.tier != only_pool):
+                continue
+            holders = [
+                other
+                for other in self.users.get(rel, ())
+                if other != model.name
+                and other not in self._demoting()
+                and self._is_hot(self._where(self.catalog.models[other]), mounted)
+            ]
+            if holders and only_pool is None:
+                kept_for.update(holders)
+            else:
+                release.append(rel)
+        if not release:
+            return [], kept_for
+        pools = {where[rel].tier for rel in release} - {None, COLD}
+        entry = Entry(f"demote-{secrets.token_hex(4)}", "demote", model.name, None, tuple(release))
+        self.journal.write(entry)
+        if job is not None:
+            job.bytes_total = sum(sizes[r] for r in release)
+        for rel in release:
+            self.models_dir.point_cold(rel)
+        for pool in pools:
+            if pool in mounted:
+                self._gc_rels(pool, release)
+        self.journal.remove(entry.id)
+        if job is not None:
+            job.bytes_done = job.bytes_total
+        return release, kept_for
+
+    def _demoting(self) -> set[str]:
+        return {n for n, j in self._active.items() if j.operation == "demote"}
+
+    # --- garbage collection ------------------------------------------------------------
+
+    def _gc_rels(self, pool: str, rels: Iterable[str]) -> list[str]:
+        """Delete pool copies of ``rels`` that no link points to and no promote reserved."""
+        root = self.pool_roots[pool]
+        removed = []
+        for rel in rels:
+            p = root / rel
+            if (pool, rel) in self._reserved or (pool, rel) in self._copies:
+                continue
+            if self.models_dir.where(rel).target == str(p):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed.append(rel)
+                _prune_dirs(p.parent, root)
+        return removed
+
+    def _gc_pool(self, pool: str) -> list[str]:
+        """Delete everything in a pool that no link points to: partial copies left by a
+        crash, and complete copies whose promote was rolled back."""
+        root = self.pool_roots[pool]
+        removed = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            if dirpath == str(root):
+                dirnames[:] = [d for d in dirnames if d not in _POOL_SKIP]
+            for fn in filenames:
+                p = Path(dirpath) / fn
+                rel = str(p.relative_to(root))
+                if is_partial(fn):
+                    if any(key[0] == pool for key in self._copies):
+                        continue  # a copy is running; its temp file is not an orphan
+                    os.unlink(p)
+                    removed.append(rel)
+                elif self._gc_rels(pool, [rel]):
+                    removed.append(rel)
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            if dirpath != str(root) and not dirnames and not filenames:
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        return removed
+
+    # --- pins --------------------------------------------------------------------------
+
+    async def pin(self, name: str, pool: str) -> Job | None:
+        """Pin a model to a pool. If it is hot elsewhere, start moving it (returns that Job)."""
+        self.model(name)
+        self.pool(pool)
+        pins = dict(self.config.model_placement.pinned)
+        pins[name] = pool
+        await self._set_placement(pins)
+        status = self.model_status(name)
+        if status.state == "hot" and status.tier != pool:
+            return self.promote(name, pool)
+        return None
+
+    async def unpin(self, name: str) -> None:
+        check_model_name(name)
+        pins = dict(self.config.model_placement.pinned)
+        if name not in pins:
+            raise InvalidArgument(f"model {name!r} is not pinned")
+        del pins[name]
+        await self._set_placement(pins)
+
+    async def _set_placement(self, pins: dict[str, str]) -> None:
+        placement_cfg = self.config.model_placement.model_copy(update={"pinned": pins})
+        placement_cfg.model_fields_set.add("pinned")
+        await self.set_config(with_changes(self.config, model_placement=placement_cfg))
+
+    async def set_config(self, new: Config) -> None:
+        """Adopt a validated config for placement and pins; save it if we have a file."""
+        if self.config_path is not None:
+            await asyncio.to_thread(save_config, new, self.config_path)
+        old_pins, self.config = self.config.model_placement.pinned, new
+        self._emit("config", "")
+        new_pins = new.model_placement.pinned
+        for name in sorted(set(old_pins) | set(new_pins)):
+            if old_pins.get(name) != new_pins.get(name) and name in self.catalog.models:
+                self._emit("model", name)
+
+    # --- pools -------------------------------------------------------------------------
+
+    def _add_pool_object(self, pc: PoolConfig) -> TmpfsPool:
+        pool = TmpfsPool(pc.name, pc.path, pc.size, pc.speed)
+        self.pools[pc.name] = pool
+        self.pool_roots[pc.name] = pc.path
+        return pool
+
+    def _pool_job(self, operation: str, name: str, body: Callable[[Job], Awaitable[str]]) -> Job:
+        self.pool(name)
+        active = self._pool_jobs.get(name)
+        if active is not None:
+            raise Busy(f"pool {name!r} is busy with {active.operation} (job {active.id})")
+        job = Job(operation, pool=name, cancelable=False)
+        self._pool_jobs[name] = job
+        return self._start_job(job, body)
+
+    def connect_pool(self, name: str) -> Job:
+        async def body(job: Job) -> str:
+            pool = self.pools[name]
+            await asyncio.to_thread(pool.mount)
+            async with self._lock:
+                await asyncio.to_thread(self._gc_pool, name)
+            self._emit("pool", name)
+            return f"pool {name} mounted at {pool.path} ({format_size(pool.size)})"
+
+        return self._pool_job("pool-connect", name, body)
+
+    def disconnect_pool(self, name: str) -> Job:
+        """Demote everything the pool holds (links back to cold first), then unmount."""
+
+        async def body(job: Job) -> str:
+            pool = self.pools[name]
+            async with self._lock:
+                moved = await asyncio.to_thread(self._evacuate, name)
+                await asyncio.to_thread(pool.unmount)
+            for model in moved:
+                self._emit("model", model)
+            self._emit("pool", name)
+            return f"pool {name} disconnected; {len(moved)} model(s) now served from cold storage"
+
+        return self._pool_job("pool-disconnect", name, body)
+
+    def _evacuate(self, pool: str) -> list[str]:
+        moved = []
+        for model in self.catalog.models.values():
+            where = self._where(model)
+            if any(w.tier == pool for w in where.values()):
+                self._release(model, pool, None)
+                moved.append(model.name)
+        return moved
+
+    def resize_pool(self, name: str, size: int) -> Job:
+        async def body(job: Job) -> str:
+            pool = self.pools[name]
+            await asyncio.to_thread(pool.resize, size)
+            cfgs = [
+                p if p.name != name else p.model_copy(update={"size": size})
+                for p in self.config.pools
+            ]
+            if self.config.ramdisk is not None and name == "local":
+                ramdisk = self.config.ramdisk.model_copy(update={"size": size})
+                await self.set_config(with_changes(self.config, ramdisk=ramdisk))
+            elif any(p.name == name for p in self.config.pools):
+                await self.set_config(with_changes(self.config, pools=[_dump(p) for p in cfgs]))
+            self._emit("pool", name)
+            return f"pool {name} resized to {format_size(size)}"
+
+        if size <= 0:
+            raise InvalidArgument(f"pool size must be positive, got {size}")
+        return self._pool_job("pool-resize", name, body)
+
+    async def add_pool(self, pc: PoolConfig) -> None:
+        if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
+            raise InvalidArgument(f"a pool named {pc.name!r} already exists")
+        new = with_changes(self.config, pools=[*(_dump(p) for p in self.config.pools), _dump(pc)])
+        await self.set_config(new)
+        self._add_pool_object(pc)
+        self._emit("pool-added", pc.name)
+
+    async def remove_pool(self, name: str) -> None:
+        pool = self.pool(name)
+        if pool.state() is PoolState.MOUNTED:
+            raise Busy(f"pool {name!r} is connected; disconnect it first")
+        pinned = sorted(m for m, p in self.config.model_placement.pinned.items() if p == name)
+        if pinned:
+            raise Busy(f"models are pinned to pool {name!r} ({', '.join(pinned)}); unpin first")
+        if name == "local" and self.config.ramdisk is not None:
+            new = parse_config({k: v for k, v in _dump(self.config).items() if k != "ramdisk"})
+        else:
+            new = with_changes(
+                self.config, pools=[_dump(p) for p in self.config.pools if p.name != name]
+            )
+        await self.set_config(new)
+        del self.pools[name]
+        del self.pool_roots[name]
+        self._emit("pool-removed", name)
+
+    # --- health ------------------------------------------------------------------------
+
+    async def health(self, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+        async with self._lock:
+            report = await asyncio.to_thread(health.check, self, repair, verify_digests)
+        if repair and any(f.repaired for f in report.findings):
+            self._emit("catalog", "")
+        return report
+
+    # --- rescan ------------------------------------------------------------------------
+
+    async def rescan(self) -> int:
+        async with self._lock:
+            await asyncio.to_thread(self._rescan_blocking)
+        self._emit("catalog", "")
+        return len(self.catalog.models)
+
+    def _rescan_blocking(self) -> None:
+        self._scan()
+        self.models_dir.sync(self.catalog, self._mounted())
+
+
+def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:
+    seen: dict[str, ModelFile] = {}
+    for f in files:
+        if f.role is FileRole.DATA:
+            seen.setdefault(f.rel, f)
+    return list(seen.values())
+
+
+def _prune_dirs(d: Path, root: Path) -> None:
+    while d != root and str(d).startswith(str(root)):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+        d = d.parent
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)

@@ -1,0 +1,247 @@
+"""Health: check that pools, links and cold storage agree, and repair what can be repaired.
+
+Repairs only ever move toward the always-valid state: a link pointing at cold storage.
+Nothing here writes to cold storage.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from .catalog.types import FileRole
+from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
+from .pools import PoolState
+from .transfer import is_partial
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Finding(BaseModel):
+    check: str
+    status: Status
+    subject: str = ""
+    message: str
+    repaired: bool = False
+
+
+class HealthReport(BaseModel):
+    ok: bool
+    findings: list[Finding] = Field(default_factory=list)
+    checked: dict[str, int] = Field(default_factory=dict)
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.status is Status.ERROR and not f.repaired]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, 8 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return "sha256:" + h.hexdigest()
+
+
+def check(engine: Engine, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+    """Blocking: run in a worker thread while holding the engine lock."""
+    findings: list[Finding] = []
+    checked: dict[str, int] = {}
+
+    def add(check: str, status: Status, subject: str, message: str, repaired: bool = False):
+        findings.append(
+            Finding(check=check, status=status, subject=subject, message=message, repaired=repaired)
+        )
+
+    # Cold storage reachable.
+    cold = engine.config.storage.path
+    try:
+        with os.scandir(cold) as it:
+            next(it, None)
+    except OSError as err:
+        add(
+            "cold-storage",
+            Status.ERROR,
+            str(cold),
+            f"cold storage {cold} is not readable: {err.strerror}",
+        )
+    checked["cold-storage"] = 1
+
+    # Pools mounted and sized as configured.
+    mounted = set()
+    for name, pool in engine.pools.items():
+        state = pool.state()
+        if state is not PoolState.MOUNTED:
+            fixed = False
+            if repair and state is PoolState.UNMOUNTED:
+                try:
+                    pool.mount()
+                    fixed = pool.state() is PoolState.MOUNTED
+                except Exception as err:  # reported below as the finding's message
+                    add("pool-mounted", Status.ERROR, name, f"pool {name} cannot mount: {err}")
+                    continue
+            add(
+                "pool-mounted",
+                Status.ERROR,
+                name,
+                f"pool {name} is {state.value} at {pool.path}",
+                repaired=fixed,
+            )
+            if not fixed:
+                continue
+        mounted.add(name)
+        size = pool.usage().size
+        # The kernel rounds tmpfs sizes to pages: compare with a page of slack.
+        if abs(size - pool.size) > os.sysconf("SC_PAGE_SIZE"):
+            fixed = False
+            if repair:
+                try:
+                    pool.resize(pool.size)
+                    fixed = True
+                except Exception as err:
+                    add("pool-size", Status.ERROR, name, f"pool {name} cannot be resized: {err}")
+                    continue
+            add(
+                "pool-size",
+                Status.WARNING,
+                name,
+                f"pool {name} is {size} bytes, configured {pool.size}",
+                repaired=fixed,
+            )
+    checked["pools"] = len(engine.pools)
+
+    # Every data link valid and inside a configured root; descriptors present.
+    md = engine.models_dir
+    wanted: set[str] = set()
+    for model in engine.catalog.models.values():
+        if model.problems:
+            add("catalog", Status.WARNING, model.name, "; ".join(model.problems))
+        for f in model.files:
+            if f.rel in wanted:
+                continue
+            wanted.add(f.rel)
+            if f.role is FileRole.META:
+                if not md.path(f.rel).is_file():
+                    add(
+                        "descriptor",
+                        Status.ERROR,
+                        f.rel,
+                        f"{f.rel} is missing from the models dir",
+                        repaired=repair and _resync(engine, mounted),
+                    )
+                continue
+            if f.role is not FileRole.DATA:
+                continue
+            w = md.where(f.rel)
+            if w.tier is None and w.target is None:
+                problem = "is missing"
+            elif w.tier is None:
+                problem = f"points outside every configured root ({w.target})"
+            elif not w.exists:
+                problem = f"points at a missing file ({w.target})"
+            elif w.tier != COLD and w.tier not in mounted:
+                problem = f"points into pool {w.tier}, which is not mounted"
+            else:
+                continue
+            if repair and (cold / f.rel).exists():
+                md.point_cold(f.rel)
+            add(
+                "links",
+                Status.ERROR,
+                f.rel,
+                f"link {f.rel} {problem}",
+                repaired=repair and (cold / f.rel).exists(),
+            )
+    checked["links"] = len(wanted)
+
+    # Leftovers in the models dir: half-written links, links into our roots we do not need.
+    for rel, p in md.walk():
+        if LINK_TMP_MARKER in p.name or META_TMP_MARKER in p.name:
+            if repair:
+                p.unlink(missing_ok=True)
+            add(
+                "orphans",
+                Status.WARNING,
+                rel,
+                f"half-written entry {rel} in the models dir",
+                repaired=repair,
+            )
+        elif p.is_symlink() and rel not in wanted:
+            target = os.readlink(p)
+            if md.tier_of_target(target) is None:
+                add(
+                    "links",
+                    Status.WARNING,
+                    rel,
+                    f"{rel} links outside every configured root ({target}); left alone",
+                )
+
+    # Orphans in pools: partial copies and copies no link points to.
+    for name in sorted(mounted):
+        root = engine.pool_roots[name]
+        for dirpath, _dirs, files in os.walk(root):
+            for fn in files:
+                p = Path(dirpath) / fn
+                rel = str(p.relative_to(root))
+                referenced = md.where(rel).target == str(p)
+                if is_partial(fn) or not referenced:
+                    if (name, rel) in engine._reserved or any(k[0] == name for k in engine._copies):
+                        continue
+                    if repair:
+                        p.unlink(missing_ok=True)
+                    what = "partial copy" if is_partial(fn) else "copy no link uses"
+                    add(
+                        "orphans",
+                        Status.WARNING,
+                        f"{name}:{rel}",
+                        f"{what} {rel} in pool {name}",
+                        repaired=repair,
+                    )
+                elif verify_digests:
+                    _verify(engine, name, rel, p, repair, add)
+    checked["pools-walked"] = len(mounted)
+
+    report_ok = not any(f.status is Status.ERROR and not f.repaired for f in findings)
+    return HealthReport(ok=report_ok, findings=findings, checked=checked)
+
+
+def _verify(engine: Engine, pool: str, rel: str, path: Path, repair: bool, add) -> None:
+    digest = None
+    for name in engine.users.get(rel, ()):
+        for f in engine.catalog.models[name].data_files:
+            if f.rel == rel:
+                digest = f.digest
+    if digest is None or not digest.startswith("sha256:"):
+        return
+    actual = _sha256(path)
+    if actual == digest:
+        return
+    if repair:
+        engine.models_dir.point_cold(rel)
+        path.unlink(missing_ok=True)
+    add(
+        "digests",
+        Status.ERROR,
+        f"{pool}:{rel}",
+        f"copy of {rel} in pool {pool} is corrupt ({actual}, expected {digest})",
+        repaired=repair,
+    )
+
+
+def _resync(engine: Engine, mounted: set[str]) -> bool:
+    engine.models_dir.sync(engine.catalog, mounted)
+    return True

@@ -1,0 +1,197 @@
+"""Config: the legacy camelCase format as is, clear errors naming key and value, atomic save."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from speedloaderd.config import (
+    BackendType,
+    Strategy,
+    dump_config,
+    load_config,
+    parse_config,
+    save_config,
+    with_changes,
+)
+from speedloaderd.errors import ConfigError
+from speedloaderd.sizes import format_size, parse_size
+
+# The format of the tool Speedloader replaces, key for key.
+LEGACY = {
+    "modelsDir": "/var/lib/ollama/models",
+    "ramdisk": {"path": "/mnt/ramdisk", "size": "200G"},
+    "storage": {"path": "/mnt/nfs/models", "type": "nfs"},
+    "backend": {"type": "ollama", "apiUrl": "http://localhost:11434"},
+    "remoteTiers": {
+        "hosts": {
+            "gpu-node-2": {"ssh": "root@10.0.0.2", "rdmaIp": "10.0.1.2", "ramdiskSize": "512G"}
+        }
+    },
+    "modelPlacement": {"defaultStrategy": "fastest-fit", "pinned": {"llama3:70b": "local"}},
+}
+
+
+def minimal(**extra):
+    return {
+        "modelsDir": "/m",
+        "storage": {"path": "/cold"},
+        "backend": {"type": "llamacpp"},
+    } | extra
+
+
+def test_legacy_format_accepted_as_is():
+    c = parse_config(LEGACY)
+    assert c.backend.type is BackendType.OLLAMA
+    assert c.backend.api_url == "http://localhost:11434"
+    [local] = c.local_pools()
+    assert (local.name, str(local.path), local.size) == ("local", "/mnt/ramdisk", 200 << 30)
+    host = c.remote_tiers.hosts["gpu-node-2"]
+    assert (host.ssh, host.rdma_ip, host.ramdisk_size) == ("root@10.0.0.2", "10.0.1.2", 512 << 30)
+    assert host.transport == "rdma" and host.port == 4420
+    assert c.model_placement.default_strategy is Strategy.FASTEST_FIT
+    assert c.model_placement.pinned == {"llama3:70b": "local"}
+
+
+def test_several_pools_and_ssh_key():
+    c = parse_config(
+        minimal(
+            ramdisk={"path": "/r0", "size": "1G"},
+            pools=[{"name": "fast", "path": "/r1", "size": "512M", "speed": 200}],
+            sshKeyPath="/root/.ssh/id_ed25519",
+        )
+    )
+    assert [(p.name, p.size, p.speed) for p in c.local_pools()] == [
+        ("local", 1 << 30, 100),
+        ("fast", 512 << 20, 200),
+    ]
+    assert str(c.ssh_key_path) == "/root/.ssh/id_ed25519"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("200G", 200 << 30),
+        ("512M", 512 << 20),
+        ("1.5T", 3 << 39),
+        ("4096", 4096),
+        ("1GiB", 1 << 30),
+    ],
+)
+def test_sizes_parse(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["12Q", "-1G", "", "G", "1..5G", "one"])
+def test_bad_sizes_name_key_and_value(bad):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(minimal(ramdisk={"path": "/r", "size": bad}))
+    assert "ramdisk.size" in str(exc.value)
+    assert repr(bad) in str(exc.value)
+
+
+def test_unknown_keys_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'modelDir'"):
+        parse_config(minimal(modelDir="/typo"))
+    with pytest.raises(ConfigError, match=r"ramdisk: unknown key 'sise'"):
+        parse_config(minimal(ramdisk={"path": "/r", "size": "1G", "sise": "2G"}))
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"backend": {"type": "tgi"}}, "backend.type = 'tgi'"),
+        ({"storage": {"path": "relative/dir"}}, "storage.path = 'relative/dir'"),
+        ({"ramdisk": {"path": "/cold/inside", "size": "1G"}}, "overlap"),
+        ({"modelsDir": "/cold"}, "overlap"),
+        (
+            {"modelPlacement": {"pinned": {"m:1": "nowhere"}}},
+            "pool 'nowhere', which is not defined",
+        ),
+        ({"modelPlacement": {"defaultStrategy": "random"}}, "defaultStrategy = 'random'"),
+        ({"pools": [{"name": "../x", "path": "/p", "size": "1G"}]}, "not a valid pool name"),
+        (
+            {
+                "pools": [
+                    {"name": "a", "path": "/p", "size": "1G"},
+                    {"name": "a", "path": "/q", "size": "1G"},
+                ]
+            },
+            "pool name 'a' is defined twice",
+        ),
+        (
+            {
+                "remoteTiers": {
+                    "hosts": {"h": {"ssh": "u@h", "ramdiskSize": "1G", "transport": "udp"}}
+                }
+            },
+            "'udp'",
+        ),
+    ],
+)
+def test_invalid_values_explained(patch, needle):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(minimal() | patch)
+    assert needle in str(exc.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="backend: required key is missing"):
+        parse_config({"modelsDir": "/m", "storage": {"path": "/c"}})
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no configuration at"):
+        load_config(tmp_path / "absent.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+
+
+def test_save_roundtrip_keeps_extension_keys_and_only_what_was_set(tmp_path):
+    path = tmp_path / "config.json"
+    original = LEGACY | {"_comment": "managed by ops", "x-site": {"rack": 4}}
+    path.write_text(json.dumps(original))
+    c, _ = load_config(path)
+    save_config(c, path)
+    assert json.loads(path.read_text()) == original
+    # A change keeps everything else as the admin wrote it.
+    c2 = with_changes(c, ssh_key_path="/root/.ssh/k")
+    save_config(c2, path)
+    saved = json.loads(path.read_text())
+    assert saved == original | {"sshKeyPath": "/root/.ssh/k"}
+    assert load_config(path)[0] == c2
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "config.json"
+    c = parse_config(minimal(ramdisk={"path": "/r", "size": "1395864371"}))
+    save_config(c, path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    # Sizes are written exactly, never rounded.
+    assert dump_config(load_config(path)[0])["ramdisk"]["size"] == "1395864371"
+    assert parse_size(json.loads(path.read_text())["ramdisk"]["size"]) == 1395864371
+
+
+def test_save_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "config.json"
+    c = parse_config(minimal())
+    save_config(c, path)
+    before = path.read_bytes()
+    # Tests run as root, which ignores modes: make the rename fail with a directory instead.
+    blocker = Path(str(path) + ".d")
+    blocker.mkdir()
+    with pytest.raises(OSError):
+        save_config(c, blocker)  # renaming a file over a directory fails
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "config.json.d"]
+
+
+def test_format_size():
+    assert format_size(200 << 30) == "200G"
+    assert format_size(1536 << 20) == "1.5G"
+    assert format_size(10) == "10B"
