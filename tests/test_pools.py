@@ -36,6 +36,15 @@ def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
+def _sweep(d: Path) -> list:
+    """Unmount everything at or below ``d``, deepest and topmost first; return what is left."""
+    for info in mounts_below(d):
+        r = subprocess.run(["umount", info.mount_point], capture_output=True)
+        if r.returncode != 0:  # leave nothing behind even if a test leaked an open file
+            subprocess.run(["umount", "-l", info.mount_point], capture_output=True)
+    return mounts_below(d)
+
+
 @pytest.fixture
 def base() -> Iterator[Path]:
     """A temp dir; everything mounted below it is unmounted afterwards, whatever happened."""
@@ -43,11 +52,7 @@ def base() -> Iterator[Path]:
     try:
         yield d
     finally:
-        for info in mounts_below(d):
-            r = subprocess.run(["umount", info.mount_point], capture_output=True)
-            if r.returncode != 0:  # leave nothing behind even if a test leaked an fd
-                subprocess.run(["umount", "-l", info.mount_point], capture_output=True)
-        leftover = mounts_below(d)
+        leftover = _sweep(d)
         shutil.rmtree(d, ignore_errors=True)
         assert not leftover, f"could not unmount {leftover}"
 
@@ -382,3 +387,19 @@ def test_mount_at_picks_the_topmost_of_stacked_mounts() -> None:
         "51 50 0:51 / /srv/p rw - ext4 /dev/sdb1 rw\n"
     )
     assert mount_at("/srv/p", parse_mountinfo(text)).fstype == "ext4"
+
+
+def test_safety_sweep_unmounts_leaked_mounts() -> None:
+    d = Path(tempfile.mkdtemp(prefix="sl-sweep-"))
+    try:
+        (d / "p").mkdir()
+        _sh("mount", "-t", "tmpfs", "-o", "size=1m", "speedloader-leak", str(d / "p"))
+        (d / "p" / "inner").mkdir()
+        _sh("mount", "-t", "tmpfs", "-o", "size=1m", "speedloader-inner", str(d / "p" / "inner"))
+        _sh("mount", "-t", "tmpfs", "-o", "size=1m", "speedloader-stacked", str(d / "p"))
+        with open(d / "p" / "held", "w"):
+            assert len(mounts_below(d)) == 3
+            assert _sweep(d) == []
+    finally:
+        _sweep(d)
+        shutil.rmtree(d, ignore_errors=True)
