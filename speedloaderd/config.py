@@ -33,6 +33,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .paths import check_model_name, check_pool_name, overlapping
+from .placement import Strategy
 from .sizes import format_size_exact, parse_size
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
@@ -100,12 +101,6 @@ class BackendType(str, Enum):
     LLAMACPP = "llamacpp"
     VLLM = "vllm"
     HUGGINGFACE = "huggingface"
-
-
-class Strategy(str, Enum):
-    FASTEST_FIT = "fastest-fit"
-    FILL_FIRST = "fill-first"
-    ROUND_ROBIN = "round-robin"
 
 
 class RamdiskConfig(_Model):

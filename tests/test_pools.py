@@ -24,37 +24,18 @@ from speedloaderd.pools import (
     parse_mountinfo,
 )
 
-MiB = 1 << 20
+from .conftest import unmount_below
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0,
-    reason="LOUD SKIP: tests/test_pools.py mounts real tmpfs pools and must run as root",
-)
+MiB = 1 << 20
 
 
 def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
-def _sweep(d: Path) -> list:
-    """Unmount everything at or below ``d``, deepest and topmost first; return what is left."""
-    for info in mounts_below(d):
-        r = subprocess.run(["umount", info.mount_point], capture_output=True)
-        if r.returncode != 0:  # leave nothing behind even if a test leaked an open file
-            subprocess.run(["umount", "-l", info.mount_point], capture_output=True)
-    return mounts_below(d)
-
-
 @pytest.fixture
-def base() -> Iterator[Path]:
-    """A temp dir; everything mounted below it is unmounted afterwards, whatever happened."""
-    d = Path(tempfile.mkdtemp(prefix="sl-pools-"))
-    try:
-        yield d
-    finally:
-        leftover = _sweep(d)
-        shutil.rmtree(d, ignore_errors=True)
-        assert not leftover, f"could not unmount {leftover}"
+def base(workdir: Path) -> Path:
+    return workdir
 
 
 @pytest.fixture
@@ -399,7 +380,7 @@ def test_safety_sweep_unmounts_leaked_mounts() -> None:
         _sh("mount", "-t", "tmpfs", "-o", "size=1m", "speedloader-stacked", str(d / "p"))
         with open(d / "p" / "held", "w"):
             assert len(mounts_below(d)) == 3
-            assert _sweep(d) == []
+            assert unmount_below(d) == []
     finally:
-        _sweep(d)
+        unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)
