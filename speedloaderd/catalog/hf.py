@@ -163,12 +163,10 @@ class _HubRepo:
                 self.problems.append(f"{self.rel}/{snap_rel}: {exc}")
 
     def _subdir(self, top: dict[str, os.DirEntry[str]], name: str) -> Entries:
-        """Entries of a top-level directory of the repo, or [] and a problem."""
+        """Entries of a top-level directory of the repo; [] if missing, or unusable (a problem)."""
         e = top.get(name)
         where = f"{self.rel}/{name}"
         if e is None:
-            if name == "snapshots":
-                self.problems.append(f"{where}: is missing; no revision to serve")
             return []
         if not e.is_dir(follow_symlinks=False):
             what = "a symlink, not followed" if e.is_symlink() else "not a directory"
@@ -190,13 +188,13 @@ class _HubRepo:
                 in_repo = f"{dir_in_repo}/{e.name}"
                 full = f"{self.rel}/{in_repo}"
                 try:
-                    if e.is_dir(follow_symlinks=False):
-                        pending.append((in_repo, self.cold.scandir(full)))
-                        continue
-                    if in_repo == "refs/main":
+                    if in_repo == "refs/main":  # the one ref we read; a file, never a directory
                         data = self.cold.read_small(full, REF_LIMIT, e)
                         main_rev = data.decode("ascii").strip()
                         size = len(data)
+                    elif e.is_dir(follow_symlinks=False):
+                        pending.append((in_repo, self.cold.scandir(full)))
+                        continue
                     else:
                         size = self.cold.stat_file(full, e)
                 except (ColdFileError, UnicodeDecodeError) as exc:
@@ -215,7 +213,7 @@ class _HubRepo:
             )
         if not snapshots:
             if main_rev is None:
-                self.problems.append(f"{self.rel}/snapshots: holds no revision to serve")
+                self.problems.append(f"{self.rel}: has no snapshot to serve")
             return None
         return max(snapshots.values(), key=_newest).name
 
@@ -262,7 +260,7 @@ class _HubRepo:
         try:
             size = self.cold.stat_file(data_rel)
         except ColdFileError as exc:
-            self.problems.append(f"{full}: points to {data_rel}, which {exc}")
+            self.problems.append(f"{full} -> {data_rel}: {exc}")
             return
         blob = posixpath.basename(target_in_repo)
         digest = (
