@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -626,3 +627,16 @@ def test_scan_does_not_move_access_times(cold: Path) -> None:
     assert scan(cold, "vllm").models["org/x"].ok
 
     assert [p.stat().st_atime_ns for p in read_by_scan] == before
+
+
+def test_bench_scan_finds_a_whole_library() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from scan import bench_scan
+
+    figures = bench_scan(n=300, runs=1)
+
+    assert figures["ollama_models"] == 300 and figures["ollama_broken"] == 0
+    assert figures["ollama_blobs"] == 300 * 2 + 50 + 10 + 200  # weights+configs, shared ones
+    assert figures["gguf_files"] == 300 and figures["gguf_broken"] == 0
+    assert figures["gguf_models"] == figures["gguf_models_made"] == 250
+    assert figures["ollama_scan_s"] > 0 and figures["gguf_scan_s"] > 0

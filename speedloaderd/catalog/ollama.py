@@ -117,6 +117,7 @@ def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], entry, blobs: 
         return Model(name, ModelFormat.OLLAMA, (), (f"{rel}: {exc}",))
     files = [ModelFile(rel, len(data), FileRole.META)]
     problems: list[str] = []
+    seen: set[str] = set()
     for what, layer in _descriptors(rel, data, problems):
         digest = layer.get("digest")
         if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
@@ -126,8 +127,9 @@ def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], entry, blobs: 
             )
             continue
         brel = blob_rel(digest)
-        if any(f.rel == brel for f in files):
+        if brel in seen:
             continue  # the same blob twice in one manifest is one file
+        seen.add(brel)
         size = blobs.size(brel)
         if isinstance(size, str):
             problems.append(f"{brel} ({what} of {rel}): {size}")
