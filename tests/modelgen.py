@@ -31,6 +31,9 @@ import numpy as np
 import safetensors.numpy
 
 __all__ = [
+    "KiB",
+    "MiB",
+    "OLLAMA_LAYER_TYPES",
     "Blob",
     "GGUFFile",
     "HubRepo",
@@ -45,6 +48,7 @@ __all__ = [
     "parse_ollama_name",
     "random_bytes",
     "tree_fingerprint",
+    "write_ollama_blob",
 ]
 
 KiB = 1 << 10
