@@ -38,7 +38,6 @@ class _Found:
     single: tuple[str, int | str] | None = None
     parts: dict[int, tuple[str, int | str]] = field(default_factory=dict)
     counts: set[int] = field(default_factory=set)
-    problems: list[str] = field(default_factory=list)
 
 
 def scan_gguf(cold_root: Path | str) -> ScanResult:
@@ -85,7 +84,7 @@ def _gguf_files(cold: ColdRoot, rel: str, problems: list[Problem]):
 
 
 def _model(name: str, found: _Found) -> Model:
-    problems = found.problems
+    problems: list[str] = []
     files: list[ModelFile] = []
     chosen = [found.single] if found.single else []
     chosen += [found.parts[n] for n in sorted(found.parts)]
