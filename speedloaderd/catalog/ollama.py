@@ -1,0 +1,173 @@
+"""Ollama models dir: ``manifests/<host>/<namespace>/<model>/<tag>`` and ``blobs/sha256-<hex>``.
+
+A model is one manifest (META, copied as a regular file) plus the config blob and every
+layer blob it lists (DATA, each named by its content digest). Blobs are shared between
+models by name, so the same blob is the same ``rel`` in every model that uses it; each blob
+is examined once per scan however many manifests name it.
+
+Files that cannot be used (missing or dangling blob, a blob that is a directory, a link out
+of cold storage) are left out of ``Model.files`` and named in ``Model.problems``; every file
+that is listed exists, inside cold storage, with the size given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .coldfs import ColdFileError, ColdRoot
+from .result import assemble
+from .types import FileRole, Model, ModelFile, ModelFormat, Problem, ScanResult
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+MANIFEST_LIMIT = 1 << 20
+"""A manifest is a few hundred bytes; anything past 1 MiB is not one."""
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_LAYOUT_HINT = "manifests live at manifests/<host>/<namespace>/<model>/<tag>"
+
+
+def model_name(host: str, namespace: str, model: str, tag: str) -> str:
+    """The name Ollama shows: ``model:tag``, ``ns/model:tag`` or ``host/ns/model:tag``."""
+    if host != DEFAULT_HOST:
+        return f"{host}/{namespace}/{model}:{tag}"
+    if namespace != DEFAULT_NAMESPACE:
+        return f"{namespace}/{model}:{tag}"
+    return f"{model}:{tag}"
+
+
+def blob_rel(digest: str) -> str:
+    """``sha256:<hex>`` -> ``blobs/sha256-<hex>``; the digest must be checked already."""
+    return "blobs/sha256-" + digest[7:]
+
+
+def scan_ollama(cold_root: Path | str) -> ScanResult:
+    cold = ColdRoot(cold_root)
+    problems: list[Problem] = []
+    blobs = _Blobs(cold)
+    found = [
+        (rel, _read_model(cold, rel, parts, entry, blobs))
+        for rel, parts, entry in _manifests(cold, problems)
+    ]
+    return assemble(found, problems)
+
+
+class _Blobs:
+    """Size (or why unusable) of each blob, looked up once per scan."""
+
+    def __init__(self, cold: ColdRoot) -> None:
+        self._cold = cold
+        self._known: dict[str, int | str] = {}
+        # Blobs are reached through blobs/; if that is a link out of cold storage, none is usable.
+        self._dir_error = None if cold.resolve("blobs") else cold.link_escape("blobs")
+
+    def size(self, rel: str) -> int | str:
+        known = self._known.get(rel)
+        if known is None:
+            if self._dir_error:
+                known = f"blobs/ {self._dir_error}"
+            else:
+                try:
+                    known = self._cold.stat_file(rel, parent_checked=True)
+                except ColdFileError as exc:
+                    known = str(exc)
+            self._known[rel] = known
+        return known
+
+
+def _manifests(cold: ColdRoot, problems: list[Problem]):
+    """Yield (rel, (host, namespace, model, tag), entry) for every manifest file, in order."""
+    if cold.resolve("manifests") is None:
+        problems.append(Problem("manifests", cold.link_escape("manifests")))
+        return
+
+    def walk(rel: str, parts: tuple[str, ...]):
+        try:
+            entries = cold.scandir(rel)
+        except ColdFileError as exc:
+            problems.append(Problem(rel, f"{rel} {exc}"))
+            return
+        leaf = len(parts) == 3
+        for e in entries:
+            child = f"{rel}/{e.name}"
+            if e.is_dir(follow_symlinks=False):
+                if leaf:
+                    problems.append(
+                        Problem(child, f"{child}: unexpected directory; {_LAYOUT_HINT}")
+                    )
+                else:
+                    yield from walk(child, (*parts, e.name))
+            elif leaf:
+                yield child, (*parts, e.name), e
+            elif e.is_symlink():
+                problems.append(Problem(child, f"{child}: symlink not followed; {_LAYOUT_HINT}"))
+            else:
+                problems.append(Problem(child, f"{child}: unexpected file; {_LAYOUT_HINT}"))
+
+    yield from walk("manifests", ())
+
+
+def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], entry, blobs: _Blobs) -> Model:
+    name = model_name(*parts)
+    try:
+        data = cold.read_small(rel, MANIFEST_LIMIT, entry)
+    except ColdFileError as exc:
+        return Model(name, ModelFormat.OLLAMA, (), (f"{rel}: {exc}",))
+    files = [ModelFile(rel, len(data), FileRole.META)]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for what, layer in _descriptors(rel, data, problems):
+        digest = layer.get("digest")
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+            problems.append(
+                f"{rel}: {what} has digest {digest!r}, "
+                "expected 'sha256:' and 64 lowercase hex digits"
+            )
+            continue
+        brel = blob_rel(digest)
+        if brel in seen:
+            continue  # the same blob twice in one manifest is one file
+        seen.add(brel)
+        size = blobs.size(brel)
+        if isinstance(size, str):
+            problems.append(f"{brel} ({what} of {rel}): {size}")
+            continue
+        files.append(ModelFile(brel, size, FileRole.DATA, digest=digest))
+        expected = layer.get("size")
+        if expected is not None and (type(expected) is not int or expected != size):
+            problems.append(f"{brel}: {size} bytes on disk, but {rel} says {expected!r}")
+    return Model(name, ModelFormat.OLLAMA, tuple(files), tuple(problems))
+
+
+def _descriptors(rel: str, data: bytes, problems: list[str]) -> list[tuple[str, dict]]:
+    """The manifest's config and layer descriptors, as (what, descriptor) pairs."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
+        problems.append(f"{rel}: not valid JSON ({exc})")
+        return []
+    if not isinstance(doc, dict):
+        problems.append(f"{rel}: is JSON but not an object")
+        return []
+    if doc.get("schemaVersion") != 2:
+        problems.append(f"{rel}: schemaVersion is {doc.get('schemaVersion')!r}, expected 2")
+    found: list[tuple[str, object]] = []
+    config = doc.get("config")
+    if config is None:
+        problems.append(f"{rel}: has no config")
+    else:
+        found.append(("config", config))
+    layers = doc.get("layers")
+    if isinstance(layers, list):
+        found.extend((f"layer {i}", layer) for i, layer in enumerate(layers))
+    else:
+        problems.append(f"{rel}: 'layers' is {layers!r}, expected a list")
+    good: list[tuple[str, dict]] = []
+    for what, desc in found:
+        if isinstance(desc, dict):
+            good.append((what, desc))
+        else:
+            problems.append(f"{rel}: {what} is {desc!r}, expected an object")
+    return good
