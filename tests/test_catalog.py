@@ -16,7 +16,12 @@ import gguf
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelgen import (
+from safetensors import safe_open
+
+from speedloaderd.catalog import BACKENDS, FileRole, Model, ModelFormat, scan
+from speedloaderd.errors import InvalidArgument
+
+from .modelgen import (
     KiB,
     git_blob_sha1,
     make_gguf,
@@ -26,10 +31,6 @@ from modelgen import (
     make_split_gguf,
     tree_fingerprint,
 )
-from safetensors import safe_open
-
-from speedloaderd.catalog import BACKENDS, FileRole, Model, ModelFormat, scan
-from speedloaderd.errors import InvalidArgument
 
 
 @pytest.fixture
@@ -496,11 +497,11 @@ def test_hub_revision_selection(cold: Path) -> None:
     def chosen_blobs() -> set[str]:
         return {f.rel.rsplit("/", 1)[1] for f in scan(cold, "vllm").models["org/m"].data_files}
 
-    # refs/main names the newer revision: its blobs only, but links of both revisions
+    # refs/main names the newer revision: its blobs and its links only
     m = scan(cold, "vllm").models["org/m"]
     assert m.ok and m.size == 2000 + 3
     assert chosen_blobs() == set(new.files.values())
-    assert {r.split("/")[3] for r in rels(m, FileRole.LINK)} == {old.revision, new.revision}
+    assert {r.split("/")[3] for r in rels(m, FileRole.LINK)} == {new.revision}
 
     (hub / "models--org--m/refs/main").write_text(old.revision)
     assert chosen_blobs() == set(old.files.values())

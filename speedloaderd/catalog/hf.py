@@ -10,10 +10,10 @@ under ``hub/``): the model is ``org/name`` (``models--name`` gives ``name``). It
 
 - every file below ``refs/`` as META (``refs/main`` holds the revision a plain
   ``from_pretrained`` loads);
-- every symlink in every snapshot as LINK, its ``link_target`` the raw relative readlink
-  value, so the other revisions present keep their shape. A link that is absolute or leads
-  out of the repo directory (checked lexically) is a problem and is not listed; whether a
-  link resolves is checked only for the chosen snapshot;
+- every symlink in the chosen snapshot as LINK, its ``link_target`` the raw relative
+  readlink value. Other revisions are not served: their links would point at blobs the
+  models dir does not carry. A link that is absolute or leads out of the repo directory
+  (checked lexically) is a problem and is not listed;
 - the blobs that the *chosen* snapshot's links point to, as DATA, with digest
   ``sha256:<hash>`` when the blob name is 64 hex digits (an LFS file), else None (a git
   blob, named by its SHA-1). Regular files inside the chosen snapshot (a cache made without
@@ -249,11 +249,11 @@ class _HubRepo:
                 f"{full}: symlink to {target!r} leads outside {self.rel}; not followed"
             )
             return
+        if not chosen:
+            return
         self.links.append(
             ModelFile(full, len(os.fsencode(target)), FileRole.LINK, link_target=target)
         )
-        if not chosen:
-            return
         data_rel = f"{self.rel}/{target_in_repo}"
         if data_rel in self.data:
             return
