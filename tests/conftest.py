@@ -41,3 +41,13 @@ def workdir():
         leftover = unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)
         assert not leftover, f"could not unmount {leftover}"
+
+
+@pytest.fixture
+def lab(workdir):
+    """Cold storage + models dir + pools; asserts at teardown that cold storage is unchanged."""
+    from .lab import Lab
+
+    lab = Lab(workdir)
+    yield lab
+    lab.check_cold_unchanged()

@@ -1,0 +1,599 @@
+"""The engine end to end on real tmpfs pools, real model files and real readers.
+
+Every test runs in the ``lab`` fixture, which asserts at teardown that cold storage did not
+change by a byte or a timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import gguf
+import pytest
+from safetensors import safe_open
+
+from speedloaderd.errors import (
+    Busy,
+    Cancelled,
+    Failed,
+    InvalidArgument,
+    NoSpace,
+    NoSuchModel,
+    NoSuchPool,
+    VerificationFailed,
+)
+from speedloaderd.jobs import JobState
+from speedloaderd.journal import Entry
+from speedloaderd.modelsdir import MARKER
+
+from .lab import MiB, run
+from .modelgen import (
+    make_gguf,
+    make_hf_hub_repo,
+    make_ollama_model,
+    make_safetensors_dir,
+    make_split_gguf,
+)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_links(lab, rels, where: str) -> None:
+    """Every rel is a symlink to ``<where>/<rel>`` (where = "cold" or a pool name)."""
+    root = lab.cold if where == "cold" else lab.pool_path(where)
+    for rel in rels:
+        assert lab.link(rel) == str(root / rel), rel
+        assert sha(lab.models / rel) == sha(lab.cold / rel)
+
+
+# --- ollama: promote, shared blobs, demote ----------------------------------------------
+
+
+def test_ollama_promote_and_demote_with_a_shared_blob(lab):
+    a = make_ollama_model(lab.cold, "llama3:8b", [2 * MiB, 300])
+    shared = a.layers[0]
+    b = make_ollama_model(lab.cold, "team/llama3-chat:8b", [shared, 500])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        rels_a = [x.rel for x in a.blobs]
+        rels_b = [x.rel for x in b.blobs]
+        # Manifests are regular files, blobs symlinks to cold.
+        for m in (a, b):
+            manifest = lab.models / m.manifest_rel
+            assert manifest.is_file() and not manifest.is_symlink()
+            assert manifest.read_bytes() == (lab.cold / m.manifest_rel).read_bytes()
+        assert_links(lab, rels_a + rels_b, "cold")
+        assert engine.model_status("llama3:8b").state == "cold"
+
+        msg = await engine.promote("llama3:8b").wait()
+        assert "promoted llama3:8b to pool local" in msg
+        assert_links(lab, rels_a, "local")
+        st = engine.model_status("llama3:8b")
+        assert (st.state, st.tier, st.size) == ("hot", "local", a.size)
+        assert engine.model_status("team/llama3-chat:8b").state == "cold"  # partly shared only
+
+        job = engine.promote("team/llama3-chat:8b")
+        await job.wait()
+        # The shared blob was already in the pool: only b's own blobs were copied.
+        assert job.bytes_total == b.size - shared.size
+        assert sorted(lab.pool_files("local")) == sorted(set(rels_a + rels_b))
+
+        msg = await engine.demote("llama3:8b").wait()
+        assert "shared blobs stay in RAM for team/llama3-chat:8b" in msg
+        assert lab.link(shared.rel) == str(lab.pool_path("local") / shared.rel)
+        only_a = sorted(set(rels_a) - set(rels_b))
+        assert_links(lab, only_a, "cold")
+        assert sorted(lab.pool_files("local")) == sorted(rels_b)
+        assert engine.model_status("team/llama3-chat:8b").state == "hot"
+
+        await engine.demote("team/llama3-chat:8b").wait()
+        assert_links(lab, rels_a + rels_b, "cold")
+        assert lab.pool_files("local") == []
+        assert engine.model_status("llama3:8b").state == "cold"
+
+    run(scenario())
+
+
+def test_promote_of_hot_model_is_a_noop_and_concurrent_requests_merge(lab):
+    make_ollama_model(lab.cold, "m:1", [8 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        first = engine.promote("m:1")
+        second = engine.promote("m:1")
+        assert second is first  # merged: one job, one copy
+        await first.wait()
+        before = {p: os.stat(lab.pool_path("local") / p).st_ino for p in lab.pool_files("local")}
+        msg = await engine.promote("m:1").wait()
+        assert msg == "m:1 is already hot in pool local"
+        after = {p: os.stat(lab.pool_path("local") / p).st_ino for p in lab.pool_files("local")}
+        assert before == after  # nothing was copied again
+
+    run(scenario())
+
+
+def test_demote_of_cold_model_is_a_noop(lab):
+    make_ollama_model(lab.cold, "m:1", [4096])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        assert await engine.demote("m:1").wait() == "m:1 is already cold"
+
+    run(scenario())
+
+
+# --- real readers through the models dir ---------------------------------------------------
+
+
+def test_gguf_models_read_through_models_dir_cold_hot_and_cold_again(lab):
+    single = make_gguf(lab.cold / "qwen" / "qwen2-0.5b-q4.gguf", n_tensors=3, tensor_bytes=MiB)
+    parts = make_split_gguf(lab.cold, "big-model", parts=3, tensor_bytes=256 * 1024)
+    lab.seal()
+
+    def read_all(engine):
+        for rel in ["qwen/qwen2-0.5b-q4.gguf", *[p.path.name for p in parts]]:
+            reader = gguf.GGUFReader(lab.models / rel)
+            assert len(reader.tensors) >= 1
+        names = [t.name for t in gguf.GGUFReader(lab.models / "qwen/qwen2-0.5b-q4.gguf").tensors]
+        assert tuple(names) == single.tensor_names
+
+    async def scenario():
+        engine = await lab.engine(lab.config(backend="llamacpp"))
+        assert set(engine.catalog.models) == {"qwen/qwen2-0.5b-q4", "big-model"}
+        read_all(engine)
+        await engine.promote("qwen/qwen2-0.5b-q4").wait()
+        await engine.promote("big-model").wait()
+        assert_links(lab, [p.path.name for p in parts], "local")
+        assert os.path.realpath(lab.models / "qwen/qwen2-0.5b-q4.gguf").startswith(
+            str(lab.pool_path("local"))
+        )
+        read_all(engine)
+        await engine.demote("big-model").wait()
+        await engine.demote("qwen/qwen2-0.5b-q4").wait()
+        read_all(engine)
+        assert lab.pool_files("local") == []
+
+    run(scenario())
+
+
+def test_safetensors_dir_and_hub_cache_read_through_models_dir(lab):
+    d = make_safetensors_dir(lab.cold, "org/plain", shards=2, shard_bytes=MiB)
+    hub = make_hf_hub_repo(lab.cold / "hub", "org/hubbed", shards=2, shard_bytes=MiB)
+    lab.seal()
+
+    def read_all():
+        for shard in d.shards:
+            with safe_open(str(lab.models / shard), framework="numpy") as f:
+                assert list(f.keys())
+        snap = lab.models / "hub" / "models--org--hubbed" / "snapshots" / hub.revision
+        shards = sorted(p for p in os.listdir(snap) if p.endswith(".safetensors"))
+        assert shards
+        for shard in shards:
+            with safe_open(str(snap / shard), framework="numpy") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    assert f.get_tensor(key).size > 0
+        index = json.loads((lab.models / "org/plain/model.safetensors.index.json").read_text())
+        assert {f"org/plain/{v}" for v in index["weight_map"].values()} == set(d.shards)
+
+    async def scenario():
+        engine = await lab.engine(lab.config(backend="huggingface"))
+        assert set(engine.catalog.models) == {"org/plain", "org/hubbed"}
+        read_all()
+        # The hub snapshot entries are the same relative links HF makes.
+        snap = lab.models / "hub" / "models--org--hubbed" / "snapshots" / hub.revision
+        for entry in os.listdir(snap):
+            assert os.readlink(snap / entry).startswith("../../blobs/")
+        for name in ("org/plain", "org/hubbed"):
+            await engine.promote(name).wait()
+            assert engine.model_status(name).state == "hot"
+        read_all()
+        for name in ("org/plain", "org/hubbed"):
+            await engine.demote(name).wait()
+        read_all()
+        assert lab.pool_files("local") == []
+
+    run(scenario())
+
+
+# --- placement, pins, errors ---------------------------------------------------------------
+
+
+def test_fastest_fit_fails_over_and_pins_are_hard(lab):
+    big = make_ollama_model(lab.cold, "big:1", [12 * MiB])
+    make_ollama_model(lab.cold, "small:1", [MiB])
+    lab.seal()
+    pools = (("fast", 8 * MiB, 200), ("slow", 64 * MiB, 50))
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=pools))
+        await engine.promote("small:1").wait()
+        assert engine.model_status("small:1").tier == "fast"
+        await engine.promote("big:1").wait()  # does not fit the fast pool
+        assert engine.model_status("big:1").tier == "slow"
+        await engine.demote("big:1").wait()
+
+        # Pinned to the small fast pool: fails with the reason, never lands elsewhere.
+        await engine.pin("big:1", "fast")
+        assert engine.model_status("big:1").pinned_pool == "fast"
+        with pytest.raises(NoSpace, match="fast"):
+            await engine.promote("big:1").wait()
+        assert_links(lab, [x.rel for x in big.blobs], "cold")
+        assert "big" not in " ".join(lab.pool_files("slow") + lab.pool_files("fast"))
+        with pytest.raises(InvalidArgument, match="pinned to 'fast'"):
+            await engine.promote("big:1", "slow").wait()
+        await engine.unpin("big:1")
+        await engine.promote("big:1", "slow").wait()
+        assert engine.model_status("big:1").tier == "slow"
+
+        # Pinning a hot model elsewhere moves it.
+        job = await engine.pin("small:1", "slow")
+        assert job is not None
+        await job.wait()
+        st = engine.model_status("small:1")
+        assert (st.tier, st.pinned_pool) == ("slow", "slow")
+        assert lab.pool_files("fast") == []
+
+    run(scenario())
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        for call, exc, needle in [
+            (lambda: engine.promote("nope:1"), NoSuchModel, "no model named 'nope:1'"),
+            (lambda: engine.promote("../../etc/passwd"), InvalidArgument, "not a valid model"),
+            (lambda: engine.promote("m:1", "nowhere"), NoSuchPool, "no pool named 'nowhere'"),
+            (lambda: engine.promote("m:1", "../x"), InvalidArgument, "not a valid pool name"),
+            (lambda: engine.demote("a/../../b"), InvalidArgument, "'..'"),
+            (lambda: engine.resize_pool("local", -5), InvalidArgument, "positive"),
+        ]:
+            with pytest.raises(exc, match=needle):
+                call()
+        for coro, exc in [
+            (engine.pin("m:1", "nowhere"), NoSuchPool),
+            (engine.unpin("m:1"), InvalidArgument),
+        ]:
+            with pytest.raises(exc):
+                await coro
+        assert engine.jobs == {}
+        assert_links(lab, [x.rel for x in m.blobs], "cold")
+        assert lab.pool_files("local") == []
+
+    run(scenario())
+
+
+def test_demote_while_promoting_is_busy(lab):
+    make_ollama_model(lab.cold, "m:1", [32 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        job = engine.promote("m:1")
+        with pytest.raises(Busy, match="cancel that job first"):
+            engine.demote("m:1")
+        await job.wait()
+
+    run(scenario())
+
+
+# --- failures roll back cleanly ---------------------------------------------------------
+
+
+def test_cancel_leaves_no_trace(lab):
+    m = make_ollama_model(lab.cold, "m:1", [200 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 256 * MiB, 100),)))
+        job = engine.promote("m:1")
+        job.listeners.append(lambda j: j.bytes_done > 0 and j.cancel())
+        with pytest.raises(Cancelled):
+            await job.wait()
+        assert job.state is JobState.CANCELLED
+        assert lab.pool_files("local") == []
+        assert_links(lab, [x.rel for x in m.blobs], "cold")
+        assert os.listdir(lab.state / "journal") == []
+
+    run(scenario())
+
+
+def test_pool_filling_up_mid_copy_rolls_back(lab):
+    m = make_ollama_model(lab.cold, "m:1", [8 * MiB, 24 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 40 * MiB, 100),)))
+        job = engine.promote("m:1")
+        filler = lab.pool_path("local") / "filler"
+
+        def eat_space(j):
+            # Someone else fills the pool once the copy is under way: a real ENOSPC.
+            if j.bytes_done > 0 and not filler.exists():
+                with open(filler, "wb") as f:
+                    f.write(b"\0" * (30 * MiB))
+
+        job.listeners.append(eat_space)
+        with pytest.raises(NoSpace, match="full"):
+            await job.wait()
+        filler.unlink()
+        assert lab.pool_files("local") == []
+        assert_links(lab, [x.rel for x in m.blobs], "cold")
+
+    run(scenario())
+
+
+def test_corrupt_copy_is_refused_before_the_link_moves(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    # Damage the blob on cold storage before sealing: its name no longer matches its content.
+    blob = lab.cold / m.layers[0].rel
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        with pytest.raises(VerificationFailed, match="sha256"):
+            await engine.promote("m:1").wait()
+        assert lab.link(m.layers[0].rel) == str(blob)
+        assert lab.pool_files("local") == []
+
+    run(scenario())
+
+
+def test_model_with_problems_is_not_promoted(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    os.unlink(lab.cold / m.layers[0].rel)
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        st = engine.model_status("m:1")
+        assert st.state == "degraded" and st.problems
+        with pytest.raises(Failed, match="cannot be promoted"):
+            engine.promote("m:1")
+
+    run(scenario())
+
+
+# --- pools ---------------------------------------------------------------------------------
+
+
+def test_disconnect_demotes_then_unmounts_and_connect_restores(lab):
+    m = make_ollama_model(lab.cold, "m:1", [4 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        await engine.promote("m:1").wait()
+        msg = await engine.disconnect_pool("local").wait()
+        assert "1 model(s) now served from cold storage" in msg
+        assert engine.pool_status("local").state == "unmounted"
+        assert_links(lab, [x.rel for x in m.blobs], "cold")
+        with pytest.raises(Failed, match="no pool is connected"):
+            await engine.promote("m:1").wait()
+        await engine.connect_pool("local").wait()
+        assert engine.pool_status("local").state == "mounted"
+        await engine.promote("m:1").wait()
+        assert engine.model_status("m:1").state == "hot"
+
+    run(scenario())
+
+
+def test_resize_grows_live_and_refuses_to_shrink_below_use(lab):
+    m = make_ollama_model(lab.cold, "m:1", [12 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 16 * MiB, 100),)))
+        await engine.promote("m:1").wait()
+        with pytest.raises(NoSpace, match="cannot shrink"):
+            await engine.resize_pool("local", 4 * MiB).wait()
+        assert engine.pool_status("local").size == 16 * MiB
+        await engine.resize_pool("local", 32 * MiB).wait()
+        assert engine.pool_status("local").size == 32 * MiB
+        assert engine.config.pools[0].size == 32 * MiB
+        assert_links(lab, [x.rel for x in m.blobs], "local")
+
+    run(scenario())
+
+
+def test_add_and_remove_pool(lab):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    from speedloaderd.config import PoolConfig
+
+    async def scenario():
+        engine = await lab.engine()
+        await engine.add_pool(PoolConfig(name="extra", path=lab.pool_path("extra"), size=8 * MiB))
+        with pytest.raises(InvalidArgument, match="already exists"):
+            await engine.add_pool(PoolConfig(name="extra", path=lab.pool_path("x2"), size=MiB))
+        await engine.connect_pool("extra").wait()
+        await engine.promote("m:1", "extra").wait()
+        with pytest.raises(Busy, match="disconnect it first"):
+            await engine.remove_pool("extra")
+        await engine.disconnect_pool("extra").wait()
+        await engine.remove_pool("extra")
+        assert "extra" not in engine.pools
+        assert engine.model_status("m:1").state == "cold"
+
+    run(scenario())
+
+
+# --- models dir ----------------------------------------------------------------------------
+
+
+def test_models_dir_refuses_someone_elses_directory(lab):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    lab.models.mkdir()
+    (lab.models / "precious.txt").write_text("not ours")
+
+    async def scenario():
+        with pytest.raises(Failed, match="not empty and was not made by speedloader"):
+            await lab.engine()
+        assert (lab.models / "precious.txt").read_text() == "not ours"
+
+    run(scenario())
+
+
+def test_rescan_adds_new_models_and_removes_gone_ones(lab):
+    a = make_ollama_model(lab.cold, "a:1", [MiB])
+
+    async def scenario():
+        engine = await lab.engine()
+        (lab.models / "blobs" / "unrelated-ollama-pull").write_bytes(b"x")  # not ours: kept
+        b = make_ollama_model(lab.cold, "b:1", [MiB])
+        assert await engine.rescan() == 2
+        assert_links(lab, [x.rel for x in b.blobs], "cold")
+        await engine.promote("a:1").wait()
+        for p in [a.manifest_rel, *(x.rel for x in a.blobs)]:
+            os.unlink(lab.cold / p)
+        assert await engine.rescan() == 1
+        assert not (lab.models / a.manifest_rel).exists()
+        assert not any(os.path.lexists(lab.models / x.rel) for x in a.blobs)
+        assert (lab.models / "blobs" / "unrelated-ollama-pull").exists()
+        assert (lab.models / MARKER).exists()
+        # The pool copies of a model that is gone are garbage, collected by health repair.
+        report = await engine.health(repair=True)
+        assert report.ok
+        assert lab.pool_files("local") == []
+
+    run(scenario())
+
+
+# --- recovery ------------------------------------------------------------------------------
+
+
+def test_restart_cleans_leftovers_and_keeps_hot_models(lab):
+    hot = make_ollama_model(lab.cold, "hot:1", [2 * MiB])
+    half = make_ollama_model(lab.cold, "half:1", [MiB, MiB])
+    lab.seal()
+
+    async def first():
+        engine = await lab.engine()
+        await engine.promote("hot:1").wait()
+
+    run(first())
+    pool = lab.pool_path("local")
+    # Leftovers of a crash: a partial copy, a complete copy no link uses, a half-written link,
+    # and the journal entry of a promote whose copies did not all finish.
+    (pool / "blobs").mkdir(exist_ok=True)
+    (pool / "blobs" / ".sha256-abc.sl-partial-1234").write_bytes(b"partial")
+    (pool / half.layers[0].rel).write_bytes((lab.cold / half.layers[0].rel).read_bytes())
+    os.symlink("/nowhere", lab.models / "blobs" / ".sha256-x.sl-link-1a2b")
+    from speedloaderd.journal import Journal
+
+    j = Journal(lab.state / "journal")
+    j.write(Entry("promote-9-abc", "promote", "half:1", "local", tuple(x.rel for x in half.blobs)))
+
+    async def second():
+        engine = await lab.engine()
+        assert_links(lab, [x.rel for x in hot.blobs], "local")
+        assert_links(lab, [x.rel for x in half.blobs], "cold")
+        assert lab.pool_files("local") == sorted(x.rel for x in hot.blobs)
+        assert os.listdir(lab.state / "journal") == []
+        assert not any(".sl-link-" in n for n in os.listdir(lab.models / "blobs"))
+        assert engine.model_status("hot:1").state == "hot"
+        assert (await engine.health()).ok
+
+    run(second())
+
+
+def test_interrupted_promote_with_all_copies_done_is_finished(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB, 2048])
+    lab.seal()
+
+    async def first():
+        await lab.engine()
+
+    run(first())
+    pool = lab.pool_path("local")
+    for b in m.blobs:  # every copy reached its final name; the links never moved
+        (pool / b.rel).parent.mkdir(parents=True, exist_ok=True)
+        (pool / b.rel).write_bytes((lab.cold / b.rel).read_bytes())
+    from speedloaderd.journal import Journal
+
+    Journal(lab.state / "journal").write(
+        Entry("promote-1-x", "promote", "m:1", "local", tuple(b.rel for b in m.blobs))
+    )
+
+    async def second():
+        engine = await lab.engine()
+        assert engine.model_status("m:1").state == "hot"
+        assert_links(lab, [b.rel for b in m.blobs], "local")
+
+    run(second())
+
+
+def test_pool_lost_across_reboot_repoints_to_cold(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+
+    async def first():
+        engine = await lab.engine()
+        await engine.promote("m:1").wait()
+        await __import__("asyncio").to_thread(engine.pools["local"].unmount)
+
+    run(first())  # the pool's RAM is gone, as after a reboot
+
+    async def second():
+        engine = await lab.engine()
+        assert engine.pool_status("local").state == "mounted"
+        assert_links(lab, [b.rel for b in m.blobs], "cold")
+        assert engine.model_status("m:1").state == "cold"
+
+    run(second())
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+def test_health_finds_and_repairs_damage(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB, 4096])
+    other = make_ollama_model(lab.cold, "o:1", [2048])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        await engine.promote("m:1").wait()
+        assert (await engine.health(verify_digests=True)).ok
+        pool = lab.pool_path("local")
+        # A corrupted pool copy, a link pointing out of every root, an orphan.
+        copy = pool / m.layers[0].rel
+        data = bytearray(copy.read_bytes())
+        data[0] ^= 1
+        copy.write_bytes(bytes(data))
+        os.unlink(lab.models / other.layers[0].rel)
+        os.symlink("/etc/passwd", lab.models / other.layers[0].rel)
+        (pool / "orphan.bin").write_bytes(b"o")
+
+        report = await engine.health(verify_digests=True)
+        assert not report.ok
+        checks = {(f.check, f.subject) for f in report.errors()}
+        assert ("digests", f"local:{m.layers[0].rel}") in checks
+        assert ("links", other.layers[0].rel) in checks
+        assert any(f.check == "orphans" and "orphan.bin" in f.subject for f in report.findings)
+        # Nothing repaired without asking.
+        assert lab.link(other.layers[0].rel) == "/etc/passwd"
+
+        report = await engine.health(repair=True, verify_digests=True)
+        assert report.ok and all(f.repaired for f in report.findings if f.status != "ok")
+        assert lab.link(m.layers[0].rel) == str(lab.cold / m.layers[0].rel)
+        assert_links(lab, [other.layers[0].rel], "cold")
+        assert "orphan.bin" not in lab.pool_files("local")
+        assert (await engine.health(verify_digests=True)).ok
+
+    run(scenario())
