@@ -89,6 +89,7 @@ class Engine:
         self._reserved: Counter[tuple[str, str]] = Counter()
         self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._rr_cursor = -1
+        self.recovery_actions: list[str] = []
         for pc in config.local_pools():
             self._add_pool_object(pc)
 
@@ -108,7 +109,7 @@ class Engine:
             except Exception as err:  # one bad pool must not keep the others down
                 log.error("pool %s not mounted: %s", pool.name, err)
         self._scan()
-        self.recover()
+        self.recovery_actions = self.recover()
 
     def _scan(self) -> None:
         self.catalog = scan(self.config.storage.path, self.config.backend.type.value)
@@ -328,7 +329,8 @@ class Engine:
         candidates = []
         for name, pool in self.pools.items():
             online = name in mounted
-            free = pool.usage().free if online else 0
+            # Room already promised to promotes still copying into this pool is not free.
+            free = pool.usage().free - self._inflight_bytes(name) if online else 0
             root = self.pool_roots[name]
             need = sum(
                 f.size
@@ -376,7 +378,7 @@ class Engine:
                 f"promote-{job.id}-{secrets.token_hex(3)}", "promote", model.name, target, rels
             )
             await asyncio.to_thread(self.journal.write, entry)
-        job.bytes_total = sum(f.size for f in to_copy)
+            job.bytes_total = sum(f.size for f in to_copy)
         loop = asyncio.get_running_loop()
         meter = ProgressMeter(
             job.bytes_total,
@@ -409,6 +411,13 @@ class Engine:
         return (
             f"promoted {model.name} to pool {target}: "
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
+        )
+
+    def _inflight_bytes(self, pool: str) -> int:
+        return sum(
+            j.bytes_total - j.bytes_done
+            for j in self._active.values()
+            if j.operation == "promote" and j.pool == pool and not j.finished
         )
 
     async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:

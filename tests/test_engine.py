@@ -6,6 +6,7 @@ change by a byte or a timestamp.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -334,6 +335,27 @@ def test_pool_filling_up_mid_copy_rolls_back(lab):
     run(scenario())
 
 
+def test_concurrent_promotes_do_not_overbook_a_pool(lab):
+    make_ollama_model(lab.cold, "a:1", [20 * MiB])
+    make_ollama_model(lab.cold, "b:1", [20 * MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 32 * MiB, 100),)))
+        ja, jb = engine.promote("a:1"), engine.promote("b:1")
+        results = await asyncio.gather(ja.wait(), jb.wait(), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert len(failed) == 1 and isinstance(failed[0], NoSpace), results
+        # Refused by placement before copying a byte, not by ENOSPC halfway through.
+        assert "no connected pool has room" in str(failed[0])
+        assert [j.bytes_done for j in (ja, jb) if j.error] == [0]
+        states = sorted(engine.model_status(n).state for n in ("a:1", "b:1"))
+        assert states == ["cold", "hot"]
+        assert len(lab.pool_files("local")) == 2  # one model's blob + config, nothing else
+
+    run(scenario())
+
+
 def test_corrupt_copy_is_refused_before_the_link_moves(lab):
     m = make_ollama_model(lab.cold, "m:1", [MiB])
     # Damage the blob on cold storage before sealing: its name no longer matches its content.
@@ -545,7 +567,7 @@ def test_pool_lost_across_reboot_repoints_to_cold(lab):
     async def first():
         engine = await lab.engine()
         await engine.promote("m:1").wait()
-        await __import__("asyncio").to_thread(engine.pools["local"].unmount)
+        await asyncio.to_thread(engine.pools["local"].unmount)
 
     run(first())  # the pool's RAM is gone, as after a reboot
 
