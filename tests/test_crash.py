@@ -81,7 +81,7 @@ def check_invariants(lab, engine, model_blobs: list[str]) -> str:
             rel = str(Path(dirpath, fn).relative_to(pool))
             assert not is_partial(fn), f"partial copy left: {rel}"
             assert rel in referenced, f"orphan left in pool: {rel}"
-    for dirpath, _, files in os.walk(lab.models):
+    for _dirpath, _, files in os.walk(lab.models):
         assert not [f for f in files if LINK_TMP_MARKER in f or META_TMP_MARKER in f]
     # The model under test is wholly in one place, never half promoted.
     places = {os.readlink(lab.models / rel).startswith(str(pool)) for rel in model_blobs}
