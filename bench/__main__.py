@@ -1,0 +1,72 @@
+"""Run every benchmark: ``python3 -m bench [--size-gib 4] [--rounds 3] [--models 10000]``.
+
+As root (mounts tmpfs, drops the page cache). Prints a summary and writes all figures to
+bench/out/results.json. Each figure is a ratio against a reference run in the same process
+(promote vs cp of the same file), because this machine kind is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from .promote import bench_promote
+from .scan import bench_scan
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gib", type=float, default=4.0, help="model size (default 4)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--models", type=int, default=10000, help="models for the scan (10000)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print(
+            "error: run as root: the benchmark mounts tmpfs and drops the page cache",
+            file=sys.stderr,
+        )
+        return 2
+    promote = bench_promote(args.size_gib, args.rounds, log=lambda m: print(m, flush=True))
+    scan = bench_scan(args.models)
+    results = {
+        "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "promote": promote,
+        "scan": scan,
+    }
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    p = promote
+    print()
+    print(
+        f"promote of a {p['size_bytes'] / (1 << 30):g} GiB model, median of {p['rounds']} "
+        "interleaved rounds, source read from disk:"
+    )
+    print(
+        f"  cp                       {p['cp_GBps']:6.2f} GB/s   1.00x   "
+        f"source left in page cache {p['cp_residue_pct']:5.1f} %"
+    )
+    print(
+        f"  promote                  {p['promote_GBps']:6.2f} GB/s  {p['promote_vs_cp']:5.2f}x"
+        f"   source left in page cache {p['promote_residue_pct']:5.1f} %"
+    )
+    print(
+        f"  promote + sha256 verify  {p['promote_verified_GBps']:6.2f} GB/s  "
+        f"{p['promote_verified_vs_cp']:5.2f}x   source left in page cache "
+        f"{p['promote_verified_residue_pct']:5.1f} %"
+    )
+    print(f"  demote                   {p['demote_ms']:.1f} ms")
+    print(
+        f"catalog scan of {scan['n']} models: ollama {scan['ollama_scan_s'] * 1000:.0f} ms, "
+        f"gguf {scan['gguf_scan_s'] * 1000:.0f} ms"
+    )
+    print(f"all figures: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
