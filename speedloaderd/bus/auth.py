@@ -1,0 +1,119 @@
+"""Who is calling, and may they? polkit decides; errors leave as one named D-Bus error.
+
+Every exported method is wrapped by ``exported``: it translates engine errors into
+``org.speedloader.Speedloader1.Error.*`` with the engine's sentence, and logs (but never
+sends) the traceback of anything unexpected. Mutating methods also name a polkit action,
+checked with the caller's system-bus-name before the method body runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from ..errors import SpeedloaderError
+from .names import ERROR_PREFIX
+
+log = logging.getLogger(__name__)
+
+# The method call being dispatched. Set by a message handler that runs before dispatch;
+# asyncio tasks created for coroutine methods copy it at creation, so it stays right.
+current_call: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "current_call", default=None
+)
+
+_ALLOW_USER_INTERACTION = 1
+
+
+class NotAuthorized(SpeedloaderError):
+    dbus_name = "NotAuthorized"
+
+
+class AuthenticationRequired(SpeedloaderError):
+    dbus_name = "AuthenticationRequired"
+
+
+def remember_caller(msg: Message) -> bool:
+    if msg.message_type is MessageType.METHOD_CALL:
+        current_call.set(msg)
+    return False  # never handled here: dispatch goes on
+
+
+def caller() -> str:
+    msg = current_call.get()
+    if msg is None or not msg.sender:
+        raise NotAuthorized("cannot tell who is calling")
+    return msg.sender
+
+
+class Polkit:
+    """Asks polkitd. Absent or failing polkitd means no: we never fail open."""
+
+    def __init__(self, bus: MessageBus):
+        self.bus = bus
+
+    async def check(self, action: str) -> None:
+        sender = caller()
+        subject = ("system-bus-name", {"name": Variant("s", sender)})
+        msg = Message(
+            destination="org.freedesktop.PolicyKit1",
+            path="/org/freedesktop/PolicyKit1/Authority",
+            interface="org.freedesktop.PolicyKit1.Authority",
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[subject, action, {}, _ALLOW_USER_INTERACTION, ""],
+        )
+        try:
+            reply = await self.bus.call(msg)
+        except Exception as err:  # connection trouble: deny, and say why in the log
+            log.error("polkit check for %s failed: %s; denying", action, err)
+            raise NotAuthorized(f"not authorized for {action}: polkit is unavailable") from None
+        if reply.message_type is MessageType.ERROR:
+            log.warning(
+                "polkit refused to answer for %s: %s %s", action, reply.error_name, reply.body
+            )
+            raise NotAuthorized(f"not authorized for {action}: polkit is unavailable")
+        is_authorized, is_challenge, _details = reply.body[0]
+        if is_authorized:
+            return
+        if is_challenge:
+            raise AuthenticationRequired(
+                f"{action} requires authentication, and no polkit agent answered; "
+                "run the command as root or join the 'speedloader' group"
+            )
+        raise NotAuthorized(
+            f"not authorized for {action}; ask an admin to add you to the 'speedloader' group"
+        )
+
+
+def to_dbus_error(err: BaseException) -> DBusError:
+    if isinstance(err, DBusError):
+        return err
+    if isinstance(err, SpeedloaderError):
+        return DBusError(ERROR_PREFIX + err.dbus_name, str(err))
+    log.error("internal error", exc_info=err)
+    return DBusError(ERROR_PREFIX + "Failed", f"internal error: {type(err).__name__}: {err}")
+
+
+def exported(action: str | None = None) -> Callable:
+    """Wrap an async interface method: polkit check first (if ``action``), one error name."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def method(self: Any, *args: Any) -> Any:
+            try:
+                if action is not None:
+                    await self.server.polkit.check(action)
+                return await fn(self, *args)
+            except Exception as err:
+                raise to_dbus_error(err) from None
+
+        return method
+
+    return wrap

@@ -1,0 +1,55 @@
+"""Names on the bus: a contract with every client; change them only with the major version."""
+
+from __future__ import annotations
+
+BUS_NAME = "org.speedloader.Speedloader1"
+ROOT = "/org/speedloader/Speedloader1"
+MANAGER_IFACE = "org.speedloader.Speedloader1.Manager"
+POOL_IFACE = "org.speedloader.Speedloader1.Pool"
+MODEL_IFACE = "org.speedloader.Speedloader1.Model"
+JOB_IFACE = "org.speedloader.Speedloader1.Job"
+ERROR_PREFIX = "org.speedloader.Speedloader1.Error."
+NO_OBJECT = "/"  # UDisks2's convention for "no object" in an 'o' value
+
+ACTION_PROMOTE = "org.speedloader.promote"
+ACTION_DEMOTE = "org.speedloader.demote"
+ACTION_PIN = "org.speedloader.pin"
+ACTION_MANAGE_POOLS = "org.speedloader.manage-pools"
+ACTION_CONFIGURE = "org.speedloader.configure"
+
+
+def escape(name: str) -> str:
+    """A name as one object path element: [A-Za-z0-9] kept, every other byte as _xx."""
+    if not name:
+        return "_"
+    return "".join(
+        ch if ch.isascii() and ch.isalnum() else "".join(f"_{b:02x}" for b in ch.encode())
+        for ch in name
+    )
+
+
+def unescape(element: str) -> str:
+    if element == "_":
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(element):
+        if element[i] == "_":
+            out.append(int(element[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(element[i]))
+            i += 1
+    return out.decode()
+
+
+def model_path(name: str) -> str:
+    return f"{ROOT}/models/{escape(name)}"
+
+
+def pool_path(name: str) -> str:
+    return f"{ROOT}/pools/{escape(name)}"
+
+
+def job_path(job_id: int) -> str:
+    return f"{ROOT}/jobs/{job_id}"

@@ -1,0 +1,384 @@
+"""The exported interfaces: Manager, Pool, Model, Job. Each is a thin view of the engine.
+
+Properties are served from a snapshot the server refreshes (and diffs, to emit
+PropertiesChanged with only what changed), so a GetManagedObjects of 10,000 models reads
+memory, not the filesystem.
+"""
+
+# No "from __future__ import annotations": dbus-fast reads D-Bus signatures from annotations.
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from .. import __version__
+from ..config import PoolConfig, parse_config
+from ..errors import InvalidArgument
+from ..sizes import parse_size
+from .auth import exported, to_dbus_error
+from .names import (
+    ACTION_CONFIGURE,
+    ACTION_DEMOTE,
+    ACTION_MANAGE_POOLS,
+    ACTION_PIN,
+    ACTION_PROMOTE,
+    JOB_IFACE,
+    MANAGER_IFACE,
+    MODEL_IFACE,
+    NO_OBJECT,
+    POOL_IFACE,
+    model_path,
+    pool_path,
+)
+
+if TYPE_CHECKING:
+    from ..jobs import Job
+    from .server import Server
+
+READ = PropertyAccess.READ
+
+
+def _size_arg(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    if size <= 0:
+        raise InvalidArgument(f"size {text!r} must be more than 0 bytes")
+    return size
+
+
+class Snapshot(ServiceInterface):
+    """An interface whose properties come from a dict the server keeps current."""
+
+    def __init__(self, name: str, server: "Server"):
+        super().__init__(name)
+        self.server = server
+        self.values: dict[str, Any] = {}
+
+    def update(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Store new values; return those that changed (for PropertiesChanged)."""
+        changed = {k: v for k, v in values.items() if self.values.get(k) != v}
+        self.values.update(changed)
+        return changed
+
+
+class ManagerInterface(Snapshot):
+    def __init__(self, server: "Server"):
+        super().__init__(MANAGER_IFACE, server)
+
+    @property
+    def engine(self):
+        return self.server.require_engine()
+
+    # --- properties ---
+
+    @dbus_property(access=READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=READ)
+    def ConfigValid(self) -> "b":
+        return self.values.get("ConfigValid", False)
+
+    @dbus_property(access=READ)
+    def ConfigError(self) -> "s":
+        return self.values.get("ConfigError", "")
+
+    @dbus_property(access=READ)
+    def Backend(self) -> "s":
+        return self.values.get("Backend", "")
+
+    @dbus_property(access=READ)
+    def BackendApiUrl(self) -> "s":
+        return self.values.get("BackendApiUrl", "")
+
+    @dbus_property(access=READ)
+    def ModelsDir(self) -> "s":
+        return self.values.get("ModelsDir", "")
+
+    @dbus_property(access=READ)
+    def ColdStorage(self) -> "s":
+        return self.values.get("ColdStorage", "")
+
+    @dbus_property(access=READ)
+    def Strategy(self) -> "s":
+        return self.values.get("Strategy", "")
+
+    # --- methods ---
+
+    @method()
+    @exported(ACTION_PROMOTE)
+    async def Promote(self, model: "s", pool: "s") -> "o":
+        return self.server.job_object(self.engine.promote(model, pool or None))
+
+    @method()
+    @exported(ACTION_DEMOTE)
+    async def Demote(self, model: "s") -> "o":
+        return self.server.job_object(self.engine.demote(model))
+
+    @method()
+    @exported(ACTION_PIN)
+    async def Pin(self, model: "s", pool: "s") -> "o":
+        job = await self.engine.pin(model, pool)
+        return self.server.job_object(job) if job is not None else NO_OBJECT
+
+    @method()
+    @exported(ACTION_PIN)
+    async def Unpin(self, model: "s"):
+        await self.engine.unpin(model)
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def AddPool(self, name: "s", path: "s", size: "s", speed: "u") -> "o":
+        try:
+            pc = PoolConfig(name=name, path=path, size=_size_arg(size), speed=speed)
+        except ValueError as err:
+            raise InvalidArgument(f"pool {name!r}: {_first_error(err)}") from None
+        await self.engine.add_pool(pc)
+        return pool_path(name)
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def RemovePool(self, name: "s"):
+        await self.engine.remove_pool(name)
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def Rescan(self) -> "u":
+        return await self.engine.rescan()
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def Health(self, repair: "b", verify_digests: "b") -> "(ba(sssssb))":
+        report = await self.engine.health(repair=repair, verify_digests=verify_digests)
+        findings = [
+            [f.check, f.status.value, f.subject, f.message, "", f.repaired] for f in report.findings
+        ]
+        return [report.ok, findings]
+
+    @method()
+    @exported()
+    async def GetConfig(self) -> "s":
+        return self.server.config_json()
+
+    @method()
+    @exported(ACTION_CONFIGURE)
+    async def SetConfig(self, config_json: "s"):
+        try:
+            data = json.loads(config_json)
+        except ValueError as err:
+            raise InvalidArgument(f"the configuration is not valid JSON: {err}") from None
+        await self.server.set_config(parse_config(data, "new configuration"))
+
+    @method()
+    @exported()
+    async def GetVersion(self) -> "s":
+        return __version__
+
+
+def _first_error(err: ValueError) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        return f"{loc}: {e['msg'].removeprefix('Value error, ')}"
+    return str(err)
+
+
+class PoolInterface(Snapshot):
+    def __init__(self, server: "Server", name: str):
+        super().__init__(POOL_IFACE, server)
+        self.name = name
+
+    @dbus_property(access=READ)
+    def Name(self) -> "s":
+        return self.name
+
+    @dbus_property(access=READ)
+    def Kind(self) -> "s":
+        return self.values.get("Kind", "")
+
+    @dbus_property(access=READ)
+    def State(self) -> "s":
+        return self.values.get("State", "")
+
+    @dbus_property(access=READ)
+    def Path(self) -> "s":
+        return self.values.get("Path", "")
+
+    @dbus_property(access=READ)
+    def SizeBytes(self) -> "t":
+        return self.values.get("SizeBytes", 0)
+
+    @dbus_property(access=READ)
+    def UsedBytes(self) -> "t":
+        return self.values.get("UsedBytes", 0)
+
+    @dbus_property(access=READ)
+    def FreeBytes(self) -> "t":
+        return self.values.get("FreeBytes", 0)
+
+    @dbus_property(access=READ)
+    def Speed(self) -> "u":
+        return self.values.get("Speed", 0)
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def Connect(self) -> "o":
+        return self.server.job_object(self.server.require_engine().connect_pool(self.name))
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def Disconnect(self) -> "o":
+        return self.server.job_object(self.server.require_engine().disconnect_pool(self.name))
+
+    @method()
+    @exported(ACTION_MANAGE_POOLS)
+    async def Resize(self, size: "s") -> "o":
+        engine = self.server.require_engine()
+        return self.server.job_object(engine.resize_pool(self.name, _size_arg(size)))
+
+
+class ModelInterface(Snapshot):
+    def __init__(self, server: "Server", name: str):
+        super().__init__(MODEL_IFACE, server)
+        self.name = name
+
+    @dbus_property(access=READ)
+    def Name(self) -> "s":
+        return self.name
+
+    @dbus_property(access=READ)
+    def Format(self) -> "s":
+        return self.values.get("Format", "")
+
+    @dbus_property(access=READ)
+    def SizeBytes(self) -> "t":
+        return self.values.get("SizeBytes", 0)
+
+    @dbus_property(access=READ)
+    def Tier(self) -> "s":
+        return self.values.get("Tier", "cold")
+
+    @dbus_property(access=READ)
+    def PinnedPool(self) -> "s":
+        return self.values.get("PinnedPool", "")
+
+    @dbus_property(access=READ)
+    def State(self) -> "s":
+        return self.values.get("State", "cold")
+
+    @dbus_property(access=READ)
+    def Problems(self) -> "as":
+        return self.values.get("Problems", [])
+
+
+_CANCEL_ACTION = {
+    "promote": ACTION_PROMOTE,
+    "demote": ACTION_DEMOTE,
+}
+
+
+class JobInterface(Snapshot):
+    def __init__(self, server: "Server", job: "Job"):
+        super().__init__(JOB_IFACE, server)
+        self.job = job
+
+    @dbus_property(access=READ)
+    def Operation(self) -> "s":
+        return self.job.operation
+
+    @dbus_property(access=READ)
+    def Objects(self) -> "ao":
+        return self.values.get("Objects", [])
+
+    @dbus_property(access=READ)
+    def Model(self) -> "s":
+        return self.job.model or ""
+
+    @dbus_property(access=READ)
+    def Pool(self) -> "s":
+        return self.values.get("Pool", "")
+
+    @dbus_property(access=READ)
+    def BytesTotal(self) -> "t":
+        return self.values.get("BytesTotal", 0)
+
+    @dbus_property(access=READ)
+    def BytesDone(self) -> "t":
+        return self.values.get("BytesDone", 0)
+
+    @dbus_property(access=READ)
+    def Rate(self) -> "d":
+        return self.values.get("Rate", 0.0)
+
+    @dbus_property(access=READ)
+    def Progress(self) -> "d":
+        return self.values.get("Progress", 0.0)
+
+    @dbus_property(access=READ)
+    def ExpectedEndTime(self) -> "t":
+        return self.values.get("ExpectedEndTime", 0)
+
+    @dbus_property(access=READ)
+    def StartTime(self) -> "t":
+        return int(self.job.started * 1_000_000)
+
+    @dbus_property(access=READ)
+    def Cancelable(self) -> "b":
+        return self.values.get("Cancelable", False)
+
+    @dbus_property(access=READ)
+    def State(self) -> "s":
+        return self.values.get("State", "running")
+
+    @dbus_property(access=READ)
+    def Message(self) -> "s":
+        return self.values.get("Message", "")
+
+    @method()
+    async def Cancel(self):
+        # Whoever may start this kind of operation may cancel it.
+        try:
+            await self.server.polkit.check(
+                _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
+            )
+            if self.job.finished:
+                raise InvalidArgument(f"job {self.job.id} has already finished")
+            if not self.job.cancelable:
+                raise InvalidArgument(
+                    f"job {self.job.id} ({self.job.operation}) cannot be cancelled now"
+                )
+            self.job.cancel()
+        except Exception as err:
+            raise to_dbus_error(err) from None
+
+    @signal()
+    def Completed(self, success: bool, message: str) -> "bs":
+        return [success, message]
+
+
+def job_values(job: "Job") -> dict[str, Any]:
+    objects = []
+    if job.model:
+        objects.append(model_path(job.model))
+    if job.pool:
+        objects.append(pool_path(job.pool))
+    progress = (
+        job.bytes_done / job.bytes_total if job.bytes_total else (1.0 if job.finished else 0.0)
+    )
+    end = job.expected_end
+    return {
+        "Objects": objects,
+        "Pool": job.pool or "",
+        "BytesTotal": job.bytes_total,
+        "BytesDone": job.bytes_done,
+        "Rate": float(job.rate),
+        "Progress": float(min(progress, 1.0)),
+        "ExpectedEndTime": int(end * 1_000_000) if end else 0,
+        "Cancelable": job.cancelable and not job.finished,
+        "State": job.state.value,
+        "Message": job.message,
+    }

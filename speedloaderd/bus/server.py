@@ -1,0 +1,390 @@
+"""The daemon's bus side: exports the engine's pools, models and jobs as objects, keeps
+their properties current with coalesced PropertiesChanged, and survives a full socket.
+
+Engine events mark objects dirty; one flush, at most every ``FLUSH_INTERVAL``, recomputes
+their properties and emits only what changed. A burst of ten thousand model changes is
+thus a bounded stream of signals, and each job's progress reaches clients at <= 10 Hz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, Message, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
+
+from ..config import Config, dump_config, save_config
+from ..engine import Engine, ModelStatus, PoolStatus
+from ..errors import Busy, Failed
+from ..jobs import Job
+from .auth import Polkit, remember_caller
+from .names import BUS_NAME, ROOT, job_path, model_path, pool_path
+from .objects import (
+    JobInterface,
+    ManagerInterface,
+    ModelInterface,
+    PoolInterface,
+    Snapshot,
+    job_values,
+)
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.1
+JOB_RETENTION_S = 600.0
+JOB_RETENTION_MAX = 100
+
+# Config keys a running engine can adopt without rebuilding its pools and models dir.
+_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "remoteTiers"}
+
+
+class _EagainSafeSocket:
+    """dbus-fast treats EAGAIN from send() as fatal and drops the connection, taking the
+    daemon off the bus when a burst fills the socket buffer. Report "0 bytes sent" instead:
+    the writer then keeps the rest queued and waits for the socket to become writable."""
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def sendmsg(self, buffers: Any, ancdata: Any = ()) -> int:
+        # We never send unix fds, whose retry the library would get wrong; refuse loudly.
+        if ancdata:
+            return self._sock.sendmsg(buffers, ancdata)
+        try:
+            return self._sock.sendmsg(buffers)
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class SystemBus(MessageBus):
+    """The message bus with the EAGAIN fix, and ObjectManager signals sent from the
+    ObjectManager's own path (the spec's way; dbus-fast sends them from the child's path,
+    which clients matching on the manager's path never see)."""
+
+    quiet = False  # set while exporting the initial objects: nobody can know of them yet
+
+    async def connect(self) -> SystemBus:
+        await super().connect()
+        self._writer.sock = _EagainSafeSocket(self._writer.sock)
+        return self
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self.quiet or self._disconnected:
+            return
+        props = {}
+        for prop in ServiceInterface._get_properties(interface):
+            if not prop.disabled:
+                try:
+                    props[prop.name] = _variant(prop, getattr(interface, prop.prop_getter.__name__))
+                except Exception:
+                    log.exception("property %s of %s", prop.name, path)
+        self.send(
+            Message.new_signal(
+                ROOT,
+                "org.freedesktop.DBus.ObjectManager",
+                "InterfacesAdded",
+                "oa{sa{sv}}",
+                [path, {interface.name: props}],
+            )
+        )
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected:
+            return
+        self.send(
+            Message.new_signal(
+                ROOT,
+                "org.freedesktop.DBus.ObjectManager",
+                "InterfacesRemoved",
+                "oas",
+                [path, removed_interfaces],
+            )
+        )
+
+
+def _variant(prop: Any, value: Any) -> Any:
+    from dbus_fast import Variant
+
+    return Variant(prop.signature, value)
+
+
+def model_values(st: ModelStatus) -> dict[str, Any]:
+    return {
+        "Format": st.format,
+        "SizeBytes": st.size,
+        "Tier": st.tier,
+        "PinnedPool": st.pinned_pool,
+        "State": st.state,
+        "Problems": list(st.problems),
+    }
+
+
+def pool_values(st: PoolStatus) -> dict[str, Any]:
+    return {
+        "Kind": st.kind,
+        "State": st.state,
+        "Path": st.path,
+        "SizeBytes": st.size,
+        "UsedBytes": st.used,
+        "FreeBytes": st.free,
+        "Speed": st.speed,
+    }
+
+
+class Server:
+    def __init__(self, config: Config | None, config_path: Path | None, config_error: str = ""):
+        self.config_path = config_path
+        self.engine: Engine | None = Engine(config, config_path) if config else None
+        self.config_error = config_error
+        self.bus: SystemBus | None = None
+        self.polkit: Polkit
+        self.manager = ManagerInterface(self)
+        self.models: dict[str, ModelInterface] = {}
+        self.pools: dict[str, PoolInterface] = {}
+        self.jobs: dict[int, JobInterface] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._resync_all = False
+        self._disconnected = asyncio.Event()
+
+    # --- start and stop ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            self.engine.listeners.append(self._on_engine_event)
+            await self.engine.start()
+        self.bus = SystemBus(bus_type=BusType.SYSTEM)
+        await self.bus.connect()
+        self.bus.add_message_handler(remember_caller)
+        self.polkit = Polkit(self.bus)
+        self.bus.quiet = True
+        self.bus.export(ROOT, self.manager)
+        await self._sync_objects()
+        self.bus.quiet = False
+        reply = await self.bus.request_name(BUS_NAME)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            raise Failed(
+                f"cannot own {BUS_NAME} on the system bus ({reply.name}); "
+                "is another speedloaderd running?"
+            )
+        log.info(
+            "on the system bus as %s (%d models, %d pools)",
+            BUS_NAME,
+            len(self.models),
+            len(self.pools),
+        )
+
+    async def wait(self) -> None:
+        assert self.bus is not None
+        await self.bus.wait_for_disconnect()
+
+    def stop(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+
+    # --- engine access -----------------------------------------------------------------
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise Failed(
+                f"speedloaderd has no valid configuration ({self.config_error}); "
+                "fix it with SetConfig (slctl config set) or edit the file and restart"
+            )
+        return self.engine
+
+    def config_json(self) -> str:
+        if self.engine is None:
+            return "{}"
+        return json.dumps(dump_config(self.engine.config), indent=2)
+
+    async def set_config(self, new: Config) -> None:
+        """Adopt a validated config. Structural changes (paths, pools, backend) rebuild the
+        engine, which is refused while models are hot or jobs run."""
+        engine = self.engine
+        if engine is not None:
+            old_d, new_d = dump_config(engine.config), dump_config(new)
+            changed = {k for k in old_d.keys() | new_d.keys() if old_d.get(k) != new_d.get(k)}
+            if not changed - _LIVE_KEYS - {k for k in changed if k.startswith(("_", "x-"))}:
+                await engine.set_config(new)
+                return
+            busy = [j for j in engine.jobs.values() if not j.finished]
+            hot = [m.name for m in engine.model_statuses() if m.state != "cold"]
+            if busy or hot:
+                raise Busy(
+                    f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
+                    "demote every model and wait for running jobs first"
+                )
+        if self.config_path is not None:
+            await asyncio.to_thread(save_config, new, self.config_path)
+        replacement = Engine(new, self.config_path)
+        await replacement.start()  # raises: the running engine (if any) is kept
+        replacement.listeners.append(self._on_engine_event)
+        if engine is not None:
+            engine.listeners.clear()
+        self.engine, self.config_error = replacement, ""
+        log.info("configuration replaced; engine restarted")
+        self._resync_all = True
+        self._schedule_flush()
+
+    # --- objects -----------------------------------------------------------------------
+
+    def _export(self, path: str, iface: ServiceInterface) -> None:
+        assert self.bus is not None
+        self.bus.export(path, iface)
+
+    def _unexport(self, path: str) -> None:
+        assert self.bus is not None
+        self.bus.unexport(path)
+
+    async def _sync_objects(self) -> None:
+        """Make the exported models and pools match the engine's (after start or rescan)."""
+        engine = self.engine
+        self.manager.update(self._manager_values())
+        statuses = await asyncio.to_thread(engine.model_statuses) if engine else []
+        pools = await asyncio.to_thread(engine.pool_statuses) if engine else []
+        seen = set()
+        for st in statuses:
+            seen.add(st.name)
+            iface = self.models.get(st.name)
+            if iface is None:
+                iface = ModelInterface(self, st.name)
+                iface.update(model_values(st))
+                self.models[st.name] = iface
+                self._export(model_path(st.name), iface)
+            else:
+                self._emit_changed(iface, iface.update(model_values(st)))
+        for name in list(self.models):
+            if name not in seen:
+                del self.models[name]
+                self._unexport(model_path(name))
+        seen = set()
+        for st in pools:
+            seen.add(st.name)
+            piface = self.pools.get(st.name)
+            if piface is None:
+                piface = PoolInterface(self, st.name)
+                piface.update(pool_values(st))
+                self.pools[st.name] = piface
+                self._export(pool_path(st.name), piface)
+            else:
+                self._emit_changed(piface, piface.update(pool_values(st)))
+        for name in list(self.pools):
+            if name not in seen:
+                del self.pools[name]
+                self._unexport(pool_path(name))
+
+    def _manager_values(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"ConfigValid": False, "ConfigError": self.config_error}
+        c = self.engine.config
+        return {
+            "ConfigValid": True,
+            "ConfigError": "",
+            "Backend": c.backend.type.value,
+            "BackendApiUrl": c.backend.api_url or "",
+            "ModelsDir": str(c.models_dir),
+            "ColdStorage": str(c.storage.path),
+            "Strategy": c.model_placement.default_strategy.value,
+        }
+
+    def job_object(self, job: Job) -> str:
+        path = job_path(job.id)
+        if job.id in self.jobs:
+            return path
+        iface = JobInterface(self, job)
+        iface.update(job_values(job))
+        self.jobs[job.id] = iface
+        self._export(path, iface)
+        job.listeners.append(lambda j: self._mark("job", str(j.id)))
+        if job.finished:  # e.g. a no-op that completed before anyone asked for its object
+            self._mark("job", str(job.id))
+        self._prune_jobs()
+        return path
+
+    def _prune_jobs(self) -> None:
+        now = time.time()
+        finished = sorted(
+            (i for i in self.jobs.values() if i.job.finished), key=lambda i: i.job.started
+        )
+        excess = len(self.jobs) - JOB_RETENTION_MAX
+        for iface in finished:
+            if excess > 0 or now - iface.job.started > JOB_RETENTION_S:
+                excess -= 1
+                del self.jobs[iface.job.id]
+                self._unexport(job_path(iface.job.id))
+
+    # --- change propagation ---------------------------------------------------------------
+
+    def _on_engine_event(self, kind: str, name: str) -> None:
+        if kind in ("catalog", "pool-added", "pool-removed", "config"):
+            self._resync_all = True
+            self._schedule_flush()
+        elif kind == "job":
+            job = self.engine.jobs.get(int(name)) if self.engine else None
+            if job is not None:
+                self.job_object(job)  # jobs started by the engine itself (pin) appear too
+                self._mark("job", name)
+        else:
+            self._mark(kind, name)
+
+    def _mark(self, kind: str, name: str) -> None:
+        self._dirty.add((kind, name))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(FLUSH_INTERVAL, self._start_flush)
+
+    def _start_flush(self) -> None:
+        asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        resync, self._resync_all = self._resync_all, False
+        try:
+            if resync:
+                await self._sync_objects()
+            engine = self.engine
+            for kind, name in sorted(dirty):
+                if kind == "model" and engine and name in self.models:
+                    st = engine.model_status(name)
+                    iface = self.models[name]
+                    self._emit_changed(iface, iface.update(model_values(st)))
+                elif kind == "pool" and engine and name in self.pools:
+                    st_p = await asyncio.to_thread(engine.pool_status, name)
+                    piface = self.pools[name]
+                    self._emit_changed(piface, piface.update(pool_values(st_p)))
+                elif kind == "job" and int(name) in self.jobs:
+                    self._flush_job(self.jobs[int(name)])
+        except Exception:
+            log.exception("updating bus objects failed")
+        finally:
+            self._flush_handle = None
+            if self._dirty or self._resync_all:
+                self._schedule_flush()
+
+    def _flush_job(self, iface: JobInterface) -> None:
+        was_running = iface.values.get("State") == "running"
+        self._emit_changed(iface, iface.update(job_values(iface.job)))
+        if iface.job.finished and was_running:
+            iface.Completed(iface.job.state.value == "succeeded", iface.job.message)
+
+    def _emit_changed(self, iface: Snapshot, changed: dict[str, Any]) -> None:
+        if changed and self.bus is not None and not self.bus._disconnected:
+            iface.emit_properties_changed(changed)
