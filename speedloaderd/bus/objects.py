@@ -151,10 +151,10 @@ class ManagerInterface(Snapshot):
 
     @method()
     @exported(ACTION_MANAGE_POOLS)
-    async def Health(self, repair: "b", verify_digests: "b") -> "(ba(sssssb))":
+    async def Health(self, repair: "b", verify_digests: "b") -> "(ba(ssssb))":
         report = await self.engine.health(repair=repair, verify_digests=verify_digests)
         findings = [
-            [f.check, f.status.value, f.subject, f.message, "", f.repaired] for f in report.findings
+            [f.check, f.status.value, f.subject, f.message, f.repaired] for f in report.findings
         ]
         return [report.ok, findings]
 
@@ -190,11 +190,11 @@ def _first_error(err: ValueError) -> str:
 class PoolInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(POOL_IFACE, server)
-        self.name = name
+        self.pool_name = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.name
+        return self.pool_name
 
     @dbus_property(access=READ)
     def Kind(self) -> "s":
@@ -227,28 +227,28 @@ class PoolInterface(Snapshot):
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Connect(self) -> "o":
-        return self.server.job_object(self.server.require_engine().connect_pool(self.name))
+        return self.server.job_object(self.server.require_engine().connect_pool(self.pool_name))
 
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Disconnect(self) -> "o":
-        return self.server.job_object(self.server.require_engine().disconnect_pool(self.name))
+        return self.server.job_object(self.server.require_engine().disconnect_pool(self.pool_name))
 
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Resize(self, size: "s") -> "o":
         engine = self.server.require_engine()
-        return self.server.job_object(engine.resize_pool(self.name, _size_arg(size)))
+        return self.server.job_object(engine.resize_pool(self.pool_name, _size_arg(size)))
 
 
 class ModelInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(MODEL_IFACE, server)
-        self.name = name
+        self.model_name = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.name
+        return self.model_name
 
     @dbus_property(access=READ)
     def Format(self) -> "s":
