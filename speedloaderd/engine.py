@@ -493,6 +493,8 @@ class Engine:
         async with self._lock:
             released, kept_for = await asyncio.to_thread(self._release, model, None, job)
         self._emit_models(released, [model.name])
+        for pool in self.pools:  # usage changed in whichever pools held the copies
+            self._emit("pool", pool)
         if not released and not kept_for:
             return f"{model.name} is already cold"
         msg = f"demoted {model.name}: {format_size(job.bytes_total)} freed"
