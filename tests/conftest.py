@@ -51,3 +51,52 @@ def lab(workdir):
     lab = Lab(workdir)
     yield lab
     lab.check_cold_unchanged()
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """A private system bus with the project's D-Bus policy and a real polkitd with the
+    project's actions and rules (plus one test-only rule), and the test users."""
+    from speedloaderd.sandbox import REPO, Sandbox
+
+    from .buslab import ASKER_RULE, check_user_can_run_python, ensure_users, remove_users
+
+    made = ensure_users()
+    extra = Path(tempfile.mkdtemp(prefix="sl-rules-", dir="/tmp"))
+    (extra / "90-test-asker.rules").write_text(ASKER_RULE)
+    try:
+        with Sandbox(
+            rules=[*sorted((REPO / "polkit").glob("*.rules")), extra / "90-test-asker.rules"]
+        ) as sb:
+            check_user_can_run_python(sb.address)
+            yield sb
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+        remove_users(made)
+
+
+@pytest.fixture
+def daemon_factory(sandbox, workdir):
+    """Build (not start) a DaemonLab; stops its daemon and checks cold storage after."""
+    from .buslab import DaemonLab
+
+    labs = []
+
+    def make(**kw):
+        dl = DaemonLab(sandbox, workdir, **kw)
+        labs.append(dl)
+        return dl
+
+    yield make
+    for dl in labs:
+        if dl.proc is not None:
+            dl.stop()
+        dl.lab.check_cold_unchanged()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    """speedloaderd running on the test bus over a small Ollama lab."""
+    dl = daemon_factory()
+    dl.start()
+    return dl

@@ -108,9 +108,14 @@ def exported(action: str | None = None) -> Callable:
         @functools.wraps(fn)
         async def method(self: Any, *args: Any) -> Any:
             try:
-                if action is not None:
-                    await self.server.polkit.check(action)
-                return await fn(self, *args)
+                if action is None:
+                    return await fn(self, *args)
+                await self.server.polkit.check(action)
+                result = await fn(self, *args)
+                # The reply must not overtake the change it made: a client that reads a
+                # property after Pin returns sees the pin.
+                await self.server.settle()
+                return result
             except Exception as err:
                 raise to_dbus_error(err) from None
 

@@ -150,9 +150,15 @@ class ManagerInterface(Snapshot):
         return await self.engine.rescan()
 
     @method()
-    @exported(ACTION_MANAGE_POOLS)
+    @exported()
     async def Health(self, repair: "b", verify_digests: "b") -> "(ba(ssssb))":
+        # A look is free; repairing changes the models dir, and verifying reads every
+        # byte of every hot model: both need the right to manage pools.
+        if repair or verify_digests:
+            await self.server.polkit.check(ACTION_MANAGE_POOLS)
         report = await self.engine.health(repair=repair, verify_digests=verify_digests)
+        if repair:
+            await self.server.settle()
         findings = [
             [f.check, f.status.value, f.subject, f.message, f.repaired] for f in report.findings
         ]

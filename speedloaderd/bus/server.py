@@ -174,7 +174,7 @@ class Server:
         self.polkit = Polkit(self.bus)
         self.bus.quiet = True
         self.bus.export(ROOT, self.manager)
-        await self._sync_objects()
+        await self.sync_objects()
         self.bus.quiet = False
         reply = await self.bus.request_name(BUS_NAME)
         if reply is not RequestNameReply.PRIMARY_OWNER:
@@ -251,7 +251,7 @@ class Server:
         assert self.bus is not None
         self.bus.unexport(path)
 
-    async def _sync_objects(self) -> None:
+    async def sync_objects(self) -> None:
         """Make the exported models and pools match the engine's (after start or rescan)."""
         engine = self.engine
         self.manager.update(self._manager_values())
@@ -351,6 +351,14 @@ class Server:
             loop = asyncio.get_running_loop()
             self._flush_handle = loop.call_later(FLUSH_INTERVAL, self._start_flush)
 
+    async def settle(self) -> None:
+        """Publish pending changes now, before a method's reply (which returns object paths
+        clients will use at once, or a state they will read next)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        await self._flush()
+
     def _start_flush(self) -> None:
         asyncio.get_running_loop().create_task(self._flush())
 
@@ -359,7 +367,7 @@ class Server:
         resync, self._resync_all = self._resync_all, False
         try:
             if resync:
-                await self._sync_objects()
+                await self.sync_objects()
             engine = self.engine
             for kind, name in sorted(dirty):
                 if kind == "model" and engine and name in self.models:

@@ -1,0 +1,244 @@
+"""The one client of speedloaderd that slctl, the dashboard and the tests share.
+
+Thin and typed over dbus-fast: calls return plain Python values (variants unwrapped),
+failures raise :class:`ClientError` carrying the daemon's error name and sentence, and
+jobs are followed by their signals only (PropertiesChanged, then Completed), never by
+polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME = "org.speedloader.Speedloader1"
+ROOT = "/org/speedloader/Speedloader1"
+IFACE = "org.speedloader.Speedloader1"
+MANAGER = f"{IFACE}.Manager"
+POOL = f"{IFACE}.Pool"
+MODEL = f"{IFACE}.Model"
+JOB = f"{IFACE}.Job"
+ERROR_PREFIX = f"{IFACE}.Error."
+PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+NO_OBJECT = "/"
+
+# Bus errors that mean "the daemon is not there", whoever raised them.
+UNREACHABLE = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+    "org.freedesktop.DBus.Error.FileNotFound",
+    "org.freedesktop.DBus.Error.NoServer",
+}
+
+
+class ClientError(Exception):
+    """A failed call. ``name`` is the short error name for speedloader's own errors
+    (``NotAuthorized``, ``NoSuchModel``...), else the full D-Bus error name."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name.removeprefix(ERROR_PREFIX)
+        self.message = message
+
+    @property
+    def unreachable(self) -> bool:
+        return self.name in UNREACHABLE
+
+
+def unwrap(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return unwrap(value.value)
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+@dataclass
+class JobResult:
+    path: str
+    success: bool
+    message: str
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+Listener = Callable[[Message], None]
+
+
+class Client:
+    def __init__(self, bus: MessageBus):
+        self.bus = bus
+        self._listeners: list[Listener] = []
+        self._subscribed = False
+        bus.add_message_handler(self._dispatch)
+
+    @classmethod
+    async def connect(cls, address: str | None = None) -> Client:
+        """Connect to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` honoured)."""
+        address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+        try:
+            bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        except (OSError, DBusError, EOFError) as err:
+            where = address or "the system bus"
+            raise ClientError(
+                "org.freedesktop.DBus.Error.NoServer", f"cannot connect to {where}: {err}"
+            ) from None
+        return cls(bus)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- calls -------------------------------------------------------------------------
+
+    async def call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | tuple[Any, ...] = (),
+        *,
+        destination: str = BUS_NAME,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call a method; return its single value (or list of values, or None)."""
+        msg = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        try:
+            call = self.bus.call(msg)
+            reply = await (asyncio.wait_for(call, timeout) if timeout else call)
+        except (OSError, EOFError) as err:
+            raise ClientError(
+                "org.freedesktop.DBus.Error.Disconnected", f"lost the bus connection: {err}"
+            ) from None
+        except TimeoutError:
+            raise ClientError(
+                "org.freedesktop.DBus.Error.NoReply", f"{member}: no reply within {timeout} s"
+            ) from None
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            raise ClientError(reply.error_name or "Failed", str(text))
+        body_ = unwrap(reply.body)
+        if not body_:
+            return None
+        return body_[0] if len(body_) == 1 else body_
+
+    async def manager(self, member: str, signature: str = "", *args: Any) -> Any:
+        return await self.call(ROOT, MANAGER, member, signature, args)
+
+    async def get_all(self, path: str, interface: str) -> dict[str, Any]:
+        return await self.call(path, PROPERTIES, "GetAll", "s", [interface])
+
+    async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects")
+
+    # --- typed shortcuts ---------------------------------------------------------------
+
+    async def promote(self, model: str, pool: str = "") -> str:
+        return await self.manager("Promote", "ss", model, pool)
+
+    async def demote(self, model: str) -> str:
+        return await self.manager("Demote", "s", model)
+
+    async def pin(self, model: str, pool: str) -> str:
+        return await self.manager("Pin", "ss", model, pool)
+
+    async def unpin(self, model: str) -> None:
+        await self.manager("Unpin", "s", model)
+
+    async def pool_call(self, path: str, member: str, signature: str = "", *args: Any) -> Any:
+        return await self.call(path, POOL, member, signature, args)
+
+    async def cancel(self, job_path: str) -> None:
+        await self.call(job_path, JOB, "Cancel")
+
+    # --- signals -----------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        """Receive the daemon's signals (once per connection; before the call they follow)."""
+        if self._subscribed:
+            return
+        rule = f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'"
+        await self.call(
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "AddMatch",
+            "s",
+            [rule],
+            destination="org.freedesktop.DBus",
+        )
+        self._subscribed = True
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _dispatch(self, msg: Message) -> bool:
+        if msg.message_type is MessageType.SIGNAL:
+            for listener in list(self._listeners):
+                listener(msg)
+        return False
+
+    async def follow_job(
+        self,
+        path: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> JobResult:
+        """Follow a job to its end by signals. ``subscribe()`` must have run before the call
+        that returned ``path``, so no signal can be missed."""
+        if not self._subscribed:
+            raise RuntimeError("follow_job needs subscribe() before the job was started")
+        props: dict[str, Any] = {}
+        done: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+
+        def on_signal(msg: Message) -> None:
+            if msg.path != path or done.done():
+                return
+            if msg.member == "PropertiesChanged" and msg.body[0] == JOB:
+                changed = unwrap(msg.body[1])
+                props.update(changed)
+                if on_update is not None:
+                    on_update(dict(props))
+            elif msg.member == "Completed" and msg.interface == JOB:
+                done.set_result((bool(msg.body[0]), str(msg.body[1])))
+
+        remove = self.add_listener(on_signal)
+        try:
+            try:
+                current = await self.get_all(path, JOB)
+            except ClientError as err:
+                if err.name == "org.freedesktop.DBus.Error.UnknownObject":
+                    raise ClientError("Failed", f"job {path} is gone: it ended long ago") from None
+                raise
+            props.update(current)  # the reply was sent after any signal seen so far
+            if not done.done() and current.get("State") not in (None, "running"):
+                done.set_result((current["State"] == "succeeded", current.get("Message", "")))
+            elif on_update is not None:
+                on_update(dict(props))
+            success, message = await (asyncio.wait_for(done, timeout) if timeout else done)
+        finally:
+            remove()
+        return JobResult(path, success, message, props)
