@@ -225,20 +225,47 @@ class Client:
             elif msg.member == "Completed" and msg.interface == JOB:
                 done.set_result((bool(msg.body[0]), str(msg.body[1])))
 
-        remove = self.add_listener(on_signal)
-        try:
-            try:
-                current = await self.get_all(path, JOB)
-            except ClientError as err:
-                if err.name == "org.freedesktop.DBus.Error.UnknownObject":
-                    raise ClientError("Failed", f"job {path} is gone: it ended long ago") from None
-                raise
-            props.update(current)  # the reply was sent after any signal seen so far
+        snapshot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_current(reply: Message | None, err: Exception | None) -> None:
+            # Runs in message order, between the signals around it: the snapshot replaces
+            # what older signals said and is itself updated by the newer ones.
+            if err is not None or reply is None or reply.message_type is MessageType.ERROR:
+                name = reply.error_name if reply is not None else "Failed"
+                if not done.done():
+                    done.set_exception(
+                        ClientError("Failed", f"job {path} is gone: it ended long ago")
+                        if name == "org.freedesktop.DBus.Error.UnknownObject"
+                        else ClientError(name or "Failed", str(err or reply.body))
+                    )
+                if not snapshot.done():
+                    snapshot.set_result(None)  # a Completed seen earlier still stands
+                return
+            current = unwrap(reply.body[0])
+            props.update(current)
+            snapshot.set_result(None)
             if not done.done() and current.get("State") not in (None, "running"):
                 done.set_result((current["State"] == "succeeded", current.get("Message", "")))
             elif on_update is not None:
                 on_update(dict(props))
-            success, message = await (asyncio.wait_for(done, timeout) if timeout else done)
+
+        remove = self.add_listener(on_signal)
+        try:
+            # Not self.call(): its reply resumes a coroutine only after the signals that
+            # followed the reply were handled, and the stale snapshot would win.
+            self.bus._call(
+                Message(
+                    destination=BUS_NAME,
+                    path=path,
+                    interface=PROPERTIES,
+                    member="GetAll",
+                    signature="s",
+                    body=[JOB],
+                ),
+                on_current,
+            )
+            both = asyncio.gather(done, snapshot)  # the snapshot may trail a quick Completed
+            (success, message), _ = await (asyncio.wait_for(both, timeout) if timeout else both)
         finally:
             remove()
         return JobResult(path, success, message, props)

@@ -336,8 +336,23 @@ class Server:
             self._schedule_flush()
         elif kind == "job":
             job = self.engine.jobs.get(int(name)) if self.engine else None
-            if job is not None:
-                self.job_object(job)  # jobs started by the engine itself (pin) appear too
+            if job is None:
+                return
+            self.job_object(job)  # jobs started by the engine itself (pin) appear too
+            iface = self.jobs.get(job.id)
+            if job.finished and iface is not None:
+                # Completed goes out now, not at the next flush: a job for the same model
+                # may start in the meantime, and clients must see this one end first. The
+                # model's new state goes out before it, so a client woken by Completed
+                # reads the model as the job left it.
+                if job.model is not None:
+                    self._refresh_model(job.model)
+                pools = {n for k, n in self._dirty if k == "pool"} | {job.pool} - {None}
+                for pool in sorted(pools):  # mountinfo and statvfs of a few pools: quick
+                    self._dirty.discard(("pool", pool))
+                    self._refresh_pool(pool)
+                self._flush_job(iface)
+            else:
                 self._mark("job", name)
         else:
             self._mark(kind, name)
@@ -370,14 +385,11 @@ class Server:
                 await self.sync_objects()
             engine = self.engine
             for kind, name in sorted(dirty):
-                if kind == "model" and engine and name in self.models:
-                    st = engine.model_status(name)
-                    iface = self.models[name]
-                    self._emit_changed(iface, iface.update(model_values(st)))
+                if kind == "model":
+                    self._refresh_model(name)
                 elif kind == "pool" and engine and name in self.pools:
                     st_p = await asyncio.to_thread(engine.pool_status, name)
-                    piface = self.pools[name]
-                    self._emit_changed(piface, piface.update(pool_values(st_p)))
+                    self._publish_pool(name, st_p)
                 elif kind == "job" and int(name) in self.jobs:
                     self._flush_job(self.jobs[int(name)])
         except Exception:
@@ -386,6 +398,20 @@ class Server:
             self._flush_handle = None
             if self._dirty or self._resync_all:
                 self._schedule_flush()
+
+    def _refresh_model(self, name: str) -> None:
+        iface = self.models.get(name)
+        if self.engine is not None and iface is not None:
+            self._emit_changed(iface, iface.update(model_values(self.engine.model_status(name))))
+
+    def _refresh_pool(self, name: str) -> None:
+        if self.engine is not None and name in self.pools:
+            self._publish_pool(name, self.engine.pool_status(name))
+
+    def _publish_pool(self, name: str, st: PoolStatus) -> None:
+        iface = self.pools.get(name)
+        if iface is not None:
+            self._emit_changed(iface, iface.update(pool_values(st)))
 
     def _flush_job(self, iface: JobInterface) -> None:
         was_running = iface.values.get("State") == "running"
