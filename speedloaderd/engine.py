@@ -301,6 +301,8 @@ class Engine:
         return job
 
     def _progress(self, job: Job, p: Progress) -> None:
+        if job.finished:  # a report queued by the copy thread, arriving after the end
+            return
         job.bytes_done, job.rate, job.eta = p.done, p.rate, p.eta
         job.notify()
 

@@ -6,6 +6,7 @@ Nothing here writes to cold storage.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import os
@@ -172,7 +173,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     for rel, p in md.walk():
         if LINK_TMP_MARKER in p.name or META_TMP_MARKER in p.name:
             if repair:
-                p.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
             add(
                 "orphans",
                 Status.WARNING,

@@ -83,6 +83,10 @@ class ManagerInterface(Snapshot):
         return self.values.get("ConfigValid", False)
 
     @dbus_property(access=READ)
+    def ConfigPath(self) -> "s":
+        return str(self.server.config_path or "")
+
+    @dbus_property(access=READ)
     def ConfigError(self) -> "s":
         return self.values.get("ConfigError", "")
 

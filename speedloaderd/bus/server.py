@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, Message, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
@@ -86,22 +86,34 @@ class SystemBus(MessageBus):
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self.quiet or self._disconnected:
             return
-        props = {}
-        for prop in ServiceInterface._get_properties(interface):
-            if not prop.disabled:
-                try:
-                    props[prop.name] = _variant(prop, getattr(interface, prop.prop_getter.__name__))
-                except Exception:
-                    log.exception("property %s of %s", prop.name, path)
         self.send(
             Message.new_signal(
                 ROOT,
                 "org.freedesktop.DBus.ObjectManager",
                 "InterfacesAdded",
                 "oa{sa{sv}}",
-                [path, {interface.name: props}],
+                [path, {interface.name: _properties(path, interface)}],
             )
         )
+
+    def answer_get_managed_objects(self, msg: Message) -> Message | None:
+        """dbus-fast's own GetManagedObjects re-checks the whole reply after each object
+        (quadratic: 1.4 s of 1.9 for 10,000 models); ours reads each property once."""
+        if not (
+            msg.message_type is MessageType.METHOD_CALL
+            and msg.member == "GetManagedObjects"
+            and msg.interface == "org.freedesktop.DBus.ObjectManager"
+            and msg.path == ROOT
+            and not msg.signature
+        ):
+            return None
+        prefix = ROOT + "/"
+        result = {
+            path: {iface.name: _properties(path, iface) for iface in ifaces.values()}
+            for path, ifaces in self._path_exports.items()
+            if path.startswith(prefix)
+        }
+        return Message.new_method_return(msg, "a{oa{sa{sv}}}", [result])
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         if self._disconnected:
@@ -117,10 +129,17 @@ class SystemBus(MessageBus):
         )
 
 
-def _variant(prop: Any, value: Any) -> Any:
-    from dbus_fast import Variant
-
-    return Variant(prop.signature, value)
+def _properties(path: str, interface: ServiceInterface) -> dict[str, Variant]:
+    props = {}
+    for prop in ServiceInterface._get_properties(interface):
+        if not prop.disabled:
+            try:
+                props[prop.name] = Variant(
+                    prop.signature, getattr(interface, prop.prop_getter.__name__)
+                )
+            except Exception:
+                log.exception("property %s of %s", prop.name, path)
+    return props
 
 
 def model_values(st: ModelStatus) -> dict[str, Any]:
@@ -171,6 +190,7 @@ class Server:
         self.bus = SystemBus(bus_type=BusType.SYSTEM)
         await self.bus.connect()
         self.bus.add_message_handler(remember_caller)
+        self.bus.add_message_handler(self.bus.answer_get_managed_objects)
         self.polkit = Polkit(self.bus)
         self.bus.quiet = True
         self.bus.export(ROOT, self.manager)
