@@ -702,9 +702,17 @@ class Engine:
     async def add_pool(self, pc: PoolConfig) -> None:
         if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
             raise InvalidArgument(f"a pool named {pc.name!r} already exists")
-        new = with_changes(self.config, pools=[*(_dump(p) for p in self.config.pools), _dump(pc)])
+        old = self.config
+        new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
         await self.set_config(new)
-        self._add_pool_object(pc)
+        pool = self._add_pool_object(pc)
+        try:
+            await asyncio.to_thread(pool.mount)  # an added pool is ready to use
+        except Exception:
+            del self.pools[pc.name]
+            del self.pool_roots[pc.name]
+            await self.set_config(old)
+            raise
         self._emit("pool-added", pc.name)
 
     async def remove_pool(self, name: str) -> None:
