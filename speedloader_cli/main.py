@@ -143,8 +143,9 @@ def status(as_json: bool) -> None:
         click.echo(f"error: speedloaderd has no valid configuration: {m.get('ConfigError')}")
         click.echo("fix it with `slctl config set KEY VALUE` or edit the file and restart")
         return
+    url = m.get("BackendApiUrl")
     click.echo(
-        f"backend: {m.get('Backend')} {m.get('BackendApiUrl') or ''}\n"
+        f"backend: {m.get('Backend')}{f' at {url}' if url else ''}\n"
         f"models dir: {m.get('ModelsDir')}   cold storage: {m.get('ColdStorage')}   "
         f"placement: {m.get('Strategy')}"
     )
