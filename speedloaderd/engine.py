@@ -300,6 +300,24 @@ class Engine:
             self._emit("model", job.model)
         return job
 
+    async def shutdown(self, timeout: float = 20.0) -> None:
+        """Cancel what can be cancelled and wait for every job to end, so a stop leaves no
+        partial copy and no journal entry behind (a stop is not a crash)."""
+        running = [j for j in self.jobs.values() if not j.finished]
+        for job in running:
+            job.cancel()  # a job past its point of no return finishes instead
+        if running:
+            log.info("stopping: waiting for %d job(s) to end", len(running))
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(j._done.wait()) for j in running], timeout=timeout
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%d job(s) did not end in %.0f s; recovery finishes them", len(pending), timeout
+                )
+
     def _progress(self, job: Job, p: Progress) -> None:
         if job.finished:  # a report queued by the copy thread, arriving after the end
             return

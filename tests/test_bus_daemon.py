@@ -160,6 +160,37 @@ def test_sigkill_mid_promote_then_restart(daemon_factory):
     assert_consistent(dl)
 
 
+def test_sigterm_mid_promote_cancels_and_leaves_nothing_to_repair(daemon_factory):
+    dl = daemon_factory(big=BIG)
+    dl.start()
+    before = dl.state()
+
+    async def stop_while_copying():
+        async with await dl.client() as c:
+            await c.subscribe()
+            job = await c.promote(dl.big)
+            copying = asyncio.get_running_loop().create_future()
+
+            def on_update(p: dict) -> None:
+                if 0 < p.get("BytesDone", 0) < p.get("BytesTotal", 0) and not copying.done():
+                    copying.set_result(None)
+
+            follow = asyncio.ensure_future(c.follow_job(job, on_update=on_update))
+            await asyncio.wait_for(copying, 60)
+            dl.proc.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(follow, 60)  # Completed still reaches us
+
+    result = run(stop_while_copying())
+    assert not result.success and result.properties["State"] == "cancelled"
+    assert dl.stop() == 0
+    assert "stopping: waiting for 1 job(s) to end" in dl.log()
+    assert list((dl.lab.state / "journal").iterdir()) == [], "a stop left work for recovery"
+    assert dl.lab.pool_files("local") == []
+    assert_consistent(dl)
+    dl.start()
+    assert dl.state()["links"] == before["links"]
+
+
 def test_sigterm_leaves_the_bus_cleanly(daemon):
     assert daemon.stop(signal.SIGTERM) == 0
     assert "stopping on signal" in daemon.log()

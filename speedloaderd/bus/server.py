@@ -213,6 +213,13 @@ class Server:
         assert self.bus is not None
         await self.bus.wait_for_disconnect()
 
+    async def shutdown(self) -> None:
+        """End running jobs (their Completed signals still go out), then leave the bus."""
+        if self.engine is not None:
+            await self.engine.shutdown()
+            await self.settle()
+        self.stop()
+
     def stop(self) -> None:
         if self.bus is not None:
             self.bus.disconnect()
