@@ -140,14 +140,27 @@ def _ask(text: str, default: str, yes: bool) -> str:
     return click.prompt(text, default=default)
 
 
+def _root_option(verb: str):
+    return click.option(
+        "--root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("/"),
+        show_default=True,
+        help=f"{verb} below this directory instead of /.",
+    )
+
+
+def _require_root_for(root: Path, what: str) -> Path:
+    root = root.resolve()
+    if root == Path("/") and os.geteuid() != 0:
+        raise CliError(
+            f"run as root: slctl {what} changes files in /etc and /usr", Exit.NOT_AUTHORIZED
+        )
+    return root
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/"),
-    show_default=True,
-    help="Install below this directory instead of /.",
-)
+@_root_option("Install")
 @click.option("--yes", "-y", is_flag=True, help="Take every default without asking.")
 @click.option("--cold", help="Cold storage path (where the models are; never written).")
 @click.option(
@@ -178,9 +191,7 @@ def install(
       slctl install --yes --cold /mnt/nfs/ollama --pool-size 200G
       slctl install --root /tmp/stage --yes      # stage the files, touch nothing else
     """
-    root = root.resolve()
-    if root == Path("/") and os.geteuid() != 0:
-        raise CliError("run as root: slctl install writes to /etc and /usr", Exit.NOT_AUTHORIZED)
+    root = _require_root_for(root, "install")
     if not yes and not sys.stdin.isatty():
         raise CliError("no terminal to ask on: pass --yes (and --cold, --pool-size...)", Exit.USAGE)
     src = data_dir()
@@ -246,13 +257,7 @@ def install(
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/"),
-    show_default=True,
-    help="Uninstall from below this directory instead of /.",
-)
+@_root_option("Uninstall")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--purge", is_flag=True, help="Also remove the configuration and the group.")
 def uninstall(root: Path, yes: bool, purge: bool) -> None:
@@ -263,11 +268,7 @@ def uninstall(root: Path, yes: bool, purge: bool) -> None:
     Example:
       slctl uninstall --yes
     """
-    root = root.resolve()
-    if root == Path("/") and os.geteuid() != 0:
-        raise CliError(
-            "run as root: slctl uninstall removes files from /etc and /usr", Exit.NOT_AUTHORIZED
-        )
+    root = _require_root_for(root, "uninstall")
     if not yes:
         if not sys.stdin.isatty():
             raise CliError("no terminal to ask on: pass --yes", Exit.USAGE)

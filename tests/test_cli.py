@@ -308,19 +308,26 @@ def run_on_tty(dl, args: list[str], on_output) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
 
 
-def test_progress_bar_then_ctrl_c_cancels(daemon_factory):
-    dl = daemon_factory(big=1024 * MiB)
-    dl.start()
+def ctrl_c_then(answer: bytes):
+    """An on_output for run_on_tty: once the progress line shows, press Ctrl-C (SIGINT to
+    the process, as the terminal would) and give ``answer`` to the cancel-or-detach prompt."""
     sent = {"int": False, "answer": False}
 
     def on_output(text: str, fd: int, pid: int) -> None:
         if not sent["int"] and "%" in text and "ETA" in text:
             sent["int"] = True
-            os.kill(pid, signal.SIGINT)  # what Ctrl-C does
+            os.kill(pid, signal.SIGINT)
         if sent["int"] and not sent["answer"] and "[c]ancel" in text:
             sent["answer"] = True
-            os.write(fd, b"c\n")
+            os.write(fd, answer)
 
+    return on_output, sent
+
+
+def test_progress_bar_then_ctrl_c_cancels(daemon_factory):
+    dl = daemon_factory(big=1024 * MiB)
+    dl.start()
+    on_output, sent = ctrl_c_then(b"c\n")
     code, out = run_on_tty(dl, ["promote", dl.big], on_output)
     assert sent["int"] and sent["answer"], out
     assert "cancel" in out.lower() and code == 1, (code, out)
@@ -332,18 +339,9 @@ def test_progress_bar_then_ctrl_c_cancels(daemon_factory):
 def test_ctrl_c_detach_lets_the_job_finish(daemon_factory):
     dl = daemon_factory(big=1024 * MiB)
     dl.start()
-    sent = {"int": False, "answer": False}
-
-    def on_output(text: str, fd: int, pid: int) -> None:
-        if not sent["int"] and "%" in text and "ETA" in text:
-            sent["int"] = True
-            os.kill(pid, signal.SIGINT)
-        if sent["int"] and not sent["answer"] and "[c]ancel" in text:
-            sent["answer"] = True
-            os.write(fd, b"d\n")
-
+    on_output, sent = ctrl_c_then(b"d\n")
     code, out = run_on_tty(dl, ["promote", dl.big], on_output)
-    assert code == 130 and "detached from job" in out, (code, out)
+    assert sent["answer"] and code == 130 and "detached from job" in out, (code, out)
     r = slctl(dl, "jobs", "watch", "--until-idle")
     assert r.returncode == 0
     data = json.loads(slctl(dl, "status", "--json").stdout)
