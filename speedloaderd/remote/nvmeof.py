@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
 from ..errors import InvalidArgument
-from .plan import Command, DetachLoop, Plan, Ref, Step, WaitForNamespace, write
+from .plan import Action, Command, DetachLoop, Plan, Ref, Step, WaitForNamespace, cmd, write
 from .values import (
     FabricAddress,
     SshTarget,
@@ -111,7 +111,7 @@ def spec_from_config(
 
 
 def _test(*args: str) -> Command:
-    return Command(("test", *args))
+    return cmd("test", *args)
 
 
 def export_steps(spec: RemotePoolSpec) -> list[Step]:
@@ -124,40 +124,45 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
     port = f"{NVMET}/ports/{spec.port_id}"
     link = f"{port}/subsystems/{spec.subsystem_nqn}"
     d, f = spec.ram_dir, spec.backing_file
+    tmpfs_options = f"size={spec.size + TMPFS_SLACK},mode=0700,nosuid,nodev,noexec"
 
-    def r(name: str, do, undo=None, undo_if=None, capture=None) -> Step:  # noqa: ANN001
+    def r(
+        name: str,
+        do: Action,
+        undo: Action | None = None,
+        undo_if: Command | None = None,
+        capture: str | None = None,
+    ) -> Step:
         return Step(name, "remote", do, undo, undo_if, capture)
 
+    # fmt: off
     return [
-        r("load nvmet", Command(("modprobe", "-a", "nvmet", f"nvmet-{tr}"))),
-        r("create RAM directory", Command(("mkdir", "-p", d)),
-          Command(("rmdir", d)), _test("-d", d)),
+        r("load nvmet", cmd("modprobe", "-a", "nvmet", f"nvmet-{tr}")),
+        r("create RAM directory", cmd("mkdir", "-p", d), cmd("rmdir", d), _test("-d", d)),
         r("mount RAM tmpfs",
-          Command(("mount", "-t", "tmpfs", "-o",
-                   f"size={spec.size + TMPFS_SLACK},mode=0700,nosuid,nodev,noexec",
-                   f"speedloader-nvmeof-{spec.pool}", d)),
-          Command(("umount", d)), Command(("mountpoint", "-q", d))),
-        r("allocate RAM", Command(("fallocate", "--length", str(spec.size), f)),
-          Command(("rm", "-f", f)), _test("-e", f)),
-        r("attach loop device", Command(("losetup", "--find", "--show", f)),
+          cmd("mount", "-t", "tmpfs", "-o", tmpfs_options, f"speedloader-nvmeof-{spec.pool}", d),
+          cmd("umount", d), cmd("mountpoint", "-q", d)),
+        r("allocate RAM", cmd("fallocate", "--length", str(spec.size), f),
+          cmd("rm", "-f", f), _test("-e", f)),
+        r("attach loop device", cmd("losetup", "--find", "--show", f),
           DetachLoop(f), capture="loopdev"),
-        r("create subsystem", Command(("mkdir", sub)), Command(("rmdir", sub)), _test("-d", sub)),
+        r("create subsystem", cmd("mkdir", sub), cmd("rmdir", sub), _test("-d", sub)),
         r("refuse unknown hosts", write(f"{sub}/attr_allow_any_host", "0")),
-        r("create host entry", Command(("mkdir", "-p", host)),
-          Command(("rmdir", host)), _test("-d", host)),
-        r("allow this host", Command(("ln", "-s", host, allowed)),
-          Command(("rm", allowed)), _test("-L", allowed)),
-        r("create namespace", Command(("mkdir", ns)), Command(("rmdir", ns)), _test("-d", ns)),
+        r("create host entry", cmd("mkdir", "-p", host), cmd("rmdir", host), _test("-d", host)),
+        r("allow this host", cmd("ln", "-s", host, allowed),
+          cmd("rm", allowed), _test("-L", allowed)),
+        r("create namespace", cmd("mkdir", ns), cmd("rmdir", ns), _test("-d", ns)),
         r("set namespace device", write(f"{ns}/device_path", Ref("loopdev"))),
         r("enable namespace", write(f"{ns}/enable", "1")),
-        r("create port", Command(("mkdir", port)), Command(("rmdir", port)), _test("-d", port)),
+        r("create port", cmd("mkdir", port), cmd("rmdir", port), _test("-d", port)),
         r("set port transport", write(f"{port}/addr_trtype", tr)),
         r("set port address family", write(f"{port}/addr_adrfam", spec.fabric.adrfam)),
         r("set port address", write(f"{port}/addr_traddr", spec.fabric.traddr)),
         r("set port service", write(f"{port}/addr_trsvcid", str(spec.fabric.trsvcid))),
-        r("export subsystem on port", Command(("ln", "-s", sub, link)),
-          Command(("rm", link)), _test("-L", link)),
+        r("export subsystem on port", cmd("ln", "-s", sub, link), cmd("rm", link),
+          _test("-L", link)),
     ]
+    # fmt: on
 
 
 def attach_steps(spec: RemotePoolSpec) -> list[Step]:
@@ -165,25 +170,33 @@ def attach_steps(spec: RemotePoolSpec) -> list[Step]:
     tr = spec.fabric.transport.value
     nqn = spec.subsystem_nqn
     path = spec.mount_path
+    fabric = spec.fabric
 
-    def loc(name: str, do, undo=None, undo_if=None, capture=None) -> Step:  # noqa: ANN001
+    def loc(
+        name: str,
+        do: Action,
+        undo: Action | None = None,
+        undo_if: Command | None = None,
+        capture: str | None = None,
+    ) -> Step:
         return Step(name, "local", do, undo, undo_if, capture)
 
+    # fmt: off
     return [
-        loc("load nvme host driver", Command(("modprobe", f"nvme-{tr}"))),
+        loc("load nvme host driver", cmd("modprobe", f"nvme-{tr}")),
         loc("connect",
-            Command(("nvme", "connect", "--transport", tr, "--traddr", spec.fabric.traddr,
-                     "--trsvcid", str(spec.fabric.trsvcid), "--nqn", nqn,
-                     "--hostnqn", spec.host_nqn)),
-            Command(("nvme", "disconnect", "--nqn", nqn))),
+            cmd("nvme", "connect", "--transport", tr, "--traddr", fabric.traddr,
+                "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn),
+            cmd("nvme", "disconnect", "--nqn", nqn)),
         loc("wait for block device", WaitForNamespace(nqn), capture="blockdev"),
         loc("create filesystem",
-            Command(("mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-                     "lazy_itable_init=0,lazy_journal_init=0", Ref("blockdev")))),
-        loc("create mount point", Command(("mkdir", "-p", path))),
-        loc("mount", Command(("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, Ref("blockdev"), path)),
-            Command(("umount", path)), Command(("mountpoint", "-q", path))),
+            cmd("mkfs.ext4", "-q", "-F", "-m", "0",
+                "-E", "lazy_itable_init=0,lazy_journal_init=0", Ref("blockdev"))),
+        loc("create mount point", cmd("mkdir", "-p", path)),
+        loc("mount", cmd("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, Ref("blockdev"), path),
+            cmd("umount", path), cmd("mountpoint", "-q", path)),
     ]
+    # fmt: on
 
 
 def connect_plan(spec: RemotePoolSpec) -> Plan:

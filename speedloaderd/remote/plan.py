@@ -102,6 +102,11 @@ class Command:
         return r.stdout.strip()
 
 
+def cmd(*argv: Arg) -> Command:
+    """``cmd("mkdir", "-p", path)``: a Command from its argv."""
+    return Command(tuple(argv))
+
+
 def write(path: str, value: Arg) -> Command:
     """Write a configfs attribute without a shell: ``tee path`` with the value on stdin."""
     return Command(("tee", path), stdin=value)
@@ -118,8 +123,15 @@ class DetachLoop:
         return f"{q} | losetup --detach <each>"
 
     def query(self) -> tuple[str, ...]:
-        return ("losetup", "--list", "--noheadings", "--output", "NAME", "--associated",
-                self.backing)
+        return (
+            "losetup",
+            "--list",
+            "--noheadings",
+            "--output",
+            "NAME",
+            "--associated",
+            self.backing,
+        )
 
     def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
         devices = Command(self.query()).execute(runner, ctx, step).split()
@@ -240,8 +252,9 @@ def _run_step(step: Step, runners: Mapping[str, Runner], ctx: dict[str, str]) ->
     return True
 
 
-def execute(plan: Plan, runners: Mapping[str, Runner], on_step: StepHook | None = None
-            ) -> dict[str, str]:
+def execute(
+    plan: Plan, runners: Mapping[str, Runner], on_step: StepHook | None = None
+) -> dict[str, str]:
     """Run every step in order; on a failure undo the completed ones in reverse and raise.
 
     Returns the captured values (e.g. {"loopdev": "/dev/loop0", "blockdev": "/dev/nvme0n1"}).

@@ -81,8 +81,14 @@ class LocalRunner:
 
     def run(self, argv: Sequence[str], stdin: str | None = None) -> Completed:
         try:
-            r = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                               timeout=self.timeout, check=False)
+            r = subprocess.run(
+                list(argv),
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+            )
         except FileNotFoundError:
             return Completed(127, "", f"{argv[0]}: command not found")
         return Completed(r.returncode, r.stdout, r.stderr)
@@ -122,10 +128,14 @@ class SshRunner:
         self._client.set_missing_host_key_policy(_Refuse(files))
         try:
             self._client.connect(
-                target.host, port=target.port, username=target.user,
+                target.host,
+                port=target.port,
+                username=target.user,
                 key_filename=str(key_path) if key_path else None,
-                look_for_keys=key_path is None, allow_agent=False,
-                timeout=connect_timeout, banner_timeout=connect_timeout,
+                look_for_keys=key_path is None,
+                allow_agent=False,
+                timeout=connect_timeout,
+                banner_timeout=connect_timeout,
                 auth_timeout=connect_timeout,
             )
         except HostKeyError:
