@@ -21,7 +21,19 @@ from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
 from ..errors import InvalidArgument
-from .plan import Action, Command, DetachLoop, Plan, Ref, Step, WaitForNamespace, cmd, write
+from .plan import (
+    Action,
+    Command,
+    DetachLoop,
+    Disconnect,
+    Plan,
+    Ref,
+    RemoveIfUnused,
+    Step,
+    WaitForNamespace,
+    cmd,
+    write,
+)
 from .values import (
     FabricAddress,
     SshTarget,
@@ -39,6 +51,7 @@ RAM_ROOT = "/run/speedloader/nvmeof"
 TMPFS_SLACK = 1 << 20  # room for the backing file's inode and tmpfs rounding
 NSID = "1"
 MOUNT_OPTIONS = "nosuid,nodev,noatime"
+DEVICE_TIMEOUT = 60.0  # nvme connect returns before the namespace scan has made the disk
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,7 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
 
     # fmt: off
     return [
-        r("load nvmet", cmd("modprobe", "-a", "nvmet", f"nvmet-{tr}")),
+        r("load modules", cmd("modprobe", "-a", "loop", "nvmet", f"nvmet-{tr}")),
         r("create RAM directory", cmd("mkdir", "-p", d), cmd("rmdir", d), _test("-d", d)),
         r("mount RAM tmpfs",
           cmd("mount", "-t", "tmpfs", "-o", tmpfs_options, f"speedloader-nvmeof-{spec.pool}", d),
@@ -148,7 +161,7 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
           DetachLoop(f), capture="loopdev"),
         r("create subsystem", cmd("mkdir", sub), cmd("rmdir", sub), _test("-d", sub)),
         r("refuse unknown hosts", write(f"{sub}/attr_allow_any_host", "0")),
-        r("create host entry", cmd("mkdir", "-p", host), cmd("rmdir", host), _test("-d", host)),
+        r("create host entry", cmd("mkdir", "-p", host), RemoveIfUnused(host), _test("-d", host)),
         r("allow this host", cmd("ln", "-s", host, allowed),
           cmd("rm", allowed), _test("-L", allowed)),
         r("create namespace", cmd("mkdir", ns), cmd("rmdir", ns), _test("-d", ns)),
@@ -165,7 +178,7 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
     # fmt: on
 
 
-def attach_steps(spec: RemotePoolSpec) -> list[Step]:
+def attach_steps(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> list[Step]:
     """This machine: connect, find the block device, make a filesystem, mount it."""
     tr = spec.fabric.transport.value
     nqn = spec.subsystem_nqn
@@ -187,8 +200,8 @@ def attach_steps(spec: RemotePoolSpec) -> list[Step]:
         loc("connect",
             cmd("nvme", "connect", "--transport", tr, "--traddr", fabric.traddr,
                 "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn),
-            cmd("nvme", "disconnect", "--nqn", nqn)),
-        loc("wait for block device", WaitForNamespace(nqn), capture="blockdev"),
+            Disconnect(nqn)),
+        loc("wait for block device", WaitForNamespace(nqn, wait_timeout), capture="blockdev"),
         loc("create filesystem",
             cmd("mkfs.ext4", "-q", "-F", "-m", "0",
                 "-E", "lazy_itable_init=0,lazy_journal_init=0", Ref("blockdev"))),
@@ -199,10 +212,10 @@ def attach_steps(spec: RemotePoolSpec) -> list[Step]:
     # fmt: on
 
 
-def connect_plan(spec: RemotePoolSpec) -> Plan:
+def connect_plan(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> Plan:
     return Plan(
         f"connect pool {spec.pool!r} ({spec.fabric.transport.value} to {spec.ssh.host})",
-        tuple(export_steps(spec) + attach_steps(spec)),
+        tuple(export_steps(spec) + attach_steps(spec, wait_timeout)),
     )
 
 

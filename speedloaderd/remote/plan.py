@@ -172,7 +172,49 @@ class WaitForNamespace:
             time.sleep(self.interval)
 
 
-Action = Command | DetachLoop | WaitForNamespace
+@dataclass(frozen=True)
+class Disconnect:
+    """``nvme disconnect --nqn`` if a controller of ``nqn`` exists (nvme-cli fails otherwise)."""
+
+    nqn: str
+
+    def argv(self) -> tuple[str, ...]:
+        return ("nvme", "disconnect", "--nqn", self.nqn)
+
+    def show(self) -> str:
+        return f"{_show(self.argv())}  (if /sys/class/nvme/*/subsysnqn lists it)"
+
+    def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
+        from .sysfs import controllers_of
+
+        if not controllers_of(runner, self.nqn):
+            return ""
+        return Command(self.argv()).execute(runner, ctx, step)
+
+
+@dataclass(frozen=True)
+class RemoveIfUnused:
+    """``rmdir`` a configfs item other pools may still use: EBUSY/ENOTEMPTY is success.
+
+    configfs refuses to remove a host entry that a subsystem links to (EBUSY) and a port
+    with subsystems linked into it (ENOTEMPTY), so "in use" needs no bookkeeping here.
+    """
+
+    path: str
+
+    def show(self) -> str:
+        return f"rmdir {shlex.quote(self.path)}  (kept while another pool uses it)"
+
+    def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
+        r = runner.run(("rmdir", self.path))
+        err = r.stderr.lower()
+        if r.returncode == 0 or "busy" in err or "not empty" in err:
+            return ""
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise StepFailed(f"{runner.name}: {step}: `rmdir {shlex.quote(self.path)}` failed: {why}")
+
+
+Action = Command | DetachLoop | WaitForNamespace | Disconnect | RemoveIfUnused
 
 
 @dataclass(frozen=True)
