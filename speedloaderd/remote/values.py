@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import InvalidArgument
-from ..paths import check_pool_name
+from ..paths import check_pool_name as _check_pool_name
 
 __all__ = [
     "MAX_RAM_SIZE",
@@ -46,6 +46,17 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,62}")
+
+
+def check_pool_name(name: str) -> str:
+    """paths.check_pool_name, plus fullmatch: its ``$`` lets a trailing newline through."""
+    _check_pool_name(name)
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(f"{name!r} is not a valid pool name (it ends with a newline)")
+    return name
 
 
 class Transport(str, Enum):
@@ -103,7 +114,7 @@ def fabric_address(transport: str, ip: str, port: int) -> FabricAddress:
     if not isinstance(ip, str) or "%" in ip:
         raise InvalidArgument(f"{ip!r} is not an IP address (scoped addresses are not supported)")
     try:
-        addr = ipaddress.ip_address(ip.strip())
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         raise InvalidArgument(f"{ip!r} is not an IP address") from None
     if addr.is_unspecified or addr.is_multicast:
