@@ -191,6 +191,12 @@ class SshRunner:
             self._sftp = self._client.open_sftp()
         return self._sftp
 
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a file on the remote host over SFTP (no shell involved)."""
+        with self._sftp_client().open(path, "wb") as f:
+            f.set_pipelined(True)
+            f.write(data)
+
     def read_text(self, path: str) -> str | None:
         try:
             with self._sftp_client().open(path, "r") as f:

@@ -162,8 +162,16 @@ class Pair:
     guests: list[Guest] = field(default_factory=list)
 
 
-def _qemu_argv(cache: Path, initrd: Path, name: str, index: int, ssh_port: int,
-               link_local: int, link_peer: int, console: Path) -> list[str]:
+def _qemu_argv(
+    cache: Path,
+    initrd: Path,
+    name: str,
+    index: int,
+    ssh_port: int,
+    link_local: int,
+    link_peer: int,
+    console: Path,
+) -> list[str]:
     append = f"console=ttyS0 panic=-1 quiet loglevel=4 sl.name={name} sl.ip1={FABRIC[name]}/24"
     return [
         "qemu-system-x86_64",
@@ -207,8 +215,10 @@ def booted_pair(work: Path) -> Iterator[Pair]:
             argv = _qemu_argv(cache, initrd, name, index, ports[name], links[name], links[peer],
                               console)  # fmt: skip
             with open(work / f"{name}.qemu.log", "wb") as log:
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                proc = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )  # fmt: skip
             guests.append(Guest(name, ports[name], console, proc))
         (work / "known_hosts").write_text("".join(known))
         deadline = started + BOOT_TIMEOUT
