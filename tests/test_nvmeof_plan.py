@@ -18,6 +18,7 @@ from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     connect_plan,
     disconnect_plan,
+    grow_plan,
     spec_from_config,
 )
 from speedloaderd.remote.plan import (
@@ -514,3 +515,39 @@ def test_find_namespace_device_waits_for_a_non_empty_disk():
     assert find_namespace_device(RecordingRunner("local", [], files=files), SUB) is None
     del files["/sys/class/block/nvme0n1/size"]
     assert find_namespace_device(RecordingRunner("local", [], files=files), SUB) is None
+
+
+# --------------------------------------------------------------------------- grow
+
+
+def test_grow_plan_grows_every_layer_in_place():
+    plan = grow_plan(make_spec(), 128 * MiB, wait_timeout=0)
+    assert [(s.host, s.do.show()) for s in plan.steps] == [
+        ("remote", f"mount -o remount,size={129 * MiB} {D}"),
+        ("remote", f"fallocate --length {128 * MiB} {D}/ram"),
+        ("remote", f"losetup --list --noheadings --output NAME --associated {D}/ram"),
+        ("remote", "losetup --set-capacity {loopdev}"),
+        ("remote", f"tee {S}/namespaces/1/revalidate_size <<< 1"),
+        ("local", f"wait until the block device of {SUB} has {128 * MiB} bytes"),
+        ("local", "resize2fs {blockdev}"),
+    ]
+    assert all(s.undo is None for s in plan.steps)  # forward only: see grow_plan's doc
+
+
+def test_grow_waits_for_the_new_capacity_before_resizing_the_filesystem():
+    log: list = []
+    runners = make_runners(log)  # the disk still shows its old 64 MiB
+    with pytest.raises(PlanFailed) as exc:
+        execute(grow_plan(make_spec(), 128 * MiB, wait_timeout=0), runners)
+    assert exc.value.step.name == "wait for the new capacity"
+    assert not [argv for _, argv, _ in log if argv[0] == "resize2fs"]
+    runners["local"].files["/sys/class/block/nvme0n1/size"] = str(128 * MiB // 512)
+    log.clear()
+    execute(grow_plan(make_spec(), 128 * MiB, wait_timeout=0), runners)
+    assert show(*log[-1]) == ("local", "resize2fs /dev/nvme0n1")
+
+
+@pytest.mark.parametrize("size", [32 * MiB, 64 * MiB + 4096, 0])
+def test_grow_refuses_to_shrink_or_to_odd_sizes(size):
+    with pytest.raises(InvalidArgument):
+        grow_plan(make_spec(), size)

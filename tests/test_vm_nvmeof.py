@@ -26,6 +26,7 @@ from speedloaderd.remote.nvmeof import (
     connect_plan,
     disconnect_plan,
     export_steps,
+    grow_plan,
 )
 from speedloaderd.remote.plan import Plan, PlanFailed, execute, execute_teardown
 from speedloaderd.remote.runners import HostKeyError, SshRunner
@@ -201,6 +202,32 @@ def test_tcp_cycle_connect_write_verify_disconnect(request, runners):
 
 def test_rdma_cycle_over_soft_roce(request, runners, rxe):
     _cycle(request, runners, "rdma")
+
+
+def _fs_bytes(runner: SshRunner, path: str) -> int:
+    blocks, size = runner.run(["stat", "-f", "-c", "%b %S", path]).stdout.split()
+    return int(blocks) * int(size)
+
+
+def test_grow_keeps_the_pool_mounted_and_its_files(request, runners):
+    spec = _spec(runners, "tcp")
+    local = runners["local"]
+    payload = os.urandom(PAYLOAD)
+    try:
+        execute(connect_plan(spec), runners)
+        local.write_bytes(f"{POOL_PATH}/model.bin", payload)
+        before = _fs_bytes(local, POOL_PATH)
+        t0 = time.monotonic()
+        execute(grow_plan(spec, 2 * RAM_SIZE), runners)
+        _report(request, f"grow {RAM_SIZE >> 20} -> {2 * RAM_SIZE >> 20} MiB online: "
+                         f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+        after = _fs_bytes(local, POOL_PATH)
+        assert before < RAM_SIZE < after <= 2 * RAM_SIZE
+        r = local.run(["sha256sum", f"{POOL_PATH}/model.bin"])
+        assert r.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    finally:
+        execute_teardown(disconnect_plan(spec), runners)
+    assert leftovers(runners) == []
 
 
 def test_second_disconnect_is_harmless(runners):

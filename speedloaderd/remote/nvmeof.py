@@ -219,6 +219,41 @@ def connect_plan(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> 
     )
 
 
+def grow_plan(spec: RemotePoolSpec, new_size: int, wait_timeout: float = DEVICE_TIMEOUT) -> Plan:
+    """Grow a connected pool to ``new_size`` bytes, online, keeping its files.
+
+    Every layer grows in place: tmpfs limit, RAM file, loop device, nvmet namespace (which
+    tells the host with an async event), then ext4 online. Forward only and each step
+    idempotent: after a failure the pool still works at its old size and running the plan
+    again finishes the job, so there are no undos. Shrinking is refused: ext4 cannot
+    shrink while mounted, and the RAM behind live blocks cannot be taken away.
+    """
+    new_size = check_ram_size(new_size)
+    if new_size < spec.size:
+        raise InvalidArgument(
+            f"pool {spec.pool!r} cannot shrink from {spec.size} to {new_size} bytes while "
+            "connected; demote its models, disconnect it and connect it with the new size"
+        )
+    d, f = spec.ram_dir, spec.backing_file
+    ns = f"{NVMET}/subsystems/{spec.subsystem_nqn}/namespaces/{NSID}"
+    tmpfs_options = f"remount,size={new_size + TMPFS_SLACK}"
+    query = ("losetup", "--list", "--noheadings", "--output", "NAME", "--associated", f)
+    # fmt: off
+    steps = [
+        Step("grow RAM tmpfs", "remote", cmd("mount", "-o", tmpfs_options, d)),
+        Step("grow RAM file", "remote", cmd("fallocate", "--length", str(new_size), f)),
+        Step("find loop device", "remote", cmd(*query), capture="loopdev"),
+        Step("grow loop device", "remote", cmd("losetup", "--set-capacity", Ref("loopdev"))),
+        Step("grow namespace", "remote", write(f"{ns}/revalidate_size", "1")),
+        Step("wait for the new capacity", "local",
+             WaitForNamespace(spec.subsystem_nqn, wait_timeout, min_bytes=new_size),
+             capture="blockdev"),
+        Step("grow filesystem", "local", cmd("resize2fs", Ref("blockdev"))),
+    ]
+    # fmt: on
+    return Plan(f"grow pool {spec.pool!r} to {new_size} bytes", tuple(steps))
+
+
 def disconnect_plan(spec: RemotePoolSpec) -> Plan:
     """Undo everything connect does (or the part of it that exists), last step first."""
     return connect_plan(spec).teardown(
@@ -234,5 +269,6 @@ __all__ = [
     "connect_plan",
     "disconnect_plan",
     "export_steps",
+    "grow_plan",
     "spec_from_config",
 ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ..errors import Failed
+from .sysfs import controllers_of, find_namespace_device
 
 log = logging.getLogger(__name__)
 
@@ -151,23 +152,25 @@ class WaitForNamespace:
 
     nqn: str
     timeout: float = 60.0
+    min_bytes: int = 1  # after a grow: wait until the new capacity shows
     interval: float = 0.2
 
     def show(self) -> str:
+        if self.min_bytes > 1:
+            return f"wait until the block device of {self.nqn} has {self.min_bytes} bytes"
         return f"wait for the block device of {self.nqn} (/sys/class/nvme/*/subsysnqn)"
 
     def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
-        from .sysfs import find_namespace_device
-
         deadline = time.monotonic() + self.timeout
         while True:
-            dev = find_namespace_device(runner, self.nqn)
+            dev = find_namespace_device(runner, self.nqn, self.min_bytes)
             if dev is not None:
                 return dev
             if time.monotonic() > deadline:
+                what = "appeared" if self.min_bytes <= 1 else f"reached {self.min_bytes} bytes"
                 raise StepFailed(
-                    f"{runner.name}: {step}: no block device for {self.nqn} appeared "
-                    f"within {self.timeout:.0f} s of connecting"
+                    f"{runner.name}: {step}: no block device for {self.nqn} {what} "
+                    f"within {self.timeout:.0f} s"
                 )
             time.sleep(self.interval)
 
@@ -185,8 +188,6 @@ class Disconnect:
         return f"{_show(self.argv())}  (if /sys/class/nvme/*/subsysnqn lists it)"
 
     def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
-        from .sysfs import controllers_of
-
         if not controllers_of(runner, self.nqn):
             return ""
         return Command(self.argv()).execute(runner, ctx, step)

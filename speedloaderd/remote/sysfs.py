@@ -39,14 +39,17 @@ def controllers_of(runner: Runner, nqn: str) -> list[str]:
     return found
 
 
-def find_namespace_device(runner: Runner, nqn: str) -> str | None:
-    """``/dev/nvmeXnY`` of the first namespace of ``nqn`` with a non-empty block device."""
+SECTOR = 512  # /sys/class/block/*/size counts 512-byte sectors, whatever the LBA size
+
+
+def find_namespace_device(runner: Runner, nqn: str, min_bytes: int = 1) -> str | None:
+    """``/dev/nvmeXnY`` of the first namespace of ``nqn`` of at least ``min_bytes``."""
     for ctrl in controllers_of(runner, nqn):
         for entry in sorted(runner.listdir(f"{SYS_NVME}/{ctrl}")):
             name = block_name(entry)
             if name is None:
                 continue
             size = runner.read_text(f"{SYS_BLOCK}/{name}/size")
-            if size is not None and size.strip().isdigit() and int(size) > 0:
+            if size is not None and size.strip().isdigit() and int(size) * SECTOR >= min_bytes:
                 return f"/dev/{name}"
     return None
