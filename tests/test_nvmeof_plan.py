@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from speedloaderd.config import RemoteHostConfig
-from speedloaderd.errors import InvalidArgument
+from speedloaderd.errors import Failed, InvalidArgument
 from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     connect_plan,
@@ -32,6 +32,7 @@ from speedloaderd.remote.plan import (
     execute,
     execute_teardown,
 )
+from speedloaderd.remote.pool import local_identity
 from speedloaderd.remote.sysfs import block_name, find_namespace_device
 from speedloaderd.remote.values import (
     check_nqn,
@@ -551,3 +552,23 @@ def test_grow_waits_for_the_new_capacity_before_resizing_the_filesystem():
 def test_grow_refuses_to_shrink_or_to_odd_sizes(size):
     with pytest.raises(InvalidArgument):
         grow_plan(make_spec(), size)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_local_identity_reads_hostname_and_host_nqn():
+    files = {"/proc/sys/kernel/hostname": "gpu1.lab.example\n", "/etc/nvme/hostnqn": HOSTNQN + "\n"}
+    assert local_identity(RecordingRunner("local", [], files=files)) == ("gpu1", HOSTNQN)
+
+
+def test_local_identity_without_host_nqn_says_how_to_make_one():
+    files = {"/proc/sys/kernel/hostname": "gpu1\n"}
+    with pytest.raises(Failed, match="nvme gen-hostnqn"):
+        local_identity(RecordingRunner("local", [], files=files))
+
+
+def test_local_identity_refuses_a_hostile_host_nqn():
+    files = {"/proc/sys/kernel/hostname": "gpu1\n", "/etc/nvme/hostnqn": "nqn.2014-08.x:a b\n"}
+    with pytest.raises(InvalidArgument):
+        local_identity(RecordingRunner("local", [], files=files))

@@ -11,6 +11,7 @@ are skipped with a banner saying why; with SPEEDLOADER_VM_REQUIRED=1 (CI) they f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from speedloaderd.config import RemoteHostConfig
 from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     attach_steps,
@@ -29,6 +31,7 @@ from speedloaderd.remote.nvmeof import (
     grow_plan,
 )
 from speedloaderd.remote.plan import Plan, PlanFailed, execute, execute_teardown
+from speedloaderd.remote.pool import RemotePoolLink
 from speedloaderd.remote.runners import HostKeyError, SshRunner
 from speedloaderd.remote.sysfs import controllers_of
 from speedloaderd.remote.values import SshTarget, fabric_address
@@ -141,23 +144,39 @@ def rxe(runners) -> Iterator[None]:
         r.run(["rdma", "link", "delete", "rxe0"])
 
 
-def _cycle(request, runners, transport: str) -> None:
+def _cycle(request, pair: Pair, runners, transport: str) -> None:
+    """Through RemotePoolLink, from a remoteTiers entry, as the engine will do it."""
     assert leftovers(runners) == [], "the guests are not clean before the test"
-    spec = _spec(runners, transport)
+    cfg = RemoteHostConfig.model_validate(
+        {
+            "ssh": f"root@127.0.0.1:{pair.remote.ssh_port}",  # the hostfwd to the remote guest
+            "rdmaIp": FABRIC["remote"],
+            "ramdiskSize": RAM_SIZE,
+            "transport": transport,
+            "path": POOL_PATH,
+        }
+    )
     marker = f"SPEEDLOADER-VM-MARKER-{transport}-{os.urandom(16).hex()}"
     # on a line of its own: busybox grep compares lines as C strings (stops at a NUL)
     payload = b"\n" + marker.encode() + b"\n" + os.urandom(PAYLOAD)
+    steps: list[str] = []
 
     t0 = time.monotonic()
-    try:
-        t_connect, t_use = _use_pool(spec, runners, payload, marker)
-    except BaseException:
-        with contextlib.suppress(Exception):  # leave clean guests to the next test
-            execute_teardown(disconnect_plan(spec), runners)
-        raise
-    execute_teardown(disconnect_plan(spec), runners)
+    with RemotePoolLink(
+        "vmpool", cfg, pair.client_key, local=runners["local"], known_hosts=[pair.known_hosts]
+    ) as link:
+        # the same spec the other tests build by hand: the guest's identity, the fabric IP
+        assert link.spec == dataclasses.replace(_spec(runners, transport), ssh=link.spec.ssh)
+        try:
+            t_connect, t_use = _use_pool(link, payload, marker, steps)
+        except BaseException:
+            with contextlib.suppress(Exception):  # leave clean guests to the next test
+                link.disconnect()
+            raise
+        link.disconnect()
     t_total = time.monotonic() - t0
     assert leftovers(runners) == []
+    assert steps == [s.name for s in connect_plan(link.spec).steps]
     _report(
         request,
         f"{transport} cycle: connect {t_connect:.1f} s, write+verify {len(payload) >> 20} MiB "
@@ -165,11 +184,11 @@ def _cycle(request, runners, transport: str) -> None:
     )
 
 
-def _use_pool(spec: RemotePoolSpec, runners, payload: bytes, marker: str) -> tuple[float, float]:
-    remote, local = runners["remote"], runners["local"]
+def _use_pool(link: RemotePoolLink, payload: bytes, marker: str, steps: list[str]):
+    remote, local, spec = link.remote, link.local, link.spec
     digest = hashlib.sha256(payload).hexdigest()
     t0 = time.monotonic()
-    ctx = execute(connect_plan(spec), runners)
+    ctx = link.connect(on_step=lambda i, n, step: steps.append(step.name))
     t_connect = time.monotonic() - t0
     assert ctx["blockdev"].startswith("/dev/nvme")
     assert ctx["loopdev"].startswith("/dev/loop")
@@ -196,12 +215,12 @@ def _use_pool(spec: RemotePoolSpec, runners, payload: bytes, marker: str) -> tup
     return t_connect, time.monotonic() - t0 - t_connect
 
 
-def test_tcp_cycle_connect_write_verify_disconnect(request, runners):
-    _cycle(request, runners, "tcp")
+def test_tcp_cycle_connect_write_verify_disconnect(request, pair, runners):
+    _cycle(request, pair, runners, "tcp")
 
 
-def test_rdma_cycle_over_soft_roce(request, runners, rxe):
-    _cycle(request, runners, "rdma")
+def test_rdma_cycle_over_soft_roce(request, pair, runners, rxe):
+    _cycle(request, pair, runners, "rdma")
 
 
 def _fs_bytes(runner: SshRunner, path: str) -> int:
