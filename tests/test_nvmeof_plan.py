@@ -24,6 +24,7 @@ from speedloaderd.remote.nvmeof import (
 from speedloaderd.remote.plan import (
     Command,
     Completed,
+    ControllerAttr,
     Plan,
     PlanFailed,
     Ref,
@@ -88,8 +89,9 @@ def expected_connect(tr: str) -> list[tuple[str, str]]:
         ("remote", f"ln -s {S} {P}/subsystems/{SUB}"),
         ("local", f"modprobe nvme-{tr}"),
         ("local", f"nvme connect --transport {tr} --traddr 10.0.0.7 --trsvcid 4420 "
-                  f"--nqn {SUB} --hostnqn {HOSTNQN}"),
+                  f"--nqn {SUB} --hostnqn {HOSTNQN} --ctrl-loss-tmo 600 --reconnect-delay 2"),
         ("local", f"wait for the block device of {SUB} (/sys/class/nvme/*/subsysnqn)"),
+        ("local", f"tee /sys/class/nvme/<each controller of {SUB}>/fast_io_fail_tmo <<< 5"),
         ("local", "mkfs.ext4 -q -F -m 0 -E lazy_itable_init=0,lazy_journal_init=0 {blockdev}"),
         ("local", "mkdir -p /mnt/pools/big"),
         ("local", "mount -t ext4 -o nosuid,nodev,noatime {blockdev} /mnt/pools/big"),
@@ -190,7 +192,12 @@ def test_connect_runs_the_resolved_commands_in_order(tr):
     ctx = execute(connect_plan(make_spec(tr)), make_runners(log))
     assert ctx == {"loopdev": "/dev/loop3", "blockdev": "/dev/nvme0n1"}
     resolved = [
-        (h, c.replace("{loopdev}", "/dev/loop3").replace("{blockdev}", "/dev/nvme0n1"))
+        (
+            h,
+            c.replace("{loopdev}", "/dev/loop3")
+            .replace("{blockdev}", "/dev/nvme0n1")
+            .replace(f"<each controller of {SUB}>", "nvme0"),
+        )
         for h, c in expected_connect(tr)
         if not c.startswith("wait for")  # reads sysfs, runs no command
     ]
@@ -262,6 +269,11 @@ def test_teardown_keeps_going_and_reports_every_failure():
 # --------------------------------------------------------------------------- rollback
 
 
+def runs_command(step: Step) -> bool:
+    """One command per do, with the recording runner's sysfs (one controller)."""
+    return isinstance(step.do, Command | ControllerAttr)
+
+
 def steps_with_undo_before(plan: Plan, k: int) -> list[Step]:
     return [s for s in plan.steps[:k] if s.undo is not None]
 
@@ -282,7 +294,7 @@ def test_failure_at_step_k_undoes_steps_before_k_in_reverse(tr, k):
     runners = make_runners(log, sysfs)
 
     def on_step(i: int, n: int, step: Step) -> None:
-        if i == k and isinstance(step.do, Command):  # the wait fails by itself (no disk)
+        if i == k and runs_command(step):  # the wait fails by itself (no disk)
             runners[step.host].arm()
 
     with pytest.raises(PlanFailed) as exc:
@@ -292,9 +304,7 @@ def test_failure_at_step_k_undoes_steps_before_k_in_reverse(tr, k):
     assert exc.value.rollback_errors == []
 
     # What ran: the do-commands of steps 0..k, then the rollback.
-    do_count = sum(1 for s in plan.steps[:k] if isinstance(s.do, Command)) + (
-        1 if isinstance(failing.do, Command) else 0
-    )
+    do_count = sum(1 for s in plan.steps[: k + 1] if runs_command(s))
     rollback = [show(*e) for e in log[do_count:]]
     expected: list[tuple[str, str]] = []
     for s in reversed(steps_with_undo_before(plan, k)):

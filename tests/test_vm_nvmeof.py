@@ -32,6 +32,7 @@ from speedloaderd.remote.nvmeof import (
 )
 from speedloaderd.remote.plan import Plan, PlanFailed, execute, execute_teardown
 from speedloaderd.remote.pool import RemotePoolLink
+from speedloaderd.remote.probe import Probe, probe
 from speedloaderd.remote.runners import HostKeyError, SshRunner
 from speedloaderd.remote.sysfs import controllers_of
 from speedloaderd.remote.values import SshTarget, fabric_address
@@ -244,6 +245,51 @@ def test_grow_keeps_the_pool_mounted_and_its_files(request, runners):
         assert before < RAM_SIZE < after <= 2 * RAM_SIZE
         r = local.run(["sha256sum", f"{POOL_PATH}/model.bin"])
         assert r.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    finally:
+        execute_teardown(disconnect_plan(spec), runners)
+    assert leftovers(runners) == []
+
+
+def _wait_until(what: str, predicate, timeout: float = 180.0) -> None:
+    """Poll a condition in the guest until it holds (there is no event to wait on over SSH)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_fabric_loss_fails_io_and_shows_in_the_probe_then_reconnect_restores(request, runners):
+    spec = _spec(runners, "tcp")
+    remote, local = runners["remote"], runners["local"]
+    payload = os.urandom(PAYLOAD)
+    digest = hashlib.sha256(payload).hexdigest()
+    model = f"{POOL_PATH}/model.bin"
+    try:
+        execute(connect_plan(spec), runners)
+        local.write_bytes(model, payload)
+        assert local.run(["sync"]).returncode == 0
+        assert probe(local, spec) == Probe(True, "", ("live",))
+        assert local.run(["tee", "/proc/sys/vm/drop_caches"], "3").returncode == 0
+
+        t0 = time.monotonic()
+        assert remote.run(["ip", "link", "set", "eth1", "down"]).returncode == 0
+        try:
+            r = local.run(["sha256sum", model])  # blocks until fast_io_fail_tmo, then EIO
+            t_fail = time.monotonic() - t0
+            assert r.returncode != 0 and "Input/output error" in r.stderr, r
+            lost = probe(local, spec)
+            assert not lost.usable
+            assert "lost its connection to 192.168.100.1" in lost.reason
+        finally:
+            assert remote.run(["ip", "link", "set", "eth1", "up"]).returncode == 0
+        t1 = time.monotonic()
+        _wait_until("the controller to reconnect", lambda: probe(local, spec).usable)
+        t_back = time.monotonic() - t1
+        r = local.run(["sha256sum", model])
+        assert r.returncode == 0 and r.stdout.split()[0] == digest
+        _report(request, f"fabric down: read failed after {t_fail:.1f} s; "
+                         f"link up: pool usable again after {t_back:.1f} s")  # fmt: skip
     finally:
         execute_teardown(disconnect_plan(spec), runners)
     assert leftovers(runners) == []

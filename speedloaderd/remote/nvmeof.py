@@ -24,6 +24,7 @@ from ..errors import InvalidArgument
 from .plan import (
     Action,
     Command,
+    ControllerAttr,
     DetachLoop,
     Disconnect,
     Plan,
@@ -52,6 +53,13 @@ TMPFS_SLACK = 1 << 20  # room for the backing file's inode and tmpfs rounding
 NSID = "1"
 MOUNT_OPTIONS = "nosuid,nodev,noatime"
 DEVICE_TIMEOUT = 60.0  # nvme connect returns before the namespace scan has made the disk
+# When the fabric or the remote host goes away the controller keeps reconnecting every
+# RECONNECT_DELAY s for CTRL_LOSS_TMO s, then is deleted. Meanwhile I/O fails after
+# FAST_IO_FAIL_TMO s instead of hanging (the kernel default is to queue it up to 600 s),
+# so a model load from a dead pool errors out and the daemon can fall back to cold storage.
+CTRL_LOSS_TMO = 600
+RECONNECT_DELAY = 2
+FAST_IO_FAIL_TMO = 5
 
 
 @dataclass(frozen=True)
@@ -199,9 +207,13 @@ def attach_steps(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> 
         loc("load nvme host driver", cmd("modprobe", f"nvme-{tr}")),
         loc("connect",
             cmd("nvme", "connect", "--transport", tr, "--traddr", fabric.traddr,
-                "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn),
+                "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn,
+                "--ctrl-loss-tmo", str(CTRL_LOSS_TMO),
+                "--reconnect-delay", str(RECONNECT_DELAY)),
             Disconnect(nqn)),
         loc("wait for block device", WaitForNamespace(nqn, wait_timeout), capture="blockdev"),
+        loc("fail I/O fast while reconnecting",
+            ControllerAttr(nqn, "fast_io_fail_tmo", str(FAST_IO_FAIL_TMO))),
         loc("create filesystem",
             cmd("mkfs.ext4", "-q", "-F", "-m", "0",
                 "-E", "lazy_itable_init=0,lazy_journal_init=0", Ref("blockdev"))),

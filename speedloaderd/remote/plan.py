@@ -194,6 +194,26 @@ class Disconnect:
 
 
 @dataclass(frozen=True)
+class ControllerAttr:
+    """Write a sysfs attribute of every controller of ``nqn`` (there is at least one)."""
+
+    nqn: str
+    attr: str
+    value: str
+
+    def show(self) -> str:
+        return f"tee /sys/class/nvme/<each controller of {self.nqn}>/{self.attr} <<< {self.value}"
+
+    def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
+        ctrls = controllers_of(runner, self.nqn)
+        if not ctrls:
+            raise StepFailed(f"{runner.name}: {step}: no controller of {self.nqn}")
+        for c in ctrls:
+            write(f"/sys/class/nvme/{c}/{self.attr}", self.value).execute(runner, ctx, step)
+        return " ".join(ctrls)
+
+
+@dataclass(frozen=True)
 class RemoveIfUnused:
     """``rmdir`` a configfs item other pools may still use: EBUSY/ENOTEMPTY is success.
 
@@ -215,7 +235,7 @@ class RemoveIfUnused:
         raise StepFailed(f"{runner.name}: {step}: `rmdir {shlex.quote(self.path)}` failed: {why}")
 
 
-Action = Command | DetachLoop | WaitForNamespace | Disconnect | RemoveIfUnused
+Action = Command | DetachLoop | WaitForNamespace | Disconnect | RemoveIfUnused | ControllerAttr
 
 
 @dataclass(frozen=True)
