@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 
 from ..errors import Failed
 from .sysfs import controllers_of, find_namespace_device
+from .uevents import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +162,24 @@ class WaitForNamespace:
         return f"wait for the block device of {self.nqn} (/sys/class/nvme/*/subsysnqn)"
 
     def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            dev = find_namespace_device(runner, self.nqn, self.min_bytes)
-            if dev is not None:
-                return dev
-            if time.monotonic() > deadline:
-                what = "appeared" if self.min_bytes <= 1 else f"reached {self.min_bytes} bytes"
-                raise StepFailed(
-                    f"{runner.name}: {step}: no block device for {self.nqn} {what} "
-                    f"within {self.timeout:.0f} s"
-                )
-            time.sleep(self.interval)
+        def check() -> str | None:
+            return find_namespace_device(runner, self.nqn, self.min_bytes)
+
+        if getattr(runner, "uevents", False):  # this machine: woken by kernel uevents
+            dev = wait_for(check, self.timeout)
+        else:  # another machine (over SSH): poll its sysfs
+            dev = check()
+            deadline = time.monotonic() + self.timeout
+            while dev is None and time.monotonic() < deadline:
+                time.sleep(self.interval)
+                dev = check()
+        if dev is None:
+            what = "appeared" if self.min_bytes <= 1 else f"reached {self.min_bytes} bytes"
+            raise StepFailed(
+                f"{runner.name}: {step}: no block device for {self.nqn} {what} "
+                f"within {self.timeout:.0f} s"
+            )
+        return dev
 
 
 @dataclass(frozen=True)

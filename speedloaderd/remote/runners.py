@@ -75,6 +75,7 @@ class LocalRunner:
     """Runs commands on this machine."""
 
     name = "local"
+    uevents = True  # waits for devices here can use this kernel's uevents (pyudev)
 
     def __init__(self, timeout: float = COMMAND_TIMEOUT):
         self.timeout = timeout
