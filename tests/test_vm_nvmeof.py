@@ -1,0 +1,338 @@
+"""Remote RAM pools for real: two QEMU guests with Debian's kernel, nvmet and sshd.
+
+The test drives the same plans the daemon uses, over paramiko with host key checking:
+the export half against the "remote" guest, the attach half inside the "local" guest
+(this machine's kernel has no nvme-fabrics). Data crosses the virtual fabric link.
+
+Needs root and the Debian packages listed in tests/vm/README.md. Without them the tests
+are skipped with a banner saying why; with SPEEDLOADER_VM_REQUIRED=1 (CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from speedloaderd.config import RemoteHostConfig
+from speedloaderd.remote.nvmeof import (
+    RemotePoolSpec,
+    attach_steps,
+    connect_plan,
+    disconnect_plan,
+    export_steps,
+    grow_plan,
+)
+from speedloaderd.remote.plan import Plan, PlanFailed, execute, execute_teardown
+from speedloaderd.remote.pool import RemotePoolLink
+from speedloaderd.remote.probe import Probe, probe
+from speedloaderd.remote.runners import HostKeyError, SshRunner
+from speedloaderd.remote.sysfs import controllers_of
+from speedloaderd.remote.values import SshTarget, fabric_address
+
+from .vm.guests import FABRIC, CannotBoot, Pair, booted_pair
+
+pytestmark = pytest.mark.vm
+
+POOL_PATH = "/mnt/vmpool"
+RAM_SIZE = 64 << 20
+PAYLOAD = 8 << 20
+FOREIGN_NQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000001"
+
+
+def _say(request: pytest.FixtureRequest, *lines: str, **markup: bool) -> None:
+    """Write to the terminal even while pytest captures output."""
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    cm = request.config.pluginmanager.getplugin("capturemanager")
+    if tr is None or cm is None:
+        return
+    with cm.global_and_fixture_disabled():
+        tr.write_line("")
+        for line in lines:
+            tr.write_line(line, **markup)
+
+
+def _loud_skip(request: pytest.FixtureRequest, reason: str) -> None:
+    banner = f"VM TESTS NOT RUN: {reason}"
+    _say(request, "!" * len(banner), banner, "!" * len(banner), red=True, bold=True)
+    warnings.warn(banner, stacklevel=1)
+    if os.environ.get("SPEEDLOADER_VM_REQUIRED") == "1":
+        pytest.fail(banner + " (SPEEDLOADER_VM_REQUIRED=1)")
+    pytest.skip(banner)
+
+
+def _report(request: pytest.FixtureRequest, line: str) -> None:
+    _say(request, f"[vm] {line}")
+
+
+@pytest.fixture(scope="session")
+def pair(request, tmp_path_factory) -> Iterator[Pair]:
+    try:
+        with booted_pair(tmp_path_factory.mktemp("vm")) as p:
+            _report(request, f"image ready in {p.build_seconds:.1f} s (vmlab/build)")
+            _report(request, f"both guests booted to sshd in {p.boot_seconds:.1f} s")
+            yield p
+    except CannotBoot as err:
+        _loud_skip(request, str(err))
+
+
+def _runner(pair: Pair, guest: str, known_hosts=None) -> SshRunner:
+    g = pair.remote if guest == "remote" else pair.local
+    return SshRunner(
+        SshTarget("root", "127.0.0.1", g.ssh_port),
+        pair.client_key,
+        known_hosts=[known_hosts or pair.known_hosts],
+    )
+
+
+@pytest.fixture
+def runners(pair) -> Iterator[dict[str, SshRunner]]:
+    r = {"remote": _runner(pair, "remote"), "local": _runner(pair, "local")}
+    yield r
+    for runner in r.values():
+        runner.close()
+
+
+def _spec(runners, transport: str, host_nqn: str | None = None) -> RemotePoolSpec:
+    local = runners["local"]
+    return RemotePoolSpec(
+        pool="vmpool",
+        client=local.read_text("/proc/sys/kernel/hostname").strip(),
+        host_nqn=host_nqn or local.read_text("/etc/nvme/hostnqn").strip(),
+        ssh=SshTarget("root", FABRIC["remote"]),
+        fabric=fabric_address(transport, FABRIC["remote"], 4420),
+        size=RAM_SIZE,
+        mount_path=POOL_PATH,
+    )
+
+
+def leftovers(runners) -> list[str]:
+    """Everything a remote pool could leave behind, on either guest."""
+    remote, local = runners["remote"], runners["local"]
+    found = []
+    for kind in ("subsystems", "ports", "hosts"):
+        found += [
+            f"remote nvmet {kind}/{e}" for e in remote.listdir(f"/sys/kernel/config/nvmet/{kind}")
+        ]
+    loops = remote.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).stdout
+    found += [f"remote loop device {line}" for line in loops.splitlines() if line.strip()]
+    found += [f"remote RAM dir {e}" for e in remote.listdir("/run/speedloader/nvmeof")]
+    for name, runner in runners.items():
+        for line in runner.read_text("/proc/mounts").splitlines():
+            if "/run/speedloader" in line or POOL_PATH in line or "/dev/nvme" in line:
+                found.append(f"{name} mount {line}")
+    found += [f"local nvme controller {c}" for c in local.listdir("/sys/class/nvme")]
+    return found
+
+
+@pytest.fixture
+def rxe(runners) -> Iterator[None]:
+    """Soft-RoCE on the fabric NIC of both guests (crc32_generic: see vmlab NOTES)."""
+    for r in runners.values():
+        res = r.run(["modprobe", "-a", "crc32_generic", "rdma_rxe"])
+        assert res.returncode == 0, res.stderr
+        res = r.run(["rdma", "link", "add", "rxe0", "type", "rxe", "netdev", "eth1"])
+        assert res.returncode == 0, f"{r.name}: rdma link add: {res.stderr}"
+    yield
+    for r in runners.values():
+        r.run(["rdma", "link", "delete", "rxe0"])
+
+
+def _cycle(request, pair: Pair, runners, transport: str) -> None:
+    """Through RemotePoolLink, from a remoteTiers entry, as the engine will do it."""
+    assert leftovers(runners) == [], "the guests are not clean before the test"
+    cfg = RemoteHostConfig.model_validate(
+        {
+            "ssh": f"root@127.0.0.1:{pair.remote.ssh_port}",  # the hostfwd to the remote guest
+            "rdmaIp": FABRIC["remote"],
+            "ramdiskSize": RAM_SIZE,
+            "transport": transport,
+            "path": POOL_PATH,
+        }
+    )
+    marker = f"SPEEDLOADER-VM-MARKER-{transport}-{os.urandom(16).hex()}"
+    # on a line of its own: busybox grep compares lines as C strings (stops at a NUL)
+    payload = b"\n" + marker.encode() + b"\n" + os.urandom(PAYLOAD)
+    steps: list[str] = []
+
+    t0 = time.monotonic()
+    with RemotePoolLink(
+        "vmpool", cfg, pair.client_key, local=runners["local"], known_hosts=[pair.known_hosts]
+    ) as link:
+        # the same spec the other tests build by hand: the guest's identity, the fabric IP
+        assert link.spec == dataclasses.replace(_spec(runners, transport), ssh=link.spec.ssh)
+        try:
+            t_connect, t_use = _use_pool(link, payload, marker, steps)
+        except BaseException:
+            with contextlib.suppress(Exception):  # leave clean guests to the next test
+                link.disconnect()
+            raise
+        link.disconnect()
+    t_total = time.monotonic() - t0
+    assert leftovers(runners) == []
+    assert steps == [s.name for s in connect_plan(link.spec).steps]
+    _report(
+        request,
+        f"{transport} cycle: connect {t_connect:.1f} s, write+verify {len(payload) >> 20} MiB "
+        f"{t_use:.1f} s, total with disconnect {t_total:.1f} s",
+    )
+
+
+def _use_pool(link: RemotePoolLink, payload: bytes, marker: str, steps: list[str]):
+    remote, local, spec = link.remote, link.local, link.spec
+    digest = hashlib.sha256(payload).hexdigest()
+    t0 = time.monotonic()
+    ctx = link.connect(on_step=lambda i, n, step: steps.append(step.name))
+    t_connect = time.monotonic() - t0
+    assert ctx["blockdev"].startswith("/dev/nvme")
+    assert ctx["loopdev"].startswith("/dev/loop")
+    ctrls = controllers_of(local, spec.subsystem_nqn)
+    assert [local.read_text(f"/sys/class/nvme/{c}/transport").strip() for c in ctrls] == [
+        spec.fabric.transport.value
+    ]
+    # the only host allowed is the local guest's NQN
+    sub = f"/sys/kernel/config/nvmet/subsystems/{spec.subsystem_nqn}"
+    assert remote.read_text(f"{sub}/attr_allow_any_host").strip() == "0"
+    assert remote.listdir(f"{sub}/allowed_hosts") == [spec.host_nqn]
+
+    local.write_bytes(f"{POOL_PATH}/model.bin", payload)
+    assert local.run(["sync"]).returncode == 0
+    # read it back from the remote RAM, not from the local page cache: remount
+    assert local.run(["umount", POOL_PATH]).returncode == 0
+    assert local.run(["tee", "/proc/sys/vm/drop_caches"], "3").returncode == 0
+    r = local.run(["mount", "-t", "ext4", ctx["blockdev"], POOL_PATH])
+    assert r.returncode == 0, r.stderr
+    r = local.run(["sha256sum", f"{POOL_PATH}/model.bin"])
+    assert r.stdout.split()[0] == digest
+    # and the bytes really are in the remote guest's tmpfs file
+    assert remote.run(["grep", "-q", "-F", marker, spec.backing_file]).returncode == 0
+    return t_connect, time.monotonic() - t0 - t_connect
+
+
+def test_tcp_cycle_connect_write_verify_disconnect(request, pair, runners):
+    _cycle(request, pair, runners, "tcp")
+
+
+def test_rdma_cycle_over_soft_roce(request, pair, runners, rxe):
+    _cycle(request, pair, runners, "rdma")
+
+
+def _fs_bytes(runner: SshRunner, path: str) -> int:
+    blocks, size = runner.run(["stat", "-f", "-c", "%b %S", path]).stdout.split()
+    return int(blocks) * int(size)
+
+
+def test_grow_keeps_the_pool_mounted_and_its_files(request, runners):
+    spec = _spec(runners, "tcp")
+    local = runners["local"]
+    payload = os.urandom(PAYLOAD)
+    try:
+        execute(connect_plan(spec), runners)
+        local.write_bytes(f"{POOL_PATH}/model.bin", payload)
+        before = _fs_bytes(local, POOL_PATH)
+        t0 = time.monotonic()
+        execute(grow_plan(spec, 2 * RAM_SIZE), runners)
+        _report(request, f"grow {RAM_SIZE >> 20} -> {2 * RAM_SIZE >> 20} MiB online: "
+                         f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+        after = _fs_bytes(local, POOL_PATH)
+        assert before < RAM_SIZE < after <= 2 * RAM_SIZE
+        r = local.run(["sha256sum", f"{POOL_PATH}/model.bin"])
+        assert r.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    finally:
+        execute_teardown(disconnect_plan(spec), runners)
+    assert leftovers(runners) == []
+
+
+def _wait_until(what: str, predicate, timeout: float = 180.0) -> None:
+    """Poll a condition in the guest until it holds (there is no event to wait on over SSH)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_fabric_loss_fails_io_and_shows_in_the_probe_then_reconnect_restores(request, runners):
+    spec = _spec(runners, "tcp")
+    remote, local = runners["remote"], runners["local"]
+    payload = os.urandom(PAYLOAD)
+    digest = hashlib.sha256(payload).hexdigest()
+    model = f"{POOL_PATH}/model.bin"
+    try:
+        execute(connect_plan(spec), runners)
+        local.write_bytes(model, payload)
+        assert local.run(["sync"]).returncode == 0
+        assert probe(local, spec) == Probe(True, "", ("live",))
+        assert local.run(["tee", "/proc/sys/vm/drop_caches"], "3").returncode == 0
+
+        t0 = time.monotonic()
+        assert remote.run(["ip", "link", "set", "eth1", "down"]).returncode == 0
+        try:
+            r = local.run(["sha256sum", model])  # blocks until fast_io_fail_tmo, then EIO
+            t_fail = time.monotonic() - t0
+            assert r.returncode != 0 and "Input/output error" in r.stderr, r
+            lost = probe(local, spec)
+            assert not lost.usable
+            assert "lost its connection to 192.168.100.1" in lost.reason
+        finally:
+            assert remote.run(["ip", "link", "set", "eth1", "up"]).returncode == 0
+        t1 = time.monotonic()
+        _wait_until("the controller to reconnect", lambda: probe(local, spec).usable)
+        t_back = time.monotonic() - t1
+        r = local.run(["sha256sum", model])
+        assert r.returncode == 0 and r.stdout.split()[0] == digest
+        _report(request, f"fabric down: read failed after {t_fail:.1f} s; "
+                         f"link up: pool usable again after {t_back:.1f} s")  # fmt: skip
+    finally:
+        execute_teardown(disconnect_plan(spec), runners)
+    assert leftovers(runners) == []
+
+
+def test_second_disconnect_is_harmless(runners):
+    spec = _spec(runners, "tcp")
+    execute_teardown(disconnect_plan(spec), runners)
+    assert leftovers(runners) == []
+
+
+def test_other_hosts_are_refused_and_the_failed_connect_is_undone(runners):
+    """Export for the local guest's NQN, connect claiming another one: refused, rolled back."""
+    allowed = _spec(runners, "tcp")
+    impostor = _spec(runners, "tcp", host_nqn=FOREIGN_NQN)
+    plan = Plan("connect as an impostor", tuple(export_steps(allowed) + attach_steps(impostor)))
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners)
+    assert exc.value.step.name == "connect"
+    assert exc.value.rollback_errors == []
+    assert leftovers(runners) == []
+
+
+def _fingerprint(pub: str) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", pub], capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
+
+
+def test_unknown_host_key_is_refused_naming_its_fingerprint(pair, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError) as exc:
+        _runner(pair, "remote", known_hosts=empty)
+    fp = _fingerprint(str(pair.client_key.parent / "remote_host_key.pub"))
+    assert fp in str(exc.value)
+    assert f"[127.0.0.1]:{pair.remote.ssh_port}" in str(exc.value)
+
+
+def test_changed_host_key_is_refused(pair, tmp_path):
+    """known_hosts lists the *local* guest's key for the remote guest's address."""
+    local_pub = (pair.client_key.parent / "local_host_key.pub").read_text().rsplit(" ", 1)[0]
+    lying = tmp_path / "known_hosts"
+    lying.write_text(f"[127.0.0.1]:{pair.remote.ssh_port} {local_pub}\n")
+    with pytest.raises(HostKeyError, match="CHANGED") as exc:
+        _runner(pair, "remote", known_hosts=lying)
+    assert _fingerprint(str(pair.client_key.parent / "remote_host_key.pub")) in str(exc.value)
