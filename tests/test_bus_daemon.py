@@ -236,6 +236,8 @@ BAD_CALLS = [
     ("Promote", "ss", ["tiny:1b", "nowhere"], "NoSuchPool", "nowhere"),
     ("Promote", "ss", ["../../etc/passwd", ""], "InvalidArgument", "../../etc/passwd"),
     ("Promote", "ss", ["tiny:1b", "../x"], "InvalidArgument", "../x"),
+    ("Promote", "ss", ["tiny:1b\n", ""], "InvalidArgument", "not a valid model name"),
+    ("Promote", "ss", ["tiny:1b", "local\n"], "InvalidArgument", "not a valid pool name"),
     ("Demote", "s", ["no-such:model"], "NoSuchModel", "no-such:model"),
     ("Pin", "ss", ["tiny:1b", "nowhere"], "NoSuchPool", "nowhere"),
     ("Pin", "ss", ["tiny:1b/..", "local"], "InvalidArgument", "tiny:1b/.."),
