@@ -194,7 +194,7 @@ class Server:
         self.polkit = Polkit(self.bus)
         self.bus.quiet = True
         self.bus.export(ROOT, self.manager)
-        await self.sync_objects()
+        await self._sync_objects()
         self.bus.quiet = False
         reply = await self.bus.request_name(BUS_NAME)
         if reply is not RequestNameReply.PRIMARY_OWNER:
@@ -278,7 +278,7 @@ class Server:
         assert self.bus is not None
         self.bus.unexport(path)
 
-    async def sync_objects(self) -> None:
+    async def _sync_objects(self) -> None:
         """Make the exported models and pools match the engine's (after start or rescan)."""
         engine = self.engine
         self.manager.update(self._manager_values())
@@ -409,7 +409,7 @@ class Server:
         resync, self._resync_all = self._resync_all, False
         try:
             if resync:
-                await self.sync_objects()
+                await self._sync_objects()
             engine = self.engine
             for kind, name in sorted(dirty):
                 if kind == "model":
