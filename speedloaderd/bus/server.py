@@ -41,7 +41,8 @@ JOB_RETENTION_S = 600.0
 JOB_RETENTION_MAX = 100
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
-_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "remoteTiers"}
+# (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
+_LIVE_KEYS = {"modelPlacement", "sshKeyPath"}
 
 
 class _EagainSafeSocket:
@@ -263,6 +264,7 @@ class Server:
         replacement.listeners.append(self._on_engine_event)
         if engine is not None:
             engine.listeners.clear()
+            engine.stop_watching()
         self.engine, self.config_error = replacement, ""
         log.info("configuration replaced; engine restarted")
         self._resync_all = True
