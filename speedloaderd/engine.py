@@ -860,7 +860,7 @@ class Engine:
         async with self._lock:
             moved = await asyncio.to_thread(self._evacuate, pool.name)
         log.error(
-            "pool %s lost: %s; %d model(s) now served from cold storage; "
+            "lost pool %s: %s; %d model(s) now served from cold storage; "
             "Connect the pool again to restore it",
             pool.name,
             pool.lost,

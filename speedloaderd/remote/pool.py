@@ -289,9 +289,7 @@ class RemotePool:
                 self._set_size(new_size)  # takes effect at the next connect
                 return
             if state is PoolState.DEGRADED:
-                raise Failed(
-                    f"pool {self.name!r} is degraded; Connect it again before resizing it"
-                )
+                raise Failed(f"pool {self.name!r} is degraded; Connect it again before resizing it")
             if new_size < self.size:
                 raise InvalidArgument(
                     f"pool {self.name!r} cannot shrink from {format_size(self.size)} to "
