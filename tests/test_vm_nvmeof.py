@@ -528,3 +528,41 @@ def test_engine_fabric_cut_falls_back_to_cold_and_connect_restores(
     assert leftovers(runners) == []
     _report(request, f"engine fabric cut: pool degraded and models cold after {t_detect:.1f} s; "
                      f"Connect restored it in {t_restore:.1f} s")  # fmt: skip
+
+
+def test_engine_remote_host_killed_mid_use_last_of_all(request, pair, runners, engine_guest, agent):
+    """The remote guest is killed (SIGKILL to its QEMU) while a model is hot on it: the
+    model falls back to cold, the pool is degraded, and Disconnect detaches it here and
+    says the remote export could not be removed. Runs last: the remote does not return."""
+    local = runners["local"]
+    model, pool = "cut-model", "vmtcp"
+    assert leftovers(runners) == []
+    _connect(agent, runners, pool)
+    _ok(agent("promote", model=model, pool=pool))
+    assert _read_back(engine_guest, agent, model) == f"/mnt/{pool}/{model}.gguf"
+
+    t0 = time.monotonic()
+    pair.remote.kill()
+    st = _ok(agent("wait_pool", pool=pool, state="degraded", timeout=180))
+    t_detect = time.monotonic() - t0
+    assert (st["models"][model]["state"], st["models"][model]["tier"]) == ("cold", "cold")
+    assert _read_back(engine_guest, agent, model) == f"{GUEST_COLD}/{model}.gguf"
+
+    t1 = time.monotonic()
+    gone = agent("disconnect", pool=pool)
+    t_disconnect = time.monotonic() - t1
+    assert not gone["ok"]
+    assert (
+        f"pool '{pool}' is disconnected here, but its export on {FABRIC['remote']} was not "
+        "removed" in gone["error"]
+    )
+    assert "Disconnect again once the host is reachable" in gone["error"]
+    assert _ok(agent("status"))["pools"][pool]["state"] == "unmounted"
+    mounts = local.read_text("/proc/mounts")
+    assert f"/mnt/{pool}" not in mounts and "/dev/nvme" not in mounts
+    assert local.listdir("/sys/class/nvme") == []
+    _report(
+        request,
+        f"engine remote killed: pool degraded and models cold after {t_detect:.1f} s; "
+        f"Disconnect detached it here in {t_disconnect:.1f} s",
+    )

@@ -151,6 +151,12 @@ class Guest:
                 raise RuntimeError(f"guest {self.name} did not boot in time\n{self.console_tail()}")
             time.sleep(0.2)
 
+    def kill(self) -> None:
+        """Pull the plug: SIGKILL, no shutdown of anything in the guest."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # RAM-only guests: nothing to flush
