@@ -60,3 +60,38 @@ def test_remote_pool_is_on_the_bus_and_an_unreachable_connect_fails_cleanly(daem
 
     run(scenario())
     assert not dl.lab.pool_path("far").exists() or not any(dl.lab.pool_path("far").iterdir())
+
+
+def test_remote_tiers_set_live_add_a_pool_and_a_bad_one_is_refused_unsaved(daemon):
+    good = json.loads(daemon.state()["config"])
+    far = {"ssh": "root@127.0.0.1:9", "rdmaIp": "127.0.0.1", "ramdiskSize": "64M",
+           "transport": "tcp"}  # fmt: skip
+    overlapping = json.loads(json.dumps(good))
+    overlapping["remoteTiers"] = {"hosts": {"far": far | {"path": str(daemon.lab.models)}}}
+    added = json.loads(json.dumps(good))
+    added["remoteTiers"] = {"hosts": {"far": far | {"path": str(daemon.lab.pool_path("far"))}}}
+
+    async def scenario():
+        async with await daemon.client() as c:
+            from speedloader_cli.client import ClientError
+
+            try:
+                await c.manager("SetConfig", "s", json.dumps(overlapping))
+            except ClientError as err:
+                refused = err
+            else:
+                raise AssertionError("SetConfig took a remote pool mounted over the models dir")
+            assert refused.name.endswith("InvalidArgument")
+            assert "remoteTiers.hosts.far.path" in refused.message
+            assert "overlap" in refused.message
+            assert json.loads(daemon.lab.config_path.read_text()) == good
+            assert pool_path("far") not in await c.managed_objects()
+
+            await c.manager("SetConfig", "s", json.dumps(added))
+            p = await c.get_all(pool_path("far"), POOL)
+            assert (p["Kind"], p["State"]) == ("nvmeof", "unmounted")
+            assert json.loads(daemon.lab.config_path.read_text())["remoteTiers"] == {
+                "hosts": {"far": far | {"path": str(daemon.lab.pool_path("far"))}}
+            }
+
+    run(scenario())

@@ -257,9 +257,11 @@ class Server:
                     f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
                     "demote every model and wait for running jobs first"
                 )
+        # Built before saving: a config the engine refuses (e.g. a remote pool's bad path)
+        # must not end up in the file.
+        replacement = Engine(new, self.config_path)
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
-        replacement = Engine(new, self.config_path)
         await replacement.start()  # raises: the running engine (if any) is kept
         replacement.listeners.append(self._on_engine_event)
         if engine is not None:
