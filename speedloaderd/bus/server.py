@@ -374,10 +374,12 @@ class Server:
             if job.finished and iface is not None:
                 # Completed goes out now, not at the next flush: a job for the same model
                 # may start in the meantime, and clients must see this one end first. The
-                # model's new state goes out before it, so a client woken by Completed
-                # reads the model as the job left it.
-                if job.model is not None:
-                    self._refresh_model(job.model)
+                # models' new state goes out before it (its own, and those a pool job
+                # moved), so a client woken by Completed reads them as the job left them.
+                models = {n for k, n in self._dirty if k == "model"} | {job.model} - {None}
+                for model in sorted(models):
+                    self._dirty.discard(("model", model))
+                    self._refresh_model(model)
                 pools = {n for k, n in self._dirty if k == "pool"} | {job.pool} - {None}
                 for pool in sorted(pools):  # mountinfo and statvfs of a few pools: quick
                     self._dirty.discard(("pool", pool))

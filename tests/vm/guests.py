@@ -294,14 +294,15 @@ def booted_pair(work: Path) -> Iterator[Pair]:
 AGENT_TIMEOUT = 600.0  # one request: a connect over TCG under load takes a minute or two
 
 
-class EngineAgent:
-    """tests/vm/engine_agent.py running in the local guest: one JSON line per request."""
+class DaemonAgent:
+    """tests/vm/daemon_agent.py in the local guest (a private bus, polkitd, speedloaderd
+    and a bus client): one JSON line per request, one per answer."""
 
     def __init__(self, runner, config: str, log: str):  # noqa: ANN001 - SshRunner
         self.runner, self.log = runner, log
         env = f"PYTHONPATH={PROJECT_IN_GUEST} PYTHONDONTWRITEBYTECODE=1"
         command = (
-            f"cd {PROJECT_IN_GUEST} && {env} {VENV}/bin/python -m tests.vm.engine_agent "
+            f"cd {PROJECT_IN_GUEST} && {env} {VENV}/bin/python -m tests.vm.daemon_agent "
             f"{config} 2>>{log}"
         )
         self.chan = runner._client.get_transport().open_session()
@@ -317,7 +318,7 @@ class EngineAgent:
         line = self.stdout.readline()
         if not line:
             tail = self.runner.run(["tail", "-n", "30", self.log]).stdout
-            raise RuntimeError(f"the engine agent in the guest exited; its log ends:\n{tail}")
+            raise RuntimeError(f"the daemon agent in the guest exited; its log ends:\n{tail}")
         return json.loads(line)
 
     def __call__(self, op: str, **args: object) -> dict:
@@ -327,7 +328,9 @@ class EngineAgent:
         self.stdin.flush()
         return self._answer()
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self("quit")
-        self.chan.close()
+    def close(self) -> dict:
+        """Stop the daemon (SIGTERM) and the bus; the answer has the daemon's exit status."""
+        try:
+            return self("quit")
+        finally:
+            self.chan.close()
