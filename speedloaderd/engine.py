@@ -27,7 +27,14 @@ from pydantic import BaseModel
 from . import health, placement
 from .catalog import scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
-from .config import Config, PoolConfig, parse_config, save_config, with_changes
+from .config import (
+    Config,
+    PoolConfig,
+    RemoteHostConfig,
+    parse_config,
+    save_config,
+    with_changes,
+)
 from .errors import (
     Busy,
     Cancelled,
@@ -676,7 +683,7 @@ class Engine:
 
     # --- pools -------------------------------------------------------------------------
 
-    def _add_remote_pool(self, name: str, host: Any) -> RemotePool:
+    def _add_remote_pool(self, name: str, host: RemoteHostConfig) -> RemotePool:
         try:
             pool = RemotePool(name, host, self.config.ssh_key_path)
         except InvalidArgument as err:
@@ -794,6 +801,12 @@ class Engine:
     async def add_pool(self, pc: PoolConfig) -> None:
         if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
             raise InvalidArgument(f"a pool named {pc.name!r} already exists")
+        for remote in self._remote_pools():
+            if overlapping(pc.path, remote.path):
+                raise InvalidArgument(
+                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
+                    f"at {remote.path}; they must be separate"
+                )
         old = self.config
         new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
         await self.set_config(new)

@@ -324,3 +324,17 @@ def test_the_watch_task_notices_a_lost_pool_by_itself(lab, tmp_path):
         assert engine._watch is None
 
     run(scenario())
+
+
+def test_a_local_pool_may_not_overlap_a_remote_one(lab, tmp_path):
+    from speedloaderd.config import PoolConfig
+
+    async def scenario():
+        engine, fake = await remote_engine(lab, tmp_path, live=False)
+        inside = PoolConfig(name="x", path=lab.pool_path("far") / "x", size=MiB)
+        with pytest.raises(InvalidArgument, match="overlaps remote pool 'far'"):
+            await engine.add_pool(inside)
+        assert "x" not in engine.pools and "x" not in {p.name for p in engine.config.pools}
+        await engine.shutdown()
+
+    run(scenario())
