@@ -88,7 +88,9 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
         state = pool.state()
         if state is not PoolState.MOUNTED:
             fixed = False
-            if repair and state is PoolState.UNMOUNTED:
+            # Mounting a tmpfs costs only our RAM; connecting a remote pool takes another
+            # host's, so that stays an explicit Connect.
+            if repair and state is PoolState.UNMOUNTED and pool.kind == "tmpfs":
                 try:
                     pool.mount()
                     fixed = pool.state() is PoolState.MOUNTED
@@ -106,8 +108,9 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
         mounted.add(name)
         size = pool.usage().size
-        # The kernel rounds tmpfs sizes to pages: compare with a page of slack.
-        if abs(size - pool.size) > os.sysconf("SC_PAGE_SIZE"):
+        # The kernel rounds tmpfs sizes to pages: compare with a page of slack. (A remote
+        # pool's ext4 is smaller than its RAM by its metadata: nothing to compare.)
+        if pool.kind == "tmpfs" and abs(size - pool.size) > os.sysconf("SC_PAGE_SIZE"):
             fixed = False
             if repair:
                 try:

@@ -1,8 +1,13 @@
 """Remote RAM pools for real: two QEMU guests with Debian's kernel, nvmet and sshd.
 
-The test drives the same plans the daemon uses, over paramiko with host key checking:
+The first tests drive the plans the daemon uses, over paramiko with host key checking:
 the export half against the "remote" guest, the attach half inside the "local" guest
-(this machine's kernel has no nvme-fabrics). Data crosses the virtual fabric link.
+(this machine's kernel has no nvme-fabrics). The ``test_daemon_*`` tests run the whole daemon
+inside the "local" guest (a private system bus, polkitd and speedloaderd, driven over
+D-Bus by tests/vm/daemon_agent.py, all on this machine's python over 9p), configured
+with remoteTiers entries that point at the "remote" guest: Connect, promote, read through
+the models dir, fabric loss, remote host killed, Disconnect. Data crosses the virtual
+fabric link.
 
 Needs root and the Debian packages listed in tests/vm/README.md. Without them the tests
 are skipped with a banner saying why; with SPEEDLOADER_VM_REQUIRED=1 (CI) they fail instead.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -37,7 +43,8 @@ from speedloaderd.remote.runners import HostKeyError, SshRunner
 from speedloaderd.remote.sysfs import controllers_of
 from speedloaderd.remote.values import SshTarget, fabric_address
 
-from .vm.guests import FABRIC, CannotBoot, Pair, booted_pair
+from .modelgen import make_gguf
+from .vm.guests import FABRIC, CannotBoot, DaemonAgent, Pair, booted_pair, share_host
 
 pytestmark = pytest.mark.vm
 
@@ -126,7 +133,7 @@ def leftovers(runners) -> list[str]:
     found += [f"remote RAM dir {e}" for e in remote.listdir("/run/speedloader/nvmeof")]
     for name, runner in runners.items():
         for line in runner.read_text("/proc/mounts").splitlines():
-            if "/run/speedloader" in line or POOL_PATH in line or "/dev/nvme" in line:
+            if "/run/speedloader" in line or "/mnt/vm" in line or "/dev/nvme" in line:
                 found.append(f"{name} mount {line}")
     found += [f"local nvme controller {c}" for c in local.listdir("/sys/class/nvme")]
     return found
@@ -336,3 +343,233 @@ def test_changed_host_key_is_refused(pair, tmp_path):
     with pytest.raises(HostKeyError, match="CHANGED") as exc:
         _runner(pair, "remote", known_hosts=lying)
     assert _fingerprint(str(pair.client_key.parent / "remote_host_key.pub")) in str(exc.value)
+
+
+# --------------------------------------------------------------------------- the daemon
+# speedloaderd runs in the "local" guest with two remote pools on the "remote" guest, one
+# per transport, reached over the fabric (SSH to 192.168.100.1, host key in known_hosts).
+
+GUEST_ROOT = "/srv/speedloader"
+GUEST_CONFIG = f"{GUEST_ROOT}/config.json"
+GUEST_LOG = f"{GUEST_ROOT}/engine.log"
+GUEST_COLD = f"{GUEST_ROOT}/cold"
+GUEST_KNOWN_HOSTS = "/etc/speedloader/known_hosts"
+ENGINE_POOLS = {"vmtcp": ("tcp", 4420), "vmrdma": ("rdma", 4421)}
+MODELS = ("tcp-model", "rdma-model", "cut-model")
+
+
+@dataclasses.dataclass
+class DaemonGuest:
+    local: SshRunner
+    models: dict[str, tuple[str, tuple[str, ...]]]  # name -> (sha256, tensor names)
+
+
+@pytest.fixture(scope="session")
+def daemon_guest(request, pair, tmp_path_factory) -> Iterator[DaemonGuest]:
+    """The local guest with this machine's python (9p), a config and cold GGUF models."""
+    local = _runner(pair, "local")
+    share_host(local)
+    config = {
+        "modelsDir": f"{GUEST_ROOT}/models",
+        "storage": {"path": GUEST_COLD, "type": "local"},
+        "backend": {"type": "llamacpp"},
+        "stateDir": f"{GUEST_ROOT}/state",
+        "sshKeyPath": "/root/.ssh/id_ed25519",
+        "remoteTiers": {
+            "hosts": {
+                name: {
+                    "ssh": f"root@{FABRIC['remote']}",
+                    "rdmaIp": FABRIC["remote"],
+                    "ramdiskSize": RAM_SIZE,
+                    "transport": transport,
+                    "port": port,
+                    "path": f"/mnt/{name}",
+                }
+                for name, (transport, port) in ENGINE_POOLS.items()
+            }
+        },
+    }
+    assert local.run(["mkdir", "-p", GUEST_COLD]).returncode == 0
+    local.write_bytes(GUEST_CONFIG, json.dumps(config).encode())
+    work = tmp_path_factory.mktemp("models")
+    models = {}
+    for name in MODELS:
+        made = make_gguf(work / f"{name}.gguf", n_tensors=2, tensor_bytes=2 << 20)
+        data = (work / f"{name}.gguf").read_bytes()
+        local.write_bytes(f"{GUEST_COLD}/{name}.gguf", data)
+        models[name] = (hashlib.sha256(data).hexdigest(), tuple(made.tensor_names))
+    yield DaemonGuest(local, models)
+    local.close()
+
+
+@pytest.fixture
+def agent(request, daemon_guest) -> Iterator[DaemonAgent]:
+    t0 = time.monotonic()
+    a = DaemonAgent(daemon_guest.local, GUEST_CONFIG, GUEST_LOG)
+    _report(request, f"bus, polkitd and daemon up in the local guest in "
+                     f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+    assert a.ready["ok"]
+    yield a
+    bye = a.close()
+    assert bye.get("daemon_exit") == 0, bye  # SIGTERM: a clean stop, jobs ended
+
+
+def _ok(answer: dict) -> dict:
+    assert answer["ok"], answer.get("error", answer)
+    return answer
+
+
+def _read_back(daemon_guest: DaemonGuest, agent: DaemonAgent, model: str) -> str:
+    """Read the model through the models dir with the GGUF reader; return the link target."""
+    got = _ok(agent("read", rel=f"{model}.gguf"))
+    assert (got["sha256"], tuple(got["tensors"])) == daemon_guest.models[model]
+    return got["target"]
+
+
+def _drop_caches(runner: SshRunner) -> None:
+    """So that the next read of a pool file crosses the fabric, not the local page cache."""
+    assert runner.run(["sync"]).returncode == 0
+    assert runner.run(["tee", "/proc/sys/vm/drop_caches"], "3").returncode == 0
+
+
+def _connect(agent: DaemonAgent, runners, pool: str) -> dict:
+    transport = ENGINE_POOLS[pool][0]
+    answer = _ok(agent("connect", pool=pool))
+    # The Job's Step named the plan's steps in order (signals are coalesced at <= 10 Hz, so
+    # a client may miss some) and it ended with every step done.
+    names = [s.name for s in connect_plan(_spec(runners, transport)).steps]
+    seen = iter(names)
+    assert answer["steps"] and all(step in seen for step in answer["steps"]), answer["steps"]
+    assert answer["progress"] == 1.0
+    assert f"pool {pool} connected to {FABRIC['remote']} over {transport}" in answer["message"]
+    st = _ok(agent("status"))["pools"][pool]
+    assert (st["kind"], st["state"], st["path"]) == ("nvmeof", "mounted", f"/mnt/{pool}")
+    assert 0 < st["size"] <= RAM_SIZE
+    return answer
+
+
+def _engine_cycle(request, runners, daemon_guest, agent, pool: str, model: str) -> None:
+    assert leftovers(runners) == [], "the guests are not clean before the test"
+    local = runners["local"]
+    t0 = time.monotonic()
+    _connect(agent, runners, pool)
+    t_connect = time.monotonic() - t0
+
+    _ok(agent("promote", model=model, pool=pool))
+    m = _ok(agent("status"))["models"][model]
+    assert (m["state"], m["tier"]) == ("hot", pool)
+    _drop_caches(local)
+    assert _read_back(daemon_guest, agent, model) == f"/mnt/{pool}/{model}.gguf"
+
+    t1 = time.monotonic()
+    done = _ok(agent("disconnect", pool=pool))
+    t_disconnect = time.monotonic() - t1
+    assert "1 model(s) now served from cold storage" in done["message"]
+    st = _ok(agent("status"))
+    assert st["pools"][pool]["state"] == "unmounted"
+    assert (st["models"][model]["state"], st["models"][model]["tier"]) == ("cold", "cold")
+    assert _read_back(daemon_guest, agent, model) == f"{GUEST_COLD}/{model}.gguf"
+    assert leftovers(runners) == []
+    _report(
+        request,
+        f"daemon {ENGINE_POOLS[pool][0]} cycle: Connect {t_connect:.1f} s, "
+        f"Disconnect (auto-demote) {t_disconnect:.1f} s, total {time.monotonic() - t0:.1f} s",
+    )
+
+
+def test_daemon_refuses_a_remote_host_with_the_wrong_key(pair, runners, daemon_guest, agent):
+    """known_hosts in the local guest names another key for the remote's fabric address."""
+    local = runners["local"]
+    good = local.read_text(GUEST_KNOWN_HOSTS)
+    impostor = (pair.client_key.parent / "local_host_key.pub").read_text().rsplit(" ", 1)[0]
+    local.write_bytes(GUEST_KNOWN_HOSTS, f"{FABRIC['remote']} {impostor}\n".encode())
+    try:
+        answer = agent("connect", pool="vmtcp")
+    finally:
+        local.write_bytes(GUEST_KNOWN_HOSTS, good.encode())
+    assert not answer["ok"]
+    assert "CHANGED" in answer["error"]
+    assert _fingerprint(str(pair.client_key.parent / "remote_host_key.pub")) in answer["error"]
+    assert _ok(agent("status"))["pools"]["vmtcp"]["state"] == "unmounted"
+    assert leftovers(runners) == []
+
+
+def test_daemon_tcp_cycle_connect_promote_read_disconnect(request, runners, daemon_guest, agent):
+    _engine_cycle(request, runners, daemon_guest, agent, "vmtcp", "tcp-model")
+
+
+def test_daemon_rdma_cycle_over_soft_roce(request, runners, daemon_guest, agent, rxe):
+    _engine_cycle(request, runners, daemon_guest, agent, "vmrdma", "rdma-model")
+
+
+def test_daemon_fabric_cut_falls_back_to_cold_and_connect_restores(
+    request, runners, daemon_guest, agent
+):
+    remote, local = runners["remote"], runners["local"]
+    model, pool = "cut-model", "vmtcp"
+    assert leftovers(runners) == []
+    _connect(agent, runners, pool)
+    _ok(agent("promote", model=model, pool=pool))
+    assert _read_back(daemon_guest, agent, model) == f"/mnt/{pool}/{model}.gguf"
+
+    t0 = time.monotonic()
+    assert remote.run(["ip", "link", "set", "eth1", "down"]).returncode == 0
+    try:
+        st = _ok(agent("wait_pool", pool=pool, state="degraded", timeout=180))
+        t_detect = time.monotonic() - t0
+        assert (st["models"][model]["state"], st["models"][model]["tier"]) == ("cold", "cold")
+        # loads keep working, from cold storage, while the pool is gone
+        assert _read_back(daemon_guest, agent, model) == f"{GUEST_COLD}/{model}.gguf"
+        log = agent.ready["log"]  # the daemon's log, in the sandbox while it runs
+        lost = local.run(["grep", "-c", f"lost pool {pool}:", log]).stdout.strip()
+        assert lost == "1"
+    finally:
+        assert remote.run(["ip", "link", "set", "eth1", "up"]).returncode == 0
+    t1 = time.monotonic()
+    _connect(agent, runners, pool)  # cleans up what the lost connect left, connects anew
+    t_restore = time.monotonic() - t1
+    _ok(agent("promote", model=model, pool=pool))
+    _drop_caches(local)
+    assert _read_back(daemon_guest, agent, model) == f"/mnt/{pool}/{model}.gguf"
+    _ok(agent("disconnect", pool=pool))
+    assert leftovers(runners) == []
+    _report(request, f"daemon fabric cut: pool degraded and models cold after {t_detect:.1f} s; "
+                     f"Connect restored it in {t_restore:.1f} s")  # fmt: skip
+
+
+def test_daemon_remote_host_killed_mid_use_last_of_all(request, pair, runners, daemon_guest, agent):
+    """The remote guest is killed (SIGKILL to its QEMU) while a model is hot on it: the
+    model falls back to cold, the pool is degraded, and Disconnect detaches it here and
+    says the remote export could not be removed. Runs last: the remote does not return."""
+    local = runners["local"]
+    model, pool = "cut-model", "vmtcp"
+    assert leftovers(runners) == []
+    _connect(agent, runners, pool)
+    _ok(agent("promote", model=model, pool=pool))
+    assert _read_back(daemon_guest, agent, model) == f"/mnt/{pool}/{model}.gguf"
+
+    t0 = time.monotonic()
+    pair.remote.kill()
+    st = _ok(agent("wait_pool", pool=pool, state="degraded", timeout=180))
+    t_detect = time.monotonic() - t0
+    assert (st["models"][model]["state"], st["models"][model]["tier"]) == ("cold", "cold")
+    assert _read_back(daemon_guest, agent, model) == f"{GUEST_COLD}/{model}.gguf"
+
+    t1 = time.monotonic()
+    gone = agent("disconnect", pool=pool)
+    t_disconnect = time.monotonic() - t1
+    assert not gone["ok"]
+    assert (
+        f"pool '{pool}' is disconnected here, but its export on {FABRIC['remote']} was not "
+        "removed" in gone["error"]
+    )
+    assert "Disconnect again once the host is reachable" in gone["error"]
+    assert _ok(agent("status"))["pools"][pool]["state"] == "unmounted"
+    mounts = local.read_text("/proc/mounts")
+    assert f"/mnt/{pool}" not in mounts and "/dev/nvme" not in mounts
+    assert local.listdir("/sys/class/nvme") == []
+    _report(
+        request,
+        f"daemon remote killed: pool degraded and models cold after {t_detect:.1f} s; "
+        f"Disconnect detached it here in {t_disconnect:.1f} s",
+    )

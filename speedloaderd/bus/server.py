@@ -41,7 +41,8 @@ JOB_RETENTION_S = 600.0
 JOB_RETENTION_MAX = 100
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
-_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "remoteTiers"}
+# (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
+_LIVE_KEYS = {"modelPlacement", "sshKeyPath"}
 
 
 class _EagainSafeSocket:
@@ -256,13 +257,16 @@ class Server:
                     f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
                     "demote every model and wait for running jobs first"
                 )
+        # Built before saving: a config the engine refuses (e.g. a remote pool's bad path)
+        # must not end up in the file.
+        replacement = Engine(new, self.config_path)
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
-        replacement = Engine(new, self.config_path)
         await replacement.start()  # raises: the running engine (if any) is kept
         replacement.listeners.append(self._on_engine_event)
         if engine is not None:
             engine.listeners.clear()
+            engine.stop_watching()
         self.engine, self.config_error = replacement, ""
         log.info("configuration replaced; engine restarted")
         self._resync_all = True
@@ -370,10 +374,12 @@ class Server:
             if job.finished and iface is not None:
                 # Completed goes out now, not at the next flush: a job for the same model
                 # may start in the meantime, and clients must see this one end first. The
-                # model's new state goes out before it, so a client woken by Completed
-                # reads the model as the job left it.
-                if job.model is not None:
-                    self._refresh_model(job.model)
+                # models' new state goes out before it (its own, and those a pool job
+                # moved), so a client woken by Completed reads them as the job left them.
+                models = {n for k, n in self._dirty if k == "model"} | {job.model} - {None}
+                for model in sorted(models):
+                    self._dirty.discard(("model", model))
+                    self._refresh_model(model)
                 pools = {n for k, n in self._dirty if k == "pool"} | {job.pool} - {None}
                 for pool in sorted(pools):  # mountinfo and statvfs of a few pools: quick
                     self._dirty.discard(("pool", pool))

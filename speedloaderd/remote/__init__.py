@@ -3,7 +3,8 @@
 - values.py   validated values (NQNs, addresses, sizes, SSH targets)
 - plan.py     steps with undos, the executor and its rollback
 - nvmeof.py   the connect / disconnect / grow plans for one pool
-- pool.py     RemotePoolLink: those plans from a remoteTiers entry (what the engine calls)
+- pool.py     RemotePool: a remote pool as the engine holds it (beside pools.TmpfsPool);
+              RemotePoolLink: one SSH session and the plans of one remoteTiers entry
 - probe.py    is a connected pool still usable (sysfs + /proc/mounts only)
 - sysfs.py    finding the namespace's block device without udev
 - uevents.py  waiting on kernel uevents (pyudev) with a sysfs fallback

@@ -103,10 +103,12 @@ class RemotePoolSpec:
         return str(self.fabric.trsvcid)
 
 
-def spec_from_config(
-    pool: str, cfg: RemoteHostConfig, *, client: str, host_nqn: str
-) -> RemotePoolSpec:
-    """Validate a ``remoteTiers.hosts.<pool>`` entry into a spec, naming the bad key."""
+def check_host_config(
+    pool: str, cfg: RemoteHostConfig
+) -> tuple[SshTarget, FabricAddress, int, str]:
+    """Validate a ``remoteTiers.hosts.<pool>`` entry, naming the bad key: (ssh, fabric, size,
+    mount path). Needs nothing from this machine, so the engine checks entries at start."""
+    check_pool_name(pool)
     ssh = parse_ssh_target(cfg.ssh)
     ip = cfg.rdma_ip or ssh.host
     try:
@@ -120,14 +122,26 @@ def spec_from_config(
         raise InvalidArgument(f"remoteTiers.hosts.{pool}.rdmaIp: {err}") from None
     if cfg.path is None:
         raise InvalidArgument(f"remoteTiers.hosts.{pool}.path: the local mount path is required")
+    try:
+        size = check_ram_size(cfg.ramdisk_size)
+    except InvalidArgument as err:
+        raise InvalidArgument(f"remoteTiers.hosts.{pool}.ramdiskSize: {err}") from None
+    return ssh, fabric, size, str(cfg.path)
+
+
+def spec_from_config(
+    pool: str, cfg: RemoteHostConfig, *, client: str, host_nqn: str
+) -> RemotePoolSpec:
+    """Validate a ``remoteTiers.hosts.<pool>`` entry into a spec, naming the bad key."""
+    ssh, fabric, size, path = check_host_config(pool, cfg)
     return RemotePoolSpec(
         pool=pool,
         client=client,
         host_nqn=host_nqn,
         ssh=ssh,
         fabric=fabric,
-        size=check_ram_size(cfg.ramdisk_size),
-        mount_path=str(cfg.path),
+        size=size,
+        mount_path=path,
     )
 
 
@@ -273,14 +287,32 @@ def disconnect_plan(spec: RemotePoolSpec) -> Plan:
     )
 
 
+def detach_plan(spec: RemotePoolSpec) -> Plan:
+    """The local half of disconnect (unmount, ``nvme disconnect``): needs no network, so it
+    runs first and also when the remote host is dead. Then ``unexport_plan`` does the rest."""
+    return Plan("", tuple(attach_steps(spec))).teardown(
+        f"detach pool {spec.pool!r} from {spec.mount_path}"
+    )
+
+
+def unexport_plan(spec: RemotePoolSpec) -> Plan:
+    """The remote half of disconnect: the nvmet export and the RAM behind it."""
+    return Plan("", tuple(export_steps(spec))).teardown(
+        f"remove the export of pool {spec.pool!r} on {spec.ssh.host}"
+    )
+
+
 __all__ = [
     "NQN_PREFIX",
     "RemotePoolSpec",
     "Transport",
     "attach_steps",
+    "check_host_config",
     "connect_plan",
+    "detach_plan",
     "disconnect_plan",
     "export_steps",
     "grow_plan",
     "spec_from_config",
+    "unexport_plan",
 ]

@@ -23,9 +23,18 @@ class Probe:
     controller_states: tuple[str, ...] = ()
 
 
+def mounted_source(runner: Runner, path: str) -> str | None:
+    """The source of the (topmost) mount at ``path`` in /proc/mounts, or None."""
+    found = None
+    for line in (runner.read_text("/proc/mounts") or "").splitlines():
+        fields = line.split()
+        if fields[1:2] == [path]:
+            found = fields[0]
+    return found
+
+
 def _mounted(runner: Runner, path: str) -> bool:
-    mounts = runner.read_text("/proc/mounts") or ""
-    return any(line.split()[1:2] == [path] for line in mounts.splitlines())
+    return mounted_source(runner, path) is not None
 
 
 def probe(runner: Runner, spec: RemotePoolSpec) -> Probe:

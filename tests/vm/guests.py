@@ -10,6 +10,11 @@ Networking touches nothing but loopback: eth0 is QEMU user networking with ``res
 (the guest cannot reach out) and one hostfwd to 127.0.0.1 for SSH; eth1, the fabric, is a
 UDP socket pair between the two QEMU processes on 127.0.0.1.
 
+The "local" guest also sees this machine's /usr, the test venv and the checkout over 9p,
+read-only (``share_host``), so the daemon's own code runs there on Debian's python3; it
+holds the client key and a known_hosts naming the remote guest's fabric address, as an
+admin's machine would (/etc/speedloader/known_hosts).
+
 TCG only (``-accel tcg``): this machine's /dev/kvm does not boot a stock kernel.
 """
 
@@ -20,6 +25,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +37,10 @@ READY = "SPEEDLOADER-GUEST-READY"
 FABRIC = {"remote": "192.168.100.1", "local": "192.168.100.2"}
 MEMORY_MB = 512
 BOOT_TIMEOUT = 300.0  # TCG boots take 20-30 s on an idle 2-core box; much more under load
+VENV = Path(sys.prefix)  # the venv running the tests: its python is Debian's /usr/bin/python3
+# 9p shares of the local guest: mount tag -> (path here = path in the guest)
+SHARES = {"hostusr": Path("/usr"), "venv": VENV, "project": REPO}
+PROJECT_IN_GUEST = "/project"
 
 
 class CannotBoot(Exception):
@@ -141,6 +151,12 @@ class Guest:
                 raise RuntimeError(f"guest {self.name} did not boot in time\n{self.console_tail()}")
             time.sleep(0.2)
 
+    def kill(self) -> None:
+        """Pull the plug: SIGKILL, no shutdown of anything in the guest."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # RAM-only guests: nothing to flush
@@ -173,6 +189,11 @@ def _qemu_argv(
     console: Path,
 ) -> list[str]:
     append = f"console=ttyS0 panic=-1 quiet loglevel=4 sl.name={name} sl.ip1={FABRIC[name]}/24"
+    shares = []
+    if name == "local":
+        for tag, path in SHARES.items():
+            shares += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,"
+                                  "readonly=on"]  # fmt: skip
     return [
         "qemu-system-x86_64",
         "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "1", "-m", str(MEMORY_MB),
@@ -184,7 +205,30 @@ def _qemu_argv(
         "-netdev", f"socket,id=n1,udp=127.0.0.1:{link_peer},localaddr=127.0.0.1:{link_local}",
         "-device", f"virtio-net-pci,netdev=n1,mac=52:54:00:5e:01:{index:02x}",
         "-device", "virtio-rng-pci",
+        *shares,
     ]  # fmt: skip
+
+
+def share_host(runner) -> None:  # noqa: ANN001 - an SshRunner into the local guest
+    """Mount the 9p shares in the local guest: this machine's /usr over the guest's (the
+    same binaries the initramfs copied, plus python3), the venv and the checkout; then
+    build the guest's library cache."""
+    r = runner.run(["modprobe", "-a", "9pnet_virtio", "9p"])
+    assert r.returncode == 0, r.stderr
+    for tag, path in SHARES.items():
+        where = PROJECT_IN_GUEST if tag == "project" else str(path)
+        if runner.run(["mountpoint", "-q", where]).returncode == 0:
+            continue
+        opts = "trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose"
+        r = runner.run(["/bin/mkdir", "-p", where])
+        assert r.returncode == 0, r.stderr
+        r = runner.run(["/bin/mount", "-t", "9p", "-o", opts, tag, where])
+        assert r.returncode == 0, f"mount {tag} at {where}: {r.stderr}"
+    # A library cache as on any Debian host (ctypes.util.find_library, e.g. pyudev's libudev,
+    # asks `/sbin/ldconfig -p`); the guest's /sbin is the initramfs's own.
+    for argv in (["ln", "-sf", "/usr/sbin/ldconfig", "/sbin/ldconfig"], ["/sbin/ldconfig"]):
+        r = runner.run(argv)
+        assert r.returncode == 0, f"{argv}: {r.stderr}"
 
 
 @contextlib.contextmanager
@@ -209,6 +253,15 @@ def booted_pair(work: Path) -> Iterator[Pair]:
                 "etc/ssh/ssh_host_ed25519_key": ((work / f"{name}_host_key").read_bytes(), 0o600),
                 "root/.ssh/authorized_keys": (client_pub.encode() + b"\n", 0o600),
             }
+            if name == "local":  # the daemon there reaches the remote guest over the fabric
+                remote_pub = (work / "remote_host_key.pub").read_text().rsplit(" ", 1)[0]
+                files |= {
+                    "root/.ssh/id_ed25519": ((work / "id_ed25519").read_bytes(), 0o600),
+                    "etc/speedloader/known_hosts": (
+                        f"{FABRIC['remote']} {remote_pub}\n".encode(),
+                        0o644,
+                    ),
+                }
             overlay_initrd(cache / "initramfs.gz", initrd, files, work)
             peer = "local" if name == "remote" else "remote"
             console = work / f"{name}.console"
@@ -236,3 +289,48 @@ def booted_pair(work: Path) -> Iterator[Pair]:
     finally:
         for g in guests:
             g.stop()
+
+
+AGENT_TIMEOUT = 600.0  # one request: a connect over TCG under load takes a minute or two
+
+
+class DaemonAgent:
+    """tests/vm/daemon_agent.py in the local guest (a private bus, polkitd, speedloaderd
+    and a bus client): one JSON line per request, one per answer."""
+
+    def __init__(self, runner, config: str, log: str):  # noqa: ANN001 - SshRunner
+        self.runner, self.log = runner, log
+        env = f"PYTHONPATH={PROJECT_IN_GUEST} PYTHONDONTWRITEBYTECODE=1"
+        command = (
+            f"cd {PROJECT_IN_GUEST} && {env} {VENV}/bin/python -m tests.vm.daemon_agent "
+            f"{config} 2>>{log}"
+        )
+        self.chan = runner._client.get_transport().open_session()
+        self.chan.settimeout(AGENT_TIMEOUT)
+        self.chan.exec_command(command)
+        self.stdin = self.chan.makefile_stdin("wb")
+        self.stdout = self.chan.makefile("r")
+        self.ready = self._answer()
+
+    def _answer(self) -> dict:
+        import json
+
+        line = self.stdout.readline()
+        if not line:
+            tail = self.runner.run(["tail", "-n", "30", self.log]).stdout
+            raise RuntimeError(f"the daemon agent in the guest exited; its log ends:\n{tail}")
+        return json.loads(line)
+
+    def __call__(self, op: str, **args: object) -> dict:
+        import json
+
+        self.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
+        self.stdin.flush()
+        return self._answer()
+
+    def close(self) -> dict:
+        """Stop the daemon (SIGTERM) and the bus; the answer has the daemon's exit status."""
+        try:
+            return self("quit")
+        finally:
+            self.chan.close()
