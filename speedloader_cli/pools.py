@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
@@ -105,28 +106,91 @@ def pool_resize(name: str, size: str, no_wait: bool) -> None:
 
 @pool.command("add", context_settings=CONTEXT)
 @click.argument("name")
-@click.option("--path", required=True, help="Mount point (an absolute path, created if needed).")
+@click.option("--path", help="Mount point (absolute; created if needed). Required for tmpfs.")
 @click.option("--size", required=True, help="Size, e.g. 32G or 512M.")
 @click.option(
     "--speed",
-    default=100,
-    show_default=True,
+    default=None,
     type=click.IntRange(0, 10000),
-    help="Speed rating: fastest-fit placement prefers higher.",
+    help="Speed rating: fastest-fit placement prefers higher (default 100 local).",
 )
-def pool_add(name: str, path: str, size: str, speed: int) -> None:
-    """Add a tmpfs pool NAME, mount it and save it in the configuration.
+@click.option("--remote", metavar="USER@HOST[:PORT]", help="Add remote RAM on this host instead.")
+@click.option("--address", help="Remote: the fabric address to connect to (IP).")
+@click.option(
+    "--transport",
+    type=click.Choice(["rdma", "tcp"]),
+    default="rdma",
+    show_default=True,
+    help="Remote: NVMe-oF transport.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=4420,
+    show_default=True,
+    help="Remote: NVMe-oF port.",
+)
+def pool_add(
+    name: str,
+    path: str | None,
+    size: str,
+    speed: int | None,
+    remote: str | None,
+    address: str | None,
+    transport: str,
+    port: int,
+) -> None:
+    """Add pool NAME: a tmpfs pool here (mounted at once), or with --remote, RAM on
+    another host exported over NVMe-oF (connect it with `slctl pool connect NAME`).
+
+    Both are saved in the configuration. A remote host's SSH key must already be in
+    /etc/speedloader/known_hosts (see the README).
 
     \b
-    Example:
+    Examples:
       slctl pool add fast --path /mnt/speedloader/fast --size 32G --speed 200
+      slctl pool add gpu2 --remote root@gpu2 --address 10.0.1.2 --size 512G
+      slctl pool connect gpu2
     """
+    if remote is None:
+        if path is None:
+            raise CliError("a tmpfs pool needs --path (where to mount it)", Exit.USAGE)
 
-    async def body(client: Client) -> None:
-        await client.manager("AddPool", "sssu", name, path, size, speed)
-        click.echo(f"added pool {name} ({size} at {path})")
+        async def add_tmpfs(client: Client) -> None:
+            await client.manager(
+                "AddPool", "sssu", name, path, size, 100 if speed is None else speed
+            )
+            click.echo(f"added pool {name} ({size} at {path})")
 
-    run(body)
+        run(add_tmpfs)
+        return
+    if address is None:
+        raise CliError("a remote pool needs --address (the fabric IP to connect to)", Exit.USAGE)
+    entry: dict[str, Any] = {
+        "ssh": remote,
+        "rdmaIp": address,
+        "ramdiskSize": size,
+        "transport": transport,
+        "port": port,
+    }
+    if path is not None:
+        entry["path"] = path
+    if speed is not None:
+        entry["speed"] = speed
+
+    async def add_remote(client: Client) -> None:
+        data = json.loads(await client.manager("GetConfig"))
+        hosts = data.setdefault("remoteTiers", {}).setdefault("hosts", {})
+        if name in hosts or any(p.get("name") == name for p in data.get("pools", [])):
+            raise CliError(f"a pool named {name!r} already exists", Exit.USAGE)
+        hosts[name] = entry
+        await client.manager("SetConfig", "s", json.dumps(data))
+        click.echo(
+            f"added remote pool {name} ({size} on {remote}); connect it with "
+            f"`slctl pool connect {name}`"
+        )
+
+    run(add_remote)
 
 
 @pool.command("remove", context_settings=CONTEXT)

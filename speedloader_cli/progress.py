@@ -52,6 +52,9 @@ class Line:
 def describe(label: str, p: dict[str, Any]) -> str:
     total, done = p.get("BytesTotal", 0), p.get("BytesDone", 0)
     frac = p.get("Progress", done / total if total else 0.0)
+    if not total:  # a pool job: named steps (ssh, nvmet, nvme connect, mkfs...), no bytes
+        step = p.get("Step") or "starting"
+        return f"{label}  {bar(frac)} {frac * 100:5.1f}%  {step}"
     end = p.get("ExpectedEndTime", 0)
     left = end / 1e6 - time.time() if end else None
     return (

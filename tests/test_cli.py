@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from speedloader_cli.client import ROOT
+
 from .buslab import ADMIN, GUEST, MiB, as_user
 
 SLCTL = str(Path(sys.executable).with_name("slctl"))
@@ -346,3 +348,61 @@ def test_ctrl_c_detach_lets_the_job_finish(daemon_factory):
     assert r.returncode == 0
     data = json.loads(slctl(dl, "status", "--json").stdout)
     assert next(m for m in data["models"] if m["name"] == dl.big)["tier"] == "local"
+
+
+def test_remote_pool_add_connect_failure_and_remove(daemon):
+    from .test_bus_remote_pool import closed_port
+
+    port = closed_port()
+    far = str(daemon.lab.pool_path("far"))
+    r = slctl(daemon, "pool", "add", "far", "--remote", f"root@127.0.0.1:{port}",
+              "--address", "127.0.0.1", "--transport", "tcp", "--size", "64M", "--path", far,
+              user=ADMIN)  # fmt: skip
+    assert r.returncode == 0 and "slctl pool connect far" in r.stdout, r.stderr
+    pools = {p["name"]: p for p in json.loads(slctl(daemon, "pool", "list", "--json").stdout)}
+    assert pools["far"]["kind"] == "nvmeof" and pools["far"]["state"] == "unmounted"
+    before = daemon.state()
+    r = slctl(daemon, "pool", "connect", "far", user=ADMIN)
+    assert r.returncode == 1 and "cannot connect over SSH" in r.stderr, r.stderr
+    assert daemon.state()["objects"][f"{ROOT}/pools/far"] == before["objects"][f"{ROOT}/pools/far"]
+    r = slctl(daemon, "pool", "add", "far", "--remote", "root@127.0.0.1", "--address",
+              "127.0.0.1", "--size", "64M")  # fmt: skip
+    assert r.returncode == 2 and "already exists" in one_error_line(r)
+    assert slctl(daemon, "pool", "remove", "far", user=ADMIN).returncode == 0
+    assert "far" not in json.loads(daemon.lab.config_path.read_text()).get("remoteTiers", {}).get(
+        "hosts", {}
+    )
+
+
+REMOTE_BAD = [
+    (("pool", "add", "x", "--size", "8M"), "--path"),
+    (("pool", "add", "x", "--remote", "root@h", "--size", "8M"), "--address"),
+    (
+        (
+            "pool",
+            "add",
+            "x",
+            "--remote",
+            "root@h;rm -rf /",
+            "--address",
+            "127.0.0.1",
+            "--size",
+            "8M",
+        ),
+        "root@h;rm -rf /",
+    ),
+    (
+        ("pool", "add", "x", "--remote", "root@h", "--address", "not-an-ip", "--size", "8M"),
+        "not-an-ip",
+    ),
+    (("pool", "add", "x", "--remote", "root@h", "--address", "127.0.0.1", "--size", "12Q"), "12Q"),
+]
+
+
+@pytest.mark.parametrize(("args", "mentions"), REMOTE_BAD, ids=[a[1] for a in REMOTE_BAD])
+def test_bad_remote_pool_is_refused_and_not_saved(daemon, args, mentions):
+    before = daemon.state()
+    r = slctl(daemon, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert mentions in one_error_line(r)
+    assert daemon.state() == before
