@@ -40,6 +40,7 @@ TABS = ("models", "tiers", "transfers", "settings", "health")
 
 class SpeedloaderApp(App[None]):
     CSS_PATH = "speedloader.tcss"
+    AUTO_FOCUS = "#hot"
     TITLE = "Speedloader"
     SUB_TITLE = "models in RAM"
     BINDINGS = [
@@ -72,6 +73,7 @@ class SpeedloaderApp(App[None]):
         self.redraws = 0
         self.redrawn = asyncio.Event()  # set after every redraw; tests wait on it
         self._notified_offline = False
+        self._focused_tab = "models"  # AUTO_FOCUS starts there
 
     # --- layout --------------------------------------------------------------------------
 
@@ -95,13 +97,19 @@ class SpeedloaderApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#first-run").display = False
-        self.query_one("#offline", Static).update("Connecting to speedloaderd…")
+        # The main screen, also while a dialog is on top: signals keep arriving then.
+        self.ui = self.screen
+        self.ui.query_one("#first-run").display = False
+        self.ui.query_one("#offline", Static).update("Connecting to speedloaderd…")
         if self._connect:
             self.run_worker(self.link.run(), name="daemon-link", exclusive=True)
 
     async def on_unmount(self) -> None:
         self.link.stop()
+        for timer in (self._fast, self._slow):
+            if timer is not None:
+                timer.stop()
+        self._fast = self._slow = None
 
     # --- from the link -------------------------------------------------------------------
 
@@ -114,24 +122,28 @@ class SpeedloaderApp(App[None]):
 
     def _flush_fast(self) -> None:
         self._fast = None
+        if not self.ui.is_attached:
+            return  # the app is closing
         if JOBS in self._pending:
             self._pending.discard(JOBS)
-            self.query_one(TransfersPane).redraw(self.state)
-            self.query_one(TiersPane).redraw(self.state)  # a card shows its pool's job
+            self.ui.query_one(TransfersPane).redraw(self.state)
+            self.ui.query_one(TiersPane).redraw(self.state)  # a card shows its pool's job
         self._redrawn()
 
     def _flush_slow(self) -> None:
         self._slow = None
+        if not self.ui.is_attached:
+            return
         parts, self._pending = self._pending - {JOBS}, self._pending & {JOBS}
         self.redraw(parts)
 
     def redraw(self, parts: set[str]) -> None:
         if MODELS in parts or POOLS in parts:
-            self.query_one(ModelsPane).redraw(self.state)
+            self.ui.query_one(ModelsPane).redraw(self.state)
         if POOLS in parts:
-            self.query_one(TiersPane).redraw(self.state)
+            self.ui.query_one(TiersPane).redraw(self.state)
         if MODELS in parts or MANAGER_PART in parts:
-            self.query_one(SettingsPane).redraw(self.state)
+            self.ui.query_one(SettingsPane).redraw(self.state)
         if MANAGER_PART in parts:
             self._draw_banners()
         self._redrawn()
@@ -143,13 +155,13 @@ class SpeedloaderApp(App[None]):
     def _draw_banners(self) -> None:
         m = self.state.manager
         first_run = self.state.online and not m.config_valid
-        self.query_one("#first-run").display = first_run
+        self.ui.query_one("#first-run").display = first_run
         if first_run:
-            self.query_one("#first-run-text", Static).update(
+            self.ui.query_one("#first-run-text", Static).update(
                 "[b]Welcome to Speedloader.[/b] The daemon has no valid configuration yet: "
                 f"{m.config_error or 'none found'}. Set it up in Settings."
             )
-        offline = self.query_one("#offline", Static)
+        offline = self.ui.query_one("#offline", Static)
         offline.display = not self.state.online
         offline.update(
             "speedloaderd is not running (or not reachable). What you see may be stale; "
@@ -165,8 +177,11 @@ class SpeedloaderApp(App[None]):
                 self._slow = None
             self._pending |= self.state.take_dirty()
             parts, self._pending = set(self._pending), set()
-            self.query_one(TransfersPane).redraw(self.state)
+            self.ui.query_one(TransfersPane).redraw(self.state)
             self.redraw(parts | {MODELS, POOLS, MANAGER_PART})
+            hot = self.ui.query_one("#hot")
+            if hot.has_focus and not self.state_has_hot():
+                self.ui.query_one("#cold").focus()  # the list with something to act on
             if self._notified_offline:
                 self.notify("speedloaderd is back; view reloaded.", title="Reconnected")
                 self._notified_offline = False
@@ -181,6 +196,9 @@ class SpeedloaderApp(App[None]):
             self._job_done(detail)
         elif kind == "error":
             self.report(detail, "reading the daemon's state")
+
+    def state_has_hot(self) -> bool:
+        return any(m.hot for m in self.state.models.values())
 
     def _job_done(self, job: JobInfo) -> None:
         what = f"{job.operation} {job.model or job.pool}".strip()
@@ -317,13 +335,13 @@ class SpeedloaderApp(App[None]):
         )
 
     def run_health(self, repair: bool, verify: bool) -> None:
-        self.query_one("#health-summary", Static).update(
+        self.ui.query_one("#health-summary", Static).update(
             "Repairing…" if repair else "Checking…"
         )
         self.call_daemon(
             "repair" if repair else "health check",
             lambda c: c.manager("Health", "bb", repair, verify),
-            lambda r: self.query_one(HealthPane).show_report(bool(r[0]), list(r[1]), repair),
+            lambda r: self.ui.query_one(HealthPane).show_report(bool(r[0]), list(r[1]), repair),
         )
 
     def load_config(self) -> None:
@@ -332,7 +350,7 @@ class SpeedloaderApp(App[None]):
         self.call_daemon(
             "read the configuration",
             lambda c: c.manager("GetConfig"),
-            lambda text: self.query_one(SettingsPane).fill(json.loads(text or "{}")),
+            lambda text: self.ui.query_one(SettingsPane).fill(json.loads(text or "{}")),
         )
 
     def save_config(self, config: dict[str, Any]) -> None:
@@ -368,11 +386,15 @@ class SpeedloaderApp(App[None]):
     # --- actions -------------------------------------------------------------------------
 
     def action_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        # Let go of the focus first: a focused widget in the old pane would pull it back.
+        self.ui.set_focus(None)
+        self.ui.query_one(TabbedContent).active = tab
         self._focus_tab(tab)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        self._focus_tab(event.pane.id or "models")
+        # A click on a tab: give its pane the focus (keys 1-5 did so already).
+        if event.pane.id != self._focused_tab:
+            self._focus_tab(event.pane.id or "models")
 
     def _focus_tab(self, tab: str) -> None:
         pane = {
@@ -382,10 +404,16 @@ class SpeedloaderApp(App[None]):
             "settings": SettingsPane,
             "health": HealthPane,
         }[tab]
-        widget = self.query_one(pane)
+        self._focused_tab = tab
+        widget = self.ui.query_one(pane)
         focus = getattr(widget, "focus_models", None) or getattr(widget, "focus_first", None)
-        if focus is not None:
-            self.call_after_refresh(focus)
+
+        def focus_if_still_there() -> None:
+            # Focusing a widget in a hidden pane would switch back to it: only if current.
+            if focus is not None and self.ui.query_one(TabbedContent).active == tab:
+                focus()
+
+        self.call_after_refresh(focus_if_still_there)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -25,8 +25,6 @@ TEXT_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ssh-key": ("SSH key path (remote tiers)", ("sshKeyPath",)),
     "models-dir": ("Models dir (what the backend reads)", ("modelsDir",)),
     "cold": ("Cold storage (read-only master copies)", ("storage", "path")),
-    "ram-path": ("RAM pool 'local': mount path", ("ramdisk", "path")),
-    "ram-size": ("RAM pool 'local': size (e.g. 64G)", ("ramdisk", "size")),
 }
 SELECT_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "strategy": ("Placement strategy", ("modelPlacement", "defaultStrategy")),

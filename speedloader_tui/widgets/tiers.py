@@ -125,7 +125,7 @@ class TiersPane(VerticalScroll):
 
     def selected(self) -> PoolInfo | None:
         """The focused card's pool (or the only pool there is)."""
-        focused = self.app.focused
+        focused = self.screen.focused
         if focused is not None:
             for node in focused.ancestors_with_self:
                 if isinstance(node, PoolCard):

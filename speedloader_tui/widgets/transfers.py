@@ -27,6 +27,7 @@ COLUMNS = (
     ("rate", "Rate"),
     ("eta", "Left"),
     ("state", "State"),
+    ("message", "Message"),
 )
 
 
@@ -49,10 +50,9 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
     else:  # a finished job's last rate and ETA are history, not news
         rate, eta = "", ""
-    state = fmt.state(job.state)
-    if job.message and not job.running:
-        state.append(f"  {job.message}", style="dim")
-    return [Text(f"#{job.number}", style="dim"), what, progress, done, rate, eta, state]
+    message = Text(job.message, style="dim")
+    return [Text(f"#{job.number}", style="dim"), what, progress, done, rate, eta,
+            fmt.state(job.state), message]
 
 
 class TransfersPane(Vertical):
