@@ -169,16 +169,10 @@ class SpeedloaderApp(App[None]):
         )
 
     def _on_link_event(self, kind: str, detail: Any) -> None:
+        if kind in ("online", "offline", "bus-lost"):
+            self._redraw_now()
         if kind == "online":
             assert isinstance(detail, ManagerInfo)
-            # The first view of a (new) daemon: draw everything now, not in 0.5 s.
-            if self._slow is not None:
-                self._slow.stop()
-                self._slow = None
-            self._pending |= self.state.take_dirty()
-            parts, self._pending = set(self._pending), set()
-            self.ui.query_one(TransfersPane).redraw(self.state)
-            self.redraw(parts | {MODELS, POOLS, MANAGER_PART})
             hot = self.ui.query_one("#hot")
             if hot.has_focus and not self.state_has_hot():
                 self.ui.query_one("#cold").focus()  # the list with something to act on
@@ -187,7 +181,6 @@ class SpeedloaderApp(App[None]):
                 self._notified_offline = False
             self.load_config()
         elif kind in ("offline", "bus-lost"):
-            self._draw_banners()
             if not self._notified_offline:
                 self.notify(str(detail), title="Daemon unreachable", severity="warning")
                 self._notified_offline = True
@@ -196,6 +189,17 @@ class SpeedloaderApp(App[None]):
             self._job_done(detail)
         elif kind == "error":
             self.report(detail, "reading the daemon's state")
+
+    def _redraw_now(self) -> None:
+        """A (new) daemon appeared or went away: draw everything now, not in 0.5 s."""
+        for timer in (self._fast, self._slow):
+            if timer is not None:
+                timer.stop()
+        self._fast = self._slow = None
+        self.state.take_dirty()
+        self._pending = set()
+        self.ui.query_one(TransfersPane).redraw(self.state)
+        self.redraw({MODELS, POOLS, MANAGER_PART})
 
     def state_has_hot(self) -> bool:
         return any(m.hot for m in self.state.models.values())
@@ -213,9 +217,9 @@ class SpeedloaderApp(App[None]):
 
     # --- calls ---------------------------------------------------------------------------
 
-    def notify(self, message: str, **kw: Any) -> None:  # type: ignore[override]
-        super().notify(message, **kw)
-        self.redrawn.set()  # a test waiting for a notification wakes up
+    def _on_notify(self, event: Any) -> None:
+        super()._on_notify(event)
+        self.redrawn.set()  # the notification is on screen now: whoever waits for it wakes
 
     def report(self, err: BaseException, doing: str = "") -> None:
         e = explain(err, doing)

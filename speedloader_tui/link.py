@@ -126,6 +126,12 @@ class DaemonLink:
         def apply() -> None:
             if len(pending) < 2:
                 return
+            try:
+                adopt()
+            except Exception:
+                log.exception("adopting the daemon's state")
+
+        def adopt() -> None:
             if isinstance(pending["objects"], Exception) or isinstance(
                 pending["manager"], Exception
             ):
@@ -179,6 +185,12 @@ class DaemonLink:
     # --- signals -------------------------------------------------------------------------
 
     def _on_signal(self, msg: Message) -> None:
+        try:
+            self._handle_signal(msg)
+        except Exception:  # a bug in a view must not cut the link to the daemon
+            log.exception("handling %s from %s", msg.member, msg.path)
+
+    def _handle_signal(self, msg: Message) -> None:
         member = msg.member
         if member == "NameOwnerChanged" and msg.interface == DBUS:
             if msg.body[0] != BUS_NAME:

@@ -32,6 +32,12 @@ class PoolCard(Vertical, can_focus=True):
     def __init__(self, pool: PoolInfo, **kw: Any):
         super().__init__(classes="pool-card", **kw)
         self.pool = pool
+        self.job: JobInfo | None = None
+        self.ready = False  # children composed and mounted
+
+    def on_mount(self) -> None:
+        self.ready = True
+        self.draw(self.pool, self.job)
 
     def compose(self) -> ComposeResult:
         yield Static(classes="card-title")
@@ -44,7 +50,9 @@ class PoolCard(Vertical, can_focus=True):
             yield Button("Remove", name="remove", classes="do-remove", variant="error", compact=True)
 
     def draw(self, pool: PoolInfo, job: JobInfo | None) -> None:
-        self.pool = pool
+        self.pool, self.job = pool, job
+        if not self.ready:
+            return  # on_mount draws it
         show_path = self.app.show_path
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
@@ -107,8 +115,6 @@ class TiersPane(VerticalScroll):
             if not pools:
                 box.mount(Static("No RAM pools. Add one with '+ Add tier' (a).",
                                  classes="empty"))
-            self.call_after_refresh(self._draw_cards, state)
-            return
         self._draw_cards(state)
 
     def _draw_cards(self, state: DaemonState) -> None:
