@@ -21,11 +21,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="address to listen on with --web (default: %(default)s, this "
                          "machine only)")
     ap.add_argument("--port", type=int, default=5050, help="port for --web (default: 5050)")
+    ap.add_argument("--public-url", default=None,
+                    help="with --web behind a reverse proxy: the URL browsers use, e.g. "
+                         "https://gpu1.example/speedloader")
     args = ap.parse_args(argv)
     if args.web:
         from .web import serve
 
-        return serve(args.host, args.port, args.bus)
+        return serve(args.host, args.port, args.bus, args.public_url)
     from .app import SpeedloaderApp
 
     SpeedloaderApp(args.bus).run()
