@@ -76,11 +76,16 @@ class DashboardSession(AppService):
     async def stop(self) -> None:
         """Ask the app to quit; kill it if it has not within the grace period."""
         try:
-            await asyncio.wait_for(super().stop(), QUIT_GRACE_S)
+            await asyncio.wait_for(self._quit(), QUIT_GRACE_S)
         except Exception as err:  # a dead pipe, a timeout: the process is reaped below
             log.info("session %s: no clean quit (%r)", self.app_service_id[:8], err)
         finally:
             await self._reap()
+
+    async def _quit(self) -> None:
+        await super().stop()  # sends "quit", waits for the app's output to end
+        if self._process is not None:
+            await self._process.wait()
 
     async def _reap(self) -> None:
         process = self._process
@@ -121,7 +126,28 @@ class DashboardServer(Server):
         self.sessions: set[DashboardSession] = set()
 
     async def on_startup(self, app: web.Application) -> None:
-        log.info("serving the Speedloader dashboard on %s", self.public_url)
+        pass  # textual-serve prints a banner here, before the port is even open
+
+    def serve(self, debug: bool = False) -> None:
+        self.debug = debug
+        self.initialize_logging()
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        runner = web.AppRunner(await self._make_app(), handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+            # Said once the port accepts connections: scripts and tests may wait for it.
+            log.info("serving the Speedloader dashboard on %s", self.public_url)
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stopping.set)
+            await stopping.wait()
+            log.info("stopping: ending %d session(s)", len(self.sessions))
+        finally:
+            await runner.cleanup()  # on_shutdown ends every session
 
     async def on_shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(s.stop() for s in list(self.sessions)), return_exceptions=True)

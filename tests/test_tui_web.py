@@ -112,6 +112,7 @@ def test_a_browser_leaving_leaves_no_dashboard_process(web, when):
     how = web.expect(rf"app process {pid} ended \((\w+)").group(1)
     assert processes_in_group(pid) == [], f"dashboard {pid} outlived its session"
     assert how in ("quit", "terminated", "killed")
+    print(f"[{when}] dashboard {pid} ended: {how}")
 
 
 def test_stopping_the_server_ends_every_session(web):
