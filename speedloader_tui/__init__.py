@@ -1,0 +1,1 @@
+"""speedloader-tui: the Textual dashboard of speedloaderd (terminal and browser)."""

@@ -1,0 +1,440 @@
+"""speedloader-tui: the live dashboard of speedloaderd, an unprivileged bus client.
+
+State flows one way: the link applies the daemon's signals to ``DaemonState`` and calls
+``on_change``; the app redraws what changed, transfers at most every ``FAST`` seconds
+and everything else at most every ``SLOW`` seconds, and nothing at all while the bus is
+quiet (no timer runs when nothing is pending). Actions go out as calls; their failures
+come back as one readable notification each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.timer import Timer
+from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
+
+from speedloader_cli.client import Client, ClientError
+
+from .errors import explain
+from .link import DaemonLink
+from .screens.dialogs import ConfirmScreen, FormScreen, PickPoolScreen, PinScreen
+from .screens.help import HelpScreen
+from .state import JOBS, MANAGER_PART, MODELS, POOLS, DaemonState, JobInfo, ManagerInfo
+from .widgets.health import HealthPane
+from .widgets.models import ModelsPane
+from .widgets.settings import SettingsPane
+from .widgets.tiers import TiersPane
+from .widgets.transfers import TransfersPane
+
+FAST = 0.1  # transfers: ~10 Hz at most
+SLOW = 0.5  # tables, cards, banners: 2 Hz at most
+TABS = ("models", "tiers", "transfers", "settings", "health")
+
+
+class SpeedloaderApp(App[None]):
+    CSS_PATH = "speedloader.tcss"
+    AUTO_FOCUS = "#hot"
+    TITLE = "Speedloader"
+    SUB_TITLE = "models in RAM"
+    BINDINGS = [
+        Binding("1", "tab('models')", "Models", show=False),
+        Binding("2", "tab('tiers')", "Tiers", show=False),
+        Binding("3", "tab('transfers')", "Transfers", show=False),
+        Binding("4", "tab('settings')", "Settings", show=False),
+        Binding("5", "tab('health')", "Health", show=False),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        show_path: Callable[[str], str] | None = None,
+        connect: bool = True,
+    ):
+        """``address``: the system bus (default: DBUS_SYSTEM_BUS_ADDRESS or the usual
+        socket). ``show_path`` rewrites paths for display (tests mask temp dirs)."""
+        super().__init__()
+        self.state = DaemonState()
+        self.show_path: Callable[[str], str] = show_path or (lambda p: p)
+        self.link = DaemonLink(self.state, address, self._on_change, self._on_link_event)
+        self._connect = connect
+        self._pending: set[str] = set()
+        self._fast: Timer | None = None
+        self._slow: Timer | None = None
+        self.redraws = 0
+        self.redrawn = asyncio.Event()  # set after every redraw; tests wait on it
+        self._notified_offline = False
+        self._focused_tab = "models"  # AUTO_FOCUS starts there
+
+    # --- layout --------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="first-run", classes="banner"):
+            yield Static(id="first-run-text")
+            yield Button("Open Settings", id="open-settings", variant="warning", compact=True)
+        yield Static(id="offline", classes="banner")
+        with TabbedContent(id="tabs"):
+            with TabPane("Models [1]", id="models"):
+                yield ModelsPane(id="models-pane")
+            with TabPane("Tiers [2]", id="tiers"):
+                yield TiersPane(id="tiers-pane")
+            with TabPane("Transfers [3]", id="transfers"):
+                yield TransfersPane(id="transfers-pane")
+            with TabPane("Settings [4]", id="settings"):
+                yield SettingsPane(id="settings-pane")
+            with TabPane("Health [5]", id="health"):
+                yield HealthPane(id="health-pane")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # The main screen, also while a dialog is on top: signals keep arriving then.
+        self.ui = self.screen
+        self.ui.query_one("#first-run").display = False
+        self.ui.query_one("#offline", Static).update("Connecting to speedloaderd…")
+        if self._connect:
+            self.run_worker(self.link.run(), name="daemon-link", exclusive=True)
+
+    async def on_unmount(self) -> None:
+        self.link.stop()
+        for timer in (self._fast, self._slow):
+            if timer is not None:
+                timer.stop()
+        self._fast = self._slow = None
+
+    # --- from the link -------------------------------------------------------------------
+
+    def _on_change(self) -> None:
+        self._pending |= self.state.take_dirty()
+        if JOBS in self._pending and self._fast is None:
+            self._fast = self.set_timer(FAST, self._flush_fast)
+        if self._pending - {JOBS} and self._slow is None:
+            self._slow = self.set_timer(SLOW, self._flush_slow)
+
+    def _flush_fast(self) -> None:
+        self._fast = None
+        if not self.ui.is_attached:
+            return  # the app is closing
+        if JOBS in self._pending:
+            self._pending.discard(JOBS)
+            self.ui.query_one(TransfersPane).redraw(self.state)
+            self.ui.query_one(TiersPane).redraw(self.state)  # a card shows its pool's job
+        self._redrawn()
+
+    def _flush_slow(self) -> None:
+        self._slow = None
+        if not self.ui.is_attached:
+            return
+        parts, self._pending = self._pending - {JOBS}, self._pending & {JOBS}
+        self.redraw(parts)
+
+    def redraw(self, parts: set[str]) -> None:
+        if MODELS in parts or POOLS in parts:
+            self.ui.query_one(ModelsPane).redraw(self.state)
+        if POOLS in parts:
+            self.ui.query_one(TiersPane).redraw(self.state)
+        if MODELS in parts or MANAGER_PART in parts:
+            self.ui.query_one(SettingsPane).redraw(self.state)
+        if MANAGER_PART in parts:
+            self._draw_banners()
+        self._redrawn()
+
+    def _redrawn(self) -> None:
+        self.redraws += 1
+        self.redrawn.set()
+
+    def _draw_banners(self) -> None:
+        m = self.state.manager
+        first_run = self.state.online and not m.config_valid
+        self.ui.query_one("#first-run").display = first_run
+        if first_run:
+            self.ui.query_one("#first-run-text", Static).update(
+                "[b]Welcome to Speedloader.[/b] The daemon has no valid configuration yet: "
+                f"{m.config_error or 'none found'}. Set it up in Settings."
+            )
+        offline = self.ui.query_one("#offline", Static)
+        offline.display = not self.state.online
+        offline.update(
+            "speedloaderd is not running (or not reachable). What you see may be stale; "
+            "this view reconnects by itself when the daemon is back."
+        )
+
+    def _on_link_event(self, kind: str, detail: Any) -> None:
+        if kind in ("online", "offline", "bus-lost"):
+            self._redraw_now()
+        if kind == "online":
+            assert isinstance(detail, ManagerInfo)
+            hot = self.ui.query_one("#hot")
+            if hot.has_focus and not self.state_has_hot():
+                self.ui.query_one("#cold").focus()  # the list with something to act on
+            if self._notified_offline:
+                self.notify("speedloaderd is back; view reloaded.", title="Reconnected")
+                self._notified_offline = False
+            self.load_config()
+        elif kind in ("offline", "bus-lost"):
+            if not self._notified_offline:
+                self.notify(str(detail), title="Daemon unreachable", severity="warning")
+                self._notified_offline = True
+        elif kind == "job-done":
+            assert isinstance(detail, JobInfo)
+            self._job_done(detail)
+        elif kind == "error":
+            self.report(detail, "reading the daemon's state")
+
+    def _redraw_now(self) -> None:
+        """A (new) daemon appeared or went away: draw everything now, not in 0.5 s."""
+        for timer in (self._fast, self._slow):
+            if timer is not None:
+                timer.stop()
+        self._fast = self._slow = None
+        self.state.take_dirty()
+        self._pending = set()
+        self.ui.query_one(TransfersPane).redraw(self.state)
+        self.redraw({MODELS, POOLS, MANAGER_PART})
+
+    def state_has_hot(self) -> bool:
+        return any(m.hot for m in self.state.models.values())
+
+    def _job_done(self, job: JobInfo) -> None:
+        what = f"{job.operation} {job.model or job.pool}".strip()
+        if job.state == "succeeded":
+            self.notify(job.message or f"{what}: done", title=f"Done: {what}", timeout=4)
+        elif job.state == "cancelled" or "cancel" in job.message.lower():
+            self.notify(job.message or f"{what}: cancelled", title=f"Cancelled: {what}",
+                        severity="warning")
+        else:
+            self.notify(job.message or f"{what}: failed", title=f"Failed: {what}",
+                        severity="error", timeout=10)
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _on_notify(self, event: Any) -> None:
+        super()._on_notify(event)
+        self.redrawn.set()  # the notification is on screen now: whoever waits for it wakes
+
+    def report(self, err: BaseException, doing: str = "") -> None:
+        e = explain(err, doing)
+        self.notify(e.sentence, title=e.title, severity=e.severity,  # type: ignore[arg-type]
+                    timeout=10, markup=False)
+
+    def call_daemon(
+        self,
+        doing: str,
+        fn: Callable[[Client], Awaitable[Any]],
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Run one call in a worker; on failure, one notification that says why."""
+
+        async def work() -> None:
+            try:
+                result = await self.link.call(fn)
+            except ClientError as err:
+                self.report(err, doing)
+                return
+            if then is not None:
+                then(result)
+                self._redrawn()
+
+        self.run_worker(work(), group="calls")
+
+    def promote(self, model: str, pool: str = "") -> None:
+        self.call_daemon(f"promote {model}", lambda c: c.promote(model, pool))
+
+    def demote(self, model: str) -> None:
+        self.call_daemon(f"demote {model}", lambda c: c.demote(model))
+
+    def pin(self, model: str, pool: str) -> None:
+        self.call_daemon(
+            f"pin {model} to {pool}",
+            lambda c: c.pin(model, pool),
+            lambda _: self.notify(f"{model} is pinned to {pool}.", title="Pinned", timeout=4),
+        )
+
+    def unpin(self, model: str) -> None:
+        self.call_daemon(
+            f"unpin {model}",
+            lambda c: c.unpin(model),
+            lambda _: self.notify(f"{model} is no longer pinned.", title="Unpinned", timeout=4),
+        )
+
+    def cancel_job(self, path: str) -> None:
+        self.call_daemon("cancel", lambda c: c.cancel(path))
+
+    def pool_action(self, what: str, name: str) -> None:
+        pool = self.state.pool_by_name(name)
+        if pool is None:
+            return
+        if what == "connect":
+            self.call_daemon(f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"))
+        elif what == "disconnect":
+            hot = [m.name for m in self.state.models.values() if m.tier == name]
+            self.confirm_then(
+                f"Disconnect pool {name}? "
+                + (f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
+                   if hot else "It holds no models."),
+                lambda: self.call_daemon(
+                    f"disconnect {name}", lambda c: c.pool_call(pool.path, "Disconnect")
+                ),
+            )
+        elif what == "resize":
+
+            def resize(answer: dict[str, str] | None) -> None:
+                if answer and answer["size"]:
+                    size = answer["size"]
+                    self.confirm_then(
+                        f"Resize pool {name} to {size}?",
+                        lambda: self.call_daemon(
+                            f"resize {name}",
+                            lambda c: c.pool_call(pool.path, "Resize", "s", size),
+                        ),
+                    )
+
+            self.push_screen(
+                FormScreen(f"Resize pool {name}", [("size", "New size (e.g. 8G)", "")]), resize
+            )
+        elif what == "remove":
+            self.confirm_then(
+                f"Remove pool {name} from the configuration?",
+                lambda: self.call_daemon(
+                    f"remove {name}",
+                    lambda c: c.manager("RemovePool", "s", name),
+                    lambda _: self.notify(f"Pool {name} removed.", title="Removed", timeout=4),
+                ),
+            )
+
+    def add_pool(self) -> None:
+        def add(answer: dict[str, str] | None) -> None:
+            if not answer:
+                return
+            try:
+                speed = int(answer["speed"] or "100")
+            except ValueError:
+                self.notify(f"speed {answer['speed']!r} is not a whole number",
+                            title="Invalid argument", severity="error")
+                return
+            name, path, size = answer["name"], answer["path"], answer["size"]
+            self.call_daemon(
+                f"add pool {name}",
+                lambda c: c.manager("AddPool", "sssu", name, path, size, speed),
+                lambda _: self.notify(f"Pool {name} added; connect it with n.",
+                                      title="Added", timeout=4),
+            )
+
+        self.push_screen(
+            FormScreen(
+                "Add a RAM tier (a local tmpfs pool)",
+                [("name", "Name", ""), ("path", "Mount path", ""),
+                 ("size", "Size (e.g. 16G)", ""), ("speed", "Speed rating", "100")],
+            ),
+            add,
+        )
+
+    def run_health(self, repair: bool, verify: bool) -> None:
+        self.ui.query_one("#health-summary", Static).update(
+            "Repairing…" if repair else "Checking…"
+        )
+        self.call_daemon(
+            "repair" if repair else "health check",
+            lambda c: c.manager("Health", "bb", repair, verify),
+            lambda r: self.ui.query_one(HealthPane).show_report(bool(r[0]), list(r[1]), repair),
+        )
+
+    def load_config(self) -> None:
+        if not self.state.online:
+            return
+        self.call_daemon(
+            "read the configuration",
+            lambda c: c.manager("GetConfig"),
+            lambda text: self.ui.query_one(SettingsPane).fill(json.loads(text or "{}")),
+        )
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        def saved(_: Any) -> None:
+            self.notify("Configuration saved and adopted by the daemon.", title="Saved",
+                        timeout=4)
+            self.load_config()
+
+        self.call_daemon(
+            "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved
+        )
+
+    # --- dialogs -------------------------------------------------------------------------
+
+    def confirm_then(self, question: str, action: Callable[[], None]) -> None:
+        self.push_screen(ConfirmScreen(question), lambda yes: action() if yes else None)
+
+    def pick_pool_then(self, question: str, action: Callable[[str], None]) -> None:
+        pools = sorted(self.state.pools.values(), key=lambda p: (-p.speed, p.name))
+        if not pools:
+            self.notify("There is no pool to choose.", severity="warning")
+            return
+        self.push_screen(PickPoolScreen(question, pools),
+                         lambda pool: action(pool) if pool else None)
+
+    def pin_dialog(self) -> None:
+        models = sorted(m.name for m in self.state.models.values())
+        self.push_screen(
+            PinScreen(models, self.state.pool_names()),
+            lambda answer: self.pin(*answer) if answer else None,
+        )
+
+    # --- actions -------------------------------------------------------------------------
+
+    def action_tab(self, tab: str) -> None:
+        # Let go of the focus first: a focused widget in the old pane would pull it back.
+        self.ui.set_focus(None)
+        self.ui.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        # A click on a tab: give its pane the focus (keys 1-5 did so already).
+        if event.pane.id != self._focused_tab:
+            self._focus_tab(event.pane.id or "models")
+
+    def _focus_tab(self, tab: str) -> None:
+        pane = {
+            "models": ModelsPane,
+            "tiers": TiersPane,
+            "transfers": TransfersPane,
+            "settings": SettingsPane,
+            "health": HealthPane,
+        }[tab]
+        self._focused_tab = tab
+        widget = self.ui.query_one(pane)
+        focus = getattr(widget, "focus_models", None) or getattr(widget, "focus_first", None)
+
+        def focus_if_still_there() -> None:
+            # Focusing a widget in a hidden pane would switch back to it: only if current.
+            if focus is not None and self.ui.query_one(TabbedContent).active == tab:
+                focus()
+
+        self.call_after_refresh(focus_if_still_there)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "open-settings":
+            self.action_tab("settings")
+
+    # --- for tests and scripts -----------------------------------------------------------
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        """Return once ``predicate()`` holds after a redraw; TimeoutError otherwise."""
+
+        async def wait() -> None:
+            while not predicate():
+                self.redrawn.clear()
+                await self.redrawn.wait()
+
+        await asyncio.wait_for(wait(), timeout)

@@ -1,0 +1,232 @@
+"""The dashboard's connection to speedloaderd: one snapshot, then signals; and back again
+when the daemon restarts.
+
+- At connect: subscribe to the daemon's signals and to NameOwnerChanged for its name,
+  then one GetManagedObjects (+ the Manager's GetAll). Their replies are handled in
+  message order, between the signals around them, so the snapshot neither misses a
+  change nor overwrites a newer one.
+- NameOwnerChanged with no new owner: the daemon left; everything shown goes stale and
+  running jobs are gone. A new owner: the daemon is back; load a fresh snapshot.
+- The bus connection itself lost: reconnect, waiting a little longer each time.
+
+There is no timer and no polling: when nothing happens on the bus, nothing runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import Message, MessageType
+
+from speedloader_cli.client import (
+    BUS_NAME,
+    JOB,
+    MANAGER,
+    OBJECT_MANAGER,
+    PROPERTIES,
+    ROOT,
+    Client,
+    ClientError,
+    unwrap,
+)
+
+from .state import DaemonState, JobInfo
+
+log = logging.getLogger(__name__)
+
+DBUS = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+OWNER_RULE = (
+    f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
+    f"arg0='{BUS_NAME}'"
+)
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class DaemonLink:
+    """Keeps ``state`` current and tells the app when it changed.
+
+    ``on_change()`` runs after any change to ``state``; ``on_event(kind, text)`` reports
+    what a person should hear about: ``online``, ``offline``, ``bus-lost``, ``job-done``.
+    """
+
+    def __init__(
+        self,
+        state: DaemonState,
+        address: str | None,
+        on_change: Callable[[], None],
+        on_event: Callable[[str, Any], None],
+    ):
+        self.state = state
+        self.address = address
+        self.on_change = on_change
+        self.on_event = on_event
+        self.client: Client | None = None
+        self.loads = 0  # snapshots taken (1 per (re)connection of the daemon)
+        self._stopping = False
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until ``stop()``."""
+        failures = 0
+        while not self._stopping:
+            try:
+                client = await Client.connect(self.address)
+            except ClientError as err:
+                if failures == 0:
+                    self.on_event("bus-lost", err.message)
+                await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+                failures += 1
+                continue
+            failures = 0
+            self.client = client
+            try:
+                await self._attach(client)
+                await client.bus.wait_for_disconnect()
+            except (ClientError, EOFError, OSError) as err:
+                log.info("bus connection ended: %s", err)
+            finally:
+                self.client = None
+                with contextlib.suppress(Exception):
+                    client.close()
+            if self._stopping:
+                return
+            self.state.go_offline()
+            self.on_change()
+            self.on_event("bus-lost", "lost the connection to the system bus; reconnecting")
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.client is not None:
+            self.client.close()
+
+    async def _attach(self, client: Client) -> None:
+        client.add_listener(self._on_signal)
+        await client.call(DBUS_PATH, DBUS, "AddMatch", "s", [OWNER_RULE], destination=DBUS)
+        await client.subscribe()
+        owned = await client.call(
+            DBUS_PATH, DBUS, "NameHasOwner", "s", [BUS_NAME], destination=DBUS
+        )
+        if owned:
+            self._load(client)
+        else:
+            self.state.go_offline()
+            self.on_change()
+            self.on_event("offline", "speedloaderd is not running; waiting for it to start")
+
+    def _load(self, client: Client) -> None:
+        """Ask for the whole state; the replies are applied in message order."""
+        pending: dict[str, Any] = {}
+
+        def apply() -> None:
+            if len(pending) < 2:
+                return
+            try:
+                adopt()
+            except Exception:
+                log.exception("adopting the daemon's state")
+
+        def adopt() -> None:
+            if isinstance(pending["objects"], Exception) or isinstance(
+                pending["manager"], Exception
+            ):
+                err = pending["objects"] if isinstance(pending["objects"], Exception) else (
+                    pending["manager"]
+                )
+                self.on_event("error", err)
+                return
+            self.state.load(pending["objects"])
+            self.state.manager.update(pending["manager"])
+            self.loads += 1
+            self.on_change()
+            self.on_event("online", self.state.manager)
+
+        def reply_to(key: str) -> Callable[[Message | None, Exception | None], None]:
+            def on_reply(reply: Message | None, err: Exception | None) -> None:
+                if err is not None or reply is None:
+                    pending[key] = ClientError("Failed", str(err))
+                elif reply.message_type is MessageType.ERROR:
+                    text = reply.body[0] if reply.body else reply.error_name
+                    pending[key] = ClientError(reply.error_name or "Failed", str(text))
+                else:
+                    pending[key] = unwrap(reply.body[0])
+                apply()
+
+            return on_reply
+
+        # Not client.call(): its reply resumes a coroutine only after the signals that
+        # followed the reply were handled, and the stale snapshot would win.
+        client.bus._call(
+            Message(
+                destination=BUS_NAME,
+                path=ROOT,
+                interface=OBJECT_MANAGER,
+                member="GetManagedObjects",
+            ),
+            reply_to("objects"),
+        )
+        client.bus._call(
+            Message(
+                destination=BUS_NAME,
+                path=ROOT,
+                interface=PROPERTIES,
+                member="GetAll",
+                signature="s",
+                body=[MANAGER],
+            ),
+            reply_to("manager"),
+        )
+
+    # --- signals -------------------------------------------------------------------------
+
+    def _on_signal(self, msg: Message) -> None:
+        try:
+            self._handle_signal(msg)
+        except Exception:  # a bug in a view must not cut the link to the daemon
+            log.exception("handling %s from %s", msg.member, msg.path)
+
+    def _handle_signal(self, msg: Message) -> None:
+        member = msg.member
+        if member == "NameOwnerChanged" and msg.interface == DBUS:
+            if msg.body[0] != BUS_NAME:
+                return
+            if msg.body[2]:
+                if self.client is not None:
+                    self._load(self.client)
+            else:
+                self.state.go_offline()
+                self.on_change()
+                self.on_event("offline", "speedloaderd stopped; waiting for it to come back")
+            return
+        if not self.state.online:
+            return
+        if member == "PropertiesChanged" and msg.interface == PROPERTIES:
+            self.state.changed(msg.path, msg.body[0], unwrap(msg.body[1]))
+        elif member == "InterfacesAdded" and msg.path == ROOT:
+            self.state.add(msg.body[0], unwrap(msg.body[1]))
+        elif member == "InterfacesRemoved" and msg.path == ROOT:
+            self.state.remove(msg.body[0], list(msg.body[1]))
+        elif member == "Completed" and msg.interface == JOB:
+            job = self.state.completed(msg.path, bool(msg.body[0]), str(msg.body[1]))
+            self.on_change()
+            self.on_event("job-done", job or JobInfo(msg.path, message=str(msg.body[1])))
+            return
+        else:
+            return
+        self.on_change()
+
+    # --- calls ---------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[Client], Awaitable[Any]]) -> Any:
+        """Run ``fn(client)``; raise ClientError (unreachable) when there is no connection."""
+        client = self.client
+        if client is None:
+            raise ClientError(
+                "org.freedesktop.DBus.Error.Disconnected", "not connected to the system bus"
+            )
+        return await fn(client)

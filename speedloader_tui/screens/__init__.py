@@ -1,0 +1,1 @@
+"""Modal screens: confirmation, pool picker, prompts, pin dialog, help."""

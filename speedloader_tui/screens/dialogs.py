@@ -1,0 +1,153 @@
+"""Small modal dialogs: confirm, pick a pool, ask for values. Each returns its answer
+through ``dismiss`` (None when the user backs out with Escape or Cancel)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, OptionList, Select
+from textual.widgets.option_list import Option
+
+from .. import fmt
+from ..state import PoolInfo
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str):
+        super().__init__(classes="dialog-screen")
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question, classes="dialog-question")
+            with Horizontal(classes="buttons"):
+                yield Button("Yes (y)", id="yes", variant="error", compact=True)
+                yield Button("No (n)", id="no", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class PickPoolScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "back", "Cancel")]
+
+    def __init__(self, question: str, pools: list[PoolInfo]):
+        super().__init__(classes="dialog-screen")
+        self.question = question
+        self.pools = pools
+
+    def compose(self) -> ComposeResult:
+        options = []
+        for p in self.pools:
+            line = Text(f"{p.name:<14}", style="bold")
+            if p.connected:
+                line.append(f"{fmt.size(p.free):>10} free of {fmt.size(p.size):<10}")
+            else:
+                line.append("disconnected".ljust(30), style="dim")
+            line.append(f" speed {p.speed}", style="cyan")
+            options.append(Option(line, id=p.name))
+        with Vertical(classes="dialog"):
+            yield Label(self.question, classes="dialog-question")
+            yield OptionList(*options, id="pool-choice")
+            yield Label("Enter to choose, Escape to cancel", classes="dim")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_back(self) -> None:
+        self.dismiss(None)
+
+
+class FormScreen(ModalScreen[dict[str, str] | None]):
+    """Ask for a few text values; Enter in the last field (or OK) answers."""
+
+    BINDINGS = [Binding("escape", "back", "Cancel")]
+
+    def __init__(self, title: str, fields: list[tuple[str, str, str]]):
+        """``fields``: (key, label, initial value)."""
+        super().__init__(classes="dialog-screen")
+        self.title_text = title
+        self.fields = fields
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="dialog-question")
+            with Grid(classes="dialog-form"):
+                for key, label, value in self.fields:
+                    yield Label(label)
+                    yield Input(value=value, id=f"f-{key}")
+            with Horizontal(classes="buttons"):
+                yield Button("OK", id="ok", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def answer(self) -> dict[str, str]:
+        return {k: self.query_one(f"#f-{k}", Input).value.strip() for k, _, _ in self.fields}
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        inputs = list(self.query(Input))
+        i = inputs.index(event.input)
+        if i + 1 < len(inputs):
+            inputs[i + 1].focus()
+        else:
+            self.dismiss(self.answer())
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(self.answer() if event.button.id == "ok" else None)
+
+    def action_back(self) -> None:
+        self.dismiss(None)
+
+
+class PinScreen(ModalScreen[tuple[str, str] | None]):
+    """Pin a model to a pool: choose both."""
+
+    BINDINGS = [Binding("escape", "back", "Cancel")]
+
+    def __init__(self, models: list[str], pools: list[str]):
+        super().__init__(classes="dialog-screen")
+        self.models = models
+        self.pools = pools
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Pin a model to a tier", classes="dialog-question")
+            with Grid(classes="dialog-form"):
+                yield Label("Model")
+                yield Select([(m, m) for m in self.models], id="pin-model-choice",
+                             prompt="choose a model")
+                yield Label("Pool")
+                yield Select([(p, p) for p in self.pools], id="pin-pool-choice",
+                             prompt="choose a pool")
+            with Horizontal(classes="buttons"):
+                yield Button("Pin", id="ok", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id != "ok":
+            self.dismiss(None)
+            return
+        model: Any = self.query_one("#pin-model-choice", Select).value
+        pool: Any = self.query_one("#pin-pool-choice", Select).value
+        if model is Select.NULL or pool is Select.NULL:
+            self.app.notify("Choose a model and a pool.", severity="warning")
+            return
+        self.dismiss((str(model), str(pool)))
+
+    def action_back(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,1 @@
+"""The panes of the dashboard's tabs and their parts."""

@@ -1,0 +1,93 @@
+"""The Health tab: the daemon's own check of links, pools and copies; repair on request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Checkbox, DataTable, Static
+
+if TYPE_CHECKING:
+    from ..app import SpeedloaderApp
+
+STATUS_STYLES = {"ok": "green", "warning": "yellow", "error": "bold red", "fixed": "cyan"}
+
+
+class HealthPane(Vertical):
+    BINDINGS = [
+        Binding("h", "check", "Check"),
+        Binding("r", "repair", "Repair"),
+        Binding("v", "toggle_verify", "Verify digests"),
+    ]
+
+    app: SpeedloaderApp
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="health-tools"):
+            yield Button("Check (h)", id="health-check", variant="primary", compact=True)
+            yield Button("Repair… (r)", id="health-repair", variant="warning", compact=True)
+            yield Checkbox("verify digests (reads every hot byte) (v)", id="verify",
+                           compact=True)
+        yield Static("No report yet: press h to ask the daemon for one.", id="health-summary")
+        yield DataTable(id="findings", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#findings", DataTable)
+        for key, label in (("status", "Status"), ("check", "Check"), ("subject", "Subject"),
+                           ("message", "Finding"), ("repaired", "Repaired")):
+            table.add_column(label, key=key)
+
+    @property
+    def verify(self) -> bool:
+        return self.query_one("#verify", Checkbox).value
+
+    def show_report(self, ok: bool, findings: list[list[Any]], repaired: bool) -> None:
+        table = self.query_one("#findings", DataTable)
+        table.clear()
+        problems = 0
+        for check, status, subject, message, fixed in findings:
+            if status != "ok":
+                problems += 1
+            table.add_row(
+                Text(status, style=STATUS_STYLES.get(status, "")),
+                check,
+                self.app.show_path(subject),
+                self.app.show_path(message),
+                "yes" if fixed else "",
+            )
+        verdict = Text()
+        if ok:
+            verdict.append("Healthy", style="bold green")
+        else:
+            verdict.append("Problems found", style="bold red")
+        verdict.append(f": {len(findings)} finding(s), {problems} not ok")
+        if repaired:
+            verdict.append(" · repair was run", style="cyan")
+        if not ok and not repaired:
+            verdict.append(" · press r to repair", style="yellow")
+        self.query_one("#health-summary", Static).update(verdict)
+
+    def action_check(self) -> None:
+        self.app.run_health(repair=False, verify=self.verify)
+
+    def action_repair(self) -> None:
+        self.app.confirm_then(
+            "Repair: repoint broken links to cold storage and remove orphaned copies?",
+            lambda: self.app.run_health(repair=True, verify=self.verify),
+        )
+
+    def action_toggle_verify(self) -> None:
+        box = self.query_one("#verify", Checkbox)
+        box.value = not box.value
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "health-check":
+            self.action_check()
+        elif event.button.id == "health-repair":
+            self.action_repair()
+
+    def focus_first(self) -> None:
+        self.query_one("#health-check", Button).focus()

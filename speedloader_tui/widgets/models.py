@@ -1,0 +1,276 @@
+"""The Models tab: the pools' usage at a glance, then HOT (in RAM) and COLD (storage only)
+side by side; filter as you type, sort by any column."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Input, Label, Static
+
+from .. import fmt
+from ..state import DaemonState, ModelInfo, PoolInfo
+
+if TYPE_CHECKING:
+    from ..app import SpeedloaderApp
+
+SORTS: dict[str, Callable[[ModelInfo], Any]] = {
+    "name": lambda m: m.name,
+    "size": lambda m: (-m.size, m.name),
+    "state": lambda m: (m.state, m.name),
+    "tier": lambda m: (m.tier, m.name),
+    "format": lambda m: (m.format, m.name),
+    "pin": lambda m: (m.pinned_pool == "", m.pinned_pool, m.name),
+}
+SORT_ORDER = list(SORTS)
+
+HOT_COLUMNS = (("name", "Model"), ("size", "Size"), ("tier", "Pool"), ("pin", "Pinned"),
+               ("state", "State"))
+COLD_COLUMNS = (("name", "Model"), ("size", "Size"), ("format", "Format"), ("pin", "Pinned"),
+                ("state", "State"))
+
+
+def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
+    cells: dict[str, Any] = {
+        "name": Text(m.name, style="bold" if m.hot else ""),
+        "size": Text(fmt.size(m.size), justify="right"),
+        "tier": m.tier,
+        "format": m.format,
+        "pin": m.pinned_pool or "",
+        "state": fmt.state(m.state) if not m.problems else Text(
+            f"{m.state}: {m.problems[0]}", style="bold red"
+        ),
+    }
+    return [cells[key] for key, _ in columns]
+
+
+def pool_line(p: PoolInfo, width: int, show_path: Callable[[str], str]) -> Text:
+    line = Text()
+    line.append(f"{p.name:<12.12}", style="bold")
+    if p.connected:
+        line.append_text(fmt.bar(p.fraction, width, fmt.usage_style(p.fraction)))
+        line.append(f" {p.fraction * 100:3.0f}%  ")
+        line.append(f"{fmt.size(p.used)} / {fmt.size(p.size)}")
+    else:
+        line.append("·" * width, style="dim")
+        line.append(f"   —   {fmt.size(p.size)} when connected", style="dim")
+    line.append(f"  speed {p.speed}", style="cyan")
+    line.append("  ")
+    line.append_text(fmt.state("connected" if p.connected else p.state or "unknown"))
+    line.append(f"  {show_path(p.mount)}", style="dim")
+    return line
+
+
+class ModelTable(DataTable):
+    """One of the two columns. Rows are keyed by the model's object path."""
+
+    def __init__(self, columns: Sequence[tuple[str, str]], **kw: Any):
+        super().__init__(cursor_type="row", zebra_stripes=True, **kw)
+        self.spec = columns
+        self.keys: list[str] = []
+        self.cells: dict[str, list[Any]] = {}
+
+    def on_mount(self) -> None:
+        for key, label in self.spec:
+            self.add_column(label, key=key)
+
+    @property
+    def selected_key(self) -> str | None:
+        if not self.keys or self.cursor_row < 0 or self.cursor_row >= len(self.keys):
+            return None
+        return self.keys[self.cursor_row]
+
+    def show(self, models: list[ModelInfo]) -> None:
+        """Make the rows say ``models`` in this order, touching only what changed."""
+        keys = [m.path for m in models]
+        rows = {m.path: model_cells(m, self.spec) for m in models}
+        if keys == self.keys:
+            for key in keys:
+                old, new = self.cells.get(key), rows[key]
+                if old is None or [str(c) for c in old] != [str(c) for c in new]:
+                    for (col, _), value in zip(self.spec, new, strict=True):
+                        self.update_cell(key, col, value)
+            self.cells = rows
+            return
+        selected = self.selected_key
+        self.clear()
+        for key in keys:
+            self.add_row(*rows[key], key=key)
+        self.keys, self.cells = keys, rows
+        if selected in rows:
+            self.move_cursor(row=keys.index(selected), animate=False)
+
+
+class ModelsPane(Vertical):
+    BINDINGS = [
+        Binding("p", "promote", "Promote"),
+        Binding("P", "promote_to", "Promote to…"),
+        Binding("d", "demote", "Demote"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("i", "pin", "Pin"),
+        Binding("u", "unpin", "Unpin"),
+        Binding("slash", "filter", "Filter"),
+        Binding("o", "sort", "Sort"),
+    ]
+
+    app: SpeedloaderApp
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.sort_key = "name"
+        self.filter_text = ""
+        self.last_table = "hot"
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="pool-strip")
+        with Horizontal(id="model-tools"):
+            yield Input(placeholder="filter models (type to filter, Enter to go to the list)",
+                        id="model-filter")
+            yield Static(id="sort-label")
+        with Horizontal(id="model-columns"):
+            with Vertical(id="hot-column"):
+                yield Label("", id="hot-title", classes="column-title")
+                yield ModelTable(HOT_COLUMNS, id="hot")
+            with Vertical(id="cold-column"):
+                yield Label("", id="cold-title", classes="column-title")
+                yield ModelTable(COLD_COLUMNS, id="cold")
+
+    def on_mount(self) -> None:
+        self._show_sort()
+
+    # --- drawing -------------------------------------------------------------------------
+
+    def redraw(self, state: DaemonState) -> None:
+        strip = self.query_one("#pool-strip", Static)
+        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        if pools:
+            strip.update(Text("\n").join(pool_line(p, 24, self.app.show_path) for p in pools))
+        else:
+            strip.update(Text("no RAM pools configured", style="dim"))
+        needle = self.filter_text.lower()
+        shown = [m for m in state.models.values() if needle in m.name.lower()]
+        key = SORTS[self.sort_key]
+        shown.sort(key=key)
+        hot = [m for m in shown if m.hot]
+        cold = [m for m in shown if not m.hot]
+        self.query_one("#hot", ModelTable).show(hot)
+        self.query_one("#cold", ModelTable).show(cold)
+        hot_total = sum(m.size for m in hot)
+        self.query_one("#hot-title", Label).update(
+            f"HOT — in RAM: {len(hot)} model(s), {fmt.size(hot_total)}"
+        )
+        self.query_one("#cold-title", Label).update(
+            f"COLD — storage only: {len(cold)} model(s)"
+            + (f"   (filter: {len(shown)} of {len(state.models)})" if needle else "")
+        )
+
+    def _show_sort(self) -> None:
+        self.query_one("#sort-label", Static).update(f"sort: {self.sort_key} (o)")
+
+    # --- selection -----------------------------------------------------------------------
+
+    def on_descendant_focus(self, event: Any) -> None:
+        if isinstance(event.widget, ModelTable):
+            self.last_table = event.widget.id or "hot"
+
+    def selected(self) -> ModelInfo | None:
+        key = self.query_one(f"#{self.last_table}", ModelTable).selected_key
+        return self.app.state.models.get(key) if key is not None else None
+
+    def focus_models(self) -> None:
+        table = self.query_one(f"#{self.last_table}", ModelTable)
+        if not table.keys:
+            other = "cold" if self.last_table == "hot" else "hot"
+            table = self.query_one(f"#{other}", ModelTable)
+        table.focus()
+
+    def select_model(self, name: str) -> bool:
+        """Put the cursor on ``name`` (in whichever column it is); True if found."""
+        model = self.app.state.model_by_name(name)
+        if model is None:
+            return False
+        table = self.query_one("#hot" if model.hot else "#cold", ModelTable)
+        if model.path not in table.keys:
+            return False
+        table.move_cursor(row=table.keys.index(model.path), animate=False)
+        table.focus()
+        self.last_table = table.id or "hot"
+        return True
+
+    def _need_model(self) -> ModelInfo | None:
+        model = self.selected()
+        if model is None:
+            self.app.notify("Select a model first (arrow keys, or click a row).",
+                            title="No model selected", severity="warning")
+        return model
+
+    # --- events --------------------------------------------------------------------------
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "model-filter":
+            self.filter_text = event.value
+            self.redraw(self.app.state)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "model-filter":
+            self.focus_models()
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        key = str(event.column_key.value)
+        if key in SORTS:
+            self.sort_key = key
+            self._show_sort()
+            self.redraw(self.app.state)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if isinstance(event.data_table, ModelTable):
+            self.last_table = event.data_table.id or "hot"
+
+    # --- actions -------------------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        self.query_one("#model-filter", Input).focus()
+
+    def action_sort(self) -> None:
+        i = SORT_ORDER.index(self.sort_key)
+        self.sort_key = SORT_ORDER[(i + 1) % len(SORT_ORDER)]
+        self._show_sort()
+        self.redraw(self.app.state)
+
+    def action_promote(self) -> None:
+        if (model := self._need_model()) is not None:
+            self.app.promote(model.name)
+
+    def action_promote_to(self) -> None:
+        if (model := self._need_model()) is not None:
+            self.app.pick_pool_then(
+                f"Promote {model.name} to which pool?",
+                lambda pool: self.app.promote(model.name, pool),
+            )
+
+    def action_demote(self) -> None:
+        if (model := self._need_model()) is not None:
+            self.app.demote(model.name)
+
+    def action_cancel(self) -> None:
+        if (model := self._need_model()) is not None:
+            job = self.app.state.running_job_for(model.name)
+            if job is None:
+                self.app.notify(f"No transfer of {model.name} is running.", severity="warning")
+            else:
+                self.app.cancel_job(job.path)
+
+    def action_pin(self) -> None:
+        if (model := self._need_model()) is not None:
+            self.app.pick_pool_then(
+                f"Pin {model.name} to which pool?",
+                lambda pool: self.app.pin(model.name, pool),
+            )
+
+    def action_unpin(self) -> None:
+        if (model := self._need_model()) is not None:
+            self.app.unpin(model.name)

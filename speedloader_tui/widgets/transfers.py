@@ -1,0 +1,129 @@
+"""The Transfers tab: every job the daemon still holds, running ones first, with a live
+progress bar, rate, time left and Cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, DataTable, Static
+
+from .. import fmt
+from ..state import DaemonState, JobInfo
+
+if TYPE_CHECKING:
+    from ..app import SpeedloaderApp
+
+BAR_WIDTH = 24
+COLUMNS = (
+    ("job", "Job"),
+    ("what", "Operation"),
+    ("progress", "Progress"),
+    ("bytes", "Done"),
+    ("rate", "Rate"),
+    ("eta", "Left"),
+    ("state", "State"),
+    ("message", "Message"),
+)
+
+
+def job_cells(job: JobInfo, now: float) -> list[Any]:
+    what = job.operation
+    if job.model:
+        what += f" {job.model}"
+    if job.pool:
+        what += f" → {job.pool}" if job.operation == "promote" else f" ({job.pool})"
+    fraction = job.progress if job.bytes_total or not job.running else 0.0
+    if job.state == "succeeded":
+        fraction = 1.0
+    progress = fmt.bar(fraction, BAR_WIDTH, "yellow" if job.running else "green")
+    progress.append(f" {fraction * 100:3.0f}%")
+    done = (
+        f"{fmt.size(job.bytes_done)} / {fmt.size(job.bytes_total)}" if job.bytes_total else "—"
+    )
+    if job.running:
+        rate = fmt.rate(job.rate)
+        eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
+    else:  # a finished job's last rate and ETA are history, not news
+        rate, eta = "", ""
+    message = Text(job.message, style="dim")
+    return [Text(f"#{job.number}", style="dim"), what, progress, done, rate, eta,
+            fmt.state(job.state), message]
+
+
+class TransfersPane(Vertical):
+    BINDINGS = [Binding("c", "cancel", "Cancel transfer")]
+
+    app: SpeedloaderApp
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="transfer-tools"):
+            yield Static(id="transfer-summary")
+            yield Button("Cancel selected (c)", id="cancel-job", variant="error", compact=True)
+        yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#jobs", DataTable)
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        self.keys: list[str] = []
+        self.cells: dict[str, list[str]] = {}
+
+    def redraw(self, state: DaemonState) -> None:
+        now = time.time()
+        jobs = sorted(state.jobs.values(), key=lambda j: (not j.running, -j.number))
+        table = self.query_one("#jobs", DataTable)
+        rows = {j.path: job_cells(j, now) for j in jobs}
+        keys = [j.path for j in jobs]
+        if keys == self.keys:
+            for key in keys:
+                new = [str(c) for c in rows[key]]
+                if self.cells.get(key) != new:
+                    for (col, _), value in zip(COLUMNS, rows[key], strict=True):
+                        table.update_cell(key, col, value)
+                    self.cells[key] = new
+        else:
+            selected = self.selected_path()
+            table.clear()
+            for key in keys:
+                table.add_row(*rows[key], key=key)
+            self.keys = keys
+            self.cells = {k: [str(c) for c in v] for k, v in rows.items()}
+            if selected in keys:
+                table.move_cursor(row=keys.index(selected), animate=False)
+        running = [j for j in jobs if j.running]
+        summary = Text(f"{len(running)} running", style="bold yellow" if running else "dim")
+        if running:
+            total_rate = sum(j.rate for j in running)
+            summary.append(f" at {fmt.rate(total_rate)}")
+        summary.append(f", {len(jobs) - len(running)} finished (kept by the daemon for a while)",
+                       style="dim")
+        self.query_one("#transfer-summary", Static).update(summary)
+
+    def selected_path(self) -> str | None:
+        table = self.query_one("#jobs", DataTable)
+        if not self.keys or not 0 <= table.cursor_row < len(self.keys):
+            return None
+        return self.keys[table.cursor_row]
+
+    def action_cancel(self) -> None:
+        path = self.selected_path()
+        job = self.app.state.jobs.get(path) if path else None
+        if job is None or not job.running:
+            self.app.notify("Select a running transfer first.", severity="warning")
+        elif not job.cancelable:
+            self.app.notify(f"Job #{job.number} ({job.operation}) cannot be cancelled now.",
+                            severity="warning")
+        else:
+            self.app.cancel_job(job.path)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel-job":
+            self.action_cancel()
+
+    def focus_first(self) -> None:
+        self.query_one("#jobs", DataTable).focus()

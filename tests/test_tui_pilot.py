@@ -1,0 +1,143 @@
+"""The dashboard driven by Textual's Pilot against the real speedloaderd on the test bus:
+keys pressed like a user, state read from what the widgets show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from speedloader_cli.client import MODEL, POOL
+from speedloader_tui.app import SpeedloaderApp
+from speedloader_tui.screens.dialogs import ConfirmScreen
+from speedloaderd.sandbox import REPO
+
+from .buslab import GUEST, as_user, run
+from .tui_helpers import SIZE, loaded, mask, notifications, rows, transfer_rows, wait
+
+
+def test_models_tab_shows_the_daemons_models(daemon):
+    async def scenario():
+        app = SpeedloaderApp(daemon.address, show_path=mask(str(daemon.lab.root)))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            cold, hot = rows(app, "cold"), rows(app, "hot")
+            await pilot.press("slash", *"co")
+            await wait(app, lambda: rows(app, "cold") == ["team/coder:7b"])
+            return cold, hot, app.link.loads
+
+    cold, hot, loads = run(scenario())
+    assert sorted(cold) == ["small:3b", "team/coder:7b", "tiny:1b"] and hot == []
+    assert loads == 1
+
+
+def test_promote_from_the_models_tab(daemon_factory):
+    """p on a cold model: it moves from COLD to HOT and its transfer bar reaches 100 %."""
+    dl = daemon_factory(big=256 << 20)
+    dl.start()
+
+    async def scenario():
+        app = SpeedloaderApp(dl.address, show_path=mask(str(dl.lab.root)))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            assert "big:70b" in rows(app, "cold")
+            await pilot.press("slash", *"big", "enter")  # filter, then into the list
+            await wait(app, lambda: rows(app, "cold") == ["big:70b"])
+            await pilot.press("p")
+            await wait(app, lambda: "big:70b" in rows(app, "hot"), timeout=120)
+            seen = []
+
+            def done() -> bool:
+                seen.append(transfer_rows(app))
+                return any("100%" in r[2] and "succeeded" in r[6] for r in seen[-1].values())
+
+            await wait(app, done, timeout=120)
+            return rows(app, "hot"), rows(app, "cold"), seen[-1], notifications(app)
+
+    hot, cold, transfers, notes = run(scenario())
+    assert hot == ["big:70b"] and cold == []
+    (job,) = transfers.values()
+    assert job[1].startswith("promote big:70b")
+    assert [n for n in notes if n[0] == "error"] == []
+    model = dl.state()["objects"]
+    (props,) = [v[MODEL] for v in model.values() if MODEL in v and v[MODEL]["Name"] == "big:70b"]
+    assert props["State"] == "hot" and props["Tier"] == "local"
+
+
+def test_disconnect_a_pool_demotes_its_models(daemon):
+    async def scenario():
+        async with await daemon.client() as c:
+            await c.subscribe()
+            for model in ("tiny:1b", "team/coder:7b"):
+                result = await c.follow_job(await c.promote(model), timeout=60)
+                assert result.success, result.message
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            hot_before = rows(app, "hot")
+            await pilot.press("2")  # Tiers: the pool card gets the focus
+            await pilot.pause()
+            await pilot.press("x")  # disconnect the (only) pool card...
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen), (app.focused, notifications(app))
+            question = str(app.screen.query_one(".dialog-question").render())
+            await pilot.press("y")  # ...after confirming
+            pool = app.state.pool_by_name("local")
+            await wait(app, lambda: rows(app, "hot") == [] and not pool.connected, 60)
+            card = app.ui.query_one("PoolCard")
+            return hot_before, question, rows(app, "cold"), str(
+                card.query_one(".card-title").render()
+            ), notifications(app)
+
+    hot_before, question, cold, title, notes = run(scenario())
+    assert sorted(hot_before) == ["team/coder:7b", "tiny:1b"]
+    assert "2 hot model(s) will be demoted" in question
+    assert sorted(cold) == ["small:3b", "team/coder:7b", "tiny:1b"]
+    assert "unmounted" in title
+    assert any("disconnected" in m and "served from cold storage" in m for _, _, m in notes), notes
+    objects = daemon.state()
+    pool = objects["objects"]["/org/speedloader/Speedloader1/pools/local"][POOL]
+    assert pool["State"] == "unmounted"
+    assert objects["pool_files"] is None or objects["pool_files"] == []
+
+
+def test_denied_user_sees_not_authorized_and_nothing_changes(daemon):
+    before = daemon.state()
+    spec = {"model": "tiny:1b", "keys": ["p"], "expect": "not authorized"}
+    r = subprocess.run(
+        as_user(GUEST, [sys.executable, "-m", "tests.tui_guest", json.dumps(spec)],
+                daemon.address),
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    errors = [(t, m) for sev, t, m in seen["notifications"] if sev == "error"]
+    assert errors and errors[0][0] == "Not authorized", seen["notifications"]
+    assert "promote tiny:1b" in errors[0][1] and "not authorized" in errors[0][1].lower()
+    assert seen["after"] == seen["before"] and "tiny:1b" in seen["after"]["cold"]
+    assert seen["jobs"] == []
+    after = daemon.state()
+    assert after["links"] == before["links"] and after["pool_files"] == before["pool_files"]
+    assert after["objects"] == before["objects"]
+
+
+def test_the_view_survives_a_daemon_restart(daemon):
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE):
+            await wait(app, loaded(app))
+            offline = app.ui.query_one("#offline")
+            assert not offline.display
+            await asyncio.to_thread(daemon.stop)
+            await wait(app, lambda: offline.display and not app.state.online)
+            banner = str(offline.render())
+            await asyncio.to_thread(daemon.start)
+            await wait(app, lambda: app.link.loads == 2 and not offline.display)
+            return banner, rows(app, "cold"), notifications(app)
+
+    banner, cold, notes = run(scenario())
+    assert "not running" in banner
+    assert sorted(cold) == ["small:3b", "team/coder:7b", "tiny:1b"]
+    titles = [t for _, t, _ in notes]
+    assert "Daemon unreachable" in titles and "Reconnected" in titles

@@ -1,0 +1,141 @@
+"""``speedloader-tui --web`` in a real browser (Debian's Chromium, driven by Playwright
+with the system browser), and its sessions' processes when browsers come and go."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import aiohttp
+import pytest
+
+from .tui_web import ARTIFACTS, WebServer, processes_in_group
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _need_chromium() -> None:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's 'chromium' package (scripts/setup does); "
+            "the browser test cannot run without it",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def web(daemon):
+    server = WebServer(daemon.address)
+    yield server
+    server.stop()
+
+
+def test_browser_shows_the_dashboard_keys_reach_it_nothing_external(web):
+    _need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    requests: list[str] = []
+    external: list[str] = []
+    sent: list[str] = []
+    received = bytearray()
+
+    def route(r) -> None:
+        url = r.request.url
+        requests.append(url)
+        if url.startswith(web.url + "/") or url.startswith(f"ws://127.0.0.1:{web.port}/"):
+            r.continue_()
+        else:
+            external.append(url)
+            r.abort()
+
+    def on_received(payload) -> None:
+        received.extend(payload if isinstance(payload, bytes) else payload.encode())
+
+    def seen(text: str):
+        return lambda _payload: text.encode() in received
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.route("**/*", route)
+            with page.expect_websocket(timeout=60_000) as ws_info:
+                page.goto(web.url + "/")
+            ws = ws_info.value
+            ws.on("framesent", lambda payload: sent.append(payload))
+            ws.on("framereceived", on_received)
+            # The dashboard has drawn the Models tab once the COLD column's title arrives.
+            ws.wait_for_event("framereceived", predicate=seen("COLD"), timeout=60_000)
+            page.locator("#terminal").click()
+            page.keyboard.press("2")
+            ws.wait_for_event("framereceived", predicate=seen("Disconnect"), timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "tui-web.png"))
+        finally:
+            browser.close()
+
+    stdin = [json.loads(f)[1] for f in sent if isinstance(f, str) and f.startswith('["stdin"')]
+    assert "2" in stdin, f"the key never went over the websocket: {sent[:20]}"
+    assert b"tiny:1b" in received and b"Disconnect" in received
+    assert external == [], f"the page asked for something elsewhere: {external}"
+    assert any(u.endswith("/static/js/textual.js") for u in requests)
+    assert (ARTIFACTS / "tui-web.png").stat().st_size > 0
+    # Its tab closed, the session's dashboard process is gone.
+    pid = int(web.expect(r"app process (\d+) started").group(1))
+    web.expect(rf"app process {pid} ended")
+    assert processes_in_group(pid) == []
+
+
+async def _connect_and_leave(url: str, wait_for_first_byte: bool) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+        url.replace("http:", "ws:") + "/ws?width=100&height=30"
+    ) as ws:
+        if wait_for_first_byte:
+            await asyncio.wait_for(ws.receive(), 60)
+        await ws.close()
+
+
+@pytest.mark.parametrize("when", ["before the app started", "after its first output"])
+def test_a_browser_leaving_leaves_no_dashboard_process(web, when):
+    asyncio.run(_connect_and_leave(web.url, wait_for_first_byte=when != "before the app started"))
+    pid = int(web.expect(r"app process (\d+) started").group(1))
+    how = web.expect(rf"app process {pid} ended \((\w+)").group(1)
+    assert processes_in_group(pid) == [], f"dashboard {pid} outlived its session"
+    assert how in ("quit", "terminated", "killed")
+    print(f"[{when}] dashboard {pid} ended: {how}")
+
+
+def test_stopping_the_server_ends_every_session(web):
+    async def hold_a_session() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+            web.url.replace("http:", "ws:") + "/ws?width=100&height=30"
+        ) as ws:
+            await asyncio.wait_for(ws.receive(), 60)  # the app is up and drawing
+            pid = int(web.expect(r"app process (\d+) started").group(1))
+            assert processes_in_group(pid) == [pid]
+            assert await asyncio.to_thread(web.stop) == 0
+            hold_a_session.pid = pid  # type: ignore[attr-defined]
+
+    asyncio.run(hold_a_session())
+    pid = hold_a_session.pid  # type: ignore[attr-defined]
+    assert processes_in_group(pid) == []
+    assert any(f"app process {pid} ended" in line for line in _drain(web)), web.log[-10:]
+
+
+def _drain(web: WebServer) -> list[str]:
+    lines = list(web.log)
+    while True:
+        line = web.lines.get(timeout=30)
+        if line is None:
+            return lines
+        lines.append(line)
