@@ -67,6 +67,11 @@ class PickPoolScreen(ModalScreen[str | None]):
             yield OptionList(*options, id="pool-choice")
             yield Label("Enter to choose, Escape to cancel", classes="dim")
 
+    def on_mount(self) -> None:
+        choice = self.query_one("#pool-choice", OptionList)
+        choice.highlighted = 0
+        choice.focus()
+
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
 
