@@ -54,7 +54,7 @@ def build_lab(root: Path, models: int, big: int, parallel: int) -> Path:
     for i in range(parallel):  # sizes differ, so the blobs (named by digest) do too
         size = big + i * (1 << 20)
         make_ollama_model(lab.cold, f"big{i}:70b", (write_zero_blob(lab.cold, size), 100))
-    config = lab.config(pools=(("local", parallel * (big + GiB), 100),))
+    config = lab.config(pools=(("local", 2 * parallel * big + GiB, 100),))  # a limit, not RAM
     save_config(config, lab.config_path)
     return lab.config_path
 
