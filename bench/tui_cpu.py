@@ -69,7 +69,9 @@ class Terminal:
     def tmux(self, *args: str) -> str:
         return subprocess.run(
             ["tmux", "-f", "/dev/null", "-S", str(self.sock), *args],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
 
     def start(self, command: str) -> int:
@@ -89,8 +91,9 @@ class Terminal:
             self.seen += os.read(self.reader, 1 << 16)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-f", "/dev/null", "-S", str(self.sock), "kill-server"],
-                       capture_output=True)
+        subprocess.run(
+            ["tmux", "-f", "/dev/null", "-S", str(self.sock), "kill-server"], capture_output=True
+        )
 
 
 async def churn(address: str, seconds: float, parallel: int) -> dict[str, float]:
@@ -124,8 +127,7 @@ async def churn(address: str, seconds: float, parallel: int) -> dict[str, float]
         return {"cycles": cycles, **{k: v / wall for k, v in signals.items()}}
 
 
-def measure(pid: int, seconds: float, address: str | None, parallel: int = 1
-            ) -> dict[str, float]:
+def measure(pid: int, seconds: float, address: str | None, parallel: int = 1) -> dict[str, float]:
     start_cpu, start = cpu_seconds(pid), time.monotonic()
     extra: dict[str, float] = {}
     if address is None:
@@ -133,8 +135,11 @@ def measure(pid: int, seconds: float, address: str | None, parallel: int = 1
     else:
         extra = asyncio.run(churn(address, seconds, parallel))
     wall = time.monotonic() - start
-    return {"cpu_percent": 100 * (cpu_seconds(pid) - start_cpu) / wall, "seconds": wall,
-            **{f"{k}_per_s" if k != "cycles" else k: v for k, v in extra.items()}}
+    return {
+        "cpu_percent": 100 * (cpu_seconds(pid) - start_cpu) / wall,
+        "seconds": wall,
+        **{f"{k}_per_s" if k != "cycles" else k: v for k, v in extra.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--big-gib", type=float, default=2.0)
-    ap.add_argument("--parallel", type=int, default=2,
-                    help="big models promoted at once (each job reports at <= 10 Hz)")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="big models promoted at once (each job reports at <= 10 Hz)",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("tmux") is None:
         print("error: run as root, with tmux installed", file=sys.stderr)
@@ -165,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["idle"] = measure(pid, args.seconds, None)
                 results["busy_models_tab"] = measure(pid, args.seconds, sb.address, args.parallel)
                 term.tmux("send-keys", "-t", "b", "3")
-                results["busy_transfers_tab"] = measure(pid, args.seconds, sb.address, args.parallel)
+                results["busy_transfers_tab"] = measure(
+                    pid, args.seconds, sb.address, args.parallel
+                )
                 term.tmux("send-keys", "-t", "b", "1")
                 time.sleep(1)
                 results["idle_after"] = measure(pid, args.seconds, None)

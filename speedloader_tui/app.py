@@ -220,11 +220,16 @@ class SpeedloaderApp(App[None]):
         if job.state == "succeeded":
             self.notify(job.message or f"{what}: done", title=f"Done: {what}", timeout=4)
         elif job.state == "cancelled" or "cancel" in job.message.lower():
-            self.notify(job.message or f"{what}: cancelled", title=f"Cancelled: {what}",
-                        severity="warning")
+            self.notify(
+                job.message or f"{what}: cancelled", title=f"Cancelled: {what}", severity="warning"
+            )
         else:
-            self.notify(job.message or f"{what}: failed", title=f"Failed: {what}",
-                        severity="error", timeout=10)
+            self.notify(
+                job.message or f"{what}: failed",
+                title=f"Failed: {what}",
+                severity="error",
+                timeout=10,
+            )
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -234,8 +239,13 @@ class SpeedloaderApp(App[None]):
 
     def report(self, err: BaseException, doing: str = "") -> None:
         e = explain(err, doing)
-        self.notify(e.sentence, title=e.title, severity=e.severity,  # type: ignore[arg-type]
-                    timeout=10, markup=False)
+        self.notify(
+            e.sentence,
+            title=e.title,
+            severity=e.severity,  # type: ignore[arg-type]
+            timeout=10,
+            markup=False,
+        )
 
     def call_daemon(
         self,
@@ -295,16 +305,21 @@ class SpeedloaderApp(App[None]):
         if pool is None:
             return
         if what == "connect":
-            self.call_daemon(f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"),
-                             self._started)
+            self.call_daemon(
+                f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"), self._started
+            )
         elif what == "disconnect":
             hot = [m.name for m in self.state.models.values() if m.tier == name]
             self.confirm_then(
                 f"Disconnect pool {name}? "
-                + (f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
-                   if hot else "It holds no models."),
+                + (
+                    f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
+                    if hot
+                    else "It holds no models."
+                ),
                 lambda: self.call_daemon(
-                    f"disconnect {name}", lambda c: c.pool_call(pool.path, "Disconnect"),
+                    f"disconnect {name}",
+                    lambda c: c.pool_call(pool.path, "Disconnect"),
                     self._started,
                 ),
             )
@@ -342,30 +357,36 @@ class SpeedloaderApp(App[None]):
             try:
                 speed = int(answer["speed"] or "100")
             except ValueError:
-                self.notify(f"speed {answer['speed']!r} is not a whole number",
-                            title="Invalid argument", severity="error")
+                self.notify(
+                    f"speed {answer['speed']!r} is not a whole number",
+                    title="Invalid argument",
+                    severity="error",
+                )
                 return
             name, path, size = answer["name"], answer["path"], answer["size"]
             self.call_daemon(
                 f"add pool {name}",
                 lambda c: c.manager("AddPool", "sssu", name, path, size, speed),
-                lambda _: self.notify(f"Pool {name} added; connect it with n.",
-                                      title="Added", timeout=4),
+                lambda _: self.notify(
+                    f"Pool {name} added; connect it with n.", title="Added", timeout=4
+                ),
             )
 
         self.push_screen(
             FormScreen(
                 "Add a RAM tier (a local tmpfs pool)",
-                [("name", "Name", ""), ("path", "Mount path", ""),
-                 ("size", "Size (e.g. 16G)", ""), ("speed", "Speed rating", "100")],
+                [
+                    ("name", "Name", ""),
+                    ("path", "Mount path", ""),
+                    ("size", "Size (e.g. 16G)", ""),
+                    ("speed", "Speed rating", "100"),
+                ],
             ),
             add,
         )
 
     def run_health(self, repair: bool, verify: bool) -> None:
-        self.ui.query_one("#health-summary", Static).update(
-            "Repairing…" if repair else "Checking…"
-        )
+        self.ui.query_one("#health-summary", Static).update("Repairing…" if repair else "Checking…")
         self.call_daemon(
             "repair" if repair else "health check",
             lambda c: c.manager("Health", "bb", repair, verify),
@@ -383,13 +404,13 @@ class SpeedloaderApp(App[None]):
 
     def save_config(self, config: dict[str, Any]) -> None:
         def saved(_: Any) -> None:
-            self.notify("Configuration saved and adopted by the daemon.", title="Saved",
-                        timeout=4)
+            self.notify("Configuration saved and adopted by the daemon.", title="Saved", timeout=4)
             self.load_config()
             # speedloaderd does not (yet) signal its Manager properties when the config
             # changes; after our own change, read them once.
-            self.call_daemon("read the daemon's settings",
-                             lambda c: c.get_all(ROOT, MANAGER), self._manager_read)
+            self.call_daemon(
+                "read the daemon's settings", lambda c: c.get_all(ROOT, MANAGER), self._manager_read
+            )
 
         self.call_daemon(
             "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved
@@ -409,8 +430,9 @@ class SpeedloaderApp(App[None]):
         if not pools:
             self.notify("There is no pool to choose.", severity="warning")
             return
-        self.push_screen(PickPoolScreen(question, pools),
-                         lambda pool: action(pool) if pool else None)
+        self.push_screen(
+            PickPoolScreen(question, pools), lambda pool: action(pool) if pool else None
+        )
 
     def pin_dialog(self) -> None:
         models = sorted(m.name for m in self.state.models.values())

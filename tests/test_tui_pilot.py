@@ -86,9 +86,13 @@ def test_disconnect_a_pool_demotes_its_models(daemon):
             pool = app.state.pool_by_name("local")
             await wait(app, lambda: rows(app, "hot") == [] and not pool.connected, 60)
             card = app.ui.query_one("PoolCard")
-            return hot_before, question, rows(app, "cold"), str(
-                card.query_one(".card-title").render()
-            ), notifications(app)
+            return (
+                hot_before,
+                question,
+                rows(app, "cold"),
+                str(card.query_one(".card-title").render()),
+                notifications(app),
+            )
 
     hot_before, question, cold, title, notes = run(scenario())
     assert sorted(hot_before) == ["team/coder:7b", "tiny:1b"]
@@ -106,9 +110,11 @@ def test_denied_user_sees_not_authorized_and_nothing_changes(daemon):
     before = daemon.state()
     spec = {"model": "tiny:1b", "keys": ["p"], "expect": "not authorized"}
     r = subprocess.run(
-        as_user(GUEST, [sys.executable, "-m", "tests.tui_guest", json.dumps(spec)],
-                daemon.address),
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        as_user(GUEST, [sys.executable, "-m", "tests.tui_guest", json.dumps(spec)], daemon.address),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
@@ -212,11 +218,15 @@ def test_cancel_a_running_transfer_from_the_transfers_tab(daemon_factory):
             assert app.ui.query_one("ModelsPane").select_model("big:70b")
             await pilot.press("p", "3")
             # Cancel as soon as the bar has moved: the copy is under way.
-            await wait(app, lambda: any(j.running and j.bytes_done > 0
-                                        for j in app.state.jobs.values()), 120)
+            await wait(
+                app,
+                lambda: any(j.running and j.bytes_done > 0 for j in app.state.jobs.values()),
+                120,
+            )
             await pilot.press("c")
-            await wait(app, lambda: any(r[6] == "cancelled" for r in transfer_rows(app).values()),
-                       120)
+            await wait(
+                app, lambda: any(r[6] == "cancelled" for r in transfer_rows(app).values()), 120
+            )
             await wait(app, lambda: "big:70b" in rows(app, "cold"))
             return transfer_rows(app), notifications(app)
 
