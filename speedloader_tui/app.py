@@ -20,7 +20,7 @@ from textual.containers import Horizontal
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
-from speedloader_cli.client import Client, ClientError
+from speedloader_cli.client import MANAGER, ROOT, Client, ClientError
 
 from .errors import explain
 from .link import DaemonLink
@@ -74,6 +74,8 @@ class SpeedloaderApp(App[None]):
         self.redrawn = asyncio.Event()  # set after every redraw; tests wait on it
         self._notified_offline = False
         self._focused_tab = "models"  # AUTO_FOCUS starts there
+        self._my_jobs: set[str] = set()  # started here: their ends are told here
+        self._unclaimed: dict[str, JobInfo] = {}
 
     # --- layout --------------------------------------------------------------------------
 
@@ -186,7 +188,16 @@ class SpeedloaderApp(App[None]):
                 self._notified_offline = True
         elif kind == "job-done":
             assert isinstance(detail, JobInfo)
-            self._job_done(detail)
+            if detail.path in self._my_jobs:
+                self._my_jobs.discard(detail.path)
+                self._job_done(detail)
+            elif detail.state == "failed":
+                self._job_done(detail)  # someone else's, but a failure is news to all
+            else:
+                # Possibly ours, its Completed handled before the call's reply: keep it.
+                self._unclaimed[detail.path] = detail
+                while len(self._unclaimed) > 100:
+                    self._unclaimed.pop(next(iter(self._unclaimed)))
         elif kind == "error":
             self.report(detail, "reading the daemon's state")
 
@@ -209,11 +220,16 @@ class SpeedloaderApp(App[None]):
         if job.state == "succeeded":
             self.notify(job.message or f"{what}: done", title=f"Done: {what}", timeout=4)
         elif job.state == "cancelled" or "cancel" in job.message.lower():
-            self.notify(job.message or f"{what}: cancelled", title=f"Cancelled: {what}",
-                        severity="warning")
+            self.notify(
+                job.message or f"{what}: cancelled", title=f"Cancelled: {what}", severity="warning"
+            )
         else:
-            self.notify(job.message or f"{what}: failed", title=f"Failed: {what}",
-                        severity="error", timeout=10)
+            self.notify(
+                job.message or f"{what}: failed",
+                title=f"Failed: {what}",
+                severity="error",
+                timeout=10,
+            )
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -223,8 +239,13 @@ class SpeedloaderApp(App[None]):
 
     def report(self, err: BaseException, doing: str = "") -> None:
         e = explain(err, doing)
-        self.notify(e.sentence, title=e.title, severity=e.severity,  # type: ignore[arg-type]
-                    timeout=10, markup=False)
+        self.notify(
+            e.sentence,
+            title=e.title,
+            severity=e.severity,  # type: ignore[arg-type]
+            timeout=10,
+            markup=False,
+        )
 
     def call_daemon(
         self,
@@ -246,18 +267,28 @@ class SpeedloaderApp(App[None]):
 
         self.run_worker(work(), group="calls")
 
+    def _started(self, path: Any) -> None:
+        """A call returned a job: tell how it ends (it may have ended already)."""
+        if not isinstance(path, str) or "/jobs/" not in path:
+            return
+        done = self._unclaimed.pop(path, None)
+        if done is not None:
+            self._job_done(done)
+        else:
+            self._my_jobs.add(path)
+
     def promote(self, model: str, pool: str = "") -> None:
-        self.call_daemon(f"promote {model}", lambda c: c.promote(model, pool))
+        self.call_daemon(f"promote {model}", lambda c: c.promote(model, pool), self._started)
 
     def demote(self, model: str) -> None:
-        self.call_daemon(f"demote {model}", lambda c: c.demote(model))
+        self.call_daemon(f"demote {model}", lambda c: c.demote(model), self._started)
 
     def pin(self, model: str, pool: str) -> None:
-        self.call_daemon(
-            f"pin {model} to {pool}",
-            lambda c: c.pin(model, pool),
-            lambda _: self.notify(f"{model} is pinned to {pool}.", title="Pinned", timeout=4),
-        )
+        def pinned(job: Any) -> None:
+            self.notify(f"{model} is pinned to {pool}.", title="Pinned", timeout=4)
+            self._started(job)  # hot elsewhere: the pin moves it
+
+        self.call_daemon(f"pin {model} to {pool}", lambda c: c.pin(model, pool), pinned)
 
     def unpin(self, model: str) -> None:
         self.call_daemon(
@@ -274,15 +305,22 @@ class SpeedloaderApp(App[None]):
         if pool is None:
             return
         if what == "connect":
-            self.call_daemon(f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"))
+            self.call_daemon(
+                f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"), self._started
+            )
         elif what == "disconnect":
             hot = [m.name for m in self.state.models.values() if m.tier == name]
             self.confirm_then(
                 f"Disconnect pool {name}? "
-                + (f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
-                   if hot else "It holds no models."),
+                + (
+                    f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
+                    if hot
+                    else "It holds no models."
+                ),
                 lambda: self.call_daemon(
-                    f"disconnect {name}", lambda c: c.pool_call(pool.path, "Disconnect")
+                    f"disconnect {name}",
+                    lambda c: c.pool_call(pool.path, "Disconnect"),
+                    self._started,
                 ),
             )
         elif what == "resize":
@@ -295,6 +333,7 @@ class SpeedloaderApp(App[None]):
                         lambda: self.call_daemon(
                             f"resize {name}",
                             lambda c: c.pool_call(pool.path, "Resize", "s", size),
+                            self._started,
                         ),
                     )
 
@@ -318,30 +357,36 @@ class SpeedloaderApp(App[None]):
             try:
                 speed = int(answer["speed"] or "100")
             except ValueError:
-                self.notify(f"speed {answer['speed']!r} is not a whole number",
-                            title="Invalid argument", severity="error")
+                self.notify(
+                    f"speed {answer['speed']!r} is not a whole number",
+                    title="Invalid argument",
+                    severity="error",
+                )
                 return
             name, path, size = answer["name"], answer["path"], answer["size"]
             self.call_daemon(
                 f"add pool {name}",
                 lambda c: c.manager("AddPool", "sssu", name, path, size, speed),
-                lambda _: self.notify(f"Pool {name} added; connect it with n.",
-                                      title="Added", timeout=4),
+                lambda _: self.notify(
+                    f"Pool {name} added; connect it with n.", title="Added", timeout=4
+                ),
             )
 
         self.push_screen(
             FormScreen(
                 "Add a RAM tier (a local tmpfs pool)",
-                [("name", "Name", ""), ("path", "Mount path", ""),
-                 ("size", "Size (e.g. 16G)", ""), ("speed", "Speed rating", "100")],
+                [
+                    ("name", "Name", ""),
+                    ("path", "Mount path", ""),
+                    ("size", "Size (e.g. 16G)", ""),
+                    ("speed", "Speed rating", "100"),
+                ],
             ),
             add,
         )
 
     def run_health(self, repair: bool, verify: bool) -> None:
-        self.ui.query_one("#health-summary", Static).update(
-            "Repairing…" if repair else "Checking…"
-        )
+        self.ui.query_one("#health-summary", Static).update("Repairing…" if repair else "Checking…")
         self.call_daemon(
             "repair" if repair else "health check",
             lambda c: c.manager("Health", "bb", repair, verify),
@@ -359,15 +404,23 @@ class SpeedloaderApp(App[None]):
 
     def save_config(self, config: dict[str, Any]) -> None:
         def saved(_: Any) -> None:
-            self.notify("Configuration saved and adopted by the daemon.", title="Saved",
-                        timeout=4)
+            self.notify("Configuration saved and adopted by the daemon.", title="Saved", timeout=4)
             self.load_config()
+            # speedloaderd does not (yet) signal its Manager properties when the config
+            # changes; after our own change, read them once.
+            self.call_daemon(
+                "read the daemon's settings", lambda c: c.get_all(ROOT, MANAGER), self._manager_read
+            )
 
         self.call_daemon(
             "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved
         )
 
     # --- dialogs -------------------------------------------------------------------------
+
+    def _manager_read(self, props: dict[str, Any]) -> None:
+        self.state.changed(ROOT, MANAGER, props)
+        self._on_change()
 
     def confirm_then(self, question: str, action: Callable[[], None]) -> None:
         self.push_screen(ConfirmScreen(question), lambda yes: action() if yes else None)
@@ -377,8 +430,9 @@ class SpeedloaderApp(App[None]):
         if not pools:
             self.notify("There is no pool to choose.", severity="warning")
             return
-        self.push_screen(PickPoolScreen(question, pools),
-                         lambda pool: action(pool) if pool else None)
+        self.push_screen(
+            PickPoolScreen(question, pools), lambda pool: action(pool) if pool else None
+        )
 
     def pin_dialog(self) -> None:
         models = sorted(m.name for m in self.state.models.values())

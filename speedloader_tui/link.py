@@ -41,8 +41,7 @@ log = logging.getLogger(__name__)
 DBUS = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 OWNER_RULE = (
-    f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
-    f"arg0='{BUS_NAME}'"
+    f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',arg0='{BUS_NAME}'"
 )
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -135,8 +134,10 @@ class DaemonLink:
             if isinstance(pending["objects"], Exception) or isinstance(
                 pending["manager"], Exception
             ):
-                err = pending["objects"] if isinstance(pending["objects"], Exception) else (
-                    pending["manager"]
+                err = (
+                    pending["objects"]
+                    if isinstance(pending["objects"], Exception)
+                    else (pending["manager"])
                 )
                 self.on_event("error", err)
                 return

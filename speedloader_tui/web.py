@@ -107,8 +107,13 @@ class DashboardSession(AppService):
             self._task.cancel()
             self._task = None
         if self._process is not None:
-            log.info("session %s: app process %d ended (%s, exit %s)",
-                     self.app_service_id[:8], process.pid, how, process.returncode)
+            log.info(
+                "session %s: app process %d ended (%s, exit %s)",
+                self.app_service_id[:8],
+                process.pid,
+                how,
+                process.returncode,
+            )
         self._process = None
 
 
@@ -198,8 +203,7 @@ class DashboardServer(Server):
 def _is_loopback(host: str) -> bool:
     try:
         return all(
-            ipaddress.ip_address(info[4][0]).is_loopback
-            for info in socket.getaddrinfo(host, None)
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
         )
     except (OSError, ValueError):
         return False

@@ -10,7 +10,7 @@ import sys
 
 from speedloader_cli.client import MODEL, POOL
 from speedloader_tui.app import SpeedloaderApp
-from speedloader_tui.screens.dialogs import ConfirmScreen
+from speedloader_tui.screens.dialogs import ConfirmScreen, PickPoolScreen
 from speedloaderd.sandbox import REPO
 
 from .buslab import GUEST, as_user, run
@@ -86,9 +86,13 @@ def test_disconnect_a_pool_demotes_its_models(daemon):
             pool = app.state.pool_by_name("local")
             await wait(app, lambda: rows(app, "hot") == [] and not pool.connected, 60)
             card = app.ui.query_one("PoolCard")
-            return hot_before, question, rows(app, "cold"), str(
-                card.query_one(".card-title").render()
-            ), notifications(app)
+            return (
+                hot_before,
+                question,
+                rows(app, "cold"),
+                str(card.query_one(".card-title").render()),
+                notifications(app),
+            )
 
     hot_before, question, cold, title, notes = run(scenario())
     assert sorted(hot_before) == ["team/coder:7b", "tiny:1b"]
@@ -106,9 +110,11 @@ def test_denied_user_sees_not_authorized_and_nothing_changes(daemon):
     before = daemon.state()
     spec = {"model": "tiny:1b", "keys": ["p"], "expect": "not authorized"}
     r = subprocess.run(
-        as_user(GUEST, [sys.executable, "-m", "tests.tui_guest", json.dumps(spec)],
-                daemon.address),
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        as_user(GUEST, [sys.executable, "-m", "tests.tui_guest", json.dumps(spec)], daemon.address),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
@@ -141,3 +147,125 @@ def test_the_view_survives_a_daemon_restart(daemon):
     assert sorted(cold) == ["small:3b", "team/coder:7b", "tiny:1b"]
     titles = [t for _, t, _ in notes]
     assert "Daemon unreachable" in titles and "Reconnected" in titles
+
+
+def test_settings_are_saved_through_the_daemon(daemon):
+    """Strategy and SSH key set in the form reach the daemon's validated config."""
+
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            pane = app.ui.query_one("SettingsPane")
+            await pilot.press("4")
+            await wait(app, lambda: pane.base != {})
+            app.ui.query_one("#cfg-strategy").value = "fill-first"
+            app.ui.query_one("#cfg-ssh-key").value = "/root/.ssh/id_ed25519"
+            await pilot.press("ctrl+s")
+            await wait(app, lambda: any(t == "Saved" for _, t, _ in notifications(app)))
+            await wait(app, lambda: app.state.manager.strategy == "fill-first")
+            # A bad value is refused by the daemon, shown, and changes nothing.
+            app.ui.query_one("#cfg-ssh-key").value = "relative/key"
+            await pilot.press("ctrl+s")
+            await wait(app, lambda: any(s == "error" for s, _, _ in notifications(app)))
+            return notifications(app)
+
+    notes = run(scenario())
+    config = json.loads(daemon.state()["config"])
+    assert config["modelPlacement"]["defaultStrategy"] == "fill-first"
+    assert config["sshKeyPath"] == "/root/.ssh/id_ed25519"
+    errors = [m for s, _, m in notes if s == "error"]
+    assert errors and "save settings" in errors[0] and "relative/key" in errors[0], errors
+
+
+def test_pin_to_a_picked_pool_then_unpin_from_settings(daemon):
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            assert app.ui.query_one("ModelsPane").select_model("small:3b")
+            await pilot.press("i")  # pin: pick the pool
+            await pilot.pause()
+            assert isinstance(app.screen, PickPoolScreen)
+            await pilot.press("enter")  # the first (only) pool
+            model = app.state.model_by_name("small:3b")
+            await wait(app, lambda: model.pinned_pool == "local")
+            pinned = rows(app, "cold")
+            await pilot.press("4")
+            settings = app.ui.query_one("SettingsPane")
+            await wait(app, lambda: settings.pin_keys == ["small:3b"])
+            settings.query_one("#pins").focus()
+            await pilot.press("u")
+            await wait(app, lambda: model.pinned_pool == "" and settings.pin_keys == [])
+            return pinned, settings.pin_keys
+
+    pinned, pins_after = run(scenario())
+    assert "small:3b" in pinned
+    config = json.loads(daemon.state()["config"])
+    assert config.get("modelPlacement", {}).get("pinned", {}) == {}
+    assert pins_after == []
+
+
+def test_cancel_a_running_transfer_from_the_transfers_tab(daemon_factory):
+    dl = daemon_factory(big=1 << 30)
+    dl.start()
+    before = dl.state()
+
+    async def scenario():
+        app = SpeedloaderApp(dl.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            assert app.ui.query_one("ModelsPane").select_model("big:70b")
+            await pilot.press("p", "3")
+            # Cancel as soon as the bar has moved: the copy is under way.
+            await wait(
+                app,
+                lambda: any(j.running and j.bytes_done > 0 for j in app.state.jobs.values()),
+                120,
+            )
+            await pilot.press("c")
+            await wait(
+                app, lambda: any(r[6] == "cancelled" for r in transfer_rows(app).values()), 120
+            )
+            await wait(app, lambda: "big:70b" in rows(app, "cold"))
+            return transfer_rows(app), notifications(app)
+
+    transfers, notes = run(scenario())
+    (row,) = transfers.values()
+    assert row[1].startswith("promote big:70b") and row[6] == "cancelled", row
+    assert any(t.startswith("Cancelled") for _, t, _ in notes), notes
+    after = dl.state()
+    assert after["links"] == before["links"] and after["pool_files"] == []
+
+
+def test_health_check_and_repair(daemon):
+    """A pool copy deleted behind the daemon's back: the check finds it, repair fixes it."""
+
+    async def scenario():
+        async with await daemon.client() as c:
+            await c.subscribe()
+            await c.follow_job(await c.promote("team/coder:7b"), timeout=60)
+        for f in daemon.lab.pool_path("local").rglob("*"):
+            if f.is_file():
+                f.unlink()
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            summary = app.ui.query_one("#health-summary")
+            await pilot.press("5", "h")
+            await wait(app, lambda: "finding" in str(summary.render()))
+            checked = str(summary.render())
+            await pilot.press("r")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await wait(app, lambda: "repair was run" in str(summary.render()))
+            repaired = str(summary.render())
+            await pilot.press("h")
+            await wait(app, lambda: "repair was run" not in str(summary.render()))
+            return checked, repaired, str(summary.render())
+
+    checked, repaired, again = run(scenario())
+    assert checked.startswith("Problems found"), checked
+    assert "repair was run" in repaired
+    assert again.startswith("Healthy"), again

@@ -86,7 +86,10 @@ def test_models_tab_filtered_and_sorted_by_size(fixed_lab, snap_compare):
         app,
         terminal_size=SIZE,
         run_before=_loaded_then(
-            "slash", "m", "enter", "o",
+            "slash",
+            "m",
+            "enter",
+            "o",
             until=lambda a: rows(a, "cold") == ["team/coder:7b", "small:3b"],
         ),
     )
@@ -120,8 +123,11 @@ def test_transfers_tab(fixed_lab, snap_compare):
     async def jobs() -> None:
         async with await fixed_lab.client() as c:
             await c.subscribe()
-            for member, sig, args in (("Disconnect", "", ()), ("Connect", "", ()),
-                                      ("Resize", "s", ("512M",))):
+            for member, sig, args in (
+                ("Disconnect", "", ()),
+                ("Connect", "", ()),
+                ("Resize", "s", ("512M",)),
+            ):
                 job = await c.pool_call(pool, member, sig, *args)
                 result = await c.follow_job(job, timeout=60)
                 assert result.success, result.message
@@ -151,7 +157,8 @@ def test_health_tab_after_a_check(fixed_lab, snap_compare):
         app,
         terminal_size=SIZE,
         run_before=_loaded_then(
-            "5", "h",
+            "5",
+            "h",
             until=lambda a: "finding" in str(a.ui.query_one("#health-summary").render()),
         ),
     )

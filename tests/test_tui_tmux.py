@@ -16,7 +16,6 @@ import pytest
 
 from speedloaderd.sandbox import REPO
 
-
 TMUX = shutil.which("tmux")
 
 
@@ -34,16 +33,28 @@ def installed(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = Path(
         subprocess.check_output(
-            [str(venv / "bin/python"), "-c",
-             "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            [
+                str(venv / "bin/python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ],
             text=True,
         ).strip()
     )
     # The project venv's packages (textual, dbus-fast, pip...), not its editable installs.
     (site / "project-venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run(
-        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
-         "--no-build-isolation", "--no-index", str(src)],
+        [
+            str(venv / "bin/python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(src),
+        ],
         check=True,
         cwd=root,
     )
@@ -63,9 +74,12 @@ class Tmux:
         self.seen = b""
 
     def tmux(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["tmux", "-f", "/dev/null", "-S", str(self.socket), *args],
-                           capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            ["tmux", "-f", "/dev/null", "-S", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"tmux {args}: {r.stderr}")
         return r.stdout
@@ -100,13 +114,14 @@ class Tmux:
 
 def test_installed_entry_point_in_tmux(installed, daemon, tmp_path):
     if TMUX is None:
-        pytest.fail("tmux is missing (Debian package tmux; scripts/setup installs it)",
-                    pytrace=False)
+        pytest.fail(
+            "tmux is missing (Debian package tmux; scripts/setup installs it)", pytrace=False
+        )
     term = Tmux(tmp_path)
     try:
         term.start(
             f"env DBUS_SYSTEM_BUS_ADDRESS={daemon.address} TERM=xterm-256color "
-            f"{installed}; echo \"ex\"\"it=$?\""  # typed as ex""it: only the echo matches
+            f'{installed}; echo "ex""it=$?"'  # typed as ex""it: only the echo matches
         )
         term.wait_for("COLD")
         term.wait_for("team/coder:7b")

@@ -97,9 +97,10 @@ def test_browser_shows_the_dashboard_keys_reach_it_nothing_external(web):
 
 
 async def _connect_and_leave(url: str, wait_for_first_byte: bool) -> None:
-    async with aiohttp.ClientSession() as http, http.ws_connect(
-        url.replace("http:", "ws:") + "/ws?width=100&height=30"
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url.replace("http:", "ws:") + "/ws?width=100&height=30") as ws,
+    ):
         if wait_for_first_byte:
             await asyncio.wait_for(ws.receive(), 60)
         await ws.close()
@@ -117,9 +118,10 @@ def test_a_browser_leaving_leaves_no_dashboard_process(web, when):
 
 def test_stopping_the_server_ends_every_session(web):
     async def hold_a_session() -> None:
-        async with aiohttp.ClientSession() as http, http.ws_connect(
-            web.url.replace("http:", "ws:") + "/ws?width=100&height=30"
-        ) as ws:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(web.url.replace("http:", "ws:") + "/ws?width=100&height=30") as ws,
+        ):
             await asyncio.wait_for(ws.receive(), 60)  # the app is up and drawing
             pid = int(web.expect(r"app process (\d+) started").group(1))
             assert processes_in_group(pid) == [pid]

@@ -13,7 +13,6 @@ import json
 import sys
 
 from speedloader_tui.app import SpeedloaderApp
-
 from tests.tui_helpers import SIZE, loaded, notifications, rows, wait
 
 
@@ -25,8 +24,7 @@ async def main(spec: dict) -> dict:
         assert app.ui.query_one("ModelsPane").select_model(spec["model"]), spec["model"]
         await pilot.press(*spec["keys"])
         expect = spec["expect"].lower()
-        await wait(app, lambda: any(expect in f"{t} {m}".lower()
-                                    for _, t, m in notifications(app)))
+        await wait(app, lambda: any(expect in f"{t} {m}".lower() for _, t, m in notifications(app)))
         return {
             "notifications": notifications(app),
             "before": before,

@@ -67,6 +67,11 @@ class PickPoolScreen(ModalScreen[str | None]):
             yield OptionList(*options, id="pool-choice")
             yield Label("Enter to choose, Escape to cancel", classes="dim")
 
+    def on_mount(self) -> None:
+        choice = self.query_one("#pool-choice", OptionList)
+        choice.highlighted = 0
+        choice.focus()
+
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
 
@@ -129,11 +134,13 @@ class PinScreen(ModalScreen[tuple[str, str] | None]):
             yield Label("Pin a model to a tier", classes="dialog-question")
             with Grid(classes="dialog-form"):
                 yield Label("Model")
-                yield Select([(m, m) for m in self.models], id="pin-model-choice",
-                             prompt="choose a model")
+                yield Select(
+                    [(m, m) for m in self.models], id="pin-model-choice", prompt="choose a model"
+                )
                 yield Label("Pool")
-                yield Select([(p, p) for p in self.pools], id="pin-pool-choice",
-                             prompt="choose a pool")
+                yield Select(
+                    [(p, p) for p in self.pools], id="pin-pool-choice", prompt="choose a pool"
+                )
             with Horizontal(classes="buttons"):
                 yield Button("Pin", id="ok", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)

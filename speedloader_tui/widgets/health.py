@@ -29,15 +29,19 @@ class HealthPane(Vertical):
         with Horizontal(id="health-tools"):
             yield Button("Check (h)", id="health-check", variant="primary", compact=True)
             yield Button("Repair… (r)", id="health-repair", variant="warning", compact=True)
-            yield Checkbox("verify digests (reads every hot byte) (v)", id="verify",
-                           compact=True)
+            yield Checkbox("verify digests (reads every hot byte) (v)", id="verify", compact=True)
         yield Static("No report yet: press h to ask the daemon for one.", id="health-summary")
         yield DataTable(id="findings", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         table = self.query_one("#findings", DataTable)
-        for key, label in (("status", "Status"), ("check", "Check"), ("subject", "Subject"),
-                           ("message", "Finding"), ("repaired", "Repaired")):
+        for key, label in (
+            ("status", "Status"),
+            ("check", "Check"),
+            ("subject", "Subject"),
+            ("message", "Finding"),
+            ("repaired", "Repaired"),
+        ):
             table.add_column(label, key=key)
 
     @property

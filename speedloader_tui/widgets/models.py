@@ -28,10 +28,20 @@ SORTS: dict[str, Callable[[ModelInfo], Any]] = {
 }
 SORT_ORDER = list(SORTS)
 
-HOT_COLUMNS = (("name", "Model"), ("size", "Size"), ("tier", "Pool"), ("pin", "Pinned"),
-               ("state", "State"))
-COLD_COLUMNS = (("name", "Model"), ("size", "Size"), ("format", "Format"), ("pin", "Pinned"),
-                ("state", "State"))
+HOT_COLUMNS = (
+    ("name", "Model"),
+    ("size", "Size"),
+    ("tier", "Pool"),
+    ("pin", "Pinned"),
+    ("state", "State"),
+)
+COLD_COLUMNS = (
+    ("name", "Model"),
+    ("size", "Size"),
+    ("format", "Format"),
+    ("pin", "Pinned"),
+    ("state", "State"),
+)
 
 
 def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
@@ -41,9 +51,9 @@ def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
         "tier": m.tier,
         "format": m.format,
         "pin": m.pinned_pool or "",
-        "state": fmt.state(m.state) if not m.problems else Text(
-            f"{m.state}: {m.problems[0]}", style="bold red"
-        ),
+        "state": fmt.state(m.state)
+        if not m.problems
+        else Text(f"{m.state}: {m.problems[0]}", style="bold red"),
     }
     return [cells[key] for key, _ in columns]
 
@@ -128,8 +138,10 @@ class ModelsPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="pool-strip")
         with Horizontal(id="model-tools"):
-            yield Input(placeholder="filter models (type to filter, Enter to go to the list)",
-                        id="model-filter")
+            yield Input(
+                placeholder="filter models (type to filter, Enter to go to the list)",
+                id="model-filter",
+            )
             yield Static(id="sort-label")
         with Horizontal(id="model-columns"):
             with Vertical(id="hot-column"):
@@ -204,8 +216,11 @@ class ModelsPane(Vertical):
     def _need_model(self) -> ModelInfo | None:
         model = self.selected()
         if model is None:
-            self.app.notify("Select a model first (arrow keys, or click a row).",
-                            title="No model selected", severity="warning")
+            self.app.notify(
+                "Select a model first (arrow keys, or click a row).",
+                title="No model selected",
+                severity="warning",
+            )
         return model
 
     # --- events --------------------------------------------------------------------------

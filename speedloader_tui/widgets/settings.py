@@ -87,22 +87,24 @@ class SettingsPane(VerticalScroll):
             for fid, (label, _) in SELECT_FIELDS.items():
                 yield Label(label)
                 options = STRATEGIES if fid == "strategy" else BACKENDS
-                yield Select([(o, o) for o in options], id=f"cfg-{fid}", allow_blank=True,
-                             prompt="(not set)")
+                yield Select(
+                    [(o, o) for o in options], id=f"cfg-{fid}", allow_blank=True, prompt="(not set)"
+                )
             for fid, (label, _) in TEXT_FIELDS.items():
                 yield Label(label)
                 yield Input(id=f"cfg-{fid}")
         with Horizontal(classes="buttons"):
             yield Button("Save (ctrl+s)", id="save-settings", variant="primary", compact=True)
             yield Button("Revert", id="revert-settings", compact=True)
-        yield Label("Pinned models (a pinned model goes to its pool or fails, never elsewhere)",
-                    classes="section-title")
+        yield Label(
+            "Pinned models (a pinned model goes to its pool or fails, never elsewhere)",
+            classes="section-title",
+        )
         with Vertical(id="pins-box"):
             yield DataTable(id="pins", cursor_type="row", zebra_stripes=True)
             with Horizontal(classes="buttons"):
                 yield Button("Unpin selected (u)", id="unpin", compact=True)
-                yield Button("+ Pin model to tier", id="pin-model", variant="primary",
-                             compact=True)
+                yield Button("+ Pin model to tier", id="pin-model", variant="primary", compact=True)
 
     def on_mount(self) -> None:
         pins = self.query_one("#pins", DataTable)
@@ -116,9 +118,7 @@ class SettingsPane(VerticalScroll):
         pins = state.pins()
         table = self.query_one("#pins", DataTable)
         keys = [m for m, _ in pins]
-        if keys != self.pin_keys or any(
-            str(table.get_cell(m, "pool")) != p for m, p in pins
-        ):
+        if keys != self.pin_keys or any(str(table.get_cell(m, "pool")) != p for m, p in pins):
             table.clear()
             for model, pool in pins:
                 table.add_row(model, pool, key=model)
@@ -135,8 +135,7 @@ class SettingsPane(VerticalScroll):
             )
         else:
             status.update(
-                f"strategy [b]{m.strategy}[/b] · backend [b]{m.backend}[/b] · "
-                f"daemon {m.version}"
+                f"strategy [b]{m.strategy}[/b] · backend [b]{m.backend}[/b] · daemon {m.version}"
             )
 
     def fill(self, config: dict[str, Any]) -> None:
@@ -169,9 +168,10 @@ class SettingsPane(VerticalScroll):
 
     def new_config(self) -> dict[str, Any]:
         new = merged_config(self.base, self.form())
-        if getattr(self, "_implicit_strategy", False) and _get(
-            new, SELECT_FIELDS["strategy"][1]
-        ) == "fastest-fit":
+        if (
+            getattr(self, "_implicit_strategy", False)
+            and _get(new, SELECT_FIELDS["strategy"][1]) == "fastest-fit"
+        ):
             _drop(new, SELECT_FIELDS["strategy"][1])
             if new.get("modelPlacement") == {}:
                 new.pop("modelPlacement")

@@ -44,10 +44,20 @@ class PoolCard(Vertical, can_focus=True):
         yield Static(classes="card-usage")
         yield Static(classes="card-details")
         with Horizontal(classes="card-buttons"):
-            yield Button("Connect", name="connect", classes="do-connect", variant="success", compact=True)
-            yield Button("Disconnect", name="disconnect", classes="do-disconnect", variant="warning", compact=True)
+            yield Button(
+                "Connect", name="connect", classes="do-connect", variant="success", compact=True
+            )
+            yield Button(
+                "Disconnect",
+                name="disconnect",
+                classes="do-disconnect",
+                variant="warning",
+                compact=True,
+            )
             yield Button("Resize", name="resize", classes="do-resize", compact=True)
-            yield Button("Remove", name="remove", classes="do-remove", variant="error", compact=True)
+            yield Button(
+                "Remove", name="remove", classes="do-remove", variant="error", compact=True
+            )
 
     def draw(self, pool: PoolInfo, job: JobInfo | None) -> None:
         self.pool, self.job = pool, job
@@ -59,14 +69,17 @@ class PoolCard(Vertical, can_focus=True):
         title.append("  ")
         title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
         if job is not None:
-            title.append(f"  ⟳ {POOL_OPERATIONS.get(job.operation, job.operation)}…",
-                         style="bold yellow")
+            title.append(
+                f"  ⟳ {POOL_OPERATIONS.get(job.operation, job.operation)}…", style="bold yellow"
+            )
         self.query_one(".card-title", Static).update(title)
         usage = Text()
         if pool.connected:
             usage.append_text(fmt.bar(pool.fraction, 40, fmt.usage_style(pool.fraction)))
-            usage.append(f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used)} used of "
-                         f"{fmt.size(pool.size)}, {fmt.size(pool.free)} free")
+            usage.append(
+                f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used)} used of "
+                f"{fmt.size(pool.size)}, {fmt.size(pool.free)} free"
+            )
         else:
             usage.append("·" * 40, style="dim")
             usage.append(f"   disconnected ({fmt.size(pool.size)} when connected)", style="dim")
@@ -113,8 +126,7 @@ class TiersPane(VerticalScroll):
             cards = {p.path: PoolCard(p) for p in pools}
             box.mount_all(cards.values())
             if not pools:
-                box.mount(Static("No RAM pools. Add one with '+ Add tier' (a).",
-                                 classes="empty"))
+                box.mount(Static("No RAM pools. Add one with '+ Add tier' (a).", classes="empty"))
         self._draw_cards(state)
 
     def _draw_cards(self, state: DaemonState) -> None:
@@ -123,8 +135,11 @@ class TiersPane(VerticalScroll):
             if pool is None:
                 continue
             job = next(
-                (j for j in state.jobs.values()
-                 if j.running and j.pool == pool.name and j.operation.startswith("pool-")),
+                (
+                    j
+                    for j in state.jobs.values()
+                    if j.running and j.pool == pool.name and j.operation.startswith("pool-")
+                ),
                 None,
             )
             card.draw(pool, job)

@@ -42,17 +42,23 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         fraction = 1.0
     progress = fmt.bar(fraction, BAR_WIDTH, "yellow" if job.running else "green")
     progress.append(f" {fraction * 100:3.0f}%")
-    done = (
-        f"{fmt.size(job.bytes_done)} / {fmt.size(job.bytes_total)}" if job.bytes_total else "—"
-    )
+    done = f"{fmt.size(job.bytes_done)} / {fmt.size(job.bytes_total)}" if job.bytes_total else "—"
     if job.running:
         rate = fmt.rate(job.rate)
         eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
     else:  # a finished job's last rate and ETA are history, not news
         rate, eta = "", ""
     message = Text(job.message, style="dim")
-    return [Text(f"#{job.number}", style="dim"), what, progress, done, rate, eta,
-            fmt.state(job.state), message]
+    return [
+        Text(f"#{job.number}", style="dim"),
+        what,
+        progress,
+        done,
+        rate,
+        eta,
+        fmt.state(job.state),
+        message,
+    ]
 
 
 class TransfersPane(Vertical):
@@ -100,8 +106,9 @@ class TransfersPane(Vertical):
         if running:
             total_rate = sum(j.rate for j in running)
             summary.append(f" at {fmt.rate(total_rate)}")
-        summary.append(f", {len(jobs) - len(running)} finished (kept by the daemon for a while)",
-                       style="dim")
+        summary.append(
+            f", {len(jobs) - len(running)} finished (kept by the daemon for a while)", style="dim"
+        )
         self.query_one("#transfer-summary", Static).update(summary)
 
     def selected_path(self) -> str | None:
@@ -116,8 +123,9 @@ class TransfersPane(Vertical):
         if job is None or not job.running:
             self.app.notify("Select a running transfer first.", severity="warning")
         elif not job.cancelable:
-            self.app.notify(f"Job #{job.number} ({job.operation}) cannot be cancelled now.",
-                            severity="warning")
+            self.app.notify(
+                f"Job #{job.number} ({job.operation}) cannot be cancelled now.", severity="warning"
+            )
         else:
             self.app.cancel_job(job.path)
 
