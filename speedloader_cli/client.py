@@ -147,6 +147,39 @@ class Client:
             return None
         return body_[0] if len(body_) == 1 else body_
 
+    def call_ordered(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str,
+        body: list[Any],
+        on_result: Callable[[Any, ClientError | None], None],
+    ) -> None:
+        """Call a method; ``on_result(value, error)`` runs in message order, between the
+        signals received before and after the reply. (An awaited call resumes only after
+        the signals that followed its reply were handled, so a snapshot read that way
+        would overwrite newer news.)"""
+
+        def on_reply(reply: Message | None, err: Exception | None) -> None:
+            if err is not None or reply is None:
+                on_result(None, ClientError("org.freedesktop.DBus.Error.Disconnected", str(err)))
+            elif reply.message_type is MessageType.ERROR:
+                text = reply.body[0] if reply.body else reply.error_name
+                on_result(None, ClientError(reply.error_name or "Failed", str(text)))
+            else:
+                on_result(unwrap(reply.body[0]) if reply.body else None, None)
+
+        msg = Message(
+            destination=BUS_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body,
+        )
+        self.bus._call(msg, on_reply)
+
     async def manager(self, member: str, signature: str = "", *args: Any) -> Any:
         return await self.call(ROOT, MANAGER, member, signature, args)
 
@@ -229,43 +262,30 @@ class Client:
 
         snapshot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def on_current(reply: Message | None, err: Exception | None) -> None:
+        def on_current(value: Any, err: ClientError | None) -> None:
             # Runs in message order, between the signals around it: the snapshot replaces
             # what older signals said and is itself updated by the newer ones.
-            if err is not None or reply is None or reply.message_type is MessageType.ERROR:
-                name = reply.error_name if reply is not None else "Failed"
+            if not snapshot.done():
+                snapshot.set_result(None)  # on error, a Completed seen earlier still stands
+            if err is not None:
                 if not done.done():
+                    gone = err.name in ("org.freedesktop.DBus.Error.UnknownObject",
+                                        "org.freedesktop.DBus.Error.UnknownMethod")  # fmt: skip
                     done.set_exception(
                         ClientError("Failed", f"job {path} is gone: it ended long ago")
-                        if name == "org.freedesktop.DBus.Error.UnknownObject"
-                        else ClientError(name or "Failed", str(err or reply.body))
+                        if gone
+                        else err
                     )
-                if not snapshot.done():
-                    snapshot.set_result(None)  # a Completed seen earlier still stands
                 return
-            current = unwrap(reply.body[0])
-            props.update(current)
-            snapshot.set_result(None)
-            if not done.done() and current.get("State") not in (None, "running"):
-                done.set_result((current["State"] == "succeeded", current.get("Message", "")))
+            props.update(value)
+            if not done.done() and value.get("State") not in (None, "running"):
+                done.set_result((value["State"] == "succeeded", value.get("Message", "")))
             elif on_update is not None:
                 on_update(dict(props))
 
         remove = self.add_listener(on_signal)
         try:
-            # Not self.call(): its reply resumes a coroutine only after the signals that
-            # followed the reply were handled, and the stale snapshot would win.
-            self.bus._call(
-                Message(
-                    destination=BUS_NAME,
-                    path=path,
-                    interface=PROPERTIES,
-                    member="GetAll",
-                    signature="s",
-                    body=[JOB],
-                ),
-                on_current,
-            )
+            self.call_ordered(path, PROPERTIES, "GetAll", "s", [JOB], on_current)
             both = asyncio.gather(done, snapshot)  # the snapshot may trail a quick Completed
             (success, message), _ = await (asyncio.wait_for(both, timeout) if timeout else both)
         finally:
