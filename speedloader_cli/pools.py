@@ -41,7 +41,9 @@ def pool_list(as_json: bool) -> None:
     """List pools: state, usage, speed rating and mount path."""
     snap = run(snapshot)
     if as_json:
-        print_json([p.to_json() | {"freeBytes": p.free} for p in snap.pools])
+        print_json(
+            [p.to_json() | {"freeBytes": p.free, "problem": p.problem or None} for p in snap.pools]
+        )
         return
     rows = pool_rows(snap)
     click.echo(

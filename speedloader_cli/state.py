@@ -23,6 +23,7 @@ class PoolView:
     used: int
     free: int
     speed: int
+    problem: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ def pool_view(path: str, p: dict[str, Any]) -> PoolView:
         p["UsedBytes"],
         p.get("FreeBytes", 0),
         p["Speed"],
+        p.get("Problem", ""),
     )
 
 

@@ -47,6 +47,9 @@ def status(as_json: bool) -> None:
     )
     click.echo()
     click.echo(table(["POOL", "KIND", "STATE", "USAGE", "SPEED", "PATH"], pool_rows(snap)))
+    for p in snap.pools:
+        if p.problem:
+            click.echo(f"pool {p.name} is {p.state}: {p.problem}")
     click.echo()
     hot = [m for m in snap.models if m.tier != "cold" or m.state != "cold"]
     cold = [m for m in snap.models if m not in hot]

@@ -83,6 +83,7 @@ class PoolStatus:
     used: int
     free: int
     speed: int
+    problem: str = ""  # why the pool is degraded, in one sentence; "" when it is not
 
 
 Listener = Callable[[str, str], None]
@@ -289,6 +290,7 @@ class Engine:
             used=used,
             free=free,
             speed=pool.speed,
+            problem=getattr(pool, "lost", "") if state is PoolState.DEGRADED else "",
         )
 
     def pool_statuses(self) -> list[PoolStatus]:

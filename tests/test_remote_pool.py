@@ -275,7 +275,8 @@ def test_lost_pool_serves_models_from_cold_untouched_and_connect_restores(lab, t
         assert len(lost) == 1
         assert "1 model(s) now served from cold storage" in lost[0]
         assert "nvme0 is connecting" in lost[0]
-        assert engine.pool_status("far").state == "degraded"
+        status = engine.pool_status("far")
+        assert status.state == "degraded" and "nvme0 is connecting" in status.problem
         st = engine.model_status("m:1")
         assert (st.state, st.tier) == ("cold", "cold")
         for rel in rels:
@@ -296,7 +297,10 @@ def test_lost_pool_serves_models_from_cold_untouched_and_connect_restores(lab, t
         assert job.steps_done == job.steps_total == len(steps)
         assert fake.commands()[:2] == [f"mountpoint -q {lab.pool_path('far')}",
                                        f"umount {lab.pool_path('far')}"]  # fmt: skip
-        assert engine.pool_status("far").state == "mounted"
+        assert (engine.pool_status("far").state, engine.pool_status("far").problem) == (
+            "mounted",
+            "",
+        )
         assert lab.pool_files("far") == []  # the stale copies were collected after connect
         await engine.promote("m:1", "far").wait()
         assert engine.model_status("m:1").state == "hot"

@@ -234,6 +234,11 @@ class PoolInterface(Snapshot):
     def Speed(self) -> "u":
         return self.values.get("Speed", 0)
 
+    @dbus_property(access=READ)
+    def Problem(self) -> "s":
+        """Why the pool is degraded (e.g. the fabric was lost); empty when it is not."""
+        return self.values.get("Problem", "")
+
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Connect(self) -> "o":

@@ -163,6 +163,7 @@ def pool_values(st: PoolStatus) -> dict[str, Any]:
         "UsedBytes": st.used,
         "FreeBytes": st.free,
         "Speed": st.speed,
+        "Problem": st.problem,
     }
 
 
