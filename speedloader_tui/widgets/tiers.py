@@ -3,6 +3,7 @@ actions, each confirmed first; and "+ Add tier"."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -34,6 +35,7 @@ class PoolCard(Vertical, can_focus=True):
         self.pool = pool
         self.job: JobInfo | None = None
         self.ready = False  # children composed and mounted
+        self.drawn: tuple[PoolInfo, str | None] | None = None
 
     def on_mount(self) -> None:
         self.ready = True
@@ -63,6 +65,10 @@ class PoolCard(Vertical, can_focus=True):
         self.pool, self.job = pool, job
         if not self.ready:
             return  # on_mount draws it
+        drawn = (replace(pool), job.operation if job else None)
+        if drawn == self.drawn:
+            return  # the transfer bars redraw 10 times a second; a card needs not
+        self.drawn = drawn
         show_path = self.app.show_path
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")

@@ -88,10 +88,11 @@ class TransfersPane(Vertical):
         if keys == self.keys:
             for key in keys:
                 new = [str(c) for c in rows[key]]
-                if self.cells.get(key) != new:
-                    for (col, _), value in zip(COLUMNS, rows[key], strict=True):
-                        table.update_cell(key, col, value)
-                    self.cells[key] = new
+                old = self.cells.get(key, [""] * len(new))
+                for (col, _), value, was, now in zip(COLUMNS, rows[key], old, new, strict=True):
+                    if was != now:  # each update_cell costs a layout pass: only changes
+                        table.update_cell(key, col, value, update_width=True)
+                self.cells[key] = new
         else:
             selected = self.selected_path()
             table.clear()
