@@ -102,8 +102,10 @@ class ModelTable(DataTable):
             for key in keys:
                 old, new = self.cells.get(key) or [""] * len(rows[key]), rows[key]
                 for (col, _), was, value in zip(self.spec, old, new, strict=True):
-                    if str(was) != str(value):  # each update_cell costs a layout pass
-                        self.update_cell(key, col, value, update_width=True)
+                    if str(was) != str(value):  # only changes; wider ones need a layout
+                        self.update_cell(
+                            key, col, value, update_width=len(str(value)) > len(str(was))
+                        )
             self.cells = rows
             return
         selected = self.selected_key

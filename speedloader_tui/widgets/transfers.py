@@ -90,8 +90,8 @@ class TransfersPane(Vertical):
                 new = [str(c) for c in rows[key]]
                 old = self.cells.get(key, [""] * len(new))
                 for (col, _), value, was, now in zip(COLUMNS, rows[key], old, new, strict=True):
-                    if was != now:  # each update_cell costs a layout pass: only changes
-                        table.update_cell(key, col, value, update_width=True)
+                    if was != now:  # only changes; a wider cell also needs a layout pass
+                        table.update_cell(key, col, value, update_width=len(now) > len(was))
                 self.cells[key] = new
         else:
             selected = self.selected_path()
