@@ -1,4 +1,4 @@
-"""Run every benchmark: ``python3 -m bench [--size-gib 4] [--rounds 3] [--models 10000]``.
+"""Run every benchmark: ``scripts/bench [--size-gib 4] [--rounds 3] [--only bus]``.
 
 As root (mounts tmpfs, drops the page cache). Prints a summary and writes all figures to
 bench/out/results.json. Each figure is a ratio against a reference run in the same process
@@ -14,34 +14,12 @@ import platform
 import sys
 from pathlib import Path
 
+from .bus import bench_bus, print_bus
 from .promote import bench_promote
 from .scan import bench_scan
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--size-gib", type=float, default=4.0, help="model size (default 4)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--models", type=int, default=10000, help="models for the scan (10000)")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print(
-            "error: run as root: the benchmark mounts tmpfs and drops the page cache",
-            file=sys.stderr,
-        )
-        return 2
-    promote = bench_promote(args.size_gib, args.rounds, log=lambda m: print(m, flush=True))
-    scan = bench_scan(args.models)
-    results = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
-        "promote": promote,
-        "scan": scan,
-    }
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    p = promote
-    print()
+def print_promote(p: dict) -> None:
     print(
         f"promote of a {p['size_bytes'] / (1 << 30):g} GiB model, median of {p['rounds']} "
         "interleaved rounds, source read from disk:"
@@ -60,10 +38,47 @@ def main(argv: list[str] | None = None) -> int:
         f"{p['promote_verified_residue_pct']:5.1f} %"
     )
     print(f"  demote                   {p['demote_ms']:.1f} ms")
-    print(
-        f"catalog scan of {scan['n']} models: ollama {scan['ollama_scan_s'] * 1000:.0f} ms, "
-        f"gguf {scan['gguf_scan_s'] * 1000:.0f} ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gib", type=float, default=4.0, help="model size (default 4)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--models", type=int, default=10000, help="models for the scan (10000)")
+    ap.add_argument("--clients", type=int, default=50, help="bus clients in the soak (50)")
+    ap.add_argument("--seconds", type=float, default=60, help="length of the soak (60)")
+    ap.add_argument(
+        "--only", choices=["promote", "scan", "bus"], help="run one part (default: all)"
     )
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print(
+            "error: run as root: the benchmark mounts tmpfs and drops the page cache",
+            file=sys.stderr,
+        )
+        return 2
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    results: dict = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()}}
+    if args.only in (None, "promote"):
+        results["promote"] = bench_promote(args.size_gib, args.rounds, log=log)
+    if args.only in (None, "scan"):
+        results["scan"] = bench_scan(args.models)
+    if args.only in (None, "bus"):
+        results["bus"] = bench_bus(args.clients, args.seconds, args.models, log=log)
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print()
+    if "promote" in results:
+        print_promote(results["promote"])
+    if "scan" in results:
+        scan = results["scan"]
+        print(
+            f"catalog scan of {scan['n']} models: ollama {scan['ollama_scan_s'] * 1000:.0f} ms, "
+            f"gguf {scan['gguf_scan_s'] * 1000:.0f} ms"
+        )
+    if "bus" in results:
+        print_bus(results["bus"])
     print(f"all figures: {out / 'results.json'}")
     return 0
 

@@ -29,7 +29,15 @@ sys.path[:0] = [str(_REPO), str(_REPO / "tests")]
 
 from dbus_fast import Message  # noqa: E402
 
-from speedloader_cli.client import JOB, MODEL, ROOT, Client, ClientError, unwrap  # noqa: E402
+from speedloader_cli.client import (  # noqa: E402
+    JOB,
+    MODEL,
+    ROOT,
+    Client,
+    ClientError,
+    model_path,
+    unwrap,
+)
 
 MiB = 1 << 20
 
@@ -129,7 +137,7 @@ async def _worker(
                     if rng.random() < 0.5:
                         await c.managed_objects()
                     else:
-                        await c.get_all(f"{ROOT}/models/{_escape(model)}", MODEL)
+                        await c.get_all(model_path(model), MODEL)
                     report.read_latency.append(time.perf_counter() - t0)
                     continue
             except ClientError as err:
@@ -145,12 +153,6 @@ async def _worker(
                 report.unfinished.append(f"{job}: {err}")
                 continue
             report.job_outcomes[result.properties.get("State", "?")] += 1
-
-
-def _escape(name: str) -> str:
-    from speedloaderd.bus.names import escape
-
-    return escape(name)
 
 
 async def soak(address: str, models: list[str], clients: int, seconds: float) -> SoakReport:

@@ -17,17 +17,19 @@ from typing import Any
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-BUS_NAME = "org.speedloader.Speedloader1"
-ROOT = "/org/speedloader/Speedloader1"
-IFACE = "org.speedloader.Speedloader1"
-MANAGER = f"{IFACE}.Manager"
-POOL = f"{IFACE}.Pool"
-MODEL = f"{IFACE}.Model"
-JOB = f"{IFACE}.Job"
-ERROR_PREFIX = f"{IFACE}.Error."
+from speedloaderd.bus import names
+from speedloaderd.bus.names import BUS_NAME, ERROR_PREFIX, NO_OBJECT, ROOT, escape
+
+# The bus contract is defined once, in speedloaderd.bus.names; short names for clients.
+MANAGER = names.MANAGER_IFACE
+POOL = names.POOL_IFACE
+MODEL = names.MODEL_IFACE
+JOB = names.JOB_IFACE
+model_path, pool_path, job_path = names.model_path, names.pool_path, names.job_path
+__all__ = ["BUS_NAME", "NO_OBJECT", "ROOT", "escape", "Client", "ClientError", "JobResult"]
+
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-NO_OBJECT = "/"
 
 # Bus errors that mean "the daemon is not there", whoever raised them.
 UNREACHABLE = {

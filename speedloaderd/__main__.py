@@ -70,7 +70,7 @@ async def serve(config_path: Path) -> int:
     done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stopper in done:
         log.info("stopping on signal")
-        server.stop()
+        await server.shutdown()
         return 0
     log.error("lost the connection to the system bus")
     return 1

@@ -27,14 +27,30 @@ from pydantic import BaseModel
 from . import health, placement
 from .catalog import scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
-from .config import Config, PoolConfig, parse_config, save_config, with_changes
-from .errors import Busy, Cancelled, Failed, InvalidArgument, NoSuchModel, NoSuchPool
+from .config import (
+    Config,
+    PoolConfig,
+    RemoteHostConfig,
+    parse_config,
+    save_config,
+    with_changes,
+)
+from .errors import (
+    Busy,
+    Cancelled,
+    ConfigError,
+    Failed,
+    InvalidArgument,
+    NoSuchModel,
+    NoSuchPool,
+)
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
 from .modelsdir import COLD, ModelsDir, Where
-from .paths import check_model_name, check_pool_name
-from .pools import PoolState, TmpfsPool
+from .paths import check_model_name, check_pool_name, overlapping
+from .pools import Pool, PoolState, TmpfsPool
+from .remote.pool import RemotePool
 from .sizes import format_size
 from .transfer import Progress, ProgressMeter, copy_file, is_partial
 
@@ -42,6 +58,8 @@ log = logging.getLogger(__name__)
 
 # Names the pool layer may create that are not model files.
 _POOL_SKIP = {"lost+found"}
+# Seconds between two probes of the remote pools (sysfs and /proc/mounts: cheap).
+REMOTE_WATCH_INTERVAL = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +93,7 @@ class Engine:
     def __init__(self, config: Config, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.pools: dict[str, TmpfsPool] = {}
+        self.pools: dict[str, Pool] = {}
         self.pool_roots: dict[str, Path] = {}
         self.catalog = ScanResult()
         self.users: dict[str, list[str]] = {}  # data rel -> names of models using it
@@ -90,14 +108,29 @@ class Engine:
         self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
+        self.watch_interval = REMOTE_WATCH_INTERVAL
+        self._watch: asyncio.Task[None] | None = None
         for pc in config.local_pools():
             self._add_pool_object(pc)
+        for name, host in config.remote_tiers.hosts.items():
+            self._add_remote_pool(name, host)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Mount pools, scan cold storage, recover from any crash, sync the models dir."""
+        """Mount pools, scan cold storage, recover from any crash, sync the models dir;
+        then watch the remote pools."""
         await asyncio.to_thread(self._start_blocking)
+        if any(p.kind == RemotePool.kind for p in self.pools.values()):
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watch_remote_pools(), name="remote-pool-watch"
+            )
+
+    def stop_watching(self) -> None:
+        """Stop the remote pool watch (at shutdown, or when a new engine takes over)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def _start_blocking(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -105,7 +138,7 @@ class Engine:
         self.models_dir.ensure()
         for pool in self.pools.values():
             try:
-                pool.mount()
+                pool.startup()  # tmpfs: mount or adopt; remote: adopt if still connected
             except Exception as err:  # one bad pool must not keep the others down
                 log.error("pool %s not mounted: %s", pool.name, err)
         self._scan()
@@ -189,7 +222,7 @@ class Engine:
                 "run a rescan if it was just added"
             ) from None
 
-    def pool(self, name: str) -> TmpfsPool:
+    def pool(self, name: str) -> Pool:
         check_pool_name(name)
         try:
             return self.pools[name]
@@ -300,7 +333,28 @@ class Engine:
             self._emit("model", job.model)
         return job
 
+    async def shutdown(self, timeout: float = 20.0) -> None:
+        """Cancel what can be cancelled and wait for every job to end, so a stop leaves no
+        partial copy and no journal entry behind (a stop is not a crash)."""
+        self.stop_watching()
+        running = [j for j in self.jobs.values() if not j.finished]
+        for job in running:
+            job.cancel()  # a job past its point of no return finishes instead
+        if running:
+            log.info("stopping: waiting for %d job(s) to end", len(running))
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(j._done.wait()) for j in running], timeout=timeout
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%d job(s) did not end in %.0f s; recovery finishes them", len(pending), timeout
+                )
+
     def _progress(self, job: Job, p: Progress) -> None:
+        if job.finished:  # a report queued by the copy thread, arriving after the end
+            return
         job.bytes_done, job.rate, job.eta = p.done, p.rate, p.eta
         job.notify()
 
@@ -619,6 +673,8 @@ class Engine:
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
         old_pins, self.config = self.config.model_placement.pinned, new
+        for pool in self._remote_pools():
+            pool.ssh_key_path = new.ssh_key_path
         self._emit("config", "")
         new_pins = new.model_placement.pinned
         for name in sorted(set(old_pins) | set(new_pins)):
@@ -626,6 +682,26 @@ class Engine:
                 self._emit("model", name)
 
     # --- pools -------------------------------------------------------------------------
+
+    def _add_remote_pool(self, name: str, host: RemoteHostConfig) -> RemotePool:
+        try:
+            pool = RemotePool(name, host, self.config.ssh_key_path)
+        except InvalidArgument as err:
+            raise ConfigError(f"remote pool {name!r}: {err}") from None
+        roots = {"modelsDir": self.config.models_dir, "storage.path": self.config.storage.path}
+        roots |= {f"pool {n!r} path": r for n, r in self.pool_roots.items()}
+        for what, root in roots.items():
+            if overlapping(pool.path, root):
+                raise ConfigError(
+                    f"remoteTiers.hosts.{name}.path ({pool.path}) and {what} ({root}) "
+                    "overlap; they must be separate"
+                )
+        self.pools[name] = pool
+        self.pool_roots[name] = pool.path
+        return pool
+
+    def _remote_pools(self) -> list[RemotePool]:
+        return [p for p in self.pools.values() if isinstance(p, RemotePool)]
 
     def _add_pool_object(self, pc: PoolConfig) -> TmpfsPool:
         pool = TmpfsPool(pc.name, pc.path, pc.size, pc.speed)
@@ -643,15 +719,34 @@ class Engine:
         return self._start_job(job, body)
 
     def connect_pool(self, name: str) -> Job:
+        """Mount a local pool; connect a remote one (its Job's Step names each step)."""
+
         async def body(job: Job) -> str:
             pool = self.pools[name]
-            await asyncio.to_thread(pool.mount)
+            await asyncio.to_thread(pool.mount, self._step_reporter(job))
+            job.steps_done, job.step = job.steps_total, ""
             async with self._lock:
                 await asyncio.to_thread(self._gc_pool, name)
             self._emit("pool", name)
+            if isinstance(pool, RemotePool):
+                return (
+                    f"pool {name} connected to {pool.cfg.ssh.split('@')[-1]} over "
+                    f"{pool.cfg.transport} and mounted at {pool.path} ({format_size(pool.size)})"
+                )
             return f"pool {name} mounted at {pool.path} ({format_size(pool.size)})"
 
         return self._pool_job("pool-connect", name, body)
+
+    def _step_reporter(self, job: Job) -> Callable[[int, int, str], None]:
+        """A progress hook a worker thread may call: (steps done, steps, step starting)."""
+        loop = asyncio.get_running_loop()
+
+        def on_step(done: int, total: int, step: str) -> None:
+            if not job.finished:
+                job.steps_done, job.steps_total, job.step = done, total, step
+                job.notify()
+
+        return lambda done, total, step: loop.call_soon_threadsafe(on_step, done, total, step)
 
     def disconnect_pool(self, name: str) -> Job:
         """Demote everything the pool holds (links back to cold first), then unmount."""
@@ -681,6 +776,12 @@ class Engine:
         async def body(job: Job) -> str:
             pool = self.pools[name]
             await asyncio.to_thread(pool.resize, size)
+            if isinstance(pool, RemotePool):
+                tiers = _dump(self.config.remote_tiers)
+                tiers["hosts"][name]["ramdiskSize"] = pool.size
+                await self.set_config(with_changes(self.config, remote_tiers=tiers))
+                self._emit("pool", name)
+                return f"pool {name} resized to {format_size(pool.size)}"
             cfgs = [
                 p if p.name != name else p.model_copy(update={"size": size})
                 for p in self.config.pools
@@ -700,9 +801,23 @@ class Engine:
     async def add_pool(self, pc: PoolConfig) -> None:
         if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
             raise InvalidArgument(f"a pool named {pc.name!r} already exists")
-        new = with_changes(self.config, pools=[*(_dump(p) for p in self.config.pools), _dump(pc)])
+        for remote in self._remote_pools():
+            if overlapping(pc.path, remote.path):
+                raise InvalidArgument(
+                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
+                    f"at {remote.path}; they must be separate"
+                )
+        old = self.config
+        new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
         await self.set_config(new)
-        self._add_pool_object(pc)
+        pool = self._add_pool_object(pc)
+        try:
+            await asyncio.to_thread(pool.mount)  # an added pool is ready to use
+        except Exception:
+            del self.pools[pc.name]
+            del self.pool_roots[pc.name]
+            await self.set_config(old)
+            raise
         self._emit("pool-added", pc.name)
 
     async def remove_pool(self, name: str) -> None:
@@ -712,7 +827,11 @@ class Engine:
         pinned = sorted(m for m, p in self.config.model_placement.pinned.items() if p == name)
         if pinned:
             raise Busy(f"models are pinned to pool {name!r} ({', '.join(pinned)}); unpin first")
-        if name == "local" and self.config.ramdisk is not None:
+        if isinstance(pool, RemotePool):
+            tiers = _dump(self.config.remote_tiers)
+            del tiers["hosts"][name]
+            new = with_changes(self.config, remote_tiers=tiers)
+        elif name == "local" and self.config.ramdisk is not None:
             new = parse_config({k: v for k, v in _dump(self.config).items() if k != "ramdisk"})
         else:
             new = with_changes(
@@ -722,6 +841,47 @@ class Engine:
         del self.pools[name]
         del self.pool_roots[name]
         self._emit("pool-removed", name)
+
+    # --- remote pool watch -------------------------------------------------------------
+
+    async def _watch_remote_pools(self) -> None:
+        while True:
+            try:
+                await self.check_remote_pools()
+            except Exception:  # the watch must outlive any one bad probe
+                log.exception("remote pool watch failed")
+            await asyncio.sleep(self.watch_interval)
+
+    async def check_remote_pools(self) -> list[str]:
+        """Probe every connected remote pool (sysfs, /proc/mounts: no I/O to the pool);
+        give up each one that is no longer usable. Returns the names given up."""
+        lost = []
+        for pool in self._remote_pools():
+            if not pool.connected or pool.lost or pool.name in self._pool_jobs:
+                continue  # not ours to watch, already given up, or being (dis)connected
+            found = await asyncio.to_thread(pool.probe)
+            if not found.usable and pool.connected and not pool.lost:
+                await self._lose_pool(pool, found.reason)
+                lost.append(pool.name)
+        return lost
+
+    async def _lose_pool(self, pool: RemotePool, reason: str) -> None:
+        """Serve everything in a lost pool from cold storage: repoint the links only. The
+        pool's files are never read, written or deleted (I/O to it fails or hangs); a later
+        Disconnect or Connect cleans up."""
+        pool.lost = reason or "not usable"
+        async with self._lock:
+            moved = await asyncio.to_thread(self._evacuate, pool.name)
+        log.error(
+            "lost pool %s: %s; %d model(s) now served from cold storage; "
+            "Connect the pool again to restore it",
+            pool.name,
+            pool.lost,
+            len(moved),
+        )
+        for model in moved:
+            self._emit("model", model)
+        self._emit("pool", pool.name)
 
     # --- health ------------------------------------------------------------------------
 

@@ -40,6 +40,10 @@ class Job:
     bytes_done: int = 0
     rate: float = 0.0
     eta: float | None = None
+    # Pool lifecycle jobs have named steps instead of bytes (connect: ssh, nvmet, mkfs...)
+    step: str = ""  # the step running now
+    steps_done: int = 0
+    steps_total: int = 0
     started: float = field(default_factory=time.time)
     state: JobState = JobState.RUNNING
     message: str = ""

@@ -10,9 +10,11 @@ after they are complete and verified).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,17 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding ``path`` in one call (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
 
@@ -73,6 +86,14 @@ class ModelsDir:
         self.root = root
         self.cold_root = cold_root
         self.pool_roots = pool_roots  # a live mapping: pools come and go
+        # Set while sync() rebuilds the dir: one syncfs at the end instead of an fsync per
+        # link (40,000 fsyncs took 15 s for 10,000 models). Per thread, so a promote's swap
+        # running meanwhile stays durable on its own.
+        self._batch = threading.local()
+
+    def _durable(self, directory: Path) -> None:
+        if not getattr(self._batch, "on", False):
+            fsync_dir(directory)
 
     # --- setup -------------------------------------------------------------------------
 
@@ -131,7 +152,7 @@ class ModelsDir:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        fsync_dir(link.parent)
+        self._durable(link.parent)
 
     def point_cold(self, rel: str) -> None:
         self.point(rel, self.cold_root / rel)
@@ -148,10 +169,11 @@ class ModelsDir:
         tmp = dst.with_name(f".{dst.name}{META_TMP_MARKER}{secrets.token_hex(4)}")
         with open(tmp, "wb") as f:
             f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+            if not getattr(self._batch, "on", False):
+                f.flush()
+                os.fsync(f.fileno())
         os.rename(tmp, dst)
-        fsync_dir(dst.parent)
+        self._durable(dst.parent)
 
     def _ensure_link(self, rel: str, link_target: str) -> bool:
         link = self.path(rel)
@@ -169,6 +191,14 @@ class ModelsDir:
     def sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         """Make the dir reflect cold storage: create what is missing, keep hot links that are
         still valid, repoint broken ones to cold, remove links of models that are gone."""
+        self._batch.on = True
+        try:
+            return self._sync(scan, mounted_pools)
+        finally:
+            self._batch.on = False
+            syncfs(self.root)
+
+    def _sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         report = SyncReport()
         mounted = set(mounted_pools)
         wanted: set[str] = set()
@@ -236,18 +266,20 @@ class ModelsDir:
             tmp.write_text(json.dumps(sorted(meta_rels)))
             os.rename(tmp, managed_file)
 
-    def walk(self) -> Iterator[tuple[str, Path]]:
-        """Every non-directory entry below the root (not following links), with its rel."""
-        stack = [self.root]
+    def walk(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Every non-directory entry below the root (not following links), with its rel.
+        Plain strings and DirEntry, no Path objects: this runs over every file at start."""
+        root = str(self.root)
+        skip = len(root) + 1
+        stack = [root]
         while stack:
             d = stack.pop()
             with os.scandir(d) as it:
                 for e in it:
-                    p = Path(e.path)
                     if e.is_dir(follow_symlinks=False):
-                        stack.append(p)
-                    elif d != self.root or e.name not in (MARKER, MANAGED_META):
-                        yield str(p.relative_to(self.root)), p
+                        stack.append(e.path)
+                    elif d != root or e.name not in (MARKER, MANAGED_META):
+                        yield e.path[skip:], e
 
     def _prune_empty_dirs(self) -> None:
         for dirpath, dirnames, filenames in os.walk(self.root, topdown=False):

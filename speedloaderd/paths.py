@@ -52,7 +52,7 @@ def resolve_within(root: Path, rel: str) -> Path:
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not _MODEL_NAME_RE.match(name):
+    if not isinstance(name, str) or not _MODEL_NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{name!r} is not a valid model name (letters, digits and _ . : @ + - /, "
             "at most 255 characters)"
@@ -63,7 +63,7 @@ def check_model_name(name: str) -> str:
 
 
 def check_pool_name(name: str) -> str:
-    if not isinstance(name, str) or not _POOL_NAME_RE.match(name):
+    if not isinstance(name, str) or not _POOL_NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{name!r} is not a valid pool name (letters, digits, '_' and '-', "
             "starting with a letter or digit, at most 63 characters)"

@@ -16,9 +16,10 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import Busy, Failed, InvalidArgument, NoSpace
 from .paths import check_pool_name
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_TMPFS_SPEED",
     "MountInfo",
+    "Pool",
     "PoolState",
     "PoolUsage",
     "TmpfsPool",
@@ -208,7 +210,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
         raise Failed(f"cannot run {argv[0]}: {e.strerror or e}") from e
 
 
-def _statvfs_usage(path: str | os.PathLike[str]) -> PoolUsage:
+def statvfs_usage(path: str | os.PathLike[str]) -> PoolUsage:
     st = os.statvfs(path)
     size = st.f_blocks * st.f_frsize
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -236,6 +238,37 @@ class PoolUsage:
     size: int
     used: int
     free: int
+
+
+StepReport = Callable[[int, int, str], None]
+"""``(steps done, steps in all, name of the step starting now)``: a Job's progress."""
+
+
+class Pool(Protocol):
+    """What the engine uses of a pool: TmpfsPool here, RemotePool in remote/pool.py.
+
+    Every method blocks (the engine calls them in worker threads) except that ``state()``
+    must be cheap and never wait on the pool's storage."""
+
+    name: str
+    path: Path
+    size: int
+    speed: int
+    kind: str
+
+    def state(self) -> PoolState: ...
+
+    def usage(self) -> PoolUsage: ...
+
+    def startup(self) -> None:
+        """At daemon start: make the pool usable if that needs nobody's say-so."""
+        ...
+
+    def mount(self, on_step: StepReport | None = None) -> None: ...
+
+    def unmount(self) -> None: ...
+
+    def resize(self, new_size: int) -> None: ...
 
 
 class TmpfsPool:
@@ -303,7 +336,7 @@ class TmpfsPool:
         """Size, used and free bytes of the mounted pool (statvfs)."""
         with self._lock:
             self._require_mounted("report usage of")
-            return _statvfs_usage(self.path)
+            return statvfs_usage(self.path)
 
     def _require_mounted(self, verb: str) -> MountInfo:
         info = self.mount_info()
@@ -318,12 +351,18 @@ class TmpfsPool:
 
     # ---- lifecycle
 
-    def mount(self) -> None:
+    def startup(self) -> None:
+        """At daemon start a local pool is mounted (or adopted): it costs only this RAM."""
+        self.mount()
+
+    def mount(self, on_step: StepReport | None = None) -> None:
         """Mount the pool, or adopt our tmpfs if it is already mounted (daemon restart).
 
         An adopted mount is remounted to the configured size and to ``huge=within_size``
         if either differs. Never mounts over something else or over a non-empty directory.
         """
+        if on_step is not None:
+            on_step(0, 1, "mount tmpfs")
         with self._lock:
             info = self.mount_info()
             if info is not None:
@@ -441,7 +480,7 @@ class TmpfsPool:
         # the real reason goes to the kernel log). Files may have been written since we
         # looked, so check again and say so plainly.
         with contextlib.suppress(OSError):
-            used = _statvfs_usage(self.path).used
+            used = statvfs_usage(self.path).used
             if size < used:
                 raise NoSpace(self._shrink_refusal(used, size))
         raise Failed(

@@ -1,7 +1,7 @@
 """The bus lab: speedloaderd running as root on a private system bus with a real polkitd,
 driven by root and by unprivileged users the tests create.
 
-Users (made once per session, removed after):
+Users (made when missing, and kept: see the ``sandbox`` fixture):
 - ``sl-test-admin``: in the ``speedloader`` group, which polkit/50-speedloader.rules grants
 - ``sl-test-guest``: in no group; the policy's defaults refuse it
 - ``sl-test-asker``: a test-only rule answers AUTH_ADMIN for it, i.e. "authentication
@@ -78,12 +78,6 @@ def ensure_users() -> list[str]:
             made.append(f"user:{user}")
     subprocess.run(["usermod", "-aG", GROUP, ADMIN], check=True)
     return made
-
-
-def remove_users(made: list[str]) -> None:
-    for item in reversed(made):
-        kind, name = item.split(":", 1)
-        subprocess.run(["userdel" if kind == "user" else "groupdel", name], capture_output=True)
 
 
 def as_user(user: str | None, argv: list[str], address: str) -> list[str]:

@@ -59,9 +59,11 @@ def sandbox():
     project's actions and rules (plus one test-only rule), and the test users."""
     from speedloaderd.sandbox import REPO, Sandbox
 
-    from .buslab import ASKER_RULE, check_user_can_run_python, ensure_users, remove_users
+    from .buslab import ASKER_RULE, check_user_can_run_python, ensure_users
 
-    made = ensure_users()
+    # The users stay: system accounts without a shell or home, and deleting them at the end
+    # of one test session would pull them from under another running at the same time.
+    ensure_users()
     extra = Path(tempfile.mkdtemp(prefix="sl-rules-", dir="/tmp"))
     (extra / "90-test-asker.rules").write_text(ASKER_RULE)
     try:
@@ -72,7 +74,6 @@ def sandbox():
             yield sb
     finally:
         shutil.rmtree(extra, ignore_errors=True)
-        remove_users(made)
 
 
 @pytest.fixture

@@ -48,6 +48,22 @@ def assert_consistent(dl) -> None:
     assert not leftovers, f"temporary files left in the pool: {leftovers}"
 
 
+async def promote_until_copying(c: Client, model: str) -> tuple[str, asyncio.Future]:
+    """Start promoting ``model`` and return once bytes are moving: (job path, the task
+    following the job to its end)."""
+    await c.subscribe()
+    job = await c.promote(model)
+    copying = asyncio.get_running_loop().create_future()
+
+    def on_update(p: dict) -> None:
+        if 0 < p.get("BytesDone", 0) < p.get("BytesTotal", 0) and not copying.done():
+            copying.set_result(None)
+
+    follow = asyncio.ensure_future(c.follow_job(job, on_update=on_update, timeout=120))
+    await asyncio.wait_for(copying, 60)
+    return job, follow
+
+
 # --- jobs by signals -------------------------------------------------------------------------
 
 
@@ -98,16 +114,7 @@ def test_cancelled_promote_leaves_no_trace(daemon_factory):
 
     async def scenario():
         async with await dl.client() as c:
-            await c.subscribe()
-            job = await c.promote(dl.big)
-            started = asyncio.get_running_loop().create_future()
-
-            def on_update(p: dict) -> None:
-                if p.get("BytesDone", 0) > 0 and not started.done():
-                    started.set_result(None)
-
-            follow = asyncio.ensure_future(c.follow_job(job, on_update=on_update, timeout=120))
-            await asyncio.wait_for(started, 60)
+            job, follow = await promote_until_copying(c, dl.big)
             await c.cancel(job)
             return await follow
 
@@ -125,21 +132,11 @@ def test_sigkill_mid_promote_then_restart(daemon_factory):
 
     async def start_and_wait_for_copying():
         async with await dl.client() as c:
-            await c.subscribe()
-            job = await c.promote(dl.big)
-            copying = asyncio.get_running_loop().create_future()
-
-            def on_update(p: dict) -> None:
-                if 0 < p.get("BytesDone", 0) < p.get("BytesTotal", 0) and not copying.done():
-                    copying.set_result(p["BytesDone"])
-
-            follow = asyncio.ensure_future(c.follow_job(job, on_update=on_update))
-            done = await asyncio.wait_for(copying, 60)
+            _, follow = await promote_until_copying(c, dl.big)
             dl.proc.send_signal(signal.SIGKILL)  # while the copy is running, mid-file
             follow.cancel()
-            return done
 
-    assert run(start_and_wait_for_copying()) > 0
+    run(start_and_wait_for_copying())
     assert dl.stop(signal.SIGKILL) == -signal.SIGKILL
     dl.start()  # recovery runs before the daemon takes its name
 
@@ -158,6 +155,28 @@ def test_sigkill_mid_promote_then_restart(daemon_factory):
     assert not [p for p in objects if "/jobs/" in p], "jobs of the dead daemon reappeared"
     assert again.success, again.message
     assert_consistent(dl)
+
+
+def test_sigterm_mid_promote_cancels_and_leaves_nothing_to_repair(daemon_factory):
+    dl = daemon_factory(big=BIG)
+    dl.start()
+    before = dl.state()
+
+    async def stop_while_copying():
+        async with await dl.client() as c:
+            _, follow = await promote_until_copying(c, dl.big)
+            dl.proc.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(follow, 60)  # Completed still reaches us
+
+    result = run(stop_while_copying())
+    assert not result.success and result.properties["State"] == "cancelled"
+    assert dl.stop() == 0
+    assert "stopping: waiting for 1 job(s) to end" in dl.log()
+    assert list((dl.lab.state / "journal").iterdir()) == [], "a stop left work for recovery"
+    assert dl.lab.pool_files("local") == []
+    assert_consistent(dl)
+    dl.start()
+    assert dl.state()["links"] == before["links"]
 
 
 def test_sigterm_leaves_the_bus_cleanly(daemon):
@@ -217,6 +236,8 @@ BAD_CALLS = [
     ("Promote", "ss", ["tiny:1b", "nowhere"], "NoSuchPool", "nowhere"),
     ("Promote", "ss", ["../../etc/passwd", ""], "InvalidArgument", "../../etc/passwd"),
     ("Promote", "ss", ["tiny:1b", "../x"], "InvalidArgument", "../x"),
+    ("Promote", "ss", ["tiny:1b\n", ""], "InvalidArgument", "not a valid model name"),
+    ("Promote", "ss", ["tiny:1b", "local\n"], "InvalidArgument", "not a valid pool name"),
     ("Demote", "s", ["no-such:model"], "NoSuchModel", "no-such:model"),
     ("Pin", "ss", ["tiny:1b", "nowhere"], "NoSuchPool", "nowhere"),
     ("Pin", "ss", ["tiny:1b/..", "local"], "InvalidArgument", "tiny:1b/.."),

@@ -83,6 +83,10 @@ class ManagerInterface(Snapshot):
         return self.values.get("ConfigValid", False)
 
     @dbus_property(access=READ)
+    def ConfigPath(self) -> "s":
+        return str(self.server.config_path or "")
+
+    @dbus_property(access=READ)
     def ConfigError(self) -> "s":
         return self.values.get("ConfigError", "")
 
@@ -321,6 +325,11 @@ class JobInterface(Snapshot):
         return self.values.get("Rate", 0.0)
 
     @dbus_property(access=READ)
+    def Step(self) -> "s":
+        """The named step running now, for jobs made of steps (pool connect); else ""."""
+        return self.values.get("Step", "")
+
+    @dbus_property(access=READ)
     def Progress(self) -> "d":
         return self.values.get("Progress", 0.0)
 
@@ -372,9 +381,12 @@ def job_values(job: "Job") -> dict[str, Any]:
         objects.append(model_path(job.model))
     if job.pool:
         objects.append(pool_path(job.pool))
-    progress = (
-        job.bytes_done / job.bytes_total if job.bytes_total else (1.0 if job.finished else 0.0)
-    )
+    if job.bytes_total:
+        progress = job.bytes_done / job.bytes_total
+    elif job.steps_total:  # a job made of named steps: the share of steps done
+        progress = job.steps_done / job.steps_total
+    else:
+        progress = 1.0 if job.finished else 0.0
     end = job.expected_end
     return {
         "Objects": objects,
@@ -382,6 +394,7 @@ def job_values(job: "Job") -> dict[str, Any]:
         "BytesTotal": job.bytes_total,
         "BytesDone": job.bytes_done,
         "Rate": float(job.rate),
+        "Step": job.step,
         "Progress": float(min(progress, 1.0)),
         "ExpectedEndTime": int(end * 1_000_000) if end else 0,
         "Cancelable": job.cancelable and not job.finished,

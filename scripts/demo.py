@@ -1,0 +1,171 @@
+"""The whole product on one machine, touching nothing of the host's: a private system bus,
+a real polkitd with speedloader's policy, speedloaderd as root with a tmpfs pool, sample
+models of every format on a "cold storage" directory, then the dashboard (or, without a
+terminal or with --scripted, a scripted tour with slctl). Everything is removed at exit.
+
+Run it through scripts/demo, which installs what it needs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from modelgen import (  # noqa: E402
+    MiB,
+    make_gguf,
+    make_hf_hub_repo,
+    make_ollama_model,
+    make_safetensors_dir,
+    make_split_gguf,
+)
+
+from speedloaderd.config import parse_config, save_config  # noqa: E402
+from speedloaderd.pools import mounts_below  # noqa: E402
+from speedloaderd.sandbox import Sandbox  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SAMPLES = {
+    "ollama": ["llama3:8b", "qwen2:7b", "team/coder:7b"],
+    "llamacpp": ["llama-3-8b-q4", "mixtral-8x7b-q4", "phi-3-mini"],
+    "huggingface": ["meta-llama/Llama-3-8B", "mistralai/Mistral-7B", "Qwen/Qwen2-7B"],
+}
+
+
+def make_samples(cold: Path) -> None:
+    """A few small models in every layout the catalog knows, each under its backend's dir."""
+    o = cold / "ollama"
+    llama = make_ollama_model(o, "llama3:8b", (24 * MiB, 400, 200))
+    make_ollama_model(o, "qwen2:7b", (16 * MiB, llama.layers[1]))  # shares the template
+    make_ollama_model(o, "team/coder:7b", (8 * MiB,))
+    g = cold / "llamacpp"
+    g.mkdir(parents=True)
+    make_gguf(g / "llama-3-8b-q4.gguf", n_tensors=4, tensor_bytes=4 * MiB)
+    make_split_gguf(g, "mixtral-8x7b-q4", parts=3, tensor_bytes=4 * MiB)
+    make_gguf(g / "phi-3-mini.gguf", n_tensors=2, tensor_bytes=2 * MiB)
+    h = cold / "huggingface"
+    make_safetensors_dir(h, "meta-llama/Llama-3-8B", shards=2, shard_bytes=8 * MiB)
+    make_safetensors_dir(h, "mistralai/Mistral-7B", shards=1, shard_bytes=8 * MiB)
+    make_hf_hub_repo(h, "Qwen/Qwen2-7B", shards=2, shard_bytes=4 * MiB)
+
+
+def slctl(env: dict[str, str], *args: str) -> int:
+    print(f"\n$ slctl {shlex.join(args)}", flush=True)
+    return subprocess.run([str(BIN / "slctl"), *args], env=env).returncode
+
+
+def scripted_tour(env: dict[str, str], backend: str) -> int:
+    first, second = SAMPLES[backend][0], SAMPLES[backend][1]
+    steps = [
+        ("status",),
+        ("promote", first, second),
+        ("status",),
+        ("pool", "resize", "local", "768M"),
+        ("demote", first),
+        ("health",),
+        ("status", "--json"),
+        ("demote", second),
+    ]
+    for step in steps:
+        rc = slctl(env, *step)
+        if rc != 0:
+            print(f"demo: `slctl {' '.join(step)}` failed with exit code {rc}", file=sys.stderr)
+            return rc
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--backend",
+        choices=sorted(SAMPLES),
+        default="ollama",
+        help="which sample library the daemon serves (default: ollama)",
+    )
+    ap.add_argument(
+        "--scripted",
+        action="store_true",
+        help="run a scripted promote/demote tour with slctl instead of the dashboard",
+    )
+    ap.add_argument("--web", action="store_true", help="serve the dashboard to a browser")
+    ap.add_argument(
+        "--keep", action="store_true", help="after the tour, keep everything running until Ctrl-C"
+    )
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print(
+            "error: run the demo as root: it mounts a tmpfs pool and starts a bus", file=sys.stderr
+        )
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="sl-demo-", dir="/tmp"))
+    work.chmod(0o755)
+    try:
+        cold = work / "cold"
+        print(f"demo: writing sample models to {cold} ...", flush=True)
+        make_samples(cold)
+        config = parse_config(
+            {
+                "modelsDir": str(work / "models"),
+                "storage": {"path": str(cold / args.backend), "type": "local"},
+                "backend": {"type": args.backend},
+                "stateDir": str(work / "state"),
+                "ramdisk": {"path": str(work / "pools" / "local"), "size": "512M"},
+                "pools": [
+                    {
+                        "name": "fast",
+                        "path": str(work / "pools" / "fast"),
+                        "size": "256M",
+                        "speed": 200,
+                    }
+                ],
+            }
+        )
+        config_path = work / "config.json"
+        save_config(config, config_path)
+        with Sandbox() as sb:
+            print("demo: private system bus, polkitd and speedloaderd starting ...", flush=True)
+            sb.start_daemon(config_path)
+            env = sb.env
+            print(
+                f"demo: speedloaderd is up. In another terminal:\n"
+                f"  export DBUS_SYSTEM_BUS_ADDRESS={sb.address}\n"
+                f"  {BIN / 'slctl'} status\n"
+                f"  models dir (point {args.backend} here): {config.models_dir}",
+                flush=True,
+            )
+            tui = BIN / "speedloader-tui"
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            if args.scripted or not interactive or not tui.exists():
+                if not args.scripted and not tui.exists():
+                    print("demo: the dashboard is not installed; running the scripted tour")
+                rc = scripted_tour(env, args.backend)
+                if args.keep and rc == 0:
+                    print("\ndemo: running; Ctrl-C stops and cleans up", flush=True)
+                    stop = {signal.SIGINT, signal.SIGTERM}
+                    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+                    signal.sigwait(stop)
+            else:
+                rc = subprocess.run(
+                    [str(tui), *(["--web"] if args.web else [])], env=env
+                ).returncode
+            print("\ndemo: stopping and cleaning up ...", flush=True)
+        return rc
+    finally:
+        for info in mounts_below(work):
+            subprocess.run(["umount", "-l", info.mount_point], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""slctl status, health and rescan: looking at the daemon's state."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .client import Client
+from .common import (
+    CONTEXT,
+    JSON,
+    job_rows,
+    model_rows,
+    pool_rows,
+    run,
+)
+from .errors import Exit
+from .output import print_json, table
+from .state import Snapshot, snapshot
+
+
+@click.command(context_settings=CONTEXT)
+@JSON
+def status(as_json: bool) -> None:
+    """Show the backend, pools with their usage, hot and cold models, and running jobs.
+
+    \b
+    Examples:
+      slctl status
+      slctl status --json | jq '.models[] | select(.tier != "cold") | .name'
+    """
+    snap = run(snapshot)
+    if as_json:
+        print_json(snap.to_json())
+        return
+    m = snap.manager
+    if not m.get("ConfigValid", True):
+        click.echo(f"error: speedloaderd has no valid configuration: {m.get('ConfigError')}")
+        click.echo("fix it with `slctl config set KEY VALUE` or edit the file and restart")
+        return
+    url = m.get("BackendApiUrl")
+    click.echo(
+        f"backend: {m.get('Backend')}{f' at {url}' if url else ''}\n"
+        f"models dir: {m.get('ModelsDir')}   cold storage: {m.get('ColdStorage')}   "
+        f"placement: {m.get('Strategy')}"
+    )
+    click.echo()
+    click.echo(table(["POOL", "KIND", "STATE", "USAGE", "SPEED", "PATH"], pool_rows(snap)))
+    click.echo()
+    hot = [m for m in snap.models if m.tier != "cold" or m.state != "cold"]
+    cold = [m for m in snap.models if m not in hot]
+    headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE"]
+    rows = model_rows(Snapshot(snap.manager, [], hot + cold, []))
+    click.echo(table(headers, rows) if rows else "no models found on cold storage")
+    if snap.running_jobs:
+        click.echo()
+        click.echo(
+            table(
+                ["JOB", "OPERATION", "MODEL", "POOL", "DONE", "BYTES", "STATE"],
+                job_rows(snap.running_jobs),
+            )
+        )
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--repair", is_flag=True, help="Fix what can be fixed (links, orphans).")
+@click.option("--verify", is_flag=True, help="Also check every hot copy against its digest.")
+@JSON
+def health(repair: bool, verify: bool, as_json: bool) -> None:
+    """Check pools, links, orphans and cold storage; exit 1 if something is wrong.
+
+    \b
+    Examples:
+      slctl health
+      slctl health --repair
+    """
+
+    async def body(client: Client) -> tuple[bool, list]:
+        return await client.manager("Health", "bb", repair, verify)
+
+    ok, findings = run(body)
+    if as_json:
+        keys = ["check", "status", "subject", "message", "repaired"]
+        print_json({"ok": ok, "findings": [dict(zip(keys, f, strict=True)) for f in findings]})
+    else:
+        problems = [f for f in findings if f[1] != "ok"]
+        if problems:
+            rows = [
+                [c, s, subj or "-", msg + (" (repaired)" if rep else "")]
+                for c, s, subj, msg, rep in problems
+            ]
+            click.echo(table(["CHECK", "STATUS", "SUBJECT", "PROBLEM"], rows))
+        click.echo("healthy" if ok else "unhealthy")
+    if not ok:
+        sys.exit(Exit.FAILED)
+
+
+@click.command(context_settings=CONTEXT)
+def rescan() -> None:
+    """Look for new, changed or removed models on cold storage."""
+
+    async def body(client: Client) -> int:
+        return await client.manager("Rescan")
+
+    click.echo(f"{run(body)} models on cold storage")

@@ -1,0 +1,584 @@
+"""The NVMe-oF connect/disconnect plans: what runs, in what order, and what a failure undoes.
+
+These are tests of plans (data). The runner here records argv lists instead of running
+them; the same plans run for real against two kernels in tests/test_vm_nvmeof.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from speedloaderd.config import RemoteHostConfig
+from speedloaderd.errors import Failed, InvalidArgument
+from speedloaderd.remote.nvmeof import (
+    RemotePoolSpec,
+    connect_plan,
+    disconnect_plan,
+    grow_plan,
+    spec_from_config,
+)
+from speedloaderd.remote.plan import (
+    Command,
+    Completed,
+    ControllerAttr,
+    Plan,
+    PlanFailed,
+    Ref,
+    Step,
+    TeardownIncomplete,
+    execute,
+    execute_teardown,
+)
+from speedloaderd.remote.pool import local_identity
+from speedloaderd.remote.sysfs import block_name, find_namespace_device
+from speedloaderd.remote.values import (
+    check_nqn,
+    check_ram_size,
+    fabric_address,
+    parse_ssh_target,
+)
+
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6e0c1d1e-8a43-4a4c-9a55-0b5b3c1f7d2e"
+SUB = "nqn.2024-01.org.speedloader:gpu1:big"
+CFS = "/sys/kernel/config/nvmet"
+S = f"{CFS}/subsystems/{SUB}"
+H = f"{CFS}/hosts/{HOSTNQN}"
+P = f"{CFS}/ports/4420"
+D = "/run/speedloader/nvmeof/gpu1.big"
+MiB = 1 << 20
+
+
+def make_spec(transport: str = "tcp") -> RemotePoolSpec:
+    cfg = RemoteHostConfig.model_validate(
+        {
+            "ssh": "root@ram-host:2222",
+            "rdmaIp": "10.0.0.7",
+            "ramdiskSize": "64M",
+            "transport": transport,
+            "path": "/mnt/pools/big",
+        }
+    )
+    return spec_from_config("big", cfg, client="gpu1", host_nqn=HOSTNQN)
+
+
+def expected_connect(tr: str) -> list[tuple[str, str]]:
+    """(host, command) for every step of connect, as Plan.show() spells them."""
+    return [
+        ("remote", f"modprobe -a loop nvmet nvmet-{tr}"),
+        ("remote", f"mkdir -p {D}"),
+        ("remote", f"mount -t tmpfs -o size={65 * MiB},mode=0700,nosuid,nodev,noexec "
+                   f"speedloader-nvmeof-big {D}"),
+        ("remote", f"fallocate --length {64 * MiB} {D}/ram"),
+        ("remote", f"losetup --find --show {D}/ram"),
+        ("remote", f"mkdir {S}"),
+        ("remote", f"tee {S}/attr_allow_any_host <<< 0"),
+        ("remote", f"mkdir -p {H}"),
+        ("remote", f"ln -s {H} {S}/allowed_hosts/{HOSTNQN}"),
+        ("remote", f"mkdir {S}/namespaces/1"),
+        ("remote", f"tee {S}/namespaces/1/device_path <<< {{loopdev}}"),
+        ("remote", f"tee {S}/namespaces/1/enable <<< 1"),
+        ("remote", f"mkdir {P}"),
+        ("remote", f"tee {P}/addr_trtype <<< {tr}"),
+        ("remote", f"tee {P}/addr_adrfam <<< ipv4"),
+        ("remote", f"tee {P}/addr_traddr <<< 10.0.0.7"),
+        ("remote", f"tee {P}/addr_trsvcid <<< 4420"),
+        ("remote", f"ln -s {S} {P}/subsystems/{SUB}"),
+        ("local", f"modprobe nvme-{tr}"),
+        ("local", f"nvme connect --transport {tr} --traddr 10.0.0.7 --trsvcid 4420 "
+                  f"--nqn {SUB} --hostnqn {HOSTNQN} --ctrl-loss-tmo 600 --reconnect-delay 2"),
+        ("local", f"wait for the block device of {SUB} (/sys/class/nvme/*/subsysnqn)"),
+        ("local", f"tee /sys/class/nvme/<each controller of {SUB}>/fast_io_fail_tmo <<< 5"),
+        ("local", "mkfs.ext4 -q -F -m 0 -E lazy_itable_init=0,lazy_journal_init=0 {blockdev}"),
+        ("local", "mkdir -p /mnt/pools/big"),
+        ("local", "mount -t ext4 -o nosuid,nodev,noatime {blockdev} /mnt/pools/big"),
+    ]  # fmt: skip
+
+
+# The undos of connect, last first: (host, guard or None, what runs if the guard passes).
+EXPECTED_TEARDOWN = [
+    ("local", "mountpoint -q /mnt/pools/big", "umount /mnt/pools/big"),
+    ("local", None, f"nvme disconnect --nqn {SUB}  (if /sys/class/nvme/*/subsysnqn lists it)"),
+    ("remote", f"test -L {P}/subsystems/{SUB}", f"rm {P}/subsystems/{SUB}"),
+    ("remote", f"test -d {P}", f"rmdir {P}"),
+    ("remote", f"test -d {S}/namespaces/1", f"rmdir {S}/namespaces/1"),
+    ("remote", f"test -L {S}/allowed_hosts/{HOSTNQN}", f"rm {S}/allowed_hosts/{HOSTNQN}"),
+    ("remote", f"test -d {H}", f"rmdir {H}  (kept while another pool uses it)"),
+    ("remote", f"test -d {S}", f"rmdir {S}"),
+    ("remote", None, "losetup --list --noheadings --output NAME --associated "
+                     f"{D}/ram | losetup --detach <each>"),
+    ("remote", f"test -e {D}/ram", f"rm -f {D}/ram"),
+    ("remote", f"mountpoint -q {D}", f"umount {D}"),
+    ("remote", f"test -d {D}", f"rmdir {D}"),
+]  # fmt: skip
+
+
+@dataclass
+class RecordingRunner:
+    """Test double for a Runner: records each argv; fails the first command after ``arm()``.
+
+    ``files`` is a tiny sysfs (path -> text); directories are implied by the paths.
+    ``exists`` answers guards (``test``, ``mountpoint``): True means the object is there.
+    """
+
+    name: str
+    log: list[tuple[str, tuple[str, ...], str | None]]
+    files: dict[str, str] = field(default_factory=dict)
+    exists: bool = True
+    outputs: dict[str, str] = field(default_factory=dict)  # argv[0..1] joined -> stdout
+    armed: bool = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Completed:
+        argv = tuple(argv)
+        self.log.append((self.name, argv, stdin))
+        if argv[0] in ("test", "mountpoint"):
+            return Completed(0 if self.exists else 1, "", "")
+        if self.armed:
+            self.armed = False
+            return Completed(1, "", f"{argv[0]}: injected failure\n")
+        return Completed(0, self.outputs.get(" ".join(argv[:2]), ""), "")
+
+    def read_text(self, path: str) -> str | None:
+        return self.files.get(path)
+
+    def listdir(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix) :].split("/")[0] for p in self.files if p.startswith(prefix)})
+
+
+def connected_sysfs(nqn: str = SUB) -> dict[str, str]:
+    """What /sys shows after nvme connect with native multipath (path nvme0c0n1)."""
+    return {
+        "/sys/class/nvme/nvme0/subsysnqn": nqn + "\n",
+        "/sys/class/nvme/nvme0/nvme0c0n1/size": "131072\n",
+        "/sys/class/block/nvme0n1/size": "131072\n",
+    }
+
+
+def make_runners(log: list, sysfs: dict[str, str] | None = None) -> dict[str, RecordingRunner]:
+    remote = RecordingRunner(
+        "remote",
+        log,
+        outputs={"losetup --find": "/dev/loop3\n", "losetup --list": "/dev/loop3\n"},
+    )
+    local = RecordingRunner("local", log, files=connected_sysfs() if sysfs is None else sysfs)
+    return {"remote": remote, "local": local}
+
+
+def show(host: str, argv: tuple[str, ...], stdin: str | None) -> tuple[str, str]:
+    line = shlex.join(argv)
+    return (host, line if stdin is None else f"{line} <<< {stdin}")
+
+
+# --------------------------------------------------------------------------- the plans
+
+
+@pytest.mark.parametrize("tr", ["tcp", "rdma"])
+def test_connect_plan_lists_every_step_for_the_transport(tr):
+    plan = connect_plan(make_spec(tr))
+    shown = [(s.host, s.do.show()) for s in plan.steps]
+    assert shown == expected_connect(tr)
+
+
+@pytest.mark.parametrize("tr", ["tcp", "rdma"])
+def test_connect_runs_the_resolved_commands_in_order(tr):
+    log: list = []
+    ctx = execute(connect_plan(make_spec(tr)), make_runners(log))
+    assert ctx == {"loopdev": "/dev/loop3", "blockdev": "/dev/nvme0n1"}
+    resolved = [
+        (
+            h,
+            c.replace("{loopdev}", "/dev/loop3")
+            .replace("{blockdev}", "/dev/nvme0n1")
+            .replace(f"<each controller of {SUB}>", "nvme0"),
+        )
+        for h, c in expected_connect(tr)
+        if not c.startswith("wait for")  # reads sysfs, runs no command
+    ]
+    assert [show(*e) for e in log] == resolved
+
+
+@pytest.mark.parametrize("tr", ["tcp", "rdma"])
+def test_disconnect_is_every_undo_in_reverse_each_behind_its_guard(tr):
+    plan = disconnect_plan(make_spec(tr))
+    assert [(s.host, s.only_if.show() if s.only_if else None, s.do.show()) for s in plan.steps] == [
+        (h, g, c) for h, g, c in EXPECTED_TEARDOWN
+    ]
+
+
+def test_disconnect_runs_guards_then_undos_with_values_found_at_run_time():
+    log: list = []
+    execute_teardown(disconnect_plan(make_spec()), make_runners(log))
+    ran = [show(*e) for e in log]
+    assert ran == [
+        ("local", "mountpoint -q /mnt/pools/big"),
+        ("local", "umount /mnt/pools/big"),
+        ("local", f"nvme disconnect --nqn {SUB}"),
+        ("remote", f"test -L {P}/subsystems/{SUB}"),
+        ("remote", f"rm {P}/subsystems/{SUB}"),
+        ("remote", f"test -d {P}"),
+        ("remote", f"rmdir {P}"),
+        ("remote", f"test -d {S}/namespaces/1"),
+        ("remote", f"rmdir {S}/namespaces/1"),
+        ("remote", f"test -L {S}/allowed_hosts/{HOSTNQN}"),
+        ("remote", f"rm {S}/allowed_hosts/{HOSTNQN}"),
+        ("remote", f"test -d {H}"),
+        ("remote", f"rmdir {H}"),
+        ("remote", f"test -d {S}"),
+        ("remote", f"rmdir {S}"),
+        ("remote", f"losetup --list --noheadings --output NAME --associated {D}/ram"),
+        ("remote", "losetup --detach /dev/loop3"),
+        ("remote", f"test -e {D}/ram"),
+        ("remote", f"rm -f {D}/ram"),
+        ("remote", f"mountpoint -q {D}"),
+        ("remote", f"umount {D}"),
+        ("remote", f"test -d {D}"),
+        ("remote", f"rmdir {D}"),
+    ]
+
+
+def test_disconnect_of_nothing_changes_nothing():
+    """A second disconnect (or one after a failed connect) only asks; it removes nothing."""
+    log: list = []
+    runners = make_runners(log, sysfs={})
+    runners["remote"].outputs = {}  # no loop device is backed by the file
+    for r in runners.values():
+        r.exists = False
+    execute_teardown(disconnect_plan(make_spec()), runners)
+    mutating = [argv for _, argv, _ in log if argv[0] not in ("test", "mountpoint")]
+    assert mutating == [("losetup", "--list", "--noheadings", "--output", "NAME",
+                         "--associated", f"{D}/ram")]  # fmt: skip
+
+
+def test_teardown_keeps_going_and_reports_every_failure():
+    log: list = []
+    runners = make_runners(log)
+    runners["local"].arm()  # the first local command after the guard: umount
+    with pytest.raises(TeardownIncomplete) as exc:
+        execute_teardown(disconnect_plan(make_spec()), runners)
+    assert "umount /mnt/pools/big" in str(exc.value)
+    assert ("remote", f"rmdir {D}") in [show(*e) for e in log]  # the rest still ran
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def runs_command(step: Step) -> bool:
+    """One command per do, with the recording runner's sysfs (one controller)."""
+    return isinstance(step.do, Command | ControllerAttr)
+
+
+def steps_with_undo_before(plan: Plan, k: int) -> list[Step]:
+    return [s for s in plan.steps[:k] if s.undo is not None]
+
+
+@pytest.mark.parametrize("tr", ["tcp", "rdma"])
+@pytest.mark.parametrize("k", range(len(connect_plan(make_spec()).steps)))
+def test_failure_at_step_k_undoes_steps_before_k_in_reverse(tr, k):
+    spec = make_spec(tr)
+    plan = connect_plan(spec, wait_timeout=0)
+    log: list = []
+    failing = plan.steps[k]
+    # at "wait for block device" the controller is there but its disk never appears
+    sysfs = (
+        {"/sys/class/nvme/nvme0/subsysnqn": SUB + "\n"}
+        if failing.name == "wait for block device"
+        else None
+    )
+    runners = make_runners(log, sysfs)
+
+    def on_step(i: int, n: int, step: Step) -> None:
+        if i == k and runs_command(step):  # the wait fails by itself (no disk)
+            runners[step.host].arm()
+
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners, on_step=on_step)
+    assert exc.value.step is failing
+    assert failing.name in str(exc.value)
+    assert exc.value.rollback_errors == []
+
+    # What ran: the do-commands of steps 0..k, then the rollback.
+    do_count = sum(1 for s in plan.steps[: k + 1] if runs_command(s))
+    rollback = [show(*e) for e in log[do_count:]]
+    expected: list[tuple[str, str]] = []
+    for s in reversed(steps_with_undo_before(plan, k)):
+        if s.undo_if is not None:
+            expected.append((s.host, s.undo_if.show()))
+        if s.name == "attach loop device":
+            expected.append(("remote", f"losetup --list --noheadings --output NAME "
+                                       f"--associated {D}/ram"))  # fmt: skip
+            expected.append(("remote", "losetup --detach /dev/loop3"))
+        elif s.name == "connect":
+            expected.append(("local", f"nvme disconnect --nqn {SUB}"))
+        elif s.name == "create host entry":
+            expected.append(("remote", f"rmdir {H}"))
+        else:
+            expected.append((s.host, s.undo.show()))
+    assert rollback == expected
+    # and nothing after the failed step ever ran
+    later = {s.do.show() for s in plan.steps[k + 1 :] if isinstance(s.do, Command)}
+    assert not later & {c for _, c in rollback}
+
+
+def test_rollback_reports_undos_that_fail_too():
+    plan = connect_plan(make_spec(), wait_timeout=0)
+    log: list = []
+    runners = make_runners(log, sysfs={})  # fails at "wait for block device"
+    original = runners["remote"].run
+
+    def run_failing_rm(argv, stdin=None):  # the first remote undo: unlink port -> subsystem
+        if tuple(argv) == ("rm", f"{P}/subsystems/{SUB}"):
+            runners["remote"].log.append(("remote", tuple(argv), stdin))
+            return Completed(1, "", "rm: Operation not permitted\n")
+        return original(argv, stdin)
+
+    runners["remote"].run = run_failing_rm  # type: ignore[method-assign]
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners)
+    assert len(exc.value.rollback_errors) == 1
+    assert "Operation not permitted" in exc.value.rollback_errors[0]
+    assert "undoing the earlier steps also failed" in str(exc.value)
+    assert ("remote", f"rmdir {D}") in [show(*e) for e in log]
+
+
+def test_undo_may_not_depend_on_a_captured_value():
+    bad = Plan("x", (Step("s", "local", Command(("true",)), Command(("rm", Ref("v")))),))
+    with pytest.raises(ValueError, match="captured value"):
+        bad.teardown()
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_every_argument_is_a_plain_token():
+    """Built from validated values, no argv element needs shell quoting at all."""
+    for tr in ("tcp", "rdma"):
+        spec = make_spec(tr)
+        for plan in (connect_plan(spec), disconnect_plan(spec)):
+            for step in plan.steps:
+                for action in (step.do, step.undo, step.only_if, step.undo_if):
+                    if isinstance(action, Command):
+                        for a in action.argv:
+                            if isinstance(a, str):
+                                assert shlex.quote(a) == a, (step.name, a)
+
+
+@pytest.mark.parametrize(
+    "pool", ["a b", "a;b", "..", "../x", "a/b", "", "-rf", "x$(id)", "big\n", "é"]
+)
+def test_hostile_pool_names_are_refused(pool):
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@h", "rdmaIp": "10.0.0.7", "ramdiskSize": "64M", "path": "/mnt/p"}
+    )
+    with pytest.raises(InvalidArgument):
+        spec_from_config(pool, cfg, client="gpu1", host_nqn=HOSTNQN)
+
+
+@pytest.mark.parametrize("client", ["gpu 1", "gpu;1", "..", "a.b", ""])
+def test_hostile_client_names_are_refused(client):
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@h", "rdmaIp": "10.0.0.7", "ramdiskSize": "64M", "path": "/mnt/p"}
+    )
+    with pytest.raises(InvalidArgument):
+        spec_from_config("big", cfg, client=client, host_nqn=HOSTNQN)
+
+
+@pytest.mark.parametrize(
+    "nqn",
+    [
+        "nqn.2014-08.org.nvmexpress:uuid:x y",
+        "nqn.2014-08.org.nvmexpress:uuid:x;reboot",
+        "nqn.2014-08.org.nvmexpress:../../etc",
+        "nqn.2014-08.org.nvmexpress:$(id)",
+        "nqn.2014-13.org.x:y",
+        "iqn.2014-08.org.x:y",
+        "nqn.2014-08.org.x",
+        "nqn.2014-08.org.x:" + "a" * 300,
+    ],
+)
+def test_hostile_nqns_are_refused(nqn):
+    with pytest.raises(InvalidArgument):
+        check_nqn(nqn)
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@h", "rdmaIp": "10.0.0.7", "ramdiskSize": "64M", "path": "/mnt/p"}
+    )
+    with pytest.raises(InvalidArgument):
+        spec_from_config("big", cfg, client="gpu1", host_nqn=nqn)
+
+
+def test_the_nqns_we_use_are_accepted():
+    assert check_nqn(HOSTNQN) == HOSTNQN
+    assert check_nqn(make_spec().subsystem_nqn) == SUB
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "192.168.1.300",
+        "1.2.3.4; rm -rf /",
+        "1.2.3.4 ",
+        "fe80::1%eth0",
+        "fe80::1%a;b",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "",
+        "ram-host",
+        "$(id)",
+    ],
+)
+def test_bad_ips_are_refused(ip):
+    with pytest.raises(InvalidArgument):
+        fabric_address("tcp", ip, 4420)
+
+
+def test_ips_are_normalised():
+    a = fabric_address("rdma", "fd00:0:0::0007", 4420)
+    assert (a.traddr, a.adrfam, a.transport.value) == ("fd00::7", "ipv6", "rdma")
+
+
+def test_without_rdma_ip_the_ssh_host_must_be_an_address():
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@ram-host", "ramdiskSize": "64M", "path": "/mnt/p"}
+    )
+    with pytest.raises(InvalidArgument, match="set rdmaIp"):
+        spec_from_config("big", cfg, client="gpu1", host_nqn=HOSTNQN)
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@10.1.2.3:22", "ramdiskSize": "64M", "path": "/mnt/p"}
+    )
+    assert spec_from_config("big", cfg, client="gpu1", host_nqn=HOSTNQN).fabric.traddr == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, -1, 15 * MiB, 64 * MiB + 1, 1 << 51, True, 1.5, "64M", None]
+)
+def test_bad_sizes_are_refused(size):
+    with pytest.raises(InvalidArgument):
+        check_ram_size(size)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "root@host;reboot",
+        "root@",
+        "@host",
+        "a b@host",
+        "root@host:99999",
+        "root@host:0",
+        "root@host:22:33",
+        "root@[::1",
+        "root@[::1]x",
+        "root@[nothost]:22",
+        "root@-oProxyCommand=x",
+        "root@host name",
+        "root@@host",
+        "host",
+    ],
+)
+def test_bad_ssh_targets_are_refused(target):
+    with pytest.raises(InvalidArgument):
+        parse_ssh_target(target)
+
+
+def test_ssh_targets_parse():
+    assert str(parse_ssh_target("root@ram-2.lab")) == "root@ram-2.lab:22"
+    assert str(parse_ssh_target("sl@10.0.0.2:2222")) == "sl@10.0.0.2:2222"
+    t = parse_ssh_target("root@[fd00::0002]:22")
+    assert (t.host, t.port) == ("fd00::2", 22)
+
+
+# --------------------------------------------------------------------------- sysfs
+
+
+def test_block_names_with_and_without_multipath():
+    assert block_name("nvme0c0n1") == "nvme0n1"
+    assert block_name("nvme3c12n2") == "nvme3n2"
+    assert block_name("nvme2n1") == "nvme2n1"
+    assert block_name("subsysnqn") is None
+    assert block_name("nvme0n1p1") is None
+
+
+def test_find_namespace_device_picks_our_subsystem_only():
+    other = "nqn.2024-01.org.speedloader:gpu1:other"
+    files = {
+        "/sys/class/nvme/nvme0/subsysnqn": other + "\n",
+        "/sys/class/nvme/nvme0/nvme0c0n1/size": "1\n",
+        "/sys/class/block/nvme0n1/size": "2048\n",
+        "/sys/class/nvme/nvme1/subsysnqn": SUB + "\n",
+        "/sys/class/nvme/nvme1/nvme1c1n1/size": "1\n",
+        "/sys/class/block/nvme1n1/size": "131072\n",
+    }
+    runner = RecordingRunner("local", [], files=files)
+    assert find_namespace_device(runner, SUB) == "/dev/nvme1n1"
+    assert find_namespace_device(runner, other) == "/dev/nvme0n1"
+
+
+def test_find_namespace_device_waits_for_a_non_empty_disk():
+    files = connected_sysfs()
+    files["/sys/class/block/nvme0n1/size"] = "0\n"  # namespace scanned, capacity not yet
+    assert find_namespace_device(RecordingRunner("local", [], files=files), SUB) is None
+    del files["/sys/class/block/nvme0n1/size"]
+    assert find_namespace_device(RecordingRunner("local", [], files=files), SUB) is None
+
+
+# --------------------------------------------------------------------------- grow
+
+
+def test_grow_plan_grows_every_layer_in_place():
+    plan = grow_plan(make_spec(), 128 * MiB, wait_timeout=0)
+    assert [(s.host, s.do.show()) for s in plan.steps] == [
+        ("remote", f"mount -o remount,size={129 * MiB} {D}"),
+        ("remote", f"fallocate --length {128 * MiB} {D}/ram"),
+        ("remote", f"losetup --list --noheadings --output NAME --associated {D}/ram"),
+        ("remote", "losetup --set-capacity {loopdev}"),
+        ("remote", f"tee {S}/namespaces/1/revalidate_size <<< 1"),
+        ("local", f"wait until the block device of {SUB} has {128 * MiB} bytes"),
+        ("local", "resize2fs {blockdev}"),
+    ]
+    assert all(s.undo is None for s in plan.steps)  # forward only: see grow_plan's doc
+
+
+def test_grow_waits_for_the_new_capacity_before_resizing_the_filesystem():
+    log: list = []
+    runners = make_runners(log)  # the disk still shows its old 64 MiB
+    with pytest.raises(PlanFailed) as exc:
+        execute(grow_plan(make_spec(), 128 * MiB, wait_timeout=0), runners)
+    assert exc.value.step.name == "wait for the new capacity"
+    assert not [argv for _, argv, _ in log if argv[0] == "resize2fs"]
+    runners["local"].files["/sys/class/block/nvme0n1/size"] = str(128 * MiB // 512)
+    log.clear()
+    execute(grow_plan(make_spec(), 128 * MiB, wait_timeout=0), runners)
+    assert show(*log[-1]) == ("local", "resize2fs /dev/nvme0n1")
+
+
+@pytest.mark.parametrize("size", [32 * MiB, 64 * MiB + 4096, 0])
+def test_grow_refuses_to_shrink_or_to_odd_sizes(size):
+    with pytest.raises(InvalidArgument):
+        grow_plan(make_spec(), size)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_local_identity_reads_hostname_and_host_nqn():
+    files = {"/proc/sys/kernel/hostname": "gpu1.lab.example\n", "/etc/nvme/hostnqn": HOSTNQN + "\n"}
+    assert local_identity(RecordingRunner("local", [], files=files)) == ("gpu1", HOSTNQN)
+
+
+def test_local_identity_without_host_nqn_says_how_to_make_one():
+    files = {"/proc/sys/kernel/hostname": "gpu1\n"}
+    with pytest.raises(Failed, match="nvme gen-hostnqn"):
+        local_identity(RecordingRunner("local", [], files=files))
+
+
+def test_local_identity_refuses_a_hostile_host_nqn():
+    files = {"/proc/sys/kernel/hostname": "gpu1\n", "/etc/nvme/hostnqn": "nqn.2014-08.x:a b\n"}
+    with pytest.raises(InvalidArgument):
+        local_identity(RecordingRunner("local", [], files=files))
