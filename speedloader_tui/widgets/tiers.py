@@ -65,7 +65,7 @@ class PoolCard(Vertical, can_focus=True):
         self.pool, self.job = pool, job
         if not self.ready:
             return  # on_mount draws it
-        drawn = (replace(pool), job.operation if job else None)
+        drawn = (replace(pool), f"{job.operation} {job.step}" if job else None)
         if drawn == self.drawn:
             return  # the transfer bars redraw 10 times a second; a card needs not
         self.drawn = drawn
@@ -75,9 +75,9 @@ class PoolCard(Vertical, can_focus=True):
         title.append("  ")
         title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
         if job is not None:
-            title.append(
-                f"  ⟳ {POOL_OPERATIONS.get(job.operation, job.operation)}…", style="bold yellow"
-            )
+            doing = POOL_OPERATIONS.get(job.operation, job.operation)
+            step = f": {job.step}" if job.step else ""
+            title.append(f"  ⟳ {doing}{step}…", style="bold yellow")
         self.query_one(".card-title", Static).update(title)
         usage = Text()
         if pool.connected:

@@ -48,7 +48,10 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
     else:  # a finished job's last rate and ETA are history, not news
         rate, eta = "", ""
-    message = Text(job.message, style="dim")
+    if job.running and job.step:
+        message = Text(f"step: {job.step}", style="yellow")
+    else:
+        message = Text(job.message, style="dim")
     return [
         Text(f"#{job.number}", style="dim"),
         what,
