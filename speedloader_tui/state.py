@@ -80,6 +80,7 @@ class JobInfo:
     cancelable: bool = False
     state: str = RUNNING
     message: str = ""
+    step: str = ""  # the named step running now, for jobs made of steps (pool connect)
 
     @property
     def running(self) -> bool:
@@ -145,6 +146,7 @@ _JOB_ATTRS = {
     "Cancelable": "cancelable",
     "State": "state",
     "Message": "message",
+    "Step": "step",
 }
 _MANAGER_ATTRS = {
     "ConfigValid": "config_valid",

@@ -269,3 +269,59 @@ def test_health_check_and_repair(daemon):
     assert checked.startswith("Problems found"), checked
     assert "repair was run" in repaired
     assert again.startswith("Healthy"), again
+
+
+def test_first_run_banner_leads_to_settings_and_a_saved_config(daemon_factory):
+    dl = daemon_factory()
+    dl.lab.config_path.write_text("{}\n")  # as after installation: nothing configured
+    dl.start()
+    lab = dl.lab
+
+    async def scenario():
+        app = SpeedloaderApp(dl.address)
+        async with app.run_test(size=SIZE) as pilot:
+            banner = app.ui.query_one("#first-run")
+            await wait(app, lambda: app.link.loads > 0 and banner.display)
+            text = str(app.ui.query_one("#first-run-text").render())
+            await pilot.pause()  # the banner's layout, before clicking its button
+            assert await pilot.click("#open-settings")
+            await pilot.pause()
+            assert app.ui.query_one("TabbedContent").active == "settings"
+            for field, value in (
+                ("models-dir", str(lab.models)),
+                ("cold", str(lab.cold)),
+                ("state-dir", str(lab.state)),
+            ):
+                app.ui.query_one(f"#cfg-{field}").value = value
+            app.ui.query_one("#cfg-backend").value = "ollama"
+            await pilot.click("#save-settings")
+            await wait(app, lambda: not banner.display and len(rows(app, "cold")) == 3)
+            return text, rows(app, "cold")
+
+    text, cold = run(scenario())
+    assert "no valid configuration" in text
+    assert sorted(cold) == ["small:3b", "team/coder:7b", "tiny:1b"]
+    saved = json.loads(lab.config_path.read_text())
+    assert saved["modelsDir"] == str(lab.models) and saved["backend"] == {"type": "ollama"}
+
+
+def test_no_space_is_one_readable_notification(daemon_factory):
+    """The daemon takes the promote and its job fails for lack of room: one notification
+    with the daemon's sentence, and the model stays cold."""
+    dl = daemon_factory(big=300 << 20, pool_size=256 << 20)  # the big model cannot fit
+    dl.start()
+
+    async def scenario():
+        app = SpeedloaderApp(dl.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            assert app.ui.query_one("ModelsPane").select_model("big:70b")
+            await pilot.press("p")
+            await wait(app, lambda: any(s == "error" for s, _, _ in notifications(app)))
+            return notifications(app), rows(app, "hot")
+
+    notes, hot = run(scenario())
+    (error,) = [(t, m) for s, t, m in notes if s == "error"]
+    assert error[0] == "Failed: promote big:70b", error
+    assert error[1].startswith("no connected pool has room") and "Traceback" not in error[1]
+    assert hot == []

@@ -4,13 +4,22 @@ with the system browser), and its sessions' processes when browsers come and go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import select
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .tui_web import ARTIFACTS, WebServer, processes_in_group
+from speedloaderd.sandbox import REPO
+
+from .tui_web import ARTIFACTS, WebServer, free_port, processes_in_group
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -141,3 +150,126 @@ def _drain(web: WebServer) -> list[str]:
         if line is None:
             return lines
         lines.append(line)
+
+
+STOCK_SERVER = """
+import sys
+from textual_serve.server import Server
+Server(sys.argv[1], host="127.0.0.1", port=int(sys.argv[2])).serve()
+"""
+
+
+async def _session_then_kill_server(url: str, server_pid: int) -> list[int]:
+    """Open a session, wait for the app's first output, SIGKILL the server; return the
+    app's process group members as they were before the kill."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url.replace("http:", "ws:") + "/ws?width=100&height=30") as ws,
+    ):
+        await asyncio.wait_for(ws.receive(), 60)
+        children = [
+            int(p)
+            for p in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+        ]
+        os.kill(server_pid, signal.SIGKILL)
+        return children
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    """Wait (on the pid's own file descriptor) for ``pid`` to end; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_killed_server_takes_its_dashboards_along(web):
+    (app,) = asyncio.run(_session_then_kill_server(web.url, web.proc.pid))
+    web.proc.wait(timeout=30)
+    assert _gone(app), f"dashboard {app} outlived its SIGKILLed server"
+
+
+def test_control_stock_textual_serve_leaves_a_dashboard_behind(daemon, tmp_path):
+    """The control for the test above: with textual-serve's own server the dashboard
+    survives a killed server, so that test can fail."""
+    script = tmp_path / "stock_serve.py"
+    script.write_text(STOCK_SERVER)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            f"{sys.executable} -m speedloader_tui --bus {daemon.address}",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_port(port, server)
+        children = asyncio.run(_session_then_kill_server(url, server.pid))
+        server.wait(timeout=30)
+        assert children, "the stock server started no app"
+        left = [pid for pid in _descendants_of(children) if not _gone(pid, timeout=3)]
+        assert left, "the stock server cleaned up after all: the test above proves nothing"
+    finally:
+        for pid in _descendants_of(children if "children" in locals() else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if server.poll() is None:
+            server.kill()
+
+
+def _descendants_of(pids: list[int]) -> list[int]:
+    out = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        kids = Path(f"/proc/{pid}/task/{pid}/children")
+        if kids.exists():
+            todo += [int(p) for p in kids.read_text().split()]
+    return out
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """The stock server says nothing when it is ready: connect until it accepts."""
+    import socket
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"stock server on {port} never listened") from None
+            select.select([], [], [], 0.05)  # back off briefly before the next try
+
+
+def test_root_may_not_serve_beyond_loopback():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "speedloader_tui",
+            "--web",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert os.geteuid() == 0  # the suite runs as root (tests/conftest.py)
+    assert r.returncode == 2 and "refusing to serve on 0.0.0.0 as root" in r.stderr

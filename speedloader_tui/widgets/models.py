@@ -100,10 +100,12 @@ class ModelTable(DataTable):
         rows = {m.path: model_cells(m, self.spec) for m in models}
         if keys == self.keys:
             for key in keys:
-                old, new = self.cells.get(key), rows[key]
-                if old is None or [str(c) for c in old] != [str(c) for c in new]:
-                    for (col, _), value in zip(self.spec, new, strict=True):
-                        self.update_cell(key, col, value)
+                old, new = self.cells.get(key) or [""] * len(rows[key]), rows[key]
+                for (col, _), was, value in zip(self.spec, old, new, strict=True):
+                    if str(was) != str(value):  # only changes; wider ones need a layout
+                        self.update_cell(
+                            key, col, value, update_width=len(str(value)) > len(str(was))
+                        )
             self.cells = rows
             return
         selected = self.selected_key
@@ -134,6 +136,7 @@ class ModelsPane(Vertical):
         self.sort_key = "name"
         self.filter_text = ""
         self.last_table = "hot"
+        self._shown: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         yield Static(id="pool-strip")
@@ -157,12 +160,13 @@ class ModelsPane(Vertical):
     # --- drawing -------------------------------------------------------------------------
 
     def redraw(self, state: DaemonState) -> None:
-        strip = self.query_one("#pool-strip", Static)
         pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
         if pools:
-            strip.update(Text("\n").join(pool_line(p, 24, self.app.show_path) for p in pools))
+            self._set(
+                "#pool-strip", Text("\n").join(pool_line(p, 24, self.app.show_path) for p in pools)
+            )
         else:
-            strip.update(Text("no RAM pools configured", style="dim"))
+            self._set("#pool-strip", Text("no RAM pools configured", style="dim"))
         needle = self.filter_text.lower()
         shown = [m for m in state.models.values() if needle in m.name.lower()]
         key = SORTS[self.sort_key]
@@ -172,13 +176,19 @@ class ModelsPane(Vertical):
         self.query_one("#hot", ModelTable).show(hot)
         self.query_one("#cold", ModelTable).show(cold)
         hot_total = sum(m.size for m in hot)
-        self.query_one("#hot-title", Label).update(
-            f"HOT — in RAM: {len(hot)} model(s), {fmt.size(hot_total)}"
-        )
-        self.query_one("#cold-title", Label).update(
+        self._set("#hot-title", f"HOT — in RAM: {len(hot)} model(s), {fmt.size(hot_total)}")
+        self._set(
+            "#cold-title",
             f"COLD — storage only: {len(cold)} model(s)"
-            + (f"   (filter: {len(shown)} of {len(state.models)})" if needle else "")
+            + (f"   (filter: {len(shown)} of {len(state.models)})" if needle else ""),
         )
+
+    def _set(self, selector: str, content: Text | str) -> None:
+        """Update a Static only when its content changed (an update costs a layout)."""
+        key = str(content) if isinstance(content, str) else content.markup
+        if self._shown.get(selector) != key:
+            self._shown[selector] = key
+            self.query_one(selector, Static).update(content)
 
     def _show_sort(self) -> None:
         self.query_one("#sort-label", Static).update(f"sort: {self.sort_key} (o)")

@@ -25,6 +25,7 @@ TEXT_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ssh-key": ("SSH key path (remote tiers)", ("sshKeyPath",)),
     "models-dir": ("Models dir (what the backend reads)", ("modelsDir",)),
     "cold": ("Cold storage (read-only master copies)", ("storage", "path")),
+    "state-dir": ("State dir (journal; default /var/lib/speedloader)", ("stateDir",)),
 }
 SELECT_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "strategy": ("Placement strategy", ("modelPlacement", "defaultStrategy")),

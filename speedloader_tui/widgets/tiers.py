@@ -3,6 +3,7 @@ actions, each confirmed first; and "+ Add tier"."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -34,6 +35,7 @@ class PoolCard(Vertical, can_focus=True):
         self.pool = pool
         self.job: JobInfo | None = None
         self.ready = False  # children composed and mounted
+        self.drawn: tuple[PoolInfo, str | None] | None = None
 
     def on_mount(self) -> None:
         self.ready = True
@@ -63,15 +65,19 @@ class PoolCard(Vertical, can_focus=True):
         self.pool, self.job = pool, job
         if not self.ready:
             return  # on_mount draws it
+        drawn = (replace(pool), f"{job.operation} {job.step}" if job else None)
+        if drawn == self.drawn:
+            return  # the transfer bars redraw 10 times a second; a card needs not
+        self.drawn = drawn
         show_path = self.app.show_path
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
         title.append("  ")
         title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
         if job is not None:
-            title.append(
-                f"  ⟳ {POOL_OPERATIONS.get(job.operation, job.operation)}…", style="bold yellow"
-            )
+            doing = POOL_OPERATIONS.get(job.operation, job.operation)
+            step = f": {job.step}" if job.step else ""
+            title.append(f"  ⟳ {doing}{step}…", style="bold yellow")
         self.query_one(".card-title", Static).update(title)
         usage = Text()
         if pool.connected:

@@ -48,7 +48,10 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
     else:  # a finished job's last rate and ETA are history, not news
         rate, eta = "", ""
-    message = Text(job.message, style="dim")
+    if job.running and job.step:
+        message = Text(f"step: {job.step}", style="yellow")
+    else:
+        message = Text(job.message, style="dim")
     return [
         Text(f"#{job.number}", style="dim"),
         what,
@@ -88,10 +91,11 @@ class TransfersPane(Vertical):
         if keys == self.keys:
             for key in keys:
                 new = [str(c) for c in rows[key]]
-                if self.cells.get(key) != new:
-                    for (col, _), value in zip(COLUMNS, rows[key], strict=True):
-                        table.update_cell(key, col, value)
-                    self.cells[key] = new
+                old = self.cells.get(key, [""] * len(new))
+                for (col, _), value, was, now in zip(COLUMNS, rows[key], old, new, strict=True):
+                    if was != now:  # only changes; a wider cell also needs a layout pass
+                        table.update_cell(key, col, value, update_width=len(now) > len(was))
+                self.cells[key] = new
         else:
             selected = self.selected_path()
             table.clear()
