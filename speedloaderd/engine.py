@@ -756,23 +756,27 @@ class Engine:
         async def body(job: Job) -> str:
             pool = self.pools[name]
             async with self._lock:
-                moved = await asyncio.to_thread(self._evacuate, name)
+                touched, hot = await asyncio.to_thread(self._evacuate, name)
                 await asyncio.to_thread(pool.unmount)
-            for model in moved:
+            for model in touched:
                 self._emit("model", model)
             self._emit("pool", name)
-            return f"pool {name} disconnected; {len(moved)} model(s) now served from cold storage"
+            return f"pool {name} disconnected; {hot} model(s) now served from cold storage"
 
         return self._pool_job("pool-disconnect", name, body)
 
-    def _evacuate(self, pool: str) -> list[str]:
-        moved = []
+    def _evacuate(self, pool: str) -> tuple[list[str], int]:
+        """Point every link into ``pool`` back at cold storage. Returns the models touched
+        (their state may change) and how many of them were wholly hot there: a cold model
+        that merely shares a blob with a hot one is touched, not moved."""
+        affected = []
         for model in self.catalog.models.values():
-            where = self._where(model)
-            if any(w.tier == pool for w in where.values()):
-                self._release(model, pool, None)
-                moved.append(model.name)
-        return moved
+            tiers = [w.tier for w in self._where(model).values()]
+            if pool in tiers:  # looked at before any release: releases repoint shared links
+                affected.append((model, all(t == pool for t in tiers)))
+        for model, _ in affected:
+            self._release(model, pool, None)
+        return [m.name for m, _ in affected], sum(hot for _, hot in affected)
 
     def resize_pool(self, name: str, size: int) -> Job:
         async def body(job: Job) -> str:
@@ -873,15 +877,15 @@ class Engine:
         Disconnect or Connect cleans up."""
         pool.lost = reason or "not usable"
         async with self._lock:
-            moved = await asyncio.to_thread(self._evacuate, pool.name)
+            touched, hot = await asyncio.to_thread(self._evacuate, pool.name)
         log.error(
             "lost pool %s: %s; %d model(s) now served from cold storage; "
             "Connect the pool again to restore it",
             pool.name,
             pool.lost,
-            len(moved),
+            hot,
         )
-        for model in moved:
+        for model in touched:
             self._emit("model", model)
         self._emit("pool", pool.name)
 

@@ -364,3 +364,43 @@ def test_daemon_without_a_valid_config_stays_up_and_is_fixed_live(daemon_factory
     assert err.name == "Failed" and "configuration" in err.message
     assert valid["ConfigValid"] is True
     assert model_obj("tiny:1b") in objects and model_obj("tiny:1b") in added
+
+
+def test_manager_properties_change_by_signal(daemon):
+    """A SetConfig that changes the strategy reaches every client as PropertiesChanged on
+    the Manager, not only the caller."""
+
+    async def scenario():
+        async with await daemon.client() as watcher, await daemon.client() as setter:
+            seen: list[dict] = []
+            watcher.add_listener(
+                lambda m: m.member == "PropertiesChanged"
+                and m.path == ROOT
+                and m.body[0] == MANAGER
+                and seen.append({k: v.value for k, v in m.body[1].items()})
+            )
+            await watcher.subscribe()
+            config = json.loads(await setter.manager("GetConfig"))
+            config["modelPlacement"]["defaultStrategy"] = "round-robin"
+            await setter.manager("SetConfig", "s", json.dumps(config))
+            await watcher.manager("GetVersion")  # the signal was sent before this reply
+            return seen
+
+    seen = run(scenario())
+    assert {"Strategy": "round-robin"} in seen, seen
+
+
+
+def test_disconnect_counts_only_models_that_were_hot(daemon):
+    """small:3b shares a blob with tiny:1b: promoting tiny puts that blob in the pool, but
+    small stays cold, and the disconnect's sentence must not count it as moved."""
+    local = f"{ROOT}/pools/local"
+    results = daemon.run_as(None, [
+        {"path": ROOT, "iface": MANAGER, "member": "Promote", "sig": "ss",
+         "args": ["tiny:1b", ""], "follow": True},
+        {"path": local, "iface": POOL, "member": "Disconnect", "follow": True},
+    ])  # fmt: skip
+    assert results[1]["job"] == {
+        "success": True,
+        "message": "pool local disconnected; 1 model(s) now served from cold storage",
+    }, results

@@ -286,7 +286,7 @@ class Server:
     async def _sync_objects(self) -> None:
         """Make the exported models and pools match the engine's (after start or rescan)."""
         engine = self.engine
-        self.manager.update(self._manager_values())
+        self._emit_changed(self.manager, self.manager.update(self._manager_values()))
         statuses = await asyncio.to_thread(engine.model_statuses) if engine else []
         pools = await asyncio.to_thread(engine.pool_statuses) if engine else []
         seen = set()
