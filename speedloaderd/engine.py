@@ -106,6 +106,7 @@ class Engine:
         self._pool_jobs: dict[str, Job] = {}  # pool name -> its running lifecycle job
         self._lock = asyncio.Lock()
         self._reserved: Counter[tuple[str, str]] = Counter()
+        self._unstarted: dict[int, tuple[str, int]] = {}  # job id -> (pool, bytes not started)
         self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
@@ -435,6 +436,7 @@ class Engine:
             )
             await asyncio.to_thread(self.journal.write, entry)
             job.bytes_total = sum(f.size for f in to_copy)
+            self._unstarted[job.id] = (target, job.bytes_total)
         loop = asyncio.get_running_loop()
         meter = ProgressMeter(
             job.bytes_total,
@@ -453,6 +455,7 @@ class Engine:
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
                 ok = True
         finally:
+            self._unstarted.pop(job.id, None)
             async with self._lock:
                 for rel in rels:
                     self._reserved[(target, rel)] -= 1
@@ -470,14 +473,16 @@ class Engine:
         )
 
     def _inflight_bytes(self, pool: str) -> int:
-        return sum(
-            j.bytes_total - j.bytes_done
-            for j in self._active.values()
-            if j.operation == "promote" and j.pool == pool and not j.finished
-        )
+        """Room promised to promotes into ``pool`` that their copies have not taken yet. A
+        copy preallocates its whole file when it starts (posix_fallocate), so from then on
+        statvfs already counts it: only files not started yet are promised."""
+        return sum(left for p, left in self._unstarted.values() if p == pool)
 
     async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
         """Copy one file into a pool, joining a copy of the same blob already under way."""
+        if job.id in self._unstarted:  # from here on the file is allocated, or already there
+            _, left = self._unstarted[job.id]
+            self._unstarted[job.id] = (pool, max(left - f.size, 0))
         key = (pool, f.rel)
         while True:
             running = self._copies.get(key)

@@ -619,3 +619,26 @@ def test_health_finds_and_repairs_damage(lab):
         assert (await engine.health(verify_digests=True)).ok
 
     run(scenario())
+
+
+def test_a_running_copy_is_not_counted_twice_against_the_pool(lab):
+    """A copy preallocates its file, so statvfs already counts it: placement must not also
+    subtract it as 'in flight' (that refused a 900 MiB model with 2 GiB of room)."""
+    from .buslab import write_zero_blob
+
+    make_ollama_model(lab.cold, "a:1", [write_zero_blob(lab.cold, 900 * MiB)])
+    make_ollama_model(lab.cold, "b:1", [write_zero_blob(lab.cold, 900 * MiB + 4096)])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 2048 * MiB, 100),)))
+        ja = engine.promote("a:1")
+        started = asyncio.Event()
+        ja.listeners.append(lambda j: j.bytes_done > 0 and started.set())
+        await asyncio.wait_for(started.wait(), 60)
+        assert 0 < ja.bytes_done < ja.bytes_total  # a's file is allocated, mostly uncopied
+        jb = engine.promote("b:1")
+        await asyncio.gather(ja.wait(), jb.wait())
+        assert [engine.model_status(n).state for n in ("a:1", "b:1")] == ["hot", "hot"]
+
+    run(scenario())
