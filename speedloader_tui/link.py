@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 
 from speedloader_cli.client import (
     BUS_NAME,
@@ -147,41 +147,15 @@ class DaemonLink:
             self.on_change()
             self.on_event("online", self.state.manager)
 
-        def reply_to(key: str) -> Callable[[Message | None, Exception | None], None]:
-            def on_reply(reply: Message | None, err: Exception | None) -> None:
-                if err is not None or reply is None:
-                    pending[key] = ClientError("Failed", str(err))
-                elif reply.message_type is MessageType.ERROR:
-                    text = reply.body[0] if reply.body else reply.error_name
-                    pending[key] = ClientError(reply.error_name or "Failed", str(text))
-                else:
-                    pending[key] = unwrap(reply.body[0])
+        def reply_to(key: str) -> Callable[[Any, ClientError | None], None]:
+            def on_result(value: Any, err: ClientError | None) -> None:
+                pending[key] = err if err is not None else value
                 apply()
 
-            return on_reply
+            return on_result
 
-        # Not client.call(): its reply resumes a coroutine only after the signals that
-        # followed the reply were handled, and the stale snapshot would win.
-        client.bus._call(
-            Message(
-                destination=BUS_NAME,
-                path=ROOT,
-                interface=OBJECT_MANAGER,
-                member="GetManagedObjects",
-            ),
-            reply_to("objects"),
-        )
-        client.bus._call(
-            Message(
-                destination=BUS_NAME,
-                path=ROOT,
-                interface=PROPERTIES,
-                member="GetAll",
-                signature="s",
-                body=[MANAGER],
-            ),
-            reply_to("manager"),
-        )
+        client.call_ordered(ROOT, OBJECT_MANAGER, "GetManagedObjects", "", [], reply_to("objects"))
+        client.call_ordered(ROOT, PROPERTIES, "GetAll", "s", [MANAGER], reply_to("manager"))
 
     # --- signals -------------------------------------------------------------------------
 
