@@ -9,6 +9,7 @@ polling.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,16 @@ class Client:
 
     async def unpin(self, model: str) -> None:
         await self.manager("Unpin", "s", model)
+
+    async def add_remote_pool(self, name: str, entry: dict[str, Any]) -> None:
+        """Add ``remoteTiers.hosts.<name>`` through SetConfig, which validates it (and
+        refuses a bad host, address or size by name, saving nothing)."""
+        data = json.loads(await self.manager("GetConfig"))
+        hosts = data.setdefault("remoteTiers", {}).setdefault("hosts", {})
+        if name in hosts or any(p.get("name") == name for p in data.get("pools", [])):
+            raise ClientError("InvalidArgument", f"a pool named {name!r} already exists")
+        hosts[name] = entry
+        await self.manager("SetConfig", "s", json.dumps(data))
 
     async def pool_call(self, path: str, member: str, signature: str = "", *args: Any) -> Any:
         return await self.call(path, POOL, member, signature, args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -181,12 +180,7 @@ def pool_add(
         entry["speed"] = speed
 
     async def add_remote(client: Client) -> None:
-        data = json.loads(await client.manager("GetConfig"))
-        hosts = data.setdefault("remoteTiers", {}).setdefault("hosts", {})
-        if name in hosts or any(p.get("name") == name for p in data.get("pools", [])):
-            raise CliError(f"a pool named {name!r} already exists", Exit.USAGE)
-        hosts[name] = entry
-        await client.manager("SetConfig", "s", json.dumps(data))
+        await client.add_remote_pool(name, entry)
         click.echo(
             f"added remote pool {name} ({size} on {remote}); connect it with "
             f"`slctl pool connect {name}`"

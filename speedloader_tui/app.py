@@ -385,6 +385,57 @@ class SpeedloaderApp(App[None]):
             add,
         )
 
+    def add_remote_pool(self) -> None:
+        """RAM on another host over NVMe-oF: saved in remoteTiers through the daemon's
+        validated SetConfig (the same edit as `slctl pool add --remote`); Connect follows."""
+
+        def add(answer: dict[str, str] | None) -> None:
+            if not answer:
+                return
+            entry: dict[str, object] = {
+                "ssh": answer["ssh"],
+                "rdmaIp": answer["address"],
+                "ramdiskSize": answer["size"],
+                "transport": answer["transport"] or "rdma",
+            }
+            for key, label in (("port", "port"), ("speed", "speed")):
+                if answer[key]:
+                    if not answer[key].isdigit():
+                        self.notify(
+                            f"{label} {answer[key]!r} is not a whole number",
+                            title="Invalid argument",
+                            severity="error",
+                        )
+                        return
+                    entry[key] = int(answer[key])
+            if answer["path"]:
+                entry["path"] = answer["path"]
+            name = answer["name"]
+            self.call_daemon(
+                f"add remote pool {name}",
+                lambda c: c.add_remote_pool(name, entry),
+                lambda _: self.notify(
+                    f"Remote pool {name} added; connect it with n.", title="Added", timeout=4
+                ),
+            )
+
+        self.push_screen(
+            FormScreen(
+                "Add a remote RAM tier (NVMe-oF; its SSH host key must be known)",
+                [
+                    ("name", "Name", ""),
+                    ("ssh", "SSH (user@host[:port])", ""),
+                    ("address", "Fabric address (IP)", ""),
+                    ("size", "Size (e.g. 64G)", ""),
+                    ("transport", "Transport (rdma or tcp)", "rdma"),
+                    ("port", "NVMe-oF port", "4420"),
+                    ("path", "Mount path (empty: default)", ""),
+                    ("speed", "Speed rating (empty: default)", ""),
+                ],
+            ),
+            add,
+        )
+
     def run_health(self, repair: bool, verify: bool) -> None:
         self.ui.query_one("#health-summary", Static).update("Repairing…" if repair else "Checking…")
         self.call_daemon(

@@ -325,3 +325,40 @@ def test_no_space_is_one_readable_notification(daemon_factory):
     assert error[0] == "Failed: promote big:70b", error
     assert error[1].startswith("no connected pool has room") and "Traceback" not in error[1]
     assert hot == []
+
+
+def test_add_a_remote_tier_from_the_tiers_tab(daemon):
+    """'+ Add remote tier' saves a remoteTiers entry through the daemon; a bad address is
+    refused by the daemon, shown, and saves nothing."""
+    from speedloader_tui.screens.dialogs import FormScreen
+
+    async def fill(app, pilot, values: dict[str, str]) -> None:
+        await pilot.press("A")
+        await wait(app, lambda: isinstance(app.screen, FormScreen))
+        for key, value in values.items():
+            app.screen.query_one(f"#f-{key}").value = value
+        await pilot.click("#ok")
+
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            await pilot.press("2")
+            await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
+                                    "address": "not-an-ip", "size": "64M"})  # fmt: skip
+            await wait(app, lambda: any(s == "error" for s, _, _ in notifications(app)))
+            refused = json.loads(daemon.lab.config_path.read_text())
+            await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
+                                    "address": "127.0.0.1", "size": "64M",
+                                    "transport": "tcp"})  # fmt: skip
+            await wait(app, lambda: any(p.name == "far" for p in app.state.pools.values()))
+            far = next(p for p in app.state.pools.values() if p.name == "far")
+            return refused, far.kind, far.state, notifications(app)
+
+    refused, kind, state, notes = run(scenario())
+    assert "far" not in refused.get("remoteTiers", {}).get("hosts", {})
+    errors = [m for s, _, m in notes if s == "error"]
+    assert errors and "not-an-ip" in errors[0], errors
+    assert (kind, state) == ("nvmeof", "unmounted")
+    saved = json.loads(daemon.lab.config_path.read_text())["remoteTiers"]["hosts"]["far"]
+    assert saved["ssh"] == "root@127.0.0.1:9" and saved["transport"] == "tcp"

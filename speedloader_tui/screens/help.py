@@ -44,7 +44,8 @@ polled. Actions go to the daemon, which asks polkit whether you may.
 | `x` | disconnect (its models are demoted first) |
 | `z` | resize |
 | `Delete` | remove the pool from the configuration (disconnected pools only) |
-| `a` | add a tier |
+| `a` | add a tier (a tmpfs pool here) |
+| `A` | add a remote tier (RAM on another host over NVMe-oF) |
 
 ## Transfers
 

@@ -115,13 +115,16 @@ class TiersPane(VerticalScroll):
         Binding("z", "pool('resize')", "Resize"),
         Binding("delete", "pool('remove')", "Remove"),
         Binding("a", "add", "+ Add tier"),
+        Binding("A", "add_remote", "+ Add remote tier"),
     ]
 
     app: SpeedloaderApp
 
     def compose(self) -> ComposeResult:
         yield Vertical(id="pool-cards")
-        yield Button("+ Add tier", id="add-tier", compact=True)
+        with Horizontal(classes="buttons"):
+            yield Button("+ Add tier", id="add-tier", compact=True)
+            yield Button("+ Add remote tier", id="add-remote-tier", compact=True)
 
     def redraw(self, state: DaemonState) -> None:
         box = self.query_one("#pool-cards", Vertical)
@@ -170,9 +173,14 @@ class TiersPane(VerticalScroll):
     def action_add(self) -> None:
         self.app.add_pool()
 
+    def action_add_remote(self) -> None:
+        self.app.add_remote_pool()
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "add-tier":
             self.app.add_pool()
+        elif event.button.id == "add-remote-tier":
+            self.app.add_remote_pool()
 
     def focus_first(self) -> None:
         cards = list(self.query(PoolCard))
