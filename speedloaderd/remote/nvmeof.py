@@ -17,6 +17,7 @@ its object is already gone. Every argv is built from values checked in values.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
@@ -149,6 +150,22 @@ def _test(*args: str) -> Command:
     return cmd("test", *args)
 
 
+def _steps_on(host: str) -> Callable[..., Step]:
+    """A Step maker for one host: name, action, then optionally its undo, the check that
+    says whether the undo is needed, and the name to capture the output under."""
+
+    def step(
+        name: str,
+        do: Action,
+        undo: Action | None = None,
+        undo_if: Command | None = None,
+        capture: str | None = None,
+    ) -> Step:
+        return Step(name, host, do, undo, undo_if, capture)
+
+    return step
+
+
 def export_steps(spec: RemotePoolSpec) -> list[Step]:
     """Remote host: RAM-backed loop device exported through nvmet configfs to one host NQN."""
     tr = spec.fabric.transport.value
@@ -161,14 +178,7 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
     d, f = spec.ram_dir, spec.backing_file
     tmpfs_options = f"size={spec.size + TMPFS_SLACK},mode=0700,nosuid,nodev,noexec"
 
-    def r(
-        name: str,
-        do: Action,
-        undo: Action | None = None,
-        undo_if: Command | None = None,
-        capture: str | None = None,
-    ) -> Step:
-        return Step(name, "remote", do, undo, undo_if, capture)
+    r = _steps_on("remote")
 
     # fmt: off
     return [
@@ -207,14 +217,7 @@ def attach_steps(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> 
     path = spec.mount_path
     fabric = spec.fabric
 
-    def loc(
-        name: str,
-        do: Action,
-        undo: Action | None = None,
-        undo_if: Command | None = None,
-        capture: str | None = None,
-    ) -> Step:
-        return Step(name, "local", do, undo, undo_if, capture)
+    loc = _steps_on("local")
 
     # fmt: off
     return [
