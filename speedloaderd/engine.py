@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -107,6 +108,9 @@ class Engine:
         self._lock = asyncio.Lock()
         self._reserved: Counter[tuple[str, str]] = Counter()
         self._unstarted: dict[int, tuple[str, int]] = {}  # job id -> (pool, bytes not started)
+        # Held while a copy preallocates its file and while placement reads free space, so
+        # placement sees a file either promised (in _unstarted) or taken (statvfs), once.
+        self._allocation_lock = threading.Lock()
         self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
@@ -387,7 +391,11 @@ class Engine:
         for name, pool in self.pools.items():
             online = name in mounted
             # Room already promised to promotes still copying into this pool is not free.
-            free = pool.usage().free - self._inflight_bytes(name) if online else 0
+            if online:
+                with self._allocation_lock:
+                    free = pool.usage().free - self._inflight_bytes(name)
+            else:
+                free = 0
             root = self.pool_roots[name]
             need = sum(
                 f.size
@@ -455,8 +463,8 @@ class Engine:
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
                 ok = True
         finally:
-            self._unstarted.pop(job.id, None)
-            async with self._lock:
+            async with self._lock:  # placement iterates _unstarted under this lock
+                self._unstarted.pop(job.id, None)
                 for rel in rels:
                     self._reserved[(target, rel)] -= 1
                     if self._reserved[(target, rel)] <= 0:
@@ -472,6 +480,14 @@ class Engine:
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
         )
 
+    def _allocated(self, job: Job, size: int) -> None:
+        """A file of ``job`` now takes its room in the pool (called from the copy thread
+        right after posix_fallocate, so placement never sees the room neither promised nor
+        taken)."""
+        entry = self._unstarted.get(job.id)
+        if entry is not None:
+            self._unstarted[job.id] = (entry[0], max(entry[1] - size, 0))
+
     def _inflight_bytes(self, pool: str) -> int:
         """Room promised to promotes into ``pool`` that their copies have not taken yet. A
         copy preallocates its whole file when it starts (posix_fallocate), so from then on
@@ -480,9 +496,6 @@ class Engine:
 
     async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
         """Copy one file into a pool, joining a copy of the same blob already under way."""
-        if job.id in self._unstarted:  # from here on the file is allocated, or already there
-            _, left = self._unstarted[job.id]
-            self._unstarted[job.id] = (pool, max(left - f.size, 0))
         key = (pool, f.rel)
         while True:
             running = self._copies.get(key)
@@ -494,10 +507,12 @@ class Engine:
                 if job.cancel_event.is_set():
                     raise
                 continue  # the other job was cancelled; copy it ourselves
+            self._allocated(job, f.size)  # the other job's copy holds the room
             meter.add(f.size)
             return
         dst = self.pool_roots[pool] / f.rel
         if dst.exists():
+            self._allocated(job, f.size)
             meter.add(f.size)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -511,6 +526,8 @@ class Engine:
                 expected_size=f.size,
                 on_bytes=meter.add,
                 cancel=job.cancel_event,
+                on_allocated=lambda: self._allocated(job, f.size),
+                allocation_lock=self._allocation_lock,
             )
         except BaseException as err:
             future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))

@@ -104,12 +104,18 @@ def copy_file(
     on_bytes: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    on_allocated: Callable[[], None] | None = None,
+    allocation_lock: threading.Lock | None = None,
 ) -> CopyResult:
     """Copy ``src`` (cold storage) to ``dst`` (a pool), atomically; see the module docstring.
 
     ``digest`` is ``"<algorithm>:<hex>"`` (in practice ``sha256:``); the destination's
     content is hashed and must match. ``on_bytes(n)`` is called after each chunk with the
     bytes just copied. Setting ``cancel`` stops the copy at the next chunk boundary.
+    ``on_allocated()`` is called once the destination holds its whole size (preallocated):
+    from then on the pool's free space already counts it. Both happen under
+    ``allocation_lock``, so whoever reads free space under it never sees a half-done
+    preallocation.
     """
     src, dst = Path(src), Path(dst)
     if chunk_size <= 0:
@@ -118,6 +124,7 @@ def copy_file(
         raise InvalidArgument(f"expected size must be 0 or more bytes, got {expected_size}")
     want = _parse_digest(digest) if digest is not None else None
     job = _CopyJob(src, dst, want, expected_size, on_bytes, cancel, chunk_size)
+    job.on_allocated, job.allocation_lock = on_allocated, allocation_lock
     try:
         return job.run()
     except OSError as e:
@@ -153,6 +160,8 @@ class _CopyJob:
         cancel: threading.Event | None,
         chunk_size: int,
     ) -> None:
+        self.on_allocated: Callable[[], None] | None = None
+        self.allocation_lock: threading.Lock | None = None
         self.src = src
         self.dst = dst
         self.want = want
@@ -188,8 +197,11 @@ class _CopyJob:
             self.dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             self.tmp = tmp  # only now is it ours to remove
             os.fchmod(self.dst_fd, 0o644)  # whatever the daemon's umask
-            if size:
-                os.posix_fallocate(self.dst_fd, 0, size)
+            with self.allocation_lock or contextlib.nullcontext():
+                if size:
+                    os.posix_fallocate(self.dst_fd, 0, size)
+                if self.on_allocated is not None:
+                    self.on_allocated()
             if self.want is not None:
                 self.verify_fd = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)
                 self.hasher = _TrailingHasher(self.verify_fd, self.want[0], size, self.cancel)
