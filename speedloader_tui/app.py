@@ -350,19 +350,32 @@ class SpeedloaderApp(App[None]):
                 ),
             )
 
+    def _whole_numbers(self, answer: dict[str, str], keys: list[str]) -> dict[str, int] | None:
+        """The filled-in ``keys`` of a form as numbers; None (and one notification) if one
+        is not a whole number. Empty fields are left out: the daemon's default applies."""
+        numbers = {}
+        for key in keys:
+            text = answer[key]
+            if not text:
+                continue
+            if not text.isdigit():
+                self.notify(
+                    f"{key} {text!r} is not a whole number",
+                    title="Invalid argument",
+                    severity="error",
+                )
+                return None
+            numbers[key] = int(text)
+        return numbers
+
     def add_pool(self) -> None:
         def add(answer: dict[str, str] | None) -> None:
             if not answer:
                 return
-            try:
-                speed = int(answer["speed"] or "100")
-            except ValueError:
-                self.notify(
-                    f"speed {answer['speed']!r} is not a whole number",
-                    title="Invalid argument",
-                    severity="error",
-                )
+            numbers = self._whole_numbers(answer, ["speed"])
+            if numbers is None:
                 return
+            speed = numbers.get("speed", 100)
             name, path, size = answer["name"], answer["path"], answer["size"]
             self.call_daemon(
                 f"add pool {name}",
@@ -398,16 +411,10 @@ class SpeedloaderApp(App[None]):
                 "ramdiskSize": answer["size"],
                 "transport": answer["transport"] or "rdma",
             }
-            for key, label in (("port", "port"), ("speed", "speed")):
-                if answer[key]:
-                    if not answer[key].isdigit():
-                        self.notify(
-                            f"{label} {answer[key]!r} is not a whole number",
-                            title="Invalid argument",
-                            severity="error",
-                        )
-                        return
-                    entry[key] = int(answer[key])
+            numbers = self._whole_numbers(answer, ["port", "speed"])
+            if numbers is None:
+                return
+            entry |= numbers
             if answer["path"]:
                 entry["path"] = answer["path"]
             name = answer["name"]
