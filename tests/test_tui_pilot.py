@@ -345,8 +345,13 @@ def test_add_a_remote_tier_from_the_tiers_tab(daemon):
             await wait(app, loaded(app))
             await pilot.press("2")
             await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
+                                    "address": "127.0.0.1", "size": "64M",
+                                    "port": "44x"})  # fmt: skip
+            await wait(app, lambda: any("not a whole number" in m
+                                        for _, _, m in notifications(app)))  # fmt: skip
+            await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
                                     "address": "not-an-ip", "size": "64M"})  # fmt: skip
-            await wait(app, lambda: any(s == "error" for s, _, _ in notifications(app)))
+            await wait(app, lambda: any("not-an-ip" in m for _, _, m in notifications(app)))
             refused = json.loads(daemon.lab.config_path.read_text())
             await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
                                     "address": "127.0.0.1", "size": "64M",
@@ -358,7 +363,8 @@ def test_add_a_remote_tier_from_the_tiers_tab(daemon):
     refused, kind, state, notes = run(scenario())
     assert "far" not in refused.get("remoteTiers", {}).get("hosts", {})
     errors = [m for s, _, m in notes if s == "error"]
-    assert errors and "not-an-ip" in errors[0], errors
+    assert len(errors) == 2 and "'44x' is not a whole number" in errors[0], errors
+    assert "not-an-ip" in errors[1], errors
     assert (kind, state) == ("nvmeof", "unmounted")
     saved = json.loads(daemon.lab.config_path.read_text())["remoteTiers"]["hosts"]["far"]
     assert saved["ssh"] == "root@127.0.0.1:9" and saved["transport"] == "tcp"
