@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..roots import Identity
+
 
 class FileRole(enum.Enum):
     DATA = "data"
@@ -29,6 +31,15 @@ class ModelFile:
     """Expected content digest as ``"sha256:<hex>"`` when the file's name promises one."""
     link_target: str | None = None
     """For LINK files: the relative target, e.g. ``../../blobs/<hash>``."""
+    ident: Identity | None = None
+    """For DATA files: the device and inode the scan saw. A copy opens the file again and
+    refuses any other (a cold-storage writer may swap it for a link after the scan)."""
+    content: bytes | None = None
+    """For META files: the bytes the scan read. The models dir gets exactly these: a second
+    read could meet another file (a link to a root-only file, a FIFO, /dev/zero)."""
+    mode: int = 0o644
+    owner: tuple[int, int] = (0, 0)
+    """For META files: the source's permission bits and (uid, gid); the copy keeps them."""
 
 
 class ModelFormat(str, enum.Enum):
