@@ -11,10 +11,9 @@ state after any crash is whatever the links say, repaired by the journal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import secrets
+import stat
 import threading
 import time
 from collections import Counter, defaultdict
@@ -52,8 +51,9 @@ from .modelsdir import COLD, ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
 from .remote.pool import RemotePool
+from .roots import ensure_trusted_dir
 from .sizes import format_size
-from .transfer import Progress, ProgressMeter, copy_file, is_partial
+from .transfer import Progress, ProgressMeter, copy_into, is_partial
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Engine:
             self._watch = None
 
     def _start_blocking(self) -> None:
-        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        ensure_trusted_dir(self.config.state_dir, "stateDir")
         self.journal.open()
         self.models_dir.ensure()
         for pool in self.pools.values():
@@ -187,10 +187,12 @@ class Engine:
 
     def _replay(self, entry: Entry, mounted: set[str]) -> str:
         if entry.op == "promote" and entry.pool in mounted:
-            root = self.pool_roots[entry.pool]
+            tree = self.models_dir.pool(entry.pool)
             sizes = self._sizes(entry.rels)
             complete = all(
-                (root / rel).is_file() and (root / rel).stat().st_size == sizes.get(rel, -1)
+                (st := tree.lstat(rel)) is not None
+                and stat.S_ISREG(st.st_mode)
+                and st.st_size == sizes.get(rel, -1)
                 for rel in entry.rels
             )
             if complete:
@@ -396,11 +398,11 @@ class Engine:
                     free = pool.usage().free - self._inflight_bytes(name)
             else:
                 free = 0
-            root = self.pool_roots[name]
+            tree = self.models_dir.pool(name)
             need = sum(
                 f.size
                 for f in _unique(model.data_files)
-                if not (root / f.rel).exists() and (name, f.rel) not in self._copies
+                if tree.lstat(f.rel) is None and (name, f.rel) not in self._copies
             )
             candidates.append(
                 placement.Candidate(
@@ -435,8 +437,8 @@ class Engine:
                 return f"{model.name} is already hot in pool {tier}"
             target = await asyncio.to_thread(self._choose_pool, model, job.pool, mounted)
             job.pool = target
-            root = self.pool_roots[target]
-            to_copy = [f for f in files if not (root / f.rel).exists()]
+            tree = self.models_dir.pool(target)
+            to_copy = [f for f in files if tree.lstat(f.rel) is None]
             for rel in rels:
                 self._reserved[(target, rel)] += 1
             entry = Entry(
@@ -510,8 +512,8 @@ class Engine:
             self._allocated(job, f.size)  # the other job's copy holds the room
             meter.add(f.size)
             return
-        dst = self.pool_roots[pool] / f.rel
-        if dst.exists():
+        tree = self.models_dir.pool(pool)
+        if tree.lstat(f.rel) is not None:
             self._allocated(job, f.size)
             meter.add(f.size)
             return
@@ -519,9 +521,13 @@ class Engine:
         self._copies[key] = future
         try:
             await asyncio.to_thread(
-                copy_file,
-                self.config.storage.path / f.rel,
-                dst,
+                copy_into,
+                self.models_dir.cold,
+                f.rel,
+                tree,
+                f.rel,
+                expect=f.ident,
+                like=self.models_dir.cold,
                 digest=f.digest,
                 expected_size=f.size,
                 on_bytes=meter.add,
@@ -628,41 +634,36 @@ class Engine:
     def _gc_rels(self, pool: str, rels: Iterable[str]) -> list[str]:
         """Delete pool copies of ``rels`` that no link points to and no promote reserved."""
         root = self.pool_roots[pool]
+        tree = self.models_dir.pool(pool)
         removed = []
         for rel in rels:
-            p = root / rel
             if (pool, rel) in self._reserved or (pool, rel) in self._copies:
                 continue
-            if self.models_dir.where(rel).target == str(p):
+            if self.models_dir.where(rel).target == str(root / rel):
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+            if tree.unlink(rel):
                 removed.append(rel)
-                _prune_dirs(p.parent, root)
+                tree.prune(rel.rpartition("/")[0])
         return removed
 
     def _gc_pool(self, pool: str) -> list[str]:
         """Delete everything in a pool that no link points to: partial copies left by a
         crash, and complete copies whose promote was rolled back."""
-        root = self.pool_roots[pool]
+        tree = self.models_dir.pool(pool)
         removed = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            if dirpath == str(root):
-                dirnames[:] = [d for d in dirnames if d not in _POOL_SKIP]
-            for fn in filenames:
-                p = Path(dirpath) / fn
-                rel = str(p.relative_to(root))
-                if is_partial(fn):
-                    if any(key[0] == pool for key in self._copies):
-                        continue  # a copy is running; its temp file is not an orphan
-                    os.unlink(p)
-                    removed.append(rel)
-                elif self._gc_rels(pool, [rel]):
-                    removed.append(rel)
-        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-            if dirpath != str(root) and not dirnames and not filenames:
-                with contextlib.suppress(OSError):
-                    os.rmdir(dirpath)
+        for e in tree.walk():
+            if e.rel.split("/", 1)[0] in _POOL_SKIP:
+                continue
+            if is_partial(e.rel.rpartition("/")[2]):
+                if any(key[0] == pool for key in self._copies):
+                    continue  # a copy is running; its temp file is not an orphan
+                tree.unlink(e.rel)
+                removed.append(e.rel)
+            elif self._gc_rels(pool, [e.rel]):
+                removed.append(e.rel)
+        for d in tree.directories():
+            if d.split("/", 1)[0] not in _POOL_SKIP:
+                tree.rmdir(d)
         return removed
 
     # --- pins --------------------------------------------------------------------------
@@ -939,15 +940,6 @@ def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:
         if f.role is FileRole.DATA:
             seen.setdefault(f.rel, f)
     return list(seen.values())
-
-
-def _prune_dirs(d: Path, root: Path) -> None:
-    while d != root and str(d).startswith(str(root)):
-        try:
-            os.rmdir(d)
-        except OSError:
-            return
-        d = d.parent
 
 
 def _dump(model: BaseModel) -> dict[str, Any]:

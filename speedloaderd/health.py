@@ -6,11 +6,9 @@ Nothing here writes to cold storage.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
@@ -18,6 +16,7 @@ from pydantic import BaseModel, Field
 from .catalog.types import FileRole
 from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
 from .pools import PoolState
+from .roots import Root
 from .transfer import is_partial
 
 if TYPE_CHECKING:
@@ -47,9 +46,9 @@ class HealthReport(BaseModel):
         return [f for f in self.findings if f.status is Status.ERROR and not f.repaired]
 
 
-def _sha256(path: Path) -> str:
+def _sha256(tree: Root, rel: str) -> str:
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
+    fd = tree.open_source(rel)
     try:
         while chunk := os.read(fd, 8 << 20):
             h.update(chunk)
@@ -69,17 +68,10 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
         )
 
     # Cold storage reachable.
+    md = engine.models_dir
     cold = engine.config.storage.path
-    try:
-        with os.scandir(cold) as it:
-            next(it, None)
-    except OSError as err:
-        add(
-            "cold-storage",
-            Status.ERROR,
-            str(cold),
-            f"cold storage {cold} is not readable: {err.strerror}",
-        )
+    if md.cold.stat_dir("") is None:
+        add("cold-storage", Status.ERROR, str(cold), f"cold storage {cold} is not reachable")
     checked["cold-storage"] = 1
 
     # Pools mounted and sized as configured.
@@ -129,7 +121,6 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     checked["pools"] = len(engine.pools)
 
     # Every data link valid and inside a configured root; descriptors present.
-    md = engine.models_dir
     wanted: set[str] = set()
     for model in engine.catalog.models.values():
         if model.problems:
@@ -139,7 +130,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             wanted.add(f.rel)
             if f.role is FileRole.META:
-                if not md.path(f.rel).is_file():
+                if not md.tree.is_file(f.rel):
                     add(
                         "descriptor",
                         Status.ERROR,
@@ -161,23 +152,18 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 problem = f"points into pool {w.tier}, which is not mounted"
             else:
                 continue
-            if repair and (cold / f.rel).exists():
+            fixable = repair and md.cold.stat_file(f.rel) is not None
+            if fixable:
                 md.point_cold(f.rel)
-            add(
-                "links",
-                Status.ERROR,
-                f.rel,
-                f"link {f.rel} {problem}",
-                repaired=repair and (cold / f.rel).exists(),
-            )
+            add("links", Status.ERROR, f.rel, f"link {f.rel} {problem}", repaired=fixable)
     checked["links"] = len(wanted)
 
     # Leftovers in the models dir: half-written links, links into our roots we do not need.
-    for rel, p in md.walk():
-        if LINK_TMP_MARKER in p.name or META_TMP_MARKER in p.name:
+    for e in md.walk():
+        rel, name = e.rel, e.rel.rpartition("/")[2]
+        if LINK_TMP_MARKER in name or META_TMP_MARKER in name:
             if repair:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+                md.tree.unlink(rel)
             add(
                 "orphans",
                 Status.WARNING,
@@ -185,8 +171,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 f"half-written entry {rel} in the models dir",
                 repaired=repair,
             )
-        elif p.is_symlink() and rel not in wanted:
-            target = os.readlink(p)
+        elif e.is_link and rel not in wanted:
+            target = md.tree.readlink(rel) or ""
             if md.tier_of_target(target) is None:
                 add(
                     "links",
@@ -198,33 +184,34 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     # Orphans in pools: partial copies and copies no link points to.
     for name in sorted(mounted):
         root = engine.pool_roots[name]
-        for dirpath, _dirs, files in os.walk(root):
-            for fn in files:
-                p = Path(dirpath) / fn
-                rel = str(p.relative_to(root))
-                referenced = md.where(rel).target == str(p)
-                if is_partial(fn) or not referenced:
-                    if (name, rel) in engine._reserved or any(k[0] == name for k in engine._copies):
-                        continue
-                    if repair:
-                        p.unlink(missing_ok=True)
-                    what = "partial copy" if is_partial(fn) else "copy no link uses"
-                    add(
-                        "orphans",
-                        Status.WARNING,
-                        f"{name}:{rel}",
-                        f"{what} {rel} in pool {name}",
-                        repaired=repair,
-                    )
-                elif verify_digests:
-                    _verify(engine, name, rel, p, repair, add)
+        tree = md.pool(name)
+        for e in tree.walk():
+            rel, fn = e.rel, e.rel.rpartition("/")[2]
+            if rel.split("/", 1)[0] == "lost+found":  # ext4's, in a remote pool
+                continue
+            referenced = md.where(rel).target == str(root / rel)
+            if is_partial(fn) or not referenced:
+                if (name, rel) in engine._reserved or any(k[0] == name for k in engine._copies):
+                    continue
+                if repair:
+                    tree.unlink(rel)
+                what = "partial copy" if is_partial(fn) else "copy no link uses"
+                add(
+                    "orphans",
+                    Status.WARNING,
+                    f"{name}:{rel}",
+                    f"{what} {rel} in pool {name}",
+                    repaired=repair,
+                )
+            elif verify_digests:
+                _verify(engine, name, rel, tree, repair, add)
     checked["pools-walked"] = len(mounted)
 
     report_ok = not any(f.status is Status.ERROR and not f.repaired for f in findings)
     return HealthReport(ok=report_ok, findings=findings, checked=checked)
 
 
-def _verify(engine: Engine, pool: str, rel: str, path: Path, repair: bool, add) -> None:
+def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
     digest = None
     for name in engine.users.get(rel, ()):
         for f in engine.catalog.models[name].data_files:
@@ -232,12 +219,12 @@ def _verify(engine: Engine, pool: str, rel: str, path: Path, repair: bool, add) 
                 digest = f.digest
     if digest is None or not digest.startswith("sha256:"):
         return
-    actual = _sha256(path)
+    actual = _sha256(tree, rel)
     if actual == digest:
         return
     if repair:
         engine.models_dir.point_cold(rel)
-        path.unlink(missing_ok=True)
+        tree.unlink(rel)
     add(
         "digests",
         Status.ERROR,

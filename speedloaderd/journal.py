@@ -7,16 +7,20 @@ exactly the operations that may be half-done; recovery finishes or rolls back ea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .modelsdir import fsync_dir
+from .roots import Root, ensure_trusted_dir
 
 log = logging.getLogger(__name__)
+
+_ENTRY_LIMIT = 1 << 20
+# Entry ids are made here ("promote-12-a1b2c3", "demote-a1b2c3d4"); any other name in the
+# directory is not ours and is left alone.
+_ID_RE = re.compile(r"[a-z]+-[0-9a-z-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,41 +35,36 @@ class Entry:
 class Journal:
     def __init__(self, directory: Path):
         self.dir = directory
+        self.tree = Root(directory, "journal")
 
     def open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def _path(self, entry_id: str) -> Path:
-        return self.dir / f"{entry_id}.json"
+        ensure_trusted_dir(self.dir, "journal (stateDir/journal)", mode=0o700)
 
     def write(self, entry: Entry) -> None:
         data = json.dumps(asdict(entry)).encode()
-        final = self._path(entry.id)
-        tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        fsync_dir(self.dir)
+        self.tree.write_file(f"{entry.id}.json", data, f"{entry.id}.tmp", mode=0o600)
 
     def remove(self, entry_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(entry_id))
-            fsync_dir(self.dir)
+        self.tree.unlink(f"{entry_id}.json", durable=True)
 
     def pending(self) -> list[Entry]:
         """Entries left by an interrupted run, oldest first. Unreadable ones are dropped:
-        an entry that never finished being written describes an op that never started."""
+        an entry that never finished being written describes an op that never started.
+        Only our own names are read or removed; anything else is reported and left."""
         entries = []
-        for p in sorted(self.dir.glob("*"), key=lambda p: p.name):
-            if p.suffix != ".json":
-                p.unlink(missing_ok=True)
+        for e in sorted(self.tree.walk(), key=lambda e: e.rel):
+            stem, dot, suffix = e.rel.rpartition(".")
+            if "/" in e.rel or not e.is_file or not dot or not _ID_RE.fullmatch(stem):
+                log.warning("journal: %s is not a journal entry; left alone", self.dir / e.rel)
+                continue
+            if suffix == "tmp":  # an entry whose writing was interrupted
+                self.tree.unlink(e.rel)
+                continue
+            if suffix != "json":
+                log.warning("journal: %s is not a journal entry; left alone", self.dir / e.rel)
                 continue
             try:
-                raw = json.loads(p.read_text())
+                raw = json.loads(self.tree.read_own(e.rel, _ENTRY_LIMIT) or b"")
                 entries.append(
                     Entry(
                         id=str(raw["id"]),
@@ -76,6 +75,6 @@ class Journal:
                     )
                 )
             except (ValueError, KeyError, TypeError) as err:
-                log.warning("dropping unreadable journal entry %s: %s", p.name, err)
-                p.unlink(missing_ok=True)
+                log.warning("dropping unreadable journal entry %s: %s", e.rel, err)
+                self.tree.unlink(e.rel)
         return entries

@@ -9,59 +9,29 @@ after they are complete and verified).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
-import os
 import secrets
+import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog.types import FileRole, Model, ScanResult
+from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .errors import Failed
 from .paths import check_rel, is_within
+from .roots import Entry, Root, ensure_trusted_dir
 
 MARKER = ".speedloader-models-dir"
 LINK_TMP_MARKER = ".sl-link-"
 META_TMP_MARKER = ".sl-meta-"
 MANAGED_META = ".speedloader-meta.json"
 COLD = "cold"
+_MANAGED_LIMIT = 64 << 20  # the list of descriptors we wrote: ~100 bytes per model
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` in one call (syncfs(2))."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-def read_cold(path: Path) -> bytes:
-    """Read a small file from cold storage without touching its atime."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def _tmp_name(name: str, marker: str) -> str:
+    return f".{name}{marker}{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,31 +56,40 @@ class ModelsDir:
         self.root = root
         self.cold_root = cold_root
         self.pool_roots = pool_roots  # a live mapping: pools come and go
+        self.tree = Root(root, "models dir")
+        self.cold = Root(cold_root, "cold storage", links=True)
         # Set while sync() rebuilds the dir: one syncfs at the end instead of an fsync per
         # link (40,000 fsyncs took 15 s for 10,000 models). Per thread, so a promote's swap
         # running meanwhile stays durable on its own.
         self._batch = threading.local()
 
-    def _durable(self, directory: Path) -> None:
-        if not getattr(self._batch, "on", False):
-            fsync_dir(directory)
+    def _durable(self) -> bool:
+        return not getattr(self._batch, "on", False)
+
+    def pool(self, name: str) -> Root:
+        return Root(self.pool_roots[name], f"pool {name}")
 
     # --- setup -------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Create the dir, or adopt one we made before; refuse someone else's non-empty dir."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        marker = self.root / MARKER
-        if marker.exists():
+        """Create the dir, or adopt one we made before; refuse someone else's non-empty dir.
+
+        The dir must be root's alone along its whole path (else UnsafePath): then only root
+        can have made the marker, and no link inside can be planted by anyone else."""
+        ensure_trusted_dir(self.root, "modelsDir")
+        st = self.tree.lstat(MARKER)
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_uid == 0:
             return
-        with os.scandir(self.root) as it:
-            if any(True for _ in it):
-                raise Failed(
-                    f"models dir {self.root} is not empty and was not made by speedloader; "
-                    "point modelsDir at an empty or new directory"
-                )
-        marker.write_text("This directory is managed by speedloaderd. Do not edit by hand.\n")
-        fsync_dir(self.root)
+        if self.tree.walk() or self.tree.directories():
+            raise Failed(
+                f"models dir {self.root} is not empty and was not made by speedloader; "
+                "point modelsDir at an empty or new directory"
+            )
+        self.tree.write_file(
+            MARKER,
+            b"This directory is managed by speedloaderd. Do not edit by hand.\n",
+            _tmp_name(MARKER, META_TMP_MARKER),
+        )
 
     # --- reading -----------------------------------------------------------------------
 
@@ -126,33 +105,34 @@ class ModelsDir:
         return None
 
     def where(self, rel: str) -> Where:
-        try:
-            target = os.readlink(self.path(rel))
-        except (FileNotFoundError, OSError):
+        check_rel(rel)
+        target = self.tree.readlink(rel)
+        if target is None:
             return Where(None, None, False)
         tier = self.tier_of_target(target)
         # The expected target for a tier is exactly root/rel; anything else is foreign.
-        if tier is not None:
-            root = self.cold_root if tier == COLD else self.pool_roots[tier]
-            if target != str(root / rel):
-                tier = None
-        return Where(tier, target, os.path.exists(target))
+        if tier is None:
+            return Where(None, target, False)
+        root = self.cold_root if tier == COLD else self.pool_roots[tier]
+        if target != str(root / rel):
+            return Where(None, target, False)
+        # Whether it exists is asked of the tier's root, never by following the link.
+        tree = self.cold if tier == COLD else self.pool(tier)
+        return Where(tier, target, tree.stat_file(rel) is not None)
 
     # --- writing -----------------------------------------------------------------------
 
     def point(self, rel: str, target: Path) -> None:
         """Atomically make ``rel`` a symlink to ``target`` (a file under cold or a pool)."""
-        link = self.path(rel)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.with_name(f".{link.name}{LINK_TMP_MARKER}{secrets.token_hex(4)}")
-        os.symlink(target, tmp)
-        try:
-            os.rename(tmp, link)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._durable(link.parent)
+        check_rel(rel)
+        name = rel.rpartition("/")[2]
+        self.tree.symlink(
+            rel,
+            str(target),
+            _tmp_name(name, LINK_TMP_MARKER),
+            durable=self._durable(),
+            like=self.cold,
+        )
 
     def point_cold(self, rel: str) -> None:
         self.point(rel, self.cold_root / rel)
@@ -160,30 +140,39 @@ class ModelsDir:
     def point_pool(self, rel: str, pool: str) -> None:
         self.point(rel, self.pool_roots[pool] / rel)
 
-    def _write_meta(self, rel: str, content: bytes) -> None:
-        dst = self.path(rel)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not dst.is_symlink() and dst.read_bytes() == content:
-                return
-        tmp = dst.with_name(f".{dst.name}{META_TMP_MARKER}{secrets.token_hex(4)}")
-        with open(tmp, "wb") as f:
-            f.write(content)
-            if not getattr(self._batch, "on", False):
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, dst)
-        self._durable(dst.parent)
+    def _write_meta(self, f: ModelFile) -> None:
+        """Write the descriptor the scan read (never a second read of cold storage), with at
+        most its source's access."""
+        content = f.content
+        if content is None:
+            content = self.cold.read_small(f.rel, _MANAGED_LIMIT, f.ident)
+        mode = stat.S_IMODE(f.mode) & 0o555
+        st = self.tree.lstat(f.rel)
+        if (
+            st is not None
+            and stat.S_ISREG(st.st_mode)
+            and stat.S_IMODE(st.st_mode) == mode
+            and (st.st_uid, st.st_gid) == f.owner
+            and self.tree.read_own(f.rel, len(content)) == content
+        ):
+            return
+        self.tree.write_file(
+            f.rel,
+            content,
+            _tmp_name(f.rel.rpartition("/")[2], META_TMP_MARKER),
+            mode=mode,
+            owner=f.owner,
+            durable=self._durable(),
+            like=self.cold,
+        )
 
     def _ensure_link(self, rel: str, link_target: str) -> bool:
-        link = self.path(rel)
-        with contextlib.suppress(OSError):
-            if os.readlink(link) == link_target:
-                return False
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.with_name(f".{link.name}{LINK_TMP_MARKER}{secrets.token_hex(4)}")
-        os.symlink(link_target, tmp)
-        os.rename(tmp, link)
+        if self.tree.readlink(rel) == link_target:
+            return False
+        name = rel.rpartition("/")[2]
+        self.tree.symlink(
+            rel, link_target, _tmp_name(name, LINK_TMP_MARKER), durable=False, like=self.cold
+        )
         return True
 
     # --- sync with the catalog ----------------------------------------------------------
@@ -196,7 +185,7 @@ class ModelsDir:
             return self._sync(scan, mounted_pools)
         finally:
             self._batch.on = False
-            syncfs(self.root)
+            self.tree.syncfs()
 
     def _sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         report = SyncReport()
@@ -211,7 +200,7 @@ class ModelsDir:
                 if f.role is FileRole.META:
                     meta_rels.add(f.rel)
                     try:
-                        self._write_meta(f.rel, read_cold(self.cold_root / f.rel))
+                        self._write_meta(f)
                     except OSError as err:
                         report.conflicts.append(f"{f.rel}: cannot copy descriptor: {err.strerror}")
                 elif f.role is FileRole.LINK:
@@ -223,12 +212,12 @@ class ModelsDir:
         return report
 
     def _sync_data(self, rel: str, mounted: set[str], report: SyncReport) -> None:
-        link = self.path(rel)
-        if not os.path.lexists(link):
+        st = self.tree.lstat(rel)
+        if st is None:
             self.point_cold(rel)
             report.created += 1
             return
-        if not link.is_symlink():
+        if not stat.S_ISLNK(st.st_mode):
             report.conflicts.append(f"{rel}: a regular file is in the way; left as it is")
             return
         w = self.where(rel)
@@ -244,56 +233,49 @@ class ModelsDir:
 
         Only symlinks into our own roots and descriptors we wrote ourselves are removed,
         so files an inference server put here (e.g. ``ollama pull``) survive."""
-        managed_file = self.root / MANAGED_META
+        raw = self.tree.read_own(MANAGED_META, _MANAGED_LIMIT)
         try:
-            previous_meta = set(json.loads(managed_file.read_text()))
-        except (FileNotFoundError, ValueError):
+            previous_meta = set(json.loads(raw)) if raw is not None else set()
+        except (ValueError, TypeError):
             previous_meta = set()
-        for rel, entry in self.walk():
+        for e in self.walk():
+            rel = e.rel
             if rel in wanted:
                 continue
-            if entry.is_symlink():
-                target = os.readlink(entry)
-                if self.tier_of_target(target) is not None or LINK_TMP_MARKER in entry.name:
-                    os.unlink(entry)
+            name = rel.rpartition("/")[2]
+            if e.is_link:
+                target = self.tree.readlink(rel) or ""
+                if self.tier_of_target(target) is not None or LINK_TMP_MARKER in name:
+                    self.tree.unlink(rel)
                     report.removed.append(rel)
-            elif rel in previous_meta or META_TMP_MARKER in entry.name:
-                os.unlink(entry)
+            elif rel in previous_meta or META_TMP_MARKER in name:
+                self.tree.unlink(rel)
                 report.removed.append(rel)
         self._prune_empty_dirs()
         if meta_rels != previous_meta:
-            tmp = managed_file.with_name(managed_file.name + ".tmp")
-            tmp.write_text(json.dumps(sorted(meta_rels)))
-            os.rename(tmp, managed_file)
+            self.tree.write_file(
+                MANAGED_META,
+                json.dumps(sorted(meta_rels)).encode(),
+                _tmp_name(MANAGED_META, META_TMP_MARKER),
+                durable=False,
+            )
 
-    def walk(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
-        """Every non-directory entry below the root (not following links), with its rel.
-        Plain strings and DirEntry, no Path objects: this runs over every file at start."""
-        root = str(self.root)
-        skip = len(root) + 1
-        stack = [root]
-        while stack:
-            d = stack.pop()
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-                    elif d != root or e.name not in (MARKER, MANAGED_META):
-                        yield e.path[skip:], e
+    def walk(self) -> list[Entry]:
+        """Every non-directory entry below the root, links not followed, but our own two."""
+        return [e for e in self.tree.walk() if e.rel not in (MARKER, MANAGED_META)]
 
     def _prune_empty_dirs(self) -> None:
-        for dirpath, dirnames, filenames in os.walk(self.root, topdown=False):
-            if dirpath != str(self.root) and not dirnames and not filenames:
-                with contextlib.suppress(OSError):
-                    os.rmdir(dirpath)
+        for d in self.tree.directories():
+            self.tree.rmdir(d)
 
     def remove_temp_links(self) -> list[str]:
         """Crash leftovers: symlinks/descriptors half-written under a temporary name."""
         removed = []
-        for rel, p in self.walk():
-            if LINK_TMP_MARKER in p.name or META_TMP_MARKER in p.name:
-                os.unlink(p)
-                removed.append(rel)
+        for e in self.walk():
+            name = e.rel.rpartition("/")[2]
+            if LINK_TMP_MARKER in name or META_TMP_MARKER in name:
+                self.tree.unlink(e.rel)
+                removed.append(e.rel)
         return removed
 
 

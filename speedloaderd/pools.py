@@ -23,6 +23,7 @@ from typing import Protocol
 
 from .errors import Busy, Failed, InvalidArgument, NoSpace
 from .paths import check_pool_name
+from .roots import Root, ensure_trusted_dir
 from .sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -385,27 +386,19 @@ class TmpfsPool:
             log.info("mounted pool %s at %s (%s)", self.name, self.path, format_size(self.size))
 
     def _prepare_dir(self) -> None:
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise Failed(f"cannot mount pool {self.name!r}: {path} is not a directory")
-        if not path.exists():
-            try:
-                path.mkdir(mode=0o755, parents=True, exist_ok=True)
-                os.chmod(path, 0o755)
-            except OSError as e:
-                raise Failed(
-                    f"cannot mount pool {self.name!r}: cannot create {path}: {e.strerror}"
-                ) from e
+        """The mount point: a directory only root can change along its whole path (else a
+        member could have it mounted over a directory of their choosing), made if missing,
+        and empty (a tmpfs must not hide files)."""
         try:
-            with os.scandir(path) as it:
-                non_empty = next(it, None) is not None
+            ensure_trusted_dir(self.path, f"pool {self.name!r} path")
         except OSError as e:
             raise Failed(
-                f"cannot mount pool {self.name!r}: cannot read {path}: {e.strerror}"
+                f"cannot mount pool {self.name!r}: cannot create {self.path}: {e.strerror}"
             ) from e
-        if non_empty:
+        tree = Root(self.path, f"pool {self.name}")
+        if tree.walk() or tree.directories():
             raise Busy(
-                f"cannot mount pool {self.name!r}: {path} is not empty and not a mount; "
+                f"cannot mount pool {self.name!r}: {self.path} is not empty and not a mount; "
                 "refusing to hide its files under a tmpfs (move them away or choose another path)"
             )
 

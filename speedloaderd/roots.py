@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArgument
+from .errors import Failed, InvalidArgument
 
 # linux/openat2.h
 RESOLVE_NO_XDEV = 0x01
@@ -137,7 +137,7 @@ def _check_chain(
 
 def _check_dir(p: Path, st: os.stat_result, what: str, shown: Path, *, last: bool) -> None:
     if not stat.S_ISDIR(st.st_mode):
-        raise _refuse(what, shown, str(p), "is not a directory")
+        raise Failed(f"{what} {shown}: {p} is not a directory")
     if st.st_uid != 0:
         raise _refuse(what, shown, str(p), f"is owned by uid {st.st_uid}")
     if st.st_mode & 0o022:

@@ -5,9 +5,14 @@ event loop thread stalls it for seconds, see notes/copy-limits.md).
 
 What a copy does, in order:
 
-1. Open the source read-only with ``O_NOATIME``. Nothing is ever created or written next
-   to it: cold storage is the master copy.
-2. Create ``.<name>.sl-partial-<random>`` beside the destination and ``posix_fallocate``
+1. Open the source read-only through :mod:`.roots` (relative to the cold root, never
+   leaving it, ``O_NOATIME``, ``O_NONBLOCK``) and check it is the regular file the scan saw
+   (device and inode): a cold-storage writer who swaps it for a link to a root-only file
+   after the scan gets a refusal, not a copy. Nothing is ever created or written next to
+   it: cold storage is the master copy.
+2. Create ``.<name>.sl-partial-<random>`` beside the destination (relative to the pool's
+   root, no symlink followed), owned like the source with at most its permission bits
+   (a copy never widens access), and ``posix_fallocate``
    the full size, so a full pool fails at once rather than after minutes of copying. On a
    ``huge=within_size`` tmpfs this also matters for speed: sendfile into a file that grows
    as it is written gets no huge pages at all on kernel 6.18, into a preallocated file it
@@ -35,15 +40,15 @@ import errno
 import hashlib
 import os
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import Cancelled, Failed, InvalidArgument, NoSpace, VerificationFailed
+from .roots import ChangedFile, Identity, Root, own_like
 from .sizes import format_size
 
 PARTIAL_MARKER = ".sl-partial-"
@@ -95,10 +100,30 @@ def forget_refused_pairs() -> None:
     _cross_fs_refused.clear()
 
 
-def copy_file(
-    src: Path,
-    dst: Path,
+def copy_file(src: Path, dst: Path, **kw: Any) -> CopyResult:
+    """:func:`copy_into` for two plain paths (tests, benchmarks): the source's directory and
+    the destination's deepest existing directory serve as the roots."""
+    src, dst = Path(src), Path(dst)
+    top = dst.parent
+    while not top.is_dir() and top.parent != top:
+        top = top.parent
+    return copy_into(
+        Root(src.parent, "source", links=True),
+        src.name,
+        Root(top, "destination"),
+        str(dst.relative_to(top)),
+        **kw,
+    )
+
+
+def copy_into(
+    src_root: Root,
+    src_rel: str,
+    dst_root: Root,
+    dst_rel: str,
     *,
+    expect: Identity | None = None,
+    like: Root | None = None,
     digest: str | None = None,
     expected_size: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
@@ -107,26 +132,36 @@ def copy_file(
     on_allocated: Callable[[], None] | None = None,
     allocation_lock: threading.Lock | None = None,
 ) -> CopyResult:
-    """Copy ``src`` (cold storage) to ``dst`` (a pool), atomically; see the module docstring.
+    """Copy ``src_rel`` under ``src_root`` (cold storage) to ``dst_rel`` under ``dst_root``
+    (a pool), atomically; see the module docstring.
 
-    ``digest`` is ``"<algorithm>:<hex>"`` (in practice ``sha256:``); the destination's
-    content is hashed and must match. ``on_bytes(n)`` is called after each chunk with the
-    bytes just copied. Setting ``cancel`` stops the copy at the next chunk boundary.
-    ``on_allocated()`` is called once the destination holds its whole size (preallocated):
-    from then on the pool's free space already counts it. Both happen under
-    ``allocation_lock``, so whoever reads free space under it never sees a half-done
-    preallocation.
+    ``expect`` is the source's identity as the scan saw it; any other file is refused.
+    Directories made in the pool give at most the access of their counterparts under
+    ``like`` (cold storage). ``digest`` is ``"<algorithm>:<hex>"`` (in practice
+    ``sha256:``); the destination's content is hashed and must match. ``on_bytes(n)`` is
+    called after each chunk with the bytes just copied. Setting ``cancel`` stops the copy at
+    the next chunk boundary. ``on_allocated()`` is called once the destination holds its
+    whole size (preallocated): from then on the pool's free space already counts it. Both
+    happen under ``allocation_lock``, so whoever reads free space under it never sees a
+    half-done preallocation.
     """
-    src, dst = Path(src), Path(dst)
     if chunk_size <= 0:
         raise InvalidArgument(f"chunk size must be positive, got {chunk_size}")
     if expected_size is not None and expected_size < 0:
         raise InvalidArgument(f"expected size must be 0 or more bytes, got {expected_size}")
     want = _parse_digest(digest) if digest is not None else None
-    job = _CopyJob(src, dst, want, expected_size, on_bytes, cancel, chunk_size)
+    job = _CopyJob(
+        src_root, src_rel, dst_root, dst_rel, want, expected_size, on_bytes, cancel, chunk_size
+    )
+    job.expect, job.like = expect, like
     job.on_allocated, job.allocation_lock = on_allocated, allocation_lock
     try:
         return job.run()
+    except ChangedFile as e:
+        raise Failed(
+            f"{job.src} {e.strerror}; it was not copied (cold storage changed since the scan: "
+            "run a rescan)"
+        ) from e
     except OSError as e:
         # job.run() has already removed the partial file, so free space is measured as
         # the pool stands without it.
@@ -152,8 +187,10 @@ class _CopyJob:
 
     def __init__(
         self,
-        src: Path,
-        dst: Path,
+        src_root: Root,
+        src_rel: str,
+        dst_root: Root,
+        dst_rel: str,
         want: tuple[str, str] | None,
         expected_size: int | None,
         on_bytes: Callable[[int], None] | None,
@@ -162,8 +199,12 @@ class _CopyJob:
     ) -> None:
         self.on_allocated: Callable[[], None] | None = None
         self.allocation_lock: threading.Lock | None = None
-        self.src = src
-        self.dst = dst
+        self.expect: Identity | None = None
+        self.like: Root | None = None
+        self.src_root, self.src_rel = src_root, src_rel
+        self.dst_root, self.dst_rel = dst_root, dst_rel
+        self.src = src_root.abs(src_rel)  # for messages
+        self.dst = dst_root.abs(dst_rel)
         self.want = want
         self.expected_size = expected_size
         self.on_bytes = on_bytes
@@ -173,17 +214,15 @@ class _CopyJob:
         self.src_fd = -1
         self.dst_fd = -1
         self.verify_fd = -1
-        self.tmp: Path | None = None
+        self.tmp: str | None = None  # the partial copy's rel under dst_root
         self.hasher: _TrailingHasher | None = None
 
     def run(self) -> CopyResult:
         started = time.monotonic()
         renamed = False
         try:
-            self.src_fd = _open_source(self.src)
+            self.src_fd = self.src_root.open_source(self.src_rel, self.expect)
             st = os.fstat(self.src_fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise Failed(f"cannot copy {self.src}: it is not a regular file")
             self.size = size = st.st_size
             if self.expected_size is not None and size != self.expected_size:
                 raise VerificationFailed(
@@ -192,18 +231,17 @@ class _CopyJob:
                 )
             self._check_cancel()
 
-            _make_parents(self.dst.parent)
-            tmp = self.dst.parent / partial_name(self.dst.name)
-            self.dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            self.tmp = tmp  # only now is it ours to remove
-            os.fchmod(self.dst_fd, 0o644)  # whatever the daemon's umask
+            self.dst_fd, self.tmp = self.dst_root.create_temp(self.dst_rel, like=self.like)
+            own_like(self.dst_fd, st)
             with self.allocation_lock or contextlib.nullcontext():
                 if size:
                     os.posix_fallocate(self.dst_fd, 0, size)
                 if self.on_allocated is not None:
                     self.on_allocated()
             if self.want is not None:
-                self.verify_fd = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)
+                # The copy's own descriptor, read back with explicit offsets (preadv moves
+                # no file position), so what is verified is what will be renamed into place.
+                self.verify_fd = os.dup(self.dst_fd)
                 self.hasher = _TrailingHasher(self.verify_fd, self.want[0], size, self.cancel)
                 self.hasher.start()
 
@@ -256,9 +294,8 @@ class _CopyJob:
 
             self._check_cancel()
             os.fsync(self.dst_fd)
-            os.rename(self.tmp, self.dst)
+            self.dst_root.rename(self.tmp, self.dst_rel)  # and fsyncs the directory
             renamed = True
-            _fsync_dir(self.dst.parent)
             return CopyResult(
                 bytes=off,
                 seconds=time.monotonic() - started,
@@ -285,14 +322,14 @@ class _CopyJob:
             # If this fails, recovery finds the file by PARTIAL_MARKER; the original
             # error is the one to report.
             with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+                self.dst_root.unlink(self.tmp)
 
     def translate(self, e: OSError) -> Exception:
         """The domain error for an OSError out of the copy."""
         if e.errno in _NO_SPACE:
-            pool = _mount_point(self.dst.parent)
+            pool = self.dst_root.path
             try:
-                vfs = os.statvfs(self.dst.parent)
+                vfs = os.fstatvfs(self.dst_fd) if self.dst_fd >= 0 else os.statvfs(pool)
                 free = vfs.f_bavail * vfs.f_frsize
             except OSError:
                 free = 0
@@ -447,52 +484,6 @@ class _TrailingHasher:
             self._complete = True
         except BaseException as e:  # handed to the copying thread by result()
             self._error = e
-
-
-def _open_source(src: Path) -> int:
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    try:
-        return os.open(src, flags | os.O_NOATIME)
-    except PermissionError as e:
-        if e.errno != errno.EPERM:  # EACCES is a real refusal; EPERM is O_NOATIME's
-            raise
-        return os.open(src, flags)
-
-
-def _make_parents(directory: Path) -> None:
-    """Create missing directories down to ``directory`` with mode 0755, durably."""
-    missing: list[Path] = []
-    p = directory
-    while not os.path.isdir(p):
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o755)
-        except FileExistsError:
-            continue  # made concurrently, or not a directory: the open below says which
-        os.chmod(d, 0o755)
-        _fsync_dir(d.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _mount_point(path: Path) -> Path:
-    p = Path(os.path.abspath(path))
-    try:
-        while not os.path.ismount(p) and p.parent != p:
-            p = p.parent
-    except OSError:
-        return Path(path)
-    return p
 
 
 class _StatFs(ctypes.Structure):
