@@ -305,14 +305,21 @@ class Root:
     def open_source(self, rel: str, expect: Identity | None = None) -> int:
         """Open the regular file ``rel`` for reading: no atime update, no blocking on a FIFO,
         the same file as ``expect`` (the scan's). Raises ChangedFile if it is not."""
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
-        with self.directory() as rfd:
-            try:
-                fd = openat2(rfd, rel, flags | _O_NOATIME, 0, self.resolve)
-            except PermissionError as err:
-                if err.errno != errno.EPERM or not _O_NOATIME:  # EPERM: O_NOATIME, not ours
-                    raise
-                fd = openat2(rfd, rel, flags, 0, self.resolve)
+        flags = os.O_RDONLY | os.O_NONBLOCK
+        try:
+            with self.directory() as rfd:
+                try:
+                    fd = openat2(rfd, rel, flags | _O_NOATIME, 0, self.resolve)
+                except PermissionError as err:
+                    if err.errno != errno.EPERM or not _O_NOATIME:  # EPERM: O_NOATIME
+                        raise
+                    fd = openat2(rfd, rel, flags, 0, self.resolve)
+        except OSError as err:
+            if err.errno == errno.EXDEV:
+                raise ChangedFile(err.errno, f"leads outside {self.what}", rel) from None
+            if err.errno == errno.ELOOP:
+                raise ChangedFile(err.errno, "is reached through a symlink", rel) from None
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
