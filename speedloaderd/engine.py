@@ -51,7 +51,7 @@ from .modelsdir import COLD, ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
 from .remote.pool import RemotePool
-from .roots import ensure_trusted_dir
+from .roots import check_trusted_dir, ensure_trusted_dir
 from .sizes import format_size
 from .transfer import Progress, ProgressMeter, copy_into, is_partial
 
@@ -932,6 +932,17 @@ class Engine:
     def _rescan_blocking(self) -> None:
         self._scan()
         self.models_dir.sync(self.catalog, self._mounted())
+
+
+def check_config_paths(config: Config) -> None:
+    """Refuse (UnsafePath, naming the component) a config whose models dir, state dir or
+    local pool paths someone other than root could change: the daemon writes there as root.
+    Paths that do not exist yet pass if their deepest existing directory does (they are made
+    at start). Cold storage is only read, through roots.Root, and may be anyone's."""
+    check_trusted_dir(config.models_dir, "modelsDir", allow_missing=True)
+    check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
+    for pc in config.local_pools():
+        check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
 
 
 def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:

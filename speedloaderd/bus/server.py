@@ -20,7 +20,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
 from ..config import Config, dump_config, save_config
-from ..engine import Engine, ModelStatus, PoolStatus
+from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
 from ..errors import Busy, Failed
 from ..jobs import Job
 from .auth import Polkit, remember_caller
@@ -258,8 +258,9 @@ class Server:
                     f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
                     "demote every model and wait for running jobs first"
                 )
-        # Built before saving: a config the engine refuses (e.g. a remote pool's bad path)
-        # must not end up in the file.
+        # Built and its paths checked before saving: a config the engine refuses (a remote
+        # pool's bad path, a models dir a member owns) must not end up in the file.
+        await asyncio.to_thread(check_config_paths, new)
         replacement = Engine(new, self.config_path)
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)

@@ -420,3 +420,25 @@ def test_the_file_access_check_can_fail(tmp_path):
         "import os\nos.unlink(p)\nopen(p)\nPath(p).write_text('x')\nself.tree.unlink(r)\n"
     )
     assert [c for c, _ in _calls(bad)] == ["os.unlink", "open", ".write_text"]
+
+
+# --- on the bus: even root's SetConfig cannot point the daemon at an unsafe dir -----------
+
+
+def test_set_config_to_an_unsafe_dir_is_refused_before_saving(daemon, users):
+    import json
+
+    from ..test_bus_auth import manager
+
+    evil = daemon.lab.root / "member-state"
+    evil.mkdir()
+    os.chown(evil, users[ADMIN].pw_uid, -1)
+    saved = daemon.lab.config_path.read_bytes()
+    data = json.loads(daemon.state()["config"])
+    data["stateDir"] = str(evil)
+    [result] = daemon.run_as(None, [manager("SetConfig", "s", json.dumps(data))])
+    assert result["error"] == "InvalidArgument", result
+    assert f"{evil} is owned by uid {users[ADMIN].pw_uid}" in result["message"]
+    assert daemon.lab.config_path.read_bytes() == saved
+    assert os.listdir(evil) == []
+    assert json.loads(daemon.state()["config"])["stateDir"] == str(daemon.lab.state)
