@@ -8,6 +8,7 @@ What goes where (below ``--root``, default ``/``):
     usr/share/polkit-1/actions/org.speedloader.policy            one action per change
     usr/share/polkit-1/rules.d/50-speedloader.rules              the group may do all
     usr/lib/tmpfiles.d/speedloader.conf                          the state directory
+    usr/lib/modules-load.d/speedloader.conf                      NVMe-oF driver at boot
     usr/share/bash-completion/completions/slctl                  completion
     etc/speedloader/config.json                                  a first config (kept if present)
 
@@ -89,6 +90,8 @@ FILES = [
     ),
     SystemFile("usr/share/polkit-1/rules.d/50-speedloader.rules", "polkit/50-speedloader.rules"),
     SystemFile("usr/lib/tmpfiles.d/speedloader.conf", "systemd/speedloader.tmpfiles.conf"),
+    # The unit has no CAP_SYS_MODULE: the module the NVMe-oF plan modprobes is loaded at boot.
+    SystemFile("usr/lib/modules-load.d/speedloader.conf", "systemd/speedloader.modules-load.conf"),
     SystemFile("usr/share/bash-completion/completions/slctl", ""),
 ]
 CONFIG = "etc/speedloader/config.json"

@@ -26,9 +26,10 @@ ACTIVATION = "usr/share/dbus-1/system-services/org.speedloader.Speedloader1.serv
 POLICY = "usr/share/polkit-1/actions/org.speedloader.policy"
 RULES = "usr/share/polkit-1/rules.d/50-speedloader.rules"
 TMPFILES = "usr/lib/tmpfiles.d/speedloader.conf"
+MODULES = "usr/lib/modules-load.d/speedloader.conf"
 COMPLETION = "usr/share/bash-completion/completions/slctl"
 CONFIG = "etc/speedloader/config.json"
-ALL = [UNIT, BUS_CONF, ACTIVATION, POLICY, RULES, TMPFILES, COMPLETION, CONFIG]
+ALL = [UNIT, BUS_CONF, ACTIVATION, POLICY, RULES, TMPFILES, MODULES, COMPLETION, CONFIG]
 
 
 def install(root: Path, *extra: str) -> subprocess.CompletedProcess:

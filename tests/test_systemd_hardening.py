@@ -5,7 +5,12 @@
 2. Why the unit has no ProtectSystem=/ReadWritePaths=/PrivateTmp= (nor any setting that
    gives the daemon a mount namespace): reproduced with the kernel, step by step as
    systemd 252 sets a unit's namespace up (src/core/namespace.c, setup_namespace()).
-   There is no systemd PID 1 on the test machine, so this is the closest experiment.
+3. The daemon still works under what the unit does set: the real daemon on the test bus,
+   started through ``confine()`` below, which applies the unit's own lines the way
+   systemd does (bounding set and no_new_privs by setpriv, then umask, MDWE and a seccomp
+   filter built from the unit's SystemCallFilter= and RestrictAddressFamilies=), promotes
+   a model into a tmpfs pool it mounted and demotes it again.
+There is no systemd PID 1 on the test machine, so these are the closest experiments.
 """
 
 from __future__ import annotations
@@ -18,14 +23,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from speedloaderd.sandbox import REPO
-
-UNIT = REPO / "systemd" / "speedloaderd.service"
+# This checkout's unit (also when this file runs as the --confine launcher, outside pytest).
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "speedloaderd.service"
 # Where this unit stood when its hardening was measured (README, "Hardening"). Lower it
 # when you tighten the unit; never raise it without a line in that table saying why.
 EXPOSURE_AT_MOST = 4.6
@@ -285,3 +289,191 @@ def test_without_a_unit_namespace_the_same_mount_reaches_the_host(base):
         return {"status": status, "seen": str(base / "pools" / "by-service") in mount_points()}
 
     assert in_child(run) == {"status": 0, "seen": True}
+
+
+# --- the daemon under the unit's restrictions -----------------------------------------
+
+# systemd.exec: an allow-list always permits these (and the time and sleep calls, which
+# @default holds): execve, exit, exit_group, getrlimit, rt_sigreturn, sigreturn.
+ALWAYS_ALLOWED = {"execve", "exit", "exit_group", "getrlimit", "rt_sigreturn", "sigreturn"}
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+
+
+class ScmpArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+def expand(names: Sequence[str]) -> set[str]:
+    """Syscall names of a SystemCallFilter= list, groups (and the groups they name)
+    expanded by systemd itself."""
+    calls = {n for n in names if not n.startswith("@")}
+    todo, seen = [n for n in names if n.startswith("@")], set()
+    while todo:
+        group = todo.pop()
+        if group in seen:
+            continue
+        seen.add(group)
+        out = subprocess.run(
+            [analyze(), "syscall-filter", "--no-pager", group],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for line in out.splitlines()[1:]:  # the first line is the group's own name
+            item = line.strip()
+            if item.startswith("@"):
+                todo.append(item)
+            elif item and not item.startswith("#"):
+                calls.add(item)
+    return calls
+
+
+def syscall_allow_list(unit: dict[str, list[str]]) -> set[str]:
+    """systemd's semantics: the first line allows (no ~), each ~ line then takes away."""
+    allowed: set[str] = set()
+    for value in unit["SystemCallFilter"]:
+        if value.startswith("~"):
+            allowed -= expand(value[1:].split())
+        else:
+            allowed |= expand(value.split())
+    return allowed | ALWAYS_ALLOWED
+
+
+def confine(argv: list[str]) -> None:
+    """Apply the shipped unit's umask, MemoryDenyWriteExecute=, SystemCallFilter=,
+    SystemCallErrorNumber= and RestrictAddressFamilies= to this process, then exec argv.
+    (setpriv, run before this, did NoNewPrivileges= and CapabilityBoundingSet=.)"""
+    unit = settings(UNIT)
+    os.umask(int(unit["UMask"][0], 8))
+    if unit.get("MemoryDenyWriteExecute") == ["yes"]:
+        # The kernel's own form of what systemd 252 builds from seccomp rules on mmap and
+        # mprotect: no mapping may become writable and executable.
+        libc = ctypes.CDLL(None, use_errno=True)
+        _check(libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0), "PR_SET_MDWE")
+    errno_name = unit["SystemCallErrorNumber"][0]
+    import errno
+
+    seccomp = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    seccomp.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(ScmpArgCmp),
+    ]
+    ctx = seccomp.seccomp_init(0x00050000 | getattr(errno, errno_name))  # SCMP_ACT_ERRNO
+    assert ctx, "seccomp_init failed"
+    allowed = syscall_allow_list(unit)
+    families = " ".join(unit["RestrictAddressFamilies"]).split()
+    for name in sorted(allowed - {"socket"}):
+        nr = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if nr >= 0:  # not every name exists on this architecture
+            _check(seccomp.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, 0, None), name)
+    socket_nr = seccomp.seccomp_syscall_resolve_name(b"socket")
+    for family in families:  # socket() only for the listed families
+        cmp = ScmpArgCmp(0, SCMP_CMP_EQ, FAMILIES[family], 0)
+        _check(
+            seccomp.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, socket_nr, 1, ctypes.byref(cmp)),
+            family,
+        )
+    _check(seccomp.seccomp_load(ctypes.c_void_p(ctx)), "seccomp_load")
+    os.execv(argv[0], argv)
+
+
+def confined_python(tmp_path: Path) -> Path:
+    """An executable that runs ``python ARGS`` under the unit's restrictions: the
+    Sandbox starts the daemon with it in place of the interpreter."""
+    caps = " ".join(settings(UNIT)["CapabilityBoundingSet"]).split()
+    bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    wrapper = tmp_path / "confined-python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"exec setpriv --no-new-privs --inh-caps=-all --bounding-set={bounding} -- "
+        f'{sys.executable} {Path(__file__).resolve()} --confine {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def test_the_daemon_promotes_and_demotes_under_the_units_restrictions(daemon_factory, tmp_path):
+    from .buslab import run
+
+    dl = daemon_factory()
+    assert not os.path.ismount(dl.lab.pool_path("local"))
+    dl.proc = dl.sandbox.start_daemon(dl.lab.config_path, python=str(confined_python(tmp_path)))
+    status = proc_status(dl.proc.pid)
+    # It really is confined: the filter, no_new_privs, and only the unit's capabilities.
+    assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
+    assert (
+        int(status["CapEff"], 16)
+        == int(status["CapBnd"], 16)
+        == (
+            1 << 21 | 1 << 2 | 1 << 3 | 1 << 0  # SYS_ADMIN, DAC_READ_SEARCH, FOWNER, CHOWN
+        )
+    ), status
+
+    async def scenario() -> tuple:
+        async with await dl.client() as c:
+            await c.subscribe()
+            promoted = await c.follow_job(await c.promote("small:3b"), timeout=120)
+            hot = dl.lab.pool_files("local")
+            demoted = await c.follow_job(await c.demote("small:3b"), timeout=120)
+            return promoted, hot, demoted
+
+    promoted, hot, demoted = run(scenario())
+    assert promoted.success, promoted.message + dl.log()
+    assert hot, "nothing was copied into the pool"
+    # mount(8) ran under the filter, and its tmpfs is in this (the host's) namespace.
+    assert os.path.ismount(dl.lab.pool_path("local"))
+    assert demoted.success, demoted.message + dl.log()
+    assert dl.proc.poll() is None, dl.log()
+    assert "Operation not permitted" not in dl.log(), dl.log()
+
+
+PROBE = """
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.swapon(b"/nonexistent", 0)
+print("swapon", os.strerror(ctypes.get_errno()))
+try:
+    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    print("vsock", "made")
+except OSError as err:
+    print("vsock", err.strerror)
+"""
+
+
+def test_the_confinement_does_refuse_what_the_unit_filters(tmp_path):
+    """The control for the test above: the same probe, bare and confined. swapon (@swap,
+    filtered out) and an AF_VSOCK socket (not in RestrictAddressFamilies=) work, or fail
+    for their own reason, bare; confined, both are refused with EPERM."""
+    bare = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    assert bare.stdout.splitlines() == ["swapon No such file or directory", "vsock made"], (
+        bare.stdout + bare.stderr
+    )
+    wrapper = confined_python(tmp_path)
+    confined = subprocess.run([str(wrapper), "-c", PROBE], capture_output=True, text=True)
+    assert confined.stdout.splitlines() == [
+        "swapon Operation not permitted",
+        "vsock Operation not permitted",
+    ], confined.stdout + confined.stderr
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--confine"]:
+        confine(sys.argv[2:])

@@ -32,6 +32,7 @@ WRITES = {
     "polkit actions": "usr/share/polkit-1/actions/org.speedloader.policy",
     "polkit rules": "usr/share/polkit-1/rules.d/50-speedloader.rules",
     "tmpfiles": "usr/lib/tmpfiles.d/speedloader.conf",
+    "modules-load": "usr/lib/modules-load.d/speedloader.conf",
     "completion": "usr/share/bash-completion/completions/slctl",
     "config": "etc/speedloader/config.json",
 }
