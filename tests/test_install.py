@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from speedloaderd.config import parse_config
-from speedloaderd.sandbox import Sandbox, SandboxError
+from speedloaderd.sandbox import REPO, Sandbox, SandboxError
 
 SLCTL = str(Path(sys.executable).with_name("slctl"))
+# The venv's slctl imports the editable install's checkout (maybe another worktree):
+# the code under test is this checkout's.
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 DAEMON = str(Path(sys.executable).with_name("speedloaderd"))
 UNIT = "etc/systemd/system/speedloaderd.service"
 BUS_CONF = "usr/share/dbus-1/system.d/org.speedloader.Speedloader1.conf"
@@ -22,9 +26,10 @@ ACTIVATION = "usr/share/dbus-1/system-services/org.speedloader.Speedloader1.serv
 POLICY = "usr/share/polkit-1/actions/org.speedloader.policy"
 RULES = "usr/share/polkit-1/rules.d/50-speedloader.rules"
 TMPFILES = "usr/lib/tmpfiles.d/speedloader.conf"
+MODULES = "usr/lib/modules-load.d/speedloader.conf"
 COMPLETION = "usr/share/bash-completion/completions/slctl"
 CONFIG = "etc/speedloader/config.json"
-ALL = [UNIT, BUS_CONF, ACTIVATION, POLICY, RULES, TMPFILES, COMPLETION, CONFIG]
+ALL = [UNIT, BUS_CONF, ACTIVATION, POLICY, RULES, TMPFILES, MODULES, COMPLETION, CONFIG]
 
 
 def install(root: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -44,6 +49,7 @@ def install(root: Path, *extra: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        env=ENV,
     )
 
 
@@ -133,6 +139,7 @@ def test_bad_answers_are_refused(tmp_path):
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        env=ENV,
     )
     assert r.returncode == 2 and r.stderr.startswith("error: pool size:") and "12Q" in r.stderr
     assert not (tmp_path / CONFIG).exists()
@@ -141,6 +148,7 @@ def test_bad_answers_are_refused(tmp_path):
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        env=ENV,
     )
     assert r.returncode == 2 and "--yes" in r.stderr
 
@@ -151,7 +159,10 @@ def test_uninstall_removes_what_install_wrote_but_keeps_config(staged):
     models.mkdir(parents=True)
     (models / "keep").write_text("x")
     r = subprocess.run(
-        [SLCTL, "uninstall", "--root", str(root), "--yes"], capture_output=True, text=True
+        [SLCTL, "uninstall", "--root", str(root), "--yes"],
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     for rel in ALL[:-1]:
@@ -161,6 +172,7 @@ def test_uninstall_removes_what_install_wrote_but_keeps_config(staged):
         [SLCTL, "uninstall", "--root", str(root), "--yes", "--purge"],
         capture_output=True,
         text=True,
+        env=ENV,
     )
     assert r.returncode == 0 and not (root / CONFIG).exists()
     assert "speedloader:" not in (root / "etc" / "group").read_text()
