@@ -23,7 +23,7 @@ from textual.widgets._toast import Toast
 from speedloader_cli.client import JOB, MANAGER, MODEL, PROPERTIES, ROOT, printable, unwrap
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.widgets.models import ModelTable
-from speedloader_tui.widgets.settings import SettingsPane
+from speedloader_tui.widgets.settings import SettingsPane, merged_config
 
 from ..buslab import ADMIN, GUEST, as_user
 
@@ -234,3 +234,14 @@ def test_dashboard_shows_daemon_strings_escaped_and_without_markup():
     assert [message for _, message in notes] == [printable(evil_msg)], notes
     # The toast shows the job's message as written, markup and all.
     assert [t.split("\n", 1)[1] for t in toasts] == [printable(evil_msg)], toasts
+
+
+def test_dashboard_settings_send_an_unchanged_value_back_as_it_was():
+    """The form shows the apiUrl printable; saving another field must not write that
+    shown form over the configured value (nor drop it)."""
+    base = {"backend": {"type": "ollama", "apiUrl": EVIL_URL}, "modelsDir": "/m"}
+    form = {"api-url": printable(EVIL_URL), "models-dir": "/other", "backend": "ollama"}
+    assert merged_config(base, form) == {
+        "backend": {"type": "ollama", "apiUrl": EVIL_URL},
+        "modelsDir": "/other",
+    }
