@@ -24,6 +24,8 @@ from speedloader_cli.client import JOB, MANAGER, MODEL, PROPERTIES, ROOT, printa
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.widgets.models import ModelTable
 from speedloader_tui.widgets.settings import SettingsPane, merged_config
+from speedloaderd.errors import InvalidArgument
+from speedloaderd.paths import check_model_name, check_pool_name
 
 from ..buslab import ADMIN, GUEST, as_user
 
@@ -245,3 +247,13 @@ def test_dashboard_settings_send_an_unchanged_value_back_as_it_was():
         "backend": {"type": "ollama", "apiUrl": EVIL_URL},
         "modelsDir": "/other",
     }
+
+
+@pytest.mark.parametrize("name", ["tiny\x1b[2J:1b", "tiny\x9b:1b", "tiny\r:1b", "[bold]x"])
+def test_model_and_pool_names_cannot_carry_controls_or_markup(name):
+    """Why the tests above use free-text fields: the daemon refuses such names (and the
+    catalog skips such models on cold storage, speedloaderd/catalog/result.py)."""
+    with pytest.raises(InvalidArgument):
+        check_model_name(name)
+    with pytest.raises(InvalidArgument):
+        check_pool_name(name.replace(":", "-"))
