@@ -4,6 +4,13 @@ Thin and typed over dbus-fast: calls return plain Python values (variants unwrap
 failures raise :class:`ClientError` carrying the daemon's error name and sentence, and
 jobs are followed by their signals only (PropertiesChanged, then Completed), never by
 polling.
+
+Every string that comes off the bus (property values, method replies, signal bodies,
+error messages) passes :func:`printable` here, before any caller sees it: a value
+someone put in the daemon's configuration (an ``apiUrl``, a path) must not reach an
+admin's terminal as escape sequences. The exception are replies that are documents to
+parse (GetConfig's JSON, Introspect's XML: ``DOCUMENTS``), whose newlines are syntax;
+their strings are made printable where they are printed.
 """
 
 from __future__ import annotations
@@ -27,10 +34,25 @@ POOL = names.POOL_IFACE
 MODEL = names.MODEL_IFACE
 JOB = names.JOB_IFACE
 model_path, pool_path, job_path = names.model_path, names.pool_path, names.job_path
-__all__ = ["BUS_NAME", "NO_OBJECT", "ROOT", "escape", "Client", "ClientError", "JobResult"]
+__all__ = [
+    "BUS_NAME",
+    "NO_OBJECT",
+    "ROOT",
+    "escape",
+    "printable",
+    "Client",
+    "ClientError",
+    "JobResult",
+]
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+# Replies that are documents for the caller to parse, not text to show: returned as sent.
+DOCUMENTS = {
+    (MANAGER, "GetConfig"),
+    ("org.freedesktop.DBus.Introspectable", "Introspect"),
+}
 
 # Bus errors that mean "the daemon is not there", whoever raised them.
 UNREACHABLE = {
@@ -48,8 +70,9 @@ class ClientError(Exception):
     (``NotAuthorized``, ``NoSuchModel``...), else the full D-Bus error name."""
 
     def __init__(self, name: str, message: str):
+        message = printable(message)
         super().__init__(message)
-        self.name = name.removeprefix(ERROR_PREFIX)
+        self.name = printable(name.removeprefix(ERROR_PREFIX))
         self.message = message
 
     @property
@@ -57,13 +80,39 @@ class ClientError(Exception):
         return self.name in UNREACHABLE
 
 
-def unwrap(value: Any) -> Any:
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable shown as an escape instead:
+    C0 and C1 controls (ESC, BEL, CR, LF, TAB, CSI ``\\x9b``...), DEL, and the invisible
+    or reordering ones (bidi overrides, zero-width and line separators), e.g. ``\\x1b``.
+
+    Nothing is kept that a terminal could act on, newlines included: the daemon's
+    sentences are one line each, and a value with a newline in it is worth seeing as such.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def unwrap(value: Any, raw: bool = False) -> Any:
+    """A D-Bus value as plain Python: variants unwrapped, every string made
+    :func:`printable` (unless ``raw``)."""
     if isinstance(value, Variant):
-        return unwrap(value.value)
+        return unwrap(value.value, raw)
+    if isinstance(value, str):
+        return value if raw else printable(value)
     if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
+        return {unwrap(k, raw): unwrap(v, raw) for k, v in value.items()}
     if isinstance(value, list):
-        return [unwrap(v) for v in value]
+        return [unwrap(v, raw) for v in value]
     return value
 
 
@@ -91,6 +140,11 @@ class Client:
         address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
         try:
             bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        except ValueError as err:  # dbus-fast's InvalidAddressError: not an address at all
+            raise ClientError(
+                "org.freedesktop.DBus.Error.BadAddress",
+                f"{address} is not a D-Bus address ({err}); fix DBUS_SYSTEM_BUS_ADDRESS",
+            ) from None
         except (OSError, DBusError, EOFError) as err:
             where = address or "the system bus"
             raise ClientError(
@@ -119,8 +173,10 @@ class Client:
         *,
         destination: str = BUS_NAME,
         timeout: float | None = None,
+        raw: bool = False,
     ) -> Any:
-        """Call a method; return its single value (or list of values, or None)."""
+        """Call a method; return its single value (or list of values, or None), its
+        strings made printable unless ``raw`` or one of the ``DOCUMENTS``."""
         msg = Message(
             destination=destination,
             path=path,
@@ -143,7 +199,7 @@ class Client:
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             raise ClientError(reply.error_name or "Failed", str(text))
-        body_ = unwrap(reply.body)
+        body_ = unwrap(reply.body, raw or (interface, member) in DOCUMENTS)
         if not body_:
             return None
         return body_[0] if len(body_) == 1 else body_
@@ -184,6 +240,11 @@ class Client:
     async def manager(self, member: str, signature: str = "", *args: Any) -> Any:
         return await self.call(ROOT, MANAGER, member, signature, args)
 
+    async def get_config(self) -> dict[str, Any]:
+        """The daemon's configuration, as it is: its strings are not made printable (it is
+        edited and sent back); whoever prints one of them uses :func:`printable`."""
+        return json.loads(await self.manager("GetConfig") or "{}")
+
     async def get_all(self, path: str, interface: str) -> dict[str, Any]:
         return await self.call(path, PROPERTIES, "GetAll", "s", [interface])
 
@@ -207,7 +268,7 @@ class Client:
     async def add_remote_pool(self, name: str, entry: dict[str, Any]) -> None:
         """Add ``remoteTiers.hosts.<name>`` through SetConfig, which validates it (and
         refuses a bad host, address or size by name, saving nothing)."""
-        data = json.loads(await self.manager("GetConfig"))
+        data = await self.get_config()
         hosts = data.setdefault("remoteTiers", {}).setdefault("hosts", {})
         if name in hosts or any(p.get("name") == name for p in data.get("pools", [])):
             raise ClientError("InvalidArgument", f"a pool named {name!r} already exists")
@@ -263,13 +324,13 @@ class Client:
         def on_signal(msg: Message) -> None:
             if msg.path != path or done.done():
                 return
-            if msg.member == "PropertiesChanged" and msg.body[0] == JOB:
-                changed = unwrap(msg.body[1])
-                props.update(changed)
+            body = unwrap(msg.body)
+            if msg.member == "PropertiesChanged" and body[0] == JOB:
+                props.update(body[1])
                 if on_update is not None:
                     on_update(dict(props))
             elif msg.member == "Completed" and msg.interface == JOB:
-                done.set_result((bool(msg.body[0]), str(msg.body[1])))
+                done.set_result((bool(body[0]), str(body[1])))
 
         snapshot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

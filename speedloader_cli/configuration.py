@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .client import Client
+from .client import Client, printable
 from .common import (
     CONTEXT,
     run,
@@ -33,10 +33,12 @@ def config() -> None:
 
 
 def _get_config() -> dict[str, Any]:
-    async def body(client: Client) -> str:
-        return await client.manager("GetConfig")
+    """The daemon's configuration as it is (strings not yet printable: it may be sent back)."""
 
-    return json.loads(run(body))
+    async def body(client: Client) -> dict[str, Any]:
+        return await client.get_config()
+
+    return run(body)
 
 
 def _walk(data: Any, key: str, create: bool = False) -> tuple[Any, str | int]:
@@ -65,7 +67,7 @@ def _step(node: Any, part: str, key: str, create: bool, following: str) -> Any:
 @config.command("show", context_settings=CONTEXT)
 def config_show() -> None:
     """Print the running configuration as JSON."""
-    print_json(_get_config())
+    print_json(_get_config())  # JSON escapes every control character (ensure_ascii)
 
 
 @config.command("get", context_settings=CONTEXT)
@@ -77,7 +79,9 @@ def config_get(key: str) -> None:
         value = node[last]
     except (KeyError, IndexError, TypeError):
         raise CliError(f"the configuration has no key {key!r}", Exit.USAGE) from None
-    click.echo(value if isinstance(value, str) else json.dumps(value))
+    # A string as it reads, made printable (it comes from the daemon); anything else as
+    # JSON, which escapes every control character.
+    click.echo(printable(value) if isinstance(value, str) else json.dumps(value))
 
 
 @config.command("set", context_settings=CONTEXT)

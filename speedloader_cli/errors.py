@@ -37,6 +37,7 @@ _BY_NAME = {
     "NoSuchModel": Exit.USAGE,
     "NoSuchPool": Exit.USAGE,
     "org.freedesktop.DBus.Error.InvalidArgs": Exit.USAGE,
+    "org.freedesktop.DBus.Error.BadAddress": Exit.USAGE,
 }
 
 # dbus-fast answers a call on a path nobody exported with UnknownMethod, others UnknownObject.

@@ -16,6 +16,7 @@ import click
 from speedloaderd import __version__
 
 from . import configuration, install, jobs, models, pools, status
+from .client import printable
 from .common import CONTEXT
 from .errors import CliError, Exit
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="slctl", standalone_mode=False)
     except CliError as err:
         if str(err):
-            click.echo(f"{err.prefix}{err}", err=True)
+            # Printable again here: a sentence may quote a file or value, not only the bus.
+            click.echo(f"{err.prefix}{printable(str(err))}", err=True)
         return int(err.code)
     except click.UsageError as err:
         err.show()
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SLCTL_DEBUG"):
             traceback.print_exc()
         click.echo(
-            f"error: internal error in slctl: {type(err).__name__}: {err} "
+            f"error: internal error in slctl: {type(err).__name__}: {printable(str(err))} "
             "(SLCTL_DEBUG=1 shows details; please report it)",
             err=True,
         )

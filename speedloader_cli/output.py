@@ -19,7 +19,9 @@ def use_color() -> bool:
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False))
+    # ensure_ascii: every control character (and all non-ASCII) is written as a \u escape,
+    # so no string in the output can act on a terminal.
+    click.echo(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=True))
 
 
 def bar(fraction: float, width: int = 20) -> str:

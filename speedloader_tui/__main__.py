@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--web",
         action="store_true",
-        help="serve the dashboard to browsers instead of running it here",
+        help="serve the dashboard to browsers instead of running it here; prints the URL "
+        "to open, with its access token (never as root)",
     )
     ap.add_argument(
         "--host",

@@ -14,9 +14,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.notifications import SeverityLevel
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
@@ -160,8 +162,12 @@ class SpeedloaderApp(App[None]):
         self.ui.query_one("#first-run").display = first_run
         if first_run:
             self.ui.query_one("#first-run-text", Static).update(
-                "[b]Welcome to Speedloader.[/b] The daemon has no valid configuration yet: "
-                f"{m.config_error or 'none found'}. Set it up in Settings."
+                Text.assemble(
+                    ("Welcome to Speedloader.", "bold"),
+                    " The daemon has no valid configuration yet: ",
+                    m.config_error or "none found",  # the daemon's words: literal, no markup
+                    ". Set it up in Settings.",
+                )
             )
         offline = self.ui.query_one("#offline", Static)
         offline.display = not self.state.online
@@ -233,6 +239,19 @@ class SpeedloaderApp(App[None]):
 
     # --- calls ---------------------------------------------------------------------------
 
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Textual's notify, but reading no markup by default: most notifications carry
+        the daemon's words (a job's message, a name), which must show as they are."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def _on_notify(self, event: Any) -> None:
         super()._on_notify(event)
         self.redrawn.set()  # the notification is on screen now: whoever waits for it wakes
@@ -244,7 +263,6 @@ class SpeedloaderApp(App[None]):
             title=e.title,
             severity=e.severity,  # type: ignore[arg-type]
             timeout=10,
-            markup=False,
         )
 
     def call_daemon(
@@ -456,8 +474,8 @@ class SpeedloaderApp(App[None]):
             return
         self.call_daemon(
             "read the configuration",
-            lambda c: c.manager("GetConfig"),
-            lambda text: self.ui.query_one(SettingsPane).fill(json.loads(text or "{}")),
+            lambda c: c.get_config(),
+            lambda config: self.ui.query_one(SettingsPane).fill(config),
         )
 
     def save_config(self, config: dict[str, Any]) -> None:

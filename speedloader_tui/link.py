@@ -180,16 +180,17 @@ class DaemonLink:
             return
         if not self.state.online:
             return
+        body = unwrap(msg.body)  # every string in it made printable
         if member == "PropertiesChanged" and msg.interface == PROPERTIES:
-            self.state.changed(msg.path, msg.body[0], unwrap(msg.body[1]))
+            self.state.changed(msg.path, body[0], body[1])
         elif member == "InterfacesAdded" and msg.path == ROOT:
-            self.state.add(msg.body[0], unwrap(msg.body[1]))
+            self.state.add(body[0], body[1])
         elif member == "InterfacesRemoved" and msg.path == ROOT:
-            self.state.remove(msg.body[0], list(msg.body[1]))
+            self.state.remove(body[0], list(body[1]))
         elif member == "Completed" and msg.interface == JOB:
-            job = self.state.completed(msg.path, bool(msg.body[0]), str(msg.body[1]))
+            job = self.state.completed(msg.path, bool(body[0]), str(body[1]))
             self.on_change()
-            self.on_event("job-done", job or JobInfo(msg.path, message=str(msg.body[1])))
+            self.on_event("job-done", job or JobInfo(msg.path, message=str(body[1])))
             return
         else:
             return

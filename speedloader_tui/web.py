@@ -1,8 +1,18 @@
 """``speedloader-tui --web``: the same dashboard served to browsers by textual-serve.
 
 Each browser tab gets its own dashboard process, run as the user who runs this server,
-so polkit judges that user: serving as root hands root's rights to whoever reaches the
-port. Hence the defaults: loopback only, and a refusal to listen elsewhere as root.
+so polkit judges that user: whoever drives the page acts with that user's rights. Hence:
+
+- it never runs as root (exit 2);
+- every request needs this server's secret: a random token, printed once in the URL the
+  server announces. A request carrying it gets an HttpOnly, SameSite=Strict cookie and a
+  redirect to the same URL without the token (so it does not stay in the history); every
+  later request is let in by that cookie. No or a wrong token or cookie: 403, and no
+  handler runs, so no dashboard process is started;
+- a websocket whose Origin is not this server's own (the page's scheme://host:port, as
+  the Host header or --public-url says) is refused, and so is one without an Origin:
+  browsers always send it, so a page elsewhere cannot drive a dashboard even though the
+  browser attaches the cookie (cookies are not kept apart by port).
 
 What textual-serve leaves to us, done here:
 - a page that loads nothing from elsewhere (its stock page fetches a font from a
@@ -18,15 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 from textual_serve.app_service import AppService
@@ -38,6 +52,14 @@ TEMPLATES = Path(__file__).parent / "templates"
 QUIT_GRACE_S = 5.0  # for the app to quit when asked, before it is killed
 TERM_GRACE_S = 3.0  # between SIGTERM and SIGKILL
 _PR_SET_PDEATHSIG = 1
+TOKEN_PARAM = "token"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+NEEDS_TOKEN = (
+    "This Speedloader dashboard needs its access token: open the URL that "
+    "speedloader-tui --web printed when it started (it ends in ?token=...)."
+)
 
 
 def _die_with_parent() -> None:
@@ -117,8 +139,25 @@ class DashboardSession(AppService):
         self._process = None
 
 
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, as a browser writes it in an Origin header."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _forbidden(text: str) -> web.Response:
+    return web.Response(status=403, text=text + "\n", content_type="text/plain")
+
+
 class DashboardServer(Server):
-    def __init__(self, argv: list[str], host: str, port: int, public_url: str | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        host: str,
+        port: int,
+        public_url: str | None = None,
+        token: str | None = None,
+    ):
         super().__init__(
             shlex.join(argv),
             host=host,
@@ -129,6 +168,69 @@ class DashboardServer(Server):
         )
         self.argv = argv
         self.sessions: set[DashboardSession] = set()
+        self.token = token or secrets.token_urlsafe(32)
+        # Cookies are not kept apart by port: one name per port, so that two dashboards on
+        # one host (two users, two ports) do not overwrite each other's cookie.
+        self.cookie = f"speedloader-dashboard-{port}"
+        public = urlsplit(self.public_url)
+        self.base_path = public.path.rstrip("/")  # a reverse proxy's prefix, if any
+        self.secure = public.scheme == "https"
+
+    @property
+    def token_url(self) -> str:
+        """The URL to open: the one place the token is ever shown."""
+        return f"{self.public_url.rstrip('/')}/?{TOKEN_PARAM}={self.token}"
+
+    def _is_token(self, given: str | None) -> bool:
+        if not given:
+            return False
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _allowed_origin(self, request: web.Request) -> bool:
+        """The websocket's Origin is the page's own: the origin the browser used to reach
+        this server (its Host header) or, behind a proxy, the --public-url's."""
+        origin = request.headers.get("Origin", "").lower()
+        if not origin:
+            return False
+        return origin in (_origin(self.public_url), f"{request.scheme}://{request.host}".lower())
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Let a request reach textual-serve's handlers only with this server's secret
+        (and, for the websocket, from this server's own page)."""
+        given = request.query.get(TOKEN_PARAM)
+        if given is not None:
+            if not self._is_token(given):
+                log.warning("refused %s %s: wrong token", request.method, request.path)
+                return _forbidden(NEEDS_TOKEN)
+        elif not self._is_token(request.cookies.get(self.cookie)):
+            log.warning("refused %s %s: no token or cookie", request.method, request.path)
+            return _forbidden(NEEDS_TOKEN)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if (upgrade or request.path == "/ws") and not self._allowed_origin(request):
+            origin = request.headers.get("Origin", "(none)")
+            log.warning("refused websocket from origin %s", origin)
+            return _forbidden("This dashboard accepts websockets from its own page only.")
+        if given is not None and not upgrade and request.path != "/ws":
+            # Trade the token for a cookie, and take the token out of the address bar.
+            rest = [(k, v) for k, v in request.query.items() if k != TOKEN_PARAM]
+            location = self.base_path + request.path + (f"?{urlencode(rest)}" if rest else "")
+            response = web.Response(status=303, headers={"Location": location})
+            response.set_cookie(
+                self.cookie,
+                self.token,
+                path="/",
+                httponly=True,
+                samesite="Strict",
+                secure=self.secure,
+            )
+            return response
+        return await handler(request)
+
+    async def _make_app(self) -> web.Application:
+        app = await super()._make_app()
+        app.middlewares.append(self.guard)
+        return app
 
     async def on_startup(self, app: web.Application) -> None:
         pass  # textual-serve prints a banner here, before the port is even open
@@ -139,12 +241,13 @@ class DashboardServer(Server):
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        runner = web.AppRunner(await self._make_app(), handle_signals=False)
+        # No access log: the first request's line would carry the token.
+        runner = web.AppRunner(await self._make_app(), handle_signals=False, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
             # Said once the port accepts connections: scripts and tests may wait for it.
-            log.info("serving the Speedloader dashboard on %s", self.public_url)
+            log.info("serving the Speedloader dashboard on %s", self.token_url)
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -210,15 +313,21 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(host: str, port: int, bus: str | None, public_url: str | None = None) -> int:
-    if os.geteuid() == 0 and not _is_loopback(host):
+    if os.geteuid() == 0:
         print(
-            f"speedloader-tui: refusing to serve on {host} as root: everyone who reaches "
-            "the port would act as root on the daemon. Run it as a user in the "
-            "'speedloader' group, or keep it on 127.0.0.1 and reach it through an SSH "
-            "tunnel or an authenticating reverse proxy.",
+            "speedloader-tui: refusing to serve the dashboard as root: whoever drives the "
+            "page would act as root on the daemon; run it as a user in the 'speedloader' "
+            "group.",
             file=sys.stderr,
         )
         return 2
+    if not _is_loopback(host) and not (public_url or "").startswith("https:"):
+        print(
+            f"speedloader-tui: warning: serving on {host} without TLS: the token and the "
+            "session travel in clear text; put a TLS reverse proxy in front "
+            "(--public-url https://...)",
+            file=sys.stderr,
+        )
     argv = [sys.executable, "-m", "speedloader_tui"]
     if bus:
         argv += ["--bus", bus]

@@ -1,4 +1,5 @@
-"""Run ``speedloader-tui --web`` for a test and read its log as it comes."""
+"""Run ``speedloader-tui --web`` for a test, as an unprivileged user (it refuses root),
+and read its log as it comes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from speedloaderd.sandbox import REPO
+
+from .buslab import ADMIN, as_user
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -23,14 +27,15 @@ def free_port() -> int:
 
 
 class WebServer:
-    """The dashboard's web server as a subprocess; its log lines go to a queue."""
+    """The dashboard's web server as a subprocess run as ``user``; its log lines go to a
+    queue. ``url`` is its origin, ``token_url`` the URL with the token it printed."""
 
-    def __init__(self, bus: str, argv: list[str] | None = None):
+    def __init__(self, bus: str, user: str = ADMIN):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = argv or [sys.executable, "-m", "speedloader_tui"]
+        cmd = [sys.executable, "-m", "speedloader_tui"]
         self.proc = subprocess.Popen(
-            [*cmd, "--web", "--port", str(self.port), "--bus", bus],
+            as_user(user, [*cmd, "--web", "--port", str(self.port), "--bus", bus], bus),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -40,7 +45,17 @@ class WebServer:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        self.expect(r"serving the Speedloader dashboard on")
+        self.token_url = self.expect(r"serving the Speedloader dashboard on (\S+)").group(1)
+        self.token = parse_qs(urlsplit(self.token_url).query)["token"][0]
+
+    def ws_url(self, token: bool = True) -> str:
+        """The websocket's URL, with the token in it (as a client without a cookie needs)."""
+        query = f"token={self.token}&width=100&height=30" if token else "width=100&height=30"
+        return f"ws://127.0.0.1:{self.port}/ws?{query}"
+
+    def children(self) -> list[int]:
+        """The server's live child processes: one dashboard per session."""
+        return [pid for pid, ppid in _live_processes() if ppid == self.proc.pid]
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -72,6 +87,19 @@ class WebServer:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
+
+
+def _live_processes() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process that is not a zombie."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            out.append((int(stat.parent.name), int(fields[1])))
+    return out
 
 
 def processes_in_group(pgid: int) -> list[int]:

@@ -29,7 +29,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-question")
+            # Questions quote the daemon's names: shown as they are, not read as markup.
+            yield Label(self.question, classes="dialog-question", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="error", compact=True)
                 yield Button("No (n)", id="no", compact=True)
@@ -63,7 +64,7 @@ class PickPoolScreen(ModalScreen[str | None]):
             line.append(f" speed {p.speed}", style="cyan")
             options.append(Option(line, id=p.name))
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-question")
+            yield Label(self.question, classes="dialog-question", markup=False)
             yield OptionList(*options, id="pool-choice")
             yield Label("Enter to choose, Escape to cancel", classes="dim")
 
@@ -92,7 +93,7 @@ class FormScreen(ModalScreen[dict[str, str] | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.title_text, classes="dialog-question")
+            yield Label(self.title_text, classes="dialog-question", markup=False)
             with Grid(classes="dialog-form"):
                 for key, label, value in self.fields:
                     yield Label(label)
@@ -135,11 +136,15 @@ class PinScreen(ModalScreen[tuple[str, str] | None]):
             with Grid(classes="dialog-form"):
                 yield Label("Model")
                 yield Select(
-                    [(m, m) for m in self.models], id="pin-model-choice", prompt="choose a model"
+                    [(Text(m), m) for m in self.models],
+                    id="pin-model-choice",
+                    prompt="choose a model",
                 )
                 yield Label("Pool")
                 yield Select(
-                    [(p, p) for p in self.pools], id="pin-pool-choice", prompt="choose a pool"
+                    [(Text(p), p) for p in self.pools],
+                    id="pin-pool-choice",
+                    prompt="choose a pool",
                 )
             with Horizontal(classes="buttons"):
                 yield Button("Pin", id="ok", variant="primary", compact=True)

@@ -57,9 +57,10 @@ class HealthPane(Vertical):
                 problems += 1
             table.add_row(
                 Text(status, style=STATUS_STYLES.get(status, "")),
-                check,
-                self.app.show_path(subject),
-                self.app.show_path(message),
+                # Text, not str: a str cell would be read as markup, and these are the daemon's.
+                Text(check),
+                Text(self.app.show_path(subject)),
+                Text(self.app.show_path(message)),
                 "yes" if fixed else "",
             )
         verdict = Text()

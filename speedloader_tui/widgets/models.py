@@ -48,9 +48,10 @@ def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
     cells: dict[str, Any] = {
         "name": Text(m.name, style="bold" if m.hot else ""),
         "size": Text(fmt.size(m.size), justify="right"),
-        "tier": m.tier,
-        "format": m.format,
-        "pin": m.pinned_pool or "",
+        # Text, not str: a str cell would be read as markup, and these are the daemon's.
+        "tier": Text(m.tier),
+        "format": Text(m.format),
+        "pin": Text(m.pinned_pool or ""),
         "state": fmt.state(m.state)
         if not m.problems
         else Text(f"{m.state}: {m.problems[0]}", style="bold red"),

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, Select, Static
+
+from speedloader_cli.client import printable
 
 from ..state import DaemonState
 
@@ -61,8 +64,8 @@ def merged_config(base: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
     for fid, value in form.items():
         keys = fields[fid][1]
         old = _get(base, keys)
-        if value == ("" if old is None else str(old)):
-            continue
+        if value == ("" if old is None else printable(str(old))):
+            continue  # unchanged as shown (a value is shown printable, see fill)
         if value == "":
             _drop(out, keys)
         else:
@@ -122,21 +125,31 @@ class SettingsPane(VerticalScroll):
         if keys != self.pin_keys or any(str(table.get_cell(m, "pool")) != p for m, p in pins):
             table.clear()
             for model, pool in pins:
-                table.add_row(model, pool, key=model)
+                table.add_row(Text(model), Text(pool), key=model)
             self.pin_keys = keys
         status = self.query_one("#settings-status", Static)
         m = state.manager
         if not state.online:
             status.update("speedloaderd is not reachable; settings cannot be read or saved now.")
+        # The daemon's words go in as Text: literal, never read as markup.
         elif not m.config_valid:
             status.update(
-                "[b]First run:[/b] speedloaderd has no valid configuration "
-                f"([i]{m.config_error}[/i]). Fill in at least the models dir, cold storage "
-                "and backend, then Save."
+                Text.assemble(
+                    ("First run:", "bold"),
+                    " speedloaderd has no valid configuration (",
+                    (m.config_error, "italic"),
+                    "). Fill in at least the models dir, cold storage and backend, then Save.",
+                )
             )
         else:
             status.update(
-                f"strategy [b]{m.strategy}[/b] · backend [b]{m.backend}[/b] · daemon {m.version}"
+                Text.assemble(
+                    "strategy ",
+                    (m.strategy, "bold"),
+                    " · backend ",
+                    (m.backend, "bold"),
+                    f" · daemon {m.version}",
+                )
             )
 
     def fill(self, config: dict[str, Any]) -> None:
@@ -150,7 +163,9 @@ class SettingsPane(VerticalScroll):
             select.value = value if value is not None else Select.NULL
         for fid, (_, keys) in TEXT_FIELDS.items():
             value = _get(config, keys)
-            self.query_one(f"#cfg-{fid}", Input).value = "" if value is None else str(value)
+            # Shown printable: the config's strings are not (they are sent back as they are).
+            shown = "" if value is None else printable(str(value))
+            self.query_one(f"#cfg-{fid}", Input).value = shown
         if config and _get(config, SELECT_FIELDS["strategy"][1]) is None:
             # Shown as the default; saving it unchanged must not write it into the file.
             _set(self.base, SELECT_FIELDS["strategy"][1], "fastest-fit")

@@ -54,7 +54,7 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         message = Text(job.message, style="dim")
     return [
         Text(f"#{job.number}", style="dim"),
-        what,
+        Text(what),  # the daemon's names: literal, never markup
         progress,
         done,
         rate,
