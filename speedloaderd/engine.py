@@ -838,6 +838,12 @@ class Engine:
     async def add_pool(self, pc: PoolConfig) -> None:
         if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
             raise InvalidArgument(f"a pool named {pc.name!r} already exists")
+        for remote in self._remote_pools():
+            if overlapping(pc.path, remote.path):
+                raise InvalidArgument(
+                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
+                    f"at {remote.path}; they must be separate"
+                )
         # New pools go only where the admin said pools go: no root-only directory, no
         # directory someone else made, no link elsewhere can be named here.
         expected = self.config.pools_root / pc.name
@@ -846,12 +852,6 @@ class Engine:
                 f"pool {pc.name!r} must be at {expected} (poolsRoot/<name>), not {pc.path}; "
                 "leave the path empty, or have an admin change poolsRoot in the configuration"
             )
-        for remote in self._remote_pools():
-            if overlapping(pc.path, remote.path):
-                raise InvalidArgument(
-                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
-                    f"at {remote.path}; they must be separate"
-                )
         old = self.config
         new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
         await self.set_config(new)
