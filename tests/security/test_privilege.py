@@ -336,3 +336,74 @@ def wait_until_cold(dl, job: str) -> None:
             await c.follow_job(demoted, timeout=120)
 
     run(scenario())
+
+
+# --- the SetConfig split itself, as a rule on two configs ----------------------------------
+
+
+def _base() -> dict:
+    return {
+        "modelsDir": "/srv/models",
+        "storage": {"path": "/srv/cold", "type": "local"},
+        "backend": {"type": "ollama"},
+        "pools": [
+            {"name": "a", "path": "/run/speedloader/pools/a", "size": "1 GiB", "speed": 100},
+            {"name": "b", "path": "/run/speedloader/pools/b", "size": "1 GiB"},
+        ],
+        "remoteTiers": {"hosts": {"far": {"ssh": "root@h", "ramdiskSize": "1 GiB"}}},
+        "modelPlacement": {"defaultStrategy": "fastest-fit", "pinned": {}},
+    }
+
+
+def _edit(change) -> dict:
+    data = _base()
+    change(data)
+    return data
+
+
+MEMBER_EDITS = {
+    "strategy": lambda d: d["modelPlacement"].update(defaultStrategy="round-robin"),
+    "a pin": lambda d: d["modelPlacement"].update(pinned={"m:1": "b"}),
+    "no placement key at all": lambda d: d.pop("modelPlacement"),
+    "a pool's speed": lambda d: d["pools"][1].update(speed=300),
+    "a remote tier's speed": lambda d: d["remoteTiers"]["hosts"]["far"].update(speed=5),
+}
+ADMIN_EDITS = {
+    "modelsDir": lambda d: d.update(modelsDir="/home/m/models"),
+    "stateDir": lambda d: d.update(stateDir="/home/m/state"),
+    "poolsRoot": lambda d: d.update(poolsRoot="/home/m"),
+    "storage": lambda d: d["storage"].update(path="/etc"),
+    "backend": lambda d: d["backend"].update(apiUrl="http://10.0.0.1:1"),
+    "ramdisk": lambda d: d.update(ramdisk={"path": "/mnt/x", "size": "1G"}),
+    "pools": lambda d: d["pools"][0].update(path="/etc/x"),
+    "pools size": lambda d: d["pools"][0].update(size="2 GiB"),
+    "pools reordered": lambda d: d["pools"].reverse(),
+    "pools removed": lambda d: d["pools"].pop(),
+    "remoteTiers": lambda d: d["remoteTiers"]["hosts"]["far"].update(rdmaIp="10.0.0.9"),
+    "sshKeyPath": lambda d: d.update(sshKeyPath="/home/m/key"),
+    "an extension key": lambda d: d.update(_comment="root writes what a member chose"),
+    "placement extension": lambda d: d["modelPlacement"].update({"x-note": "hi"}),
+}
+
+
+@pytest.mark.parametrize("edit", MEMBER_EDITS.values(), ids=MEMBER_EDITS)
+def test_placement_only_changes_are_a_members(edit):
+    from speedloaderd.privilege import admin_changes
+
+    assert admin_changes(_base(), _edit(edit)) == []
+
+
+@pytest.mark.parametrize("edit", ADMIN_EDITS.values(), ids=ADMIN_EDITS)
+def test_every_other_change_is_an_admins(edit):
+    from speedloaderd.privilege import admin_changes
+
+    changed = admin_changes(_base(), _edit(edit))
+    assert len(changed) == 1, changed
+    assert admin_changes(_base(), _base()) == []
+
+
+def test_with_no_running_config_any_config_is_an_admins():
+    from speedloaderd.privilege import admin_changes
+
+    # Every key that names a path, host or key is new; only placement would be a member's.
+    assert admin_changes({}, _base()) == sorted(set(_base()) - {"modelPlacement"})
