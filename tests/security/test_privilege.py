@@ -407,3 +407,24 @@ def test_with_no_running_config_any_config_is_an_admins():
 
     # Every key that names a path, host or key is new; only placement would be a member's.
     assert admin_changes({}, _base()) == sorted(set(_base()) - {"modelPlacement"})
+
+
+def test_clients_say_who_can_make_an_admin_change():
+    """An admin refusal must not advise joining the group (that would not help)."""
+    from speedloader_cli.client import ClientError
+    from speedloader_cli.errors import Exit
+    from speedloader_cli.errors import explain as cli_explain
+    from speedloader_tui.errors import explain as tui_explain
+
+    refusal = ClientError(
+        "NotAuthorized",
+        "not authorized for org.speedloader.administer: adding a pool needs an administrator "
+        "(it names a path)",
+    )
+    cli = cli_explain(refusal)
+    assert cli.code == Exit.NOT_AUTHORIZED and "run slctl as root" in str(cli)
+    assert "group" not in str(cli)
+    tui = tui_explain(refusal)
+    assert "administrator must make this change" in tui.sentence and "group" not in tui.sentence
+    member_refusal = ClientError("NotAuthorized", "not authorized for org.speedloader.promote")
+    assert "'speedloader' group" in tui_explain(member_refusal).sentence
