@@ -113,25 +113,22 @@ class ManagerInterface(Snapshot):
 
     # --- methods ---
 
-    async def _uid(self) -> int:
-        return await caller_uid(self.server.bus)
-
     @method()
     @exported(ACTION_PROMOTE)
     async def Promote(self, model: "s", pool: "s") -> "o":
-        uid = await self._uid()
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
         return self.server.job_object(self.engine.promote(model, pool or None, uid))
 
     @method()
     @exported(ACTION_DEMOTE)
     async def Demote(self, model: "s") -> "o":
-        uid = await self._uid()
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
         return self.server.job_object(self.engine.demote(model, uid))
 
     @method()
     @exported(ACTION_PIN)
     async def Pin(self, model: "s", pool: "s") -> "o":
-        uid = await self._uid()
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
         job = await self.engine.pin(model, pool, uid)
         return self.server.job_object(job) if job is not None else NO_OBJECT
 
