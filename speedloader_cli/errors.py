@@ -51,6 +51,14 @@ _HINTS = {
     "NoSuchPool": "`slctl pool list` lists the pools",
 }
 
+# A refusal of the admin-only polkit action: the daemon's sentence says what was asked;
+# joining the group would not help, so say who can.
+ADMIN_ACTION = "org.speedloader.administer"
+ADMIN_HINT = (
+    "this change needs an administrator (it names a path, a host, a key or remote RAM, "
+    "or is another user's job): run slctl as root"
+)
+
 
 def explain(err: ClientError, subject: str = "") -> CliError:
     """Turn a daemon or bus error into the sentence a person acts on."""
@@ -70,6 +78,8 @@ def explain(err: ClientError, subject: str = "") -> CliError:
         return CliError(f"{subject} does not exist", Exit.USAGE)
     message = err.message.rstrip()
     hint = _HINTS.get(err.name)
+    if err.name in ("NotAuthorized", "AuthenticationRequired") and ADMIN_ACTION in message:
+        hint = ADMIN_HINT
     if hint and hint not in message:
         message = f"{message}; {hint}"
     return CliError(message, _BY_NAME.get(err.name, Exit.FAILED))

@@ -35,7 +35,12 @@ def jobs(ctx: click.Context, as_json: bool) -> None:
         return
     snap = run(snapshot)
     if as_json:
-        print_json([j.to_json() | {"message": j.message} for j in snap.jobs])
+        print_json(
+            [
+                j.to_json() | {"message": j.message, "startedByUid": j.started_by_uid}
+                for j in snap.jobs
+            ]
+        )
         return
     rows = job_rows(snap.jobs)
     click.echo(

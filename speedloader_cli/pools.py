@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .client import Client, ClientError, pool_path
+from .client import POOL, Client, ClientError, pool_path
 from .common import (
     CONTEXT,
     JSON,
@@ -28,7 +28,7 @@ def pool() -> None:
     \b
     Examples:
       slctl pool list
-      slctl pool add fast --path /mnt/speedloader/fast --size 32G --speed 200
+      slctl pool add fast --size 32G --speed 200     # at <poolsRoot>/fast
       slctl pool resize fast 48G
       slctl pool disconnect fast      # demotes what it holds first
     """
@@ -107,7 +107,11 @@ def pool_resize(name: str, size: str, no_wait: bool) -> None:
 
 @pool.command("add", context_settings=CONTEXT)
 @click.argument("name")
-@click.option("--path", help="Mount point (absolute; created if needed). Required for tmpfs.")
+@click.option(
+    "--path",
+    help="Mount point. tmpfs: only <poolsRoot>/NAME, the default; remote: default "
+    "/run/speedloader/pools/NAME.",
+)
 @click.option("--size", required=True, help="Size, e.g. 32G or 512M.")
 @click.option(
     "--speed",
@@ -149,19 +153,18 @@ def pool_add(
 
     \b
     Examples:
-      slctl pool add fast --path /mnt/speedloader/fast --size 32G --speed 200
+      slctl pool add fast --size 32G --speed 200
       slctl pool add gpu2 --remote root@gpu2 --address 10.0.1.2 --size 512G
       slctl pool connect gpu2
     """
     if remote is None:
-        if path is None:
-            raise CliError("a tmpfs pool needs --path (where to mount it)", Exit.USAGE)
-
+        # No --path: the daemon puts it at <poolsRoot>/NAME, the only place it may go.
         async def add_tmpfs(client: Client) -> None:
-            await client.manager(
-                "AddPool", "sssu", name, path, size, 100 if speed is None else speed
+            pool = await client.manager(
+                "AddPool", "sssu", name, path or "", size, 100 if speed is None else speed
             )
-            click.echo(f"added pool {name} ({size} at {path})")
+            where = path or (await client.get_all(pool, POOL))["Path"]
+            click.echo(f"added pool {name} ({size} at {where})")
 
         run(add_tmpfs)
         return

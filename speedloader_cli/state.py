@@ -74,6 +74,7 @@ class JobView:
     cancelable: bool
     state: str
     message: str
+    started_by_uid: int = 0  # who asked for it: only they, or an admin, may cancel it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +135,7 @@ def job_view(path: str, j: dict[str, Any]) -> JobView:
         j["Cancelable"],
         j["State"],
         j.get("Message", ""),
+        j.get("StartedByUID", 0),
     )
 
 

@@ -408,7 +408,7 @@ class SpeedloaderApp(App[None]):
                 "Add a RAM tier (a local tmpfs pool)",
                 [
                     ("name", "Name", ""),
-                    ("path", "Mount path", ""),
+                    ("path", "Mount path (empty: <poolsRoot>/name)", ""),
                     ("size", "Size (e.g. 16G)", ""),
                     ("speed", "Speed rating", "100"),
                 ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from speedloader_cli.client import ClientError
+from speedloader_cli.errors import ADMIN_ACTION
 
 _TITLES = {
     "NotAuthorized": "Not authorized",
@@ -24,6 +25,8 @@ _HINTS = {
     "that polkit allows (the 'speedloader' group)",
     "NoSpace": "demote something, resize the pool or pick another pool",
 }
+# The group does not help with the admin-only action: say who can.
+_ADMIN_HINT = "an administrator must make this change (as root, e.g. with slctl)"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ def explain(err: BaseException, doing: str = "") -> Explanation:
             )
         title = _TITLES.get(err.name, err.name.rsplit(".", 1)[-1])
         hint = _HINTS.get(err.name)
+        if err.name in ("NotAuthorized", "AuthenticationRequired") and ADMIN_ACTION in err.message:
+            hint = _ADMIN_HINT
         text = f"{prefix}{err.message}" + (f" — {hint}" if hint else "")
         severity = "warning" if err.name in ("Busy", "Cancelled") else "error"
         return Explanation(title, text, severity)

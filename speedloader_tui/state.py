@@ -81,6 +81,7 @@ class JobInfo:
     state: str = RUNNING
     message: str = ""
     step: str = ""  # the named step running now, for jobs made of steps (pool connect)
+    started_by_uid: int = 0  # who asked for it; cancelling another uid's job is an admin's
 
     @property
     def running(self) -> bool:
@@ -147,6 +148,7 @@ _JOB_ATTRS = {
     "State": "state",
     "Message": "message",
     "Step": "step",
+    "StartedByUID": "started_by_uid",
 }
 _MANAGER_ATTRS = {
     "ConfigValid": "config_valid",

@@ -40,6 +40,10 @@ SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
 LOCAL_POOL_NAME = "local"  # the pool the legacy ``ramdisk`` key describes
 DEFAULT_LOCAL_SPEED = 100
 DEFAULT_REMOTE_SPEED = 50
+# Where AddPool may make new local pools: <poolsRoot>/<name>, nowhere else. /run is
+# root-owned on every distribution and a tmpfs, so nothing there outlives a reboot, just
+# as a RAM pool's contents do not; remote pools already mount under it by default.
+DEFAULT_POOLS_ROOT = Path("/run/speedloader/pools")
 
 
 def _size(value: Any) -> int:
@@ -181,6 +185,7 @@ class Config(_Model):
     model_placement: PlacementConfig = Field(default_factory=PlacementConfig)
     ssh_key_path: AbsPath | None = None
     state_dir: AbsPath = Path("/var/lib/speedloader")
+    pools_root: AbsPath = DEFAULT_POOLS_ROOT
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -192,6 +197,12 @@ class Config(_Model):
         roots = {"modelsDir": self.models_dir, "storage.path": self.storage.path}
         roots |= {f"pool {p.name!r} path": p.path for p in self.local_pools()}
         items = list(roots.items())
+        for key in ("modelsDir", "storage.path"):  # pools live in poolsRoot, nothing else
+            if overlapping(self.pools_root, roots[key]):
+                raise ValueError(
+                    f"poolsRoot ({self.pools_root}) and {key} ({roots[key]}) overlap; "
+                    "they must be separate"
+                )
         for i, (ka, a) in enumerate(items):
             for kb, b in items[i + 1 :]:
                 if overlapping(a, b):

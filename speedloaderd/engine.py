@@ -369,7 +369,7 @@ class Engine:
 
     # --- promote -----------------------------------------------------------------------
 
-    def promote(self, name: str, pool: str | None = None) -> Job:
+    def promote(self, name: str, pool: str | None = None, started_by_uid: int = 0) -> Job:
         """Start copying ``name`` into a RAM pool; returns its Job at once.
 
         A second request for a model already being promoted joins the running Job."""
@@ -386,7 +386,8 @@ class Engine:
                 f"model {name!r} is busy with {active.operation} (job {active.id}); "
                 "wait for it or cancel it"
             )
-        return self._start_job(Job("promote", model=name, pool=pool or None), self._promote)
+        job = Job("promote", model=name, pool=pool or None, started_by_uid=started_by_uid)
+        return self._start_job(job, self._promote)
 
     def _choose_pool(self, model: Model, requested: str | None, mounted: set[str]) -> str:
         candidates = []
@@ -558,7 +559,7 @@ class Engine:
 
     # --- demote ------------------------------------------------------------------------
 
-    def demote(self, name: str) -> Job:
+    def demote(self, name: str, started_by_uid: int = 0) -> Job:
         """Repoint ``name`` to cold storage and free its RAM; returns its Job at once."""
         self.model(name)
         active = self._active.get(name)
@@ -569,7 +570,9 @@ class Engine:
                 f"model {name!r} is being promoted (job {active.id}); "
                 "cancel that job first or wait for it"
             )
-        return self._start_job(Job("demote", model=name), self._demote)
+        return self._start_job(
+            Job("demote", model=name, started_by_uid=started_by_uid), self._demote
+        )
 
     async def _demote(self, job: Job) -> str:
         assert job.model is not None
@@ -668,7 +671,7 @@ class Engine:
 
     # --- pins --------------------------------------------------------------------------
 
-    async def pin(self, name: str, pool: str) -> Job | None:
+    async def pin(self, name: str, pool: str, started_by_uid: int = 0) -> Job | None:
         """Pin a model to a pool. If it is hot elsewhere, start moving it (returns that Job)."""
         self.model(name)
         self.pool(pool)
@@ -677,7 +680,7 @@ class Engine:
         await self._set_placement(pins)
         status = self.model_status(name)
         if status.state == "hot" and status.tier != pool:
-            return self.promote(name, pool)
+            return self.promote(name, pool, started_by_uid)
         return None
 
     async def unpin(self, name: str) -> None:
@@ -734,16 +737,22 @@ class Engine:
         self.pool_roots[pc.name] = pc.path
         return pool
 
-    def _pool_job(self, operation: str, name: str, body: Callable[[Job], Awaitable[str]]) -> Job:
+    def _pool_job(
+        self,
+        operation: str,
+        name: str,
+        body: Callable[[Job], Awaitable[str]],
+        started_by_uid: int = 0,
+    ) -> Job:
         self.pool(name)
         active = self._pool_jobs.get(name)
         if active is not None:
             raise Busy(f"pool {name!r} is busy with {active.operation} (job {active.id})")
-        job = Job(operation, pool=name, cancelable=False)
+        job = Job(operation, pool=name, cancelable=False, started_by_uid=started_by_uid)
         self._pool_jobs[name] = job
         return self._start_job(job, body)
 
-    def connect_pool(self, name: str) -> Job:
+    def connect_pool(self, name: str, started_by_uid: int = 0) -> Job:
         """Mount a local pool; connect a remote one (its Job's Step names each step)."""
 
         async def body(job: Job) -> str:
@@ -760,7 +769,7 @@ class Engine:
                 )
             return f"pool {name} mounted at {pool.path} ({format_size(pool.size)})"
 
-        return self._pool_job("pool-connect", name, body)
+        return self._pool_job("pool-connect", name, body, started_by_uid)
 
     def _step_reporter(self, job: Job) -> Callable[[int, int, str], None]:
         """A progress hook a worker thread may call: (steps done, steps, step starting)."""
@@ -773,7 +782,7 @@ class Engine:
 
         return lambda done, total, step: loop.call_soon_threadsafe(on_step, done, total, step)
 
-    def disconnect_pool(self, name: str) -> Job:
+    def disconnect_pool(self, name: str, started_by_uid: int = 0) -> Job:
         """Demote everything the pool holds (links back to cold first), then unmount."""
 
         async def body(job: Job) -> str:
@@ -786,7 +795,7 @@ class Engine:
             self._emit("pool", name)
             return f"pool {name} disconnected; {hot} model(s) now served from cold storage"
 
-        return self._pool_job("pool-disconnect", name, body)
+        return self._pool_job("pool-disconnect", name, body, started_by_uid)
 
     def _evacuate(self, pool: str) -> tuple[list[str], int]:
         """Point every link into ``pool`` back at cold storage. Returns the models touched
@@ -801,7 +810,7 @@ class Engine:
             self._release(model, pool, None)
         return [m.name for m, _ in affected], sum(hot for _, hot in affected)
 
-    def resize_pool(self, name: str, size: int) -> Job:
+    def resize_pool(self, name: str, size: int, started_by_uid: int = 0) -> Job:
         async def body(job: Job) -> str:
             pool = self.pools[name]
             await asyncio.to_thread(pool.resize, size)
@@ -825,7 +834,7 @@ class Engine:
 
         if size <= 0:
             raise InvalidArgument(f"pool size must be positive, got {size}")
-        return self._pool_job("pool-resize", name, body)
+        return self._pool_job("pool-resize", name, body, started_by_uid)
 
     async def add_pool(self, pc: PoolConfig) -> None:
         if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
@@ -836,6 +845,14 @@ class Engine:
                     f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
                     f"at {remote.path}; they must be separate"
                 )
+        # New pools go only where the admin said pools go: no root-only directory, no
+        # directory someone else made, no link elsewhere can be named here.
+        expected = self.config.pools_root / pc.name
+        if pc.path != expected:
+            raise InvalidArgument(
+                f"pool {pc.name!r} must be at {expected} (poolsRoot/<name>), not {pc.path}; "
+                "leave the path empty, or have an admin change poolsRoot in the configuration"
+            )
         old = self.config
         new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
         await self.set_config(new)

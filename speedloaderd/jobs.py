@@ -49,6 +49,9 @@ class Job:
     message: str = ""
     error: SpeedloaderError | None = None
     cancelable: bool = True
+    # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
+    # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
+    started_by_uid: int = 0
     cancel_event: threading.Event = field(default_factory=threading.Event)
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)

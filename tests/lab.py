@@ -60,6 +60,7 @@ class Lab:
                 "storage": {"path": str(self.cold), "type": "local"},
                 "backend": {"type": backend},
                 "stateDir": str(self.state),
+                "poolsRoot": str(self.root / "pools"),
                 "pools": [
                     {"name": n, "path": str(self.pool_path(n)), "size": s, "speed": sp}
                     for n, s, sp in pools

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from speedloader_cli.client import JOB, MANAGER, POOL, ROOT
+from speedloaderd.config import dump_config
 
 from .buslab import ADMIN, ASKER, GUEST, MiB, run
 
@@ -41,43 +42,71 @@ def pool(path: str, member: str, sig: str = "", *args, follow: bool = True) -> d
     }
 
 
-def changed_config(dl) -> str:
+FAR = f"{ROOT}/pools/far"
+REFUSALS = ("NotAuthorized", "AuthenticationRequired")
+
+
+def edited_config(dl, edit) -> str:
     data = json.loads(dl.state()["config"])
-    data["modelPlacement"]["defaultStrategy"] = "fill-first"
+    edit(data)
     return json.dumps(data)
 
 
-def allowed_sequence(dl) -> list[tuple[str, dict]]:
-    """Each mutating method once, in an order where each call is valid."""
-    extra = str(dl.lab.root / "pools" / "extra")
+def changed_config(dl) -> str:
+    """A member's change: only the strategy."""
+    return edited_config(dl, lambda d: d["modelPlacement"].update(defaultStrategy="fill-first"))
+
+
+FAR_TIER = {"ssh": "root@127.0.0.1:9", "rdmaIp": "127.0.0.1", "ramdiskSize": "64M",
+            "transport": "tcp"}  # fmt: skip
+
+
+def with_far(d: dict) -> None:
+    d["remoteTiers"] = {"hosts": {"far": {**FAR_TIER, "path": d["poolsRoot"] + "/far"}}}
+
+
+def member_sequence(dl) -> list[tuple[str, dict]]:
+    """Each member-level method once, in an order where each call is valid."""
     return [
+        ("SetConfig(strategy)", manager("SetConfig", "s", changed_config(dl))),
         ("Promote", manager("Promote", "ss", "tiny:1b", "", follow=True)),
         ("Demote", manager("Demote", "s", "tiny:1b", follow=True)),
         ("Pin", manager("Pin", "ss", "small:3b", "local", follow=True)),
         ("Unpin", manager("Unpin", "s", "small:3b")),
-        ("AddPool", manager("AddPool", "sssu", "extra", extra, "64M", 50)),
-        ("Pool.Resize", pool(EXTRA, "Resize", "s", "96M")),
-        ("Pool.Disconnect", pool(EXTRA, "Disconnect")),
-        ("Pool.Connect", pool(EXTRA, "Connect")),
-        ("Pool.Disconnect", pool(EXTRA, "Disconnect")),  # a connected pool is not removed
-        ("RemovePool", manager("RemovePool", "s", "extra")),
+        ("Pool.Resize(local)", pool(LOCAL, "Resize", "s", "320M")),
+        ("Pool.Disconnect", pool(LOCAL, "Disconnect")),
+        ("Pool.Connect", pool(LOCAL, "Connect")),
         ("Rescan", manager("Rescan")),
         ("Health(repair)", manager("Health", "bb", True, False)),
-        ("SetConfig", manager("SetConfig", "s", changed_config(dl))),
+    ]
+
+
+def admin_sequence(dl) -> list[tuple[str, dict]]:
+    """Each admin-only method once, valid in this order (after member_sequence)."""
+    extra = str(dl.lab.root / "pools" / "extra")
+    return [
+        ("AddPool", manager("AddPool", "sssu", "extra", extra, "64M", 50)),
+        ("Pool.Disconnect", pool(EXTRA, "Disconnect")),  # a connected pool is not removed
+        ("RemovePool", manager("RemovePool", "s", "extra")),
+        ("SetConfig(remoteTiers)", manager("SetConfig", "s", edited_config(dl, with_far))),
     ]
 
 
 @pytest.mark.parametrize("user", [None, ADMIN], ids=["root", "group-member"])
-def test_allowed_callers_can_do_everything(daemon, user):
-    steps = allowed_sequence(daemon)
-    results = daemon.run_as(user, [s for _, s in steps])
-    for (what, _), result in zip(steps, results, strict=True):
-        assert "error" not in result, f"{what} as {user or 'root'}: {result}"
-        if "job" in result:
-            assert result["job"]["success"], f"{what}: {result['job']}"
+def test_allowed_callers_can_do_their_part(daemon, user):
+    # Each sequence's SetConfig is made from the config as it is when the sequence starts.
+    for sequence in [member_sequence] + ([admin_sequence] if user is None else []):
+        steps = sequence(daemon)
+        results = daemon.run_as(user, [s for _, s in steps])
+        for (what, _), result in zip(steps, results, strict=True):
+            assert "error" not in result, f"{what} as {user or 'root'}: {result}"
+            if "job" in result:
+                assert result["job"]["success"], f"{what}: {result['job']}"
     state = daemon.state()
-    assert json.loads(state["config"])["modelPlacement"]["defaultStrategy"] == "fill-first"
+    config = json.loads(state["config"])
+    assert config["modelPlacement"]["defaultStrategy"] == "fill-first"
     assert f"{ROOT}/pools/extra" not in state["objects"]
+    assert (FAR in state["objects"]) == (user is None)
     models = {
         p: o["org.speedloader.Speedloader1.Model"]
         for p, o in state["objects"].items()
@@ -85,26 +114,28 @@ def test_allowed_callers_can_do_everything(daemon, user):
     }
     assert models[f"{ROOT}/models/tiny_3a1b"]["Tier"] == "cold"  # promoted, then demoted
     assert models[f"{ROOT}/models/small_3a3b"]["PinnedPool"] == ""  # pinned, then unpinned
+    if user is None:  # remote RAM is resized by an admin only; polkit lets root through
+        [resize] = daemon.run_as(None, [pool(FAR, "Resize", "s", "128M", follow=True)])
+        assert resize.get("error") not in REFUSALS, resize
 
 
 @pytest.mark.parametrize("user", [None, ADMIN], ids=["root", "group-member"])
-def test_allowed_callers_can_cancel_a_job(daemon_factory, user):
+def test_allowed_callers_can_cancel_their_own_job(daemon_factory, user):
     dl = daemon_factory(big=256 * MiB)
     dl.start()
-    promote = dl.run_as(None, [manager("Promote", "ss", dl.big, "")])[0]
+    promote = dl.run_as(user, [manager("Promote", "ss", dl.big, "")])[0]
     job = promote["ok"]
     [cancel] = dl.run_as(user, [{"path": job, "iface": JOB, "member": "Cancel"}])
     # Past polkit either way: cancelled, or the copy won the race and finished first.
     assert "ok" in cancel or cancel["error"] == "InvalidArgument", cancel
 
 
+# What the group may do, refused to everyone outside it.
 DENIED = [
     ("Promote", manager("Promote", "ss", "small:3b", "")),
     ("Demote", manager("Demote", "s", "tiny:1b")),
     ("Pin", manager("Pin", "ss", "small:3b", "local")),
     ("Unpin", manager("Unpin", "s", "tiny:1b")),
-    ("AddPool", manager("AddPool", "sssu", "extra", "/tmp/sl-denied-extra", "64M", 50)),
-    ("RemovePool", manager("RemovePool", "s", "local")),
     ("Rescan", manager("Rescan")),
     ("Health(repair)", manager("Health", "bb", True, False)),
     ("Health(verify)", manager("Health", "bb", False, True)),
@@ -115,14 +146,48 @@ DENIED = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("user", "error"),
-    [(GUEST, "NotAuthorized"), (ASKER, "AuthenticationRequired")],
-    ids=["outsider", "needs-authentication"],
-)
-def test_refused_callers_change_nothing(daemon, user, error):
-    # Something hot to demote, a pin to remove and a finished job to cancel: all real.
-    [promote, pin] = daemon.run_as(
+def admin_only(dl, finished_job: str) -> list[tuple[str, dict]]:
+    """Every admin-only call, each valid if an admin made it; the daemon must have ``far``."""
+    extra = str(dl.lab.root / "pools" / "extra")
+    elsewhere = str(dl.lab.root / "elsewhere")
+    return [
+        ("AddPool", manager("AddPool", "sssu", "extra", extra, "64M", 50)),
+        ("RemovePool", manager("RemovePool", "s", "far")),
+        ("Pool.Resize(remote)", pool(FAR, "Resize", "s", "128M", follow=False)),
+        ("Job.Cancel(root's)", {"path": finished_job, "iface": JOB, "member": "Cancel"}),
+        *(
+            (f"SetConfig({key})", manager("SetConfig", "s", edited_config(dl, edit)))
+            for key, edit in {
+                "modelsDir": lambda d: d.update(modelsDir=elsewhere),
+                "stateDir": lambda d: d.update(stateDir=elsewhere),
+                "poolsRoot": lambda d: d.update(poolsRoot=elsewhere),
+                "storage": lambda d: d["storage"].update(type="nfs"),
+                "backend.apiUrl": lambda d: d["backend"].update(apiUrl="http://10.9.9.9:1"),
+                "pools[].path": lambda d: d["pools"][0].update(path=elsewhere),
+                "pools[].size": lambda d: d["pools"][0].update(size="1G"),
+                "pools+": lambda d: d["pools"].append(
+                    {"name": "more", "path": extra, "size": "64M"}
+                ),
+                "remoteTiers.rdmaIp": lambda d: d["remoteTiers"]["hosts"]["far"].update(
+                    rdmaIp="10.9.9.9"
+                ),
+                "sshKeyPath": lambda d: d.update(sshKeyPath="/tmp/key"),
+                "_comment": lambda d: d.update(_comment="not a member's file to write"),
+            }.items()
+        ),
+    ]
+
+
+@pytest.fixture
+def far_daemon(daemon_factory):
+    """The small lab plus a configured, never connected remote tier ``far``, with
+    something hot, a pin and a finished job of root's, all real."""
+    dl = daemon_factory()
+    config = json.loads(json.dumps(dump_config(dl.config)))
+    with_far(config)
+    dl.lab.config_path.write_text(json.dumps(config))
+    dl.start()
+    [promote, pin] = dl.run_as(
         None,
         [
             manager("Promote", "ss", "tiny:1b", "", follow=True),
@@ -130,14 +195,32 @@ def test_refused_callers_change_nothing(daemon, user, error):
         ],
     )
     assert promote["job"]["success"] and "error" not in pin, (promote, pin)
-    steps = [*DENIED, ("Job.Cancel", {"path": promote["ok"], "iface": JOB, "member": "Cancel"})]
-    before = daemon.state()
-    results = daemon.run_as(user, [s for _, s in steps])
+    dl.finished_job = promote["ok"]
+    return dl
+
+
+@pytest.mark.parametrize(
+    ("user", "error", "member_steps"),
+    [
+        (GUEST, "NotAuthorized", True),
+        (ASKER, "AuthenticationRequired", True),
+        (ADMIN, "NotAuthorized", False),
+    ],
+    ids=["outsider", "needs-authentication", "group-member-admin-only"],
+)
+def test_refused_callers_change_nothing(far_daemon, user, error, member_steps):
+    dl = far_daemon
+    steps = [*(DENIED if member_steps else []), *admin_only(dl, dl.finished_job)]
+    before, file_before = dl.state(), dl.lab.config_path.read_bytes()
+    results = dl.run_as(user, [s for _, s in steps])
     for (what, _), result in zip(steps, results, strict=True):
         assert result.get("error") == error, f"{what} as {user}: {result}"
         assert result["message"] and "Traceback" not in result["message"]
-    after = daemon.state()
+        if user == ADMIN:  # the group does not help here, and the refusal says so
+            assert "org.speedloader.administer" in result["message"], (what, result)
+    after = dl.state()
     assert after == before, diff(before, after)
+    assert dl.lab.config_path.read_bytes() == file_before
 
 
 def test_everyone_may_read_state(daemon):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import pwd
 import select
 import signal
 import subprocess
@@ -83,7 +84,7 @@ def test_promote_demote_round_trip_as_group_member(daemon):
 
 
 def test_no_wait_prints_the_job_id_and_jobs_lists_it(daemon):
-    r = slctl(daemon, "promote", "--no-wait", "team/coder:7b")
+    r = slctl(daemon, "promote", "--no-wait", "team/coder:7b", user=ADMIN)
     assert r.returncode == 0, r.stderr
     job = int(r.stdout.strip())
     r = slctl(daemon, "jobs", "watch", "--until-idle")
@@ -92,26 +93,30 @@ def test_no_wait_prints_the_job_id_and_jobs_lists_it(daemon):
     mine = [j for j in jobs if j["id"] == job]
     assert mine and mine[0]["operation"] == "promote" and mine[0]["state"] == "succeeded"
     assert mine[0]["model"] == "team/coder:7b" and mine[0]["bytesDone"] == mine[0]["bytesTotal"]
+    assert mine[0]["startedByUid"] == pwd.getpwnam(ADMIN).pw_uid  # who may cancel it
 
 
 def test_pin_unpin_and_pool_lifecycle(daemon):
     extra = daemon.lab.root / "pools" / "extra"
+    # Adding and removing a pool is an admin's (root); the rest is the member's.
     steps = [
-        ("pin", "small:3b", "local"),
-        ("unpin", "small:3b"),
-        ("pool", "add", "extra", "--path", str(extra), "--size", "64M", "--speed", "50"),
-        ("pool", "resize", "extra", "96M"),
-        ("promote", "tiny:1b", "--pool", "extra"),
-        ("pool", "disconnect", "extra"),
-        ("pool", "connect", "extra"),
-        ("pool", "disconnect", "extra"),
-        ("pool", "remove", "extra"),
-        ("rescan",),
-        ("init",),
+        (ADMIN, "pin", "small:3b", "local"),
+        (ADMIN, "unpin", "small:3b"),
+        (None, "pool", "add", "extra", "--size", "64M", "--speed", "50"),
+        (ADMIN, "pool", "resize", "extra", "96M"),
+        (ADMIN, "promote", "tiny:1b", "--pool", "extra"),
+        (ADMIN, "pool", "disconnect", "extra"),
+        (ADMIN, "pool", "connect", "extra"),
+        (ADMIN, "pool", "disconnect", "extra"),
+        (None, "pool", "remove", "extra"),
+        (ADMIN, "rescan"),
+        (ADMIN, "init"),
     ]
-    for step in steps:
-        r = slctl(daemon, *step, user=ADMIN)
+    for user, *step in steps:
+        r = slctl(daemon, *step, user=user)
         assert r.returncode == 0, (step, r.stderr)
+        if step[:2] == ["pool", "add"]:  # no --path: the daemon's <poolsRoot>/<name>
+            assert f"at {extra}" in r.stdout, r.stdout
     data = json.loads(slctl(daemon, "status", "--json").stdout)
     assert [p["name"] for p in data["pools"]] == ["local"]
     tiny = next(m for m in data["models"] if m["name"] == "tiny:1b")
@@ -182,6 +187,26 @@ def test_outsider_is_refused_with_exit_4(daemon, args):
     line = one_error_line(r)
     assert "not authorized" in line and "speedloader" in line
     assert daemon.state() == before
+
+
+ADMIN_ONLY = [
+    ("pool", "add", "x", "--size", "8M"),
+    ("pool", "remove", "local"),
+    ("config", "set", "modelsDir", "/tmp/sl-cli-elsewhere"),
+    ("config", "set", "sshKeyPath", "/tmp/sl-cli-key"),
+]
+
+
+@pytest.mark.parametrize("args", ADMIN_ONLY, ids=[" ".join(a) for a in ADMIN_ONLY])
+def test_member_is_refused_admin_changes_with_exit_4(daemon, args):
+    before, file_before = daemon.state(), daemon.lab.config_path.read_bytes()
+    r = slctl(daemon, *args, user=ADMIN)
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    line = one_error_line(r)
+    assert "org.speedloader.administer" in line and "needs an administrator" in line, line
+    assert "run slctl as root" in line, line
+    assert daemon.state() == before
+    assert daemon.lab.config_path.read_bytes() == file_before
 
 
 BAD = [
@@ -355,9 +380,10 @@ def test_remote_pool_add_connect_failure_and_remove(daemon):
 
     port = closed_port()
     far = str(daemon.lab.pool_path("far"))
+    # Adding a remote tier is an admin's (root); connecting it is the member's.
     r = slctl(daemon, "pool", "add", "far", "--remote", f"root@127.0.0.1:{port}",
-              "--address", "127.0.0.1", "--transport", "tcp", "--size", "64M", "--path", far,
-              user=ADMIN)  # fmt: skip
+              "--address", "127.0.0.1", "--transport", "tcp", "--size", "64M",
+              "--path", far)  # fmt: skip
     assert r.returncode == 0 and "slctl pool connect far" in r.stdout, r.stderr
     pools = {p["name"]: p for p in json.loads(slctl(daemon, "pool", "list", "--json").stdout)}
     assert pools["far"]["kind"] == "nvmeof" and pools["far"]["state"] == "unmounted"
@@ -368,14 +394,14 @@ def test_remote_pool_add_connect_failure_and_remove(daemon):
     r = slctl(daemon, "pool", "add", "far", "--remote", "root@127.0.0.1", "--address",
               "127.0.0.1", "--size", "64M")  # fmt: skip
     assert r.returncode == 2 and "already exists" in one_error_line(r)
-    assert slctl(daemon, "pool", "remove", "far", user=ADMIN).returncode == 0
+    assert slctl(daemon, "pool", "remove", "far").returncode == 0
     assert "far" not in json.loads(daemon.lab.config_path.read_text()).get("remoteTiers", {}).get(
         "hosts", {}
     )
 
 
 REMOTE_BAD = [
-    (("pool", "add", "x", "--size", "8M"), "--path"),
+    (("pool", "add", "x", "--path", "/tmp/sl-cli-x", "--size", "8M"), "poolsRoot"),
     (("pool", "add", "x", "--remote", "root@h", "--size", "8M"), "--address"),
     (
         (

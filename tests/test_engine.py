@@ -442,6 +442,11 @@ def test_add_and_remove_pool(lab):
         await engine.add_pool(PoolConfig(name="extra", path=lab.pool_path("extra"), size=8 * MiB))
         with pytest.raises(InvalidArgument, match="already exists"):
             await engine.add_pool(PoolConfig(name="extra", path=lab.pool_path("x2"), size=MiB))
+        # A new pool goes to <poolsRoot>/<name> and nowhere else, not even for root.
+        elsewhere = lab.root / "elsewhere"
+        with pytest.raises(InvalidArgument, match="poolsRoot"):
+            await engine.add_pool(PoolConfig(name="y", path=elsewhere, size=MiB))
+        assert "y" not in engine.pools and not elsewhere.exists()
         await engine.connect_pool("extra").wait()
         await engine.promote("m:1", "extra").wait()
         with pytest.raises(Busy, match="disconnect it first"):

@@ -18,7 +18,7 @@ from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import SpeedloaderError
-from .names import ERROR_PREFIX
+from .names import ACTION_ADMINISTER, ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,39 @@ def caller() -> str:
     return msg.sender
 
 
+async def caller_uid(bus: MessageBus) -> int:
+    """The caller's uid, from the bus daemon itself (it saw the peer's credentials); a
+    caller we cannot identify is refused, never taken for root."""
+    sender = caller()
+    msg = Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="GetConnectionUnixUser",
+        signature="s",
+        body=[sender],
+    )
+    try:
+        reply = await bus.call(msg)
+    except Exception as err:  # connection trouble: refuse, and say why in the log
+        log.error("cannot ask the bus for the uid of %s: %s", sender, err)
+        raise NotAuthorized("cannot tell who is calling") from None
+    if reply is None or reply.message_type is MessageType.ERROR:
+        log.warning("cannot tell the uid of %s: %s", sender, reply and reply.body)
+        raise NotAuthorized("cannot tell who is calling")
+    return int(reply.body[0])
+
+
 class Polkit:
     """Asks polkitd. Absent or failing polkitd means no: we never fail open."""
 
     def __init__(self, bus: MessageBus):
         self.bus = bus
 
-    async def check(self, action: str) -> None:
+    async def check(self, action: str, what: str = "") -> None:
+        """Raise unless the caller may do ``action``. For the admin action, ``what`` is the
+        refusal's reason clause, e.g. "adding a pool needs an administrator (it names a
+        path)": group membership does not help there, so the usual advice would mislead."""
         sender = caller()
         subject = ("system-bus-name", {"name": Variant("s", sender)})
         msg = Message(
@@ -87,6 +113,10 @@ class Polkit:
                 f"{action} requires authentication, and no polkit agent answered; "
                 "run the command as root or join the 'speedloader' group"
             )
+        if action == ACTION_ADMINISTER:
+            raise NotAuthorized(
+                f"not authorized for {action}: {what or 'this needs an administrator'}"
+            )
         raise NotAuthorized(
             f"not authorized for {action}; ask an admin to add you to the 'speedloader' group"
         )
@@ -101,8 +131,11 @@ def to_dbus_error(err: BaseException) -> DBusError:
     return DBusError(ERROR_PREFIX + "Failed", f"internal error: {type(err).__name__}: {err}")
 
 
-def exported(action: str | None = None) -> Callable:
-    """Wrap an async interface method: polkit check first (if ``action``), one error name."""
+def exported(action: str | None = None, what: str = "") -> Callable:
+    """Wrap an async interface method: polkit check first (if ``action``), one error name.
+
+    Methods whose action depends on their arguments pass no ``action`` and check inside,
+    before they change anything (SetConfig, Pool.Resize, Job.Cancel)."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -110,7 +143,7 @@ def exported(action: str | None = None) -> Callable:
             try:
                 if action is None:
                     return await fn(self, *args)
-                await self.server.polkit.check(action)
+                await self.server.polkit.check(action, what)
                 result = await fn(self, *args)
                 # The reply must not overtake the change it made: a client that reads a
                 # property after Pin returns sees the pin.

@@ -16,6 +16,9 @@ ACTION_DEMOTE = "org.speedloader.demote"
 ACTION_PIN = "org.speedloader.pin"
 ACTION_MANAGE_POOLS = "org.speedloader.manage-pools"
 ACTION_CONFIGURE = "org.speedloader.configure"
+# Only an admin: anything that names a path, a host, a key or a size of remote RAM, and
+# cancelling another user's job. The shipped group rule does not grant it.
+ACTION_ADMINISTER = "org.speedloader.administer"
 
 
 def escape(name: str) -> str:

@@ -16,8 +16,9 @@ from .. import __version__
 from ..config import PoolConfig, parse_config
 from ..errors import InvalidArgument
 from ..sizes import parse_size
-from .auth import exported, to_dbus_error
+from .auth import caller_uid, exported, to_dbus_error
 from .names import (
+    ACTION_ADMINISTER,
     ACTION_CONFIGURE,
     ACTION_DEMOTE,
     ACTION_MANAGE_POOLS,
@@ -115,17 +116,20 @@ class ManagerInterface(Snapshot):
     @method()
     @exported(ACTION_PROMOTE)
     async def Promote(self, model: "s", pool: "s") -> "o":
-        return self.server.job_object(self.engine.promote(model, pool or None))
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
+        return self.server.job_object(self.engine.promote(model, pool or None, uid))
 
     @method()
     @exported(ACTION_DEMOTE)
     async def Demote(self, model: "s") -> "o":
-        return self.server.job_object(self.engine.demote(model))
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
+        return self.server.job_object(self.engine.demote(model, uid))
 
     @method()
     @exported(ACTION_PIN)
     async def Pin(self, model: "s", pool: "s") -> "o":
-        job = await self.engine.pin(model, pool)
+        uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
+        job = await self.engine.pin(model, pool, uid)
         return self.server.job_object(job) if job is not None else NO_OBJECT
 
     @method()
@@ -134,17 +138,19 @@ class ManagerInterface(Snapshot):
         await self.engine.unpin(model)
 
     @method()
-    @exported(ACTION_MANAGE_POOLS)
+    @exported(ACTION_ADMINISTER, "adding a pool needs an administrator (it names a path)")
     async def AddPool(self, name: "s", path: "s", size: "s", speed: "u") -> "o":
+        # An empty path means the one place a new pool may go: <poolsRoot>/<name>.
+        where = path or str(self.engine.config.pools_root / name)
         try:
-            pc = PoolConfig(name=name, path=path, size=_size_arg(size), speed=speed)
+            pc = PoolConfig(name=name, path=where, size=_size_arg(size), speed=speed)
         except ValueError as err:
             raise InvalidArgument(f"pool {name!r}: {_first_error(err)}") from None
         await self.engine.add_pool(pc)
         return pool_path(name)
 
     @method()
-    @exported(ACTION_MANAGE_POOLS)
+    @exported(ACTION_ADMINISTER, "removing a pool needs an administrator")
     async def RemovePool(self, name: "s"):
         await self.engine.remove_pool(name)
 
@@ -176,11 +182,21 @@ class ManagerInterface(Snapshot):
     @method()
     @exported(ACTION_CONFIGURE)
     async def SetConfig(self, config_json: "s"):
+        # Past .configure (strategy, pins, speeds); anything else the new config changes
+        # needs .administer too, asked before anything is saved or applied.
         try:
             data = json.loads(config_json)
         except ValueError as err:
             raise InvalidArgument(f"the configuration is not valid JSON: {err}") from None
-        await self.server.set_config(parse_config(data, "new configuration"))
+        new = parse_config(data, "new configuration")
+        admin_keys = self.server.admin_changes(new)
+        if admin_keys:
+            await self.server.polkit.check(
+                ACTION_ADMINISTER,
+                f"changing {', '.join(admin_keys)} needs an administrator "
+                "(a member may change only the strategy, pins and pool speeds)",
+            )
+        await self.server.set_config(new)
 
     @method()
     @exported()
@@ -239,21 +255,41 @@ class PoolInterface(Snapshot):
         """Why the pool is degraded (e.g. the fabric was lost); empty when it is not."""
         return self.values.get("Problem", "")
 
+    # Connecting a configured remote tier is operating a configured pool: the host, the
+    # address and the size it uses were all set by an admin.
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Connect(self) -> "o":
-        return self.server.job_object(self.server.require_engine().connect_pool(self.pool_name))
+        uid = await caller_uid(self.server.bus)
+        engine = self.server.require_engine()
+        return self.server.job_object(engine.connect_pool(self.pool_name, uid))
 
     @method()
     @exported(ACTION_MANAGE_POOLS)
     async def Disconnect(self) -> "o":
-        return self.server.job_object(self.server.require_engine().disconnect_pool(self.pool_name))
+        uid = await caller_uid(self.server.bus)
+        engine = self.server.require_engine()
+        return self.server.job_object(engine.disconnect_pool(self.pool_name, uid))
 
     @method()
-    @exported(ACTION_MANAGE_POOLS)
+    @exported()
     async def Resize(self, size: "s") -> "o":
+        # A local tmpfs is the admin's pool, resized in this host's RAM: a member's. A
+        # remote pool's size is RAM taken on another host: an admin's. Decided from the
+        # kind we export, before the engine is asked anything; unknown kinds are remote.
+        if self.values.get("Kind") == "tmpfs":
+            await self.server.polkit.check(ACTION_MANAGE_POOLS)
+        else:
+            await self.server.polkit.check(
+                ACTION_ADMINISTER,
+                f"resizing remote pool {self.pool_name} needs an administrator "
+                "(it sizes RAM on another host)",
+            )
+        uid = await caller_uid(self.server.bus)
         engine = self.server.require_engine()
-        return self.server.job_object(engine.resize_pool(self.pool_name, _size_arg(size)))
+        job = self.server.job_object(engine.resize_pool(self.pool_name, _size_arg(size), uid))
+        await self.server.settle()
+        return job
 
 
 class ModelInterface(Snapshot):
@@ -347,6 +383,11 @@ class JobInterface(Snapshot):
         return int(self.job.started * 1_000_000)
 
     @dbus_property(access=READ)
+    def StartedByUID(self) -> "u":
+        """The uid that asked for the job (UDisks2's name); 0 for root and the daemon."""
+        return self.job.started_by_uid
+
+    @dbus_property(access=READ)
     def Cancelable(self) -> "b":
         return self.values.get("Cancelable", False)
 
@@ -360,11 +401,19 @@ class JobInterface(Snapshot):
 
     @method()
     async def Cancel(self):
-        # Whoever may start this kind of operation may cancel it.
+        # Your own job (or, for root, any): the right to start this kind of operation.
+        # Someone else's, root's and the daemon's own included: an admin's right.
         try:
-            await self.server.polkit.check(
-                _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
-            )
+            uid = await caller_uid(self.server.bus)
+            if uid in (0, self.job.started_by_uid):
+                action = _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
+                await self.server.polkit.check(action)
+            else:
+                await self.server.polkit.check(
+                    ACTION_ADMINISTER,
+                    f"cancelling job {self.job.id} needs an administrator "
+                    f"(uid {self.job.started_by_uid} started it, not you)",
+                )
             if self.job.finished:
                 raise InvalidArgument(f"job {self.job.id} has already finished")
             if not self.job.cancelable:

@@ -23,6 +23,7 @@ from ..config import Config, dump_config, save_config
 from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
 from ..errors import Busy, Failed
 from ..jobs import Job
+from ..privilege import admin_changes
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ROOT, job_path, model_path, pool_path
 from .objects import (
@@ -240,6 +241,11 @@ class Server:
         if self.engine is None:
             return "{}"
         return json.dumps(dump_config(self.engine.config), indent=2)
+
+    def admin_changes(self, new: Config) -> list[str]:
+        """The keys ``new`` changes that need an admin (any, with no running config)."""
+        old = dump_config(self.engine.config) if self.engine is not None else {}
+        return admin_changes(old, dump_config(new))
 
     async def set_config(self, new: Config) -> None:
         """Adopt a validated config. Structural changes (paths, pools, backend) rebuild the
