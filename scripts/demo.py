@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -33,6 +34,16 @@ from modelgen import (  # noqa: E402
 from speedloaderd.config import parse_config, save_config  # noqa: E402
 from speedloaderd.pools import mounts_below  # noqa: E402
 from speedloaderd.sandbox import Sandbox  # noqa: E402
+
+DEMO_RULE = """// Demo only: the user serving the dashboard may do what a group member may.
+polkit.addRule(function(action, subject) {{
+    var member = ["promote", "demote", "pin", "manage-pools", "configure"];
+    if (subject.user == "{user}" &&
+        member.indexOf(action.id.replace("org.speedloader.", "")) >= 0) {{
+        return polkit.Result.YES;
+    }}
+}});
+"""
 
 BIN = Path(sys.executable).parent
 SAMPLES = {
@@ -133,7 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         config_path = work / "config.json"
         save_config(config, config_path)
-        with Sandbox() as sb:
+        rules = sorted((REPO / "polkit").glob("*.rules"))
+        web_user = None
+        if args.web:
+            # The served dashboard refuses to run as root (it would hand root's rights to
+            # whoever reaches the port): it runs as the user who ran sudo, else nobody, and a
+            # demo-only polkit rule gives that user what a group member may do.
+            web_user = pwd.getpwnam(os.environ.get("SUDO_USER") or "nobody")
+            rule = work / "90-demo-web-user.rules"
+            rule.write_text(DEMO_RULE.format(user=web_user.pw_name))
+            rules.append(rule)
+        with Sandbox(rules=rules) as sb:
             print("demo: private system bus, polkitd and speedloaderd starting ...", flush=True)
             sb.start_daemon(config_path)
             env = sb.env
@@ -155,10 +176,22 @@ def main(argv: list[str] | None = None) -> int:
                     stop = {signal.SIGINT, signal.SIGTERM}
                     signal.pthread_sigmask(signal.SIG_BLOCK, stop)
                     signal.sigwait(stop)
-            else:
+            elif web_user is not None:
+                print(f"demo: serving the dashboard as {web_user.pw_name}", flush=True)
                 rc = subprocess.run(
-                    [str(tui), *(["--web"] if args.web else [])], env=env
+                    [
+                        "setpriv",
+                        f"--reuid={web_user.pw_uid}",
+                        f"--regid={web_user.pw_gid}",
+                        "--init-groups",
+                        "--",
+                        str(tui),
+                        "--web",
+                    ],
+                    env={**env, "HOME": str(work)},
                 ).returncode
+            else:
+                rc = subprocess.run([str(tui)], env=env).returncode
             print("\ndemo: stopping and cleaning up ...", flush=True)
         return rc
     finally:

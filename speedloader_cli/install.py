@@ -6,7 +6,7 @@ What goes where (below ``--root``, default ``/``):
     usr/share/dbus-1/system.d/org.speedloader.Speedloader1.conf  who may own and call
     usr/share/dbus-1/system-services/org.speedloader.Speedloader1.service   activation
     usr/share/polkit-1/actions/org.speedloader.policy            one action per change
-    usr/share/polkit-1/rules.d/50-speedloader.rules              the group may do all
+    usr/share/polkit-1/rules.d/50-speedloader.rules              the group's member actions
     usr/lib/tmpfiles.d/speedloader.conf                          the state directory
     usr/lib/modules-load.d/speedloader.conf                      NVMe-oF driver at boot
     usr/share/bash-completion/completions/slctl                  completion

@@ -2,7 +2,8 @@
 
 Every command talks to the daemon over the D-Bus system bus; slctl itself never mounts,
 copies or writes model files. What you may change is decided by polkit: members of the
-``speedloader`` group may do everything, anyone may look.
+``speedloader`` group move models and operate the configured pools, only an admin changes
+anything that names a path, a host, a key or a size of remote RAM, and anyone may look.
 """
 
 from __future__ import annotations
