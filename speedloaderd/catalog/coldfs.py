@@ -21,6 +21,7 @@ make the walk loop or recurse without end.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -71,14 +72,54 @@ class MetaRead:
     st: os.stat_result
 
 
+class _HeldRoot(Root):
+    """A :class:`Root` whose directory is opened once, for one scan, not once per call.
+
+    A scan makes several calls per file; each would look the root's path up again (on NFS,
+    a round trip per component). Holding one fd also means the whole scan sees one cold
+    storage directory, even if something is mounted over its path meanwhile.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "cold storage", links=True)
+        self._held: int | None = None
+
+    def _root_fd(self) -> int:
+        if self._held is None:
+            return super()._root_fd()
+        return os.dup(self._held)  # callers close what they get
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = super()._root_fd()
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
 class ColdRoot:
-    """The cold storage root, reached only through :class:`Root` (``links=True``)."""
+    """The cold storage root, reached only through :class:`Root` (``links=True``).
+
+    Use it as a context manager for a scan: the root directory is then opened once.
+    """
 
     __slots__ = ("path", "root")
 
     def __init__(self, root: Path | str) -> None:
         self.path = os.path.abspath(os.fspath(root))
-        self.root = Root(self.path, "cold storage", links=True)
+        self.root = _HeldRoot(self.path)
+
+    def __enter__(self) -> ColdRoot:
+        with contextlib.suppress(OSError):  # not there: each call then says why on its own
+            self.root.hold()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.root.release()
 
     def abs(self, rel: str) -> str:
         """The path a message or an inference server uses; never opened by this module."""

@@ -47,10 +47,11 @@ class _Found:
 
 
 def scan_gguf(cold_root: Path | str) -> ScanResult:
-    cold = ColdRoot(cold_root)
     problems: list[Problem] = []
+    with ColdRoot(cold_root) as cold:
+        files = list(_gguf_files(cold, "", problems))
     by_name: dict[str, _Found] = {}
-    for rel, seen in _gguf_files(cold, "", problems):
+    for rel, seen in files:
         slash = rel.rfind("/")
         split = _SPLIT_RE.fullmatch(rel, slash + 1)
         if split is None:

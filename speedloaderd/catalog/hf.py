@@ -55,10 +55,10 @@ Entries = list[ColdEntry]
 
 
 def scan_hf(cold_root: Path | str) -> ScanResult:
-    cold = ColdRoot(cold_root)
-    found: list[tuple[str, Model]] = []
-    problems: list[Problem] = []
-    _walk(cold, "", found, problems)
+    with ColdRoot(cold_root) as cold:
+        found: list[tuple[str, Model]] = []
+        problems: list[Problem] = []
+        _walk(cold, "", found, problems)
     return assemble(found, problems)
 
 

@@ -47,12 +47,12 @@ def blob_rel(digest: str) -> str:
 
 
 def scan_ollama(cold_root: Path | str) -> ScanResult:
-    cold = ColdRoot(cold_root)
-    problems: list[Problem] = []
-    blobs = _Blobs(cold)
-    found = [
-        (rel, _read_model(cold, rel, parts, blobs)) for rel, parts in _manifests(cold, problems)
-    ]
+    with ColdRoot(cold_root) as cold:
+        problems: list[Problem] = []
+        blobs = _Blobs(cold)
+        found = [
+            (rel, _read_model(cold, rel, parts, blobs)) for rel, parts in _manifests(cold, problems)
+        ]
     return assemble(found, problems)
 
 
