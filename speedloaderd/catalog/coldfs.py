@@ -61,7 +61,6 @@ class ColdEntry:
     name: str
     is_dir: bool
     is_link: bool
-    is_file: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +139,7 @@ class ColdRoot:
                 # Types are taken while the fd is open: a DirEntry of an fd scandir stats
                 # through that fd, which must not be used once it is closed.
                 entries = [
-                    ColdEntry(
-                        e.name,
-                        e.is_dir(follow_symlinks=False),
-                        e.is_symlink(),
-                        e.is_file(follow_symlinks=False),
-                    )
+                    ColdEntry(e.name, e.is_dir(follow_symlinks=False), e.is_symlink())
                     for e in it
                     if not e.name.startswith(".")
                 ]
@@ -217,7 +211,7 @@ class ColdRoot:
                 return self.link_escape(rel)
             if target is not None:
                 return f"is a symlink (to {target!r}), expected a regular file; not followed"
-            return "leads through a symlink where none may be; not followed"
+            return "is reached through a symlinked directory, where no link may be; not followed"
         return f"cannot be examined ({exc.strerror})"
 
     def read_small(self, rel: str, limit: int) -> MetaRead:
