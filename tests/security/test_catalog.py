@@ -10,6 +10,7 @@ their content, mode and owner).
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from speedloaderd.catalog import FileRole, ScanResult, scan
 from speedloaderd.catalog.coldfs import MAX_DEPTH
@@ -27,6 +30,7 @@ from speedloaderd.roots import Identity
 
 from ..modelgen import (
     KiB,
+    git_blob_sha1,
     make_gguf,
     make_hf_hub_repo,
     make_ollama_model,
@@ -410,3 +414,129 @@ def test_directory_swapped_for_a_link_during_scans_never_yields_an_outside_file(
     assert flips[0] > 0 and seen_broken > 0, (flips[0], scans, seen_broken)
     # Afterwards the tree is back as it was made, and scans clean.
     assert all(m.ok for m in scan(cold, backend).models.values())
+
+
+# --------------------------------------------------------------------------- hostile trees (fuzz)
+
+_TARGET_TAILS = ["secret", "outside", ".", "..", "blobs", "sub/..", "a.gguf", "main", "x/../.."]
+_TARGET_TAILS += ["blobs/<blob>", "new0/../../../blobs/<blob>", "new1/../blobs/<blob>"]
+"""Link targets (after some '../'); <blob> is a real blob's name, new0/new1 links made by
+earlier steps: chains like finding 5's come out of a few steps."""
+
+
+def _base_tree(cold: Path) -> None:
+    """One healthy model of each layout, small; mutations make it hostile."""
+    make_ollama_model(cold, "m:1", layers=[100, 10])
+    make_gguf(cold / "g/a.gguf", n_tensors=1, tensor_bytes=64)
+    make_safetensors_dir(cold / "hf", "org/d", shards=1, shard_bytes=256)
+    repo = make_hf_hub_repo(cold / "hub", "org/h", files={"config.json": b"{}", "w.bin": 50})
+    (repo.snapshot() / "sub").mkdir()
+
+
+def _entries(cold: Path) -> list[str]:
+    out = []
+    for d, dirs, files in os.walk(cold):
+        for n in dirs + files:
+            out.append(os.path.relpath(os.path.join(d, n), cold))
+    return sorted(out)
+
+
+@st.composite
+def _mutations(draw: st.DrawFn) -> list[tuple[int, str, str]]:
+    """(which entry, what to make it, link target) steps, applied in order to the tree."""
+    kinds = st.sampled_from(["link", "link", "link", "abs", "fifo", "dir", "empty", "huge", "new"])
+    steps = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(kinds)
+        up = draw(st.integers(0, 7))
+        tail = draw(st.sampled_from(_TARGET_TAILS + ["<entry>"]))
+        where = draw(st.sampled_from(["any", "snapshot", "snapshot"]))
+        steps.append((draw(st.integers(0, 10**6)), kind, f"{up}:{tail}:{where}"))
+    return steps
+
+
+def _apply(cold: Path, tmp: Path, steps: list[tuple[int, str, str]]) -> None:
+    blob = git_blob_sha1(b"{}")  # the hub repo's config.json blob
+    for pick, kind, target in steps:
+        up, tail, where = target.split(":")
+        entries = _entries(cold)
+        if where == "snapshot":
+            entries = [e for e in entries if "/snapshots/" in e] or entries
+        rel = entries[pick % len(entries)]
+        path = cold / rel
+        if kind == "new":  # a new link beside the picked entry
+            path = path.parent / f"new{(pick // 1000) % 2}"
+            kind = "link"
+        if tail == "<entry>":
+            tail = entries[(pick // 7) % len(entries)]
+        link_target = "../" * int(up) + tail.replace("<blob>", blob)
+        if os.path.lexists(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if kind == "link":
+            path.symlink_to(link_target)
+        elif kind == "abs":
+            path.symlink_to([str(tmp / "secret"), str(tmp / "outside"), "/dev/zero"][pick % 3])
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dir":
+            path.mkdir()
+        elif kind == "empty":
+            path.write_bytes(b"")
+        else:
+            with open(path, "wb") as f:
+                f.truncate(8 * MANIFEST_LIMIT)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_mutations())
+# Finding 5's chain, always tried: new0 -> ../../. (the repo), then a snapshot entry to
+# new0/../../../blobs/<blob>: lexically <repo>/blobs/<blob>, physically above cold storage.
+@example(steps=[(1, "new", "2:.:snapshot"), (3, "link", "0:new0/../../../blobs/<blob>:snapshot")])
+def test_any_hostile_tree_lists_nothing_outside_and_reads_no_secret(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, str, str]]
+) -> None:
+    tmp = tmp_path_factory.mktemp("hostile")
+    cold = tmp / "cold"
+    cold.mkdir()
+    (tmp / "secret").write_bytes(SECRET)
+    (tmp / "secret").chmod(0o600)
+    (tmp / "outside").mkdir()
+    make_gguf(tmp / "outside/far.gguf", n_tensors=1, tensor_bytes=64)
+    _base_tree(cold)
+    _apply(cold, tmp, steps)
+    outside_idents = {
+        Identity.of(os.stat(tmp / "secret")),
+        Identity.of(os.stat(tmp / "outside/far.gguf")),
+    }
+    before = tree_fingerprint(cold)
+
+    for backend in ("ollama", "llamacpp", "huggingface"):
+        result = scan_in_thread(cold, backend, lambda: _unblock_all(cold))
+        for m in result.models.values():
+            for f in m.files:
+                path = cold / f.rel
+                real = os.path.realpath(path)
+                assert inside(real, cold), (backend, f.rel, real)
+                if f.role is FileRole.LINK:
+                    repo = f.rel.split("/snapshots/")[0]
+                    assert inside(real, cold / repo / "blobs"), (f.rel, f.link_target, real)
+                    assert stat.S_ISREG(os.lstat(real).st_mode)
+                    continue
+                st_ = os.stat(path)
+                assert stat.S_ISREG(st_.st_mode), f.rel
+                assert Identity.of(st_) not in outside_idents, f.rel
+                if f.role is FileRole.DATA:
+                    assert f.ident == Identity.of(st_), f.rel
+                else:
+                    assert f.content == path.read_bytes(), f.rel
+        assert not any(SECRET in c for c in all_content(result))
+    assert tree_fingerprint(cold) == before
+
+
+def _unblock_all(cold: Path) -> None:
+    for d, _, files in os.walk(cold):
+        for n in files:
+            _unblock(Path(d, n))
