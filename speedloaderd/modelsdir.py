@@ -144,8 +144,8 @@ class ModelsDir:
         """Write the descriptor the scan read (never a second read of cold storage), with at
         most its source's access."""
         content = f.content
-        if content is None:
-            content = self.cold.read_small(f.rel, _MANAGED_LIMIT, f.ident)
+        if content is None:  # every scanner reads its descriptors; this would be a bug
+            raise Failed(f"{f.rel} was not read by the scan; run a rescan")
         mode = stat.S_IMODE(f.mode) & 0o555
         st = self.tree.lstat(f.rel)
         if (
@@ -201,8 +201,9 @@ class ModelsDir:
                     meta_rels.add(f.rel)
                     try:
                         self._write_meta(f)
-                    except OSError as err:
-                        report.conflicts.append(f"{f.rel}: cannot copy descriptor: {err.strerror}")
+                    except (OSError, Failed) as err:
+                        why = err.strerror if isinstance(err, OSError) else str(err)
+                        report.conflicts.append(f"{f.rel}: cannot copy descriptor: {why}")
                 elif f.role is FileRole.LINK:
                     if self._ensure_link(f.rel, f.link_target or ""):
                         report.created += 1

@@ -302,10 +302,11 @@ class Root:
 
     # --- reading
 
-    def open_source(self, rel: str, expect: Identity | None = None) -> int:
+    def open_source(self, rel: str, expect: Identity | None = None, *, follow: bool = False) -> int:
         """Open the regular file ``rel`` for reading: no atime update, no blocking on a FIFO,
-        the same file as ``expect`` (the scan's). Raises ChangedFile if it is not."""
-        flags = os.O_RDONLY | os.O_NONBLOCK
+        the same file as ``expect`` (the scan's). Raises ChangedFile if it is not. With
+        ``follow``, a link in the last component is followed too (within the root only)."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
         try:
             with self.directory() as rfd:
                 try:
@@ -334,17 +335,29 @@ class Root:
 
     def read_small(self, rel: str, limit: int, expect: Identity | None = None) -> bytes:
         """The content of a small regular file (a manifest, a ref), at most ``limit`` bytes."""
-        fd = self.open_source(rel, expect)
+        return self.read_small_stat(rel, limit, expect)[0]
+
+    def read_small_stat(
+        self, rel: str, limit: int, expect: Identity | None = None, *, follow: bool = False
+    ) -> tuple[bytes, os.stat_result]:
+        """:meth:`read_small`, with the fstat of the very fd that was read (so a caller that
+        records mode, owner or identity records those of the bytes it got)."""
+        fd = self.open_source(rel, expect, follow=follow)
         try:
             st = os.fstat(fd)
             if st.st_size > limit:
                 raise ChangedFile(errno.EFBIG, f"is {st.st_size} bytes, more than {limit}", rel)
-            data = os.read(fd, limit + 1)
+            chunks: list[bytes] = []
+            left = limit + 1  # one byte more than allowed tells a file that grew meanwhile
+            while left > 0 and (chunk := os.read(fd, left)):
+                chunks.append(chunk)
+                left -= len(chunk)
         finally:
             os.close(fd)
+        data = b"".join(chunks)
         if len(data) > limit:
             raise ChangedFile(errno.EFBIG, f"is more than {limit} bytes", rel)
-        return data
+        return data, st
 
     def lstat(self, rel: str) -> os.stat_result | None:
         """The entry ``rel`` itself (a link is not followed); None if it is not there."""
@@ -357,6 +370,19 @@ class Root:
             if err.errno in (errno.ELOOP, errno.EXDEV):
                 return None  # not reachable without a link: as good as absent
             raise
+
+    def stat(self, rel: str, *, links: bool = True) -> os.stat_result:
+        """The entry ``rel`` whatever its type, without opening it (O_PATH: a FIFO or a device
+        is never opened), links followed only within the root, or none at all if not
+        ``links``. Raises OSError: EXDEV if the path leads out of the root, ELOOP if it
+        meets a link where none may be."""
+        resolve = self.resolve if links else self.resolve | RESOLVE_NO_SYMLINKS
+        with self.directory() as rfd:
+            fd = openat2(rfd, rel, _O_PATH, 0, resolve)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def stat_file(self, rel: str) -> os.stat_result | None:
         """The regular file ``rel`` (links followed only within the root), or None."""

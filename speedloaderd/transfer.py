@@ -221,7 +221,7 @@ class _CopyJob:
         started = time.monotonic()
         renamed = False
         try:
-            self.src_fd = self.src_root.open_source(self.src_rel, self.expect)
+            self.src_fd = self.src_root.open_source(self.src_rel, self.expect, follow=True)
             st = os.fstat(self.src_fd)
             self.size = size = st.st_size
             if self.expected_size is not None and size != self.expected_size:

@@ -374,10 +374,12 @@ def test_manager_properties_change_by_signal(daemon):
         async with await daemon.client() as watcher, await daemon.client() as setter:
             seen: list[dict] = []
             watcher.add_listener(
-                lambda m: m.member == "PropertiesChanged"
-                and m.path == ROOT
-                and m.body[0] == MANAGER
-                and seen.append({k: v.value for k, v in m.body[1].items()})
+                lambda m: (
+                    m.member == "PropertiesChanged"
+                    and m.path == ROOT
+                    and m.body[0] == MANAGER
+                    and seen.append({k: v.value for k, v in m.body[1].items()})
+                )
             )
             await watcher.subscribe()
             config = json.loads(await setter.manager("GetConfig"))
@@ -388,7 +390,6 @@ def test_manager_properties_change_by_signal(daemon):
 
     seen = run(scenario())
     assert {"Strategy": "round-robin"} in seen, seen
-
 
 
 def test_disconnect_counts_only_models_that_were_hot(daemon):

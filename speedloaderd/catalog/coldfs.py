@@ -1,44 +1,41 @@
 """Read-only access to cold storage for the catalog: never write, never follow a link out.
 
-Everything here reads; nothing creates, renames or touches a file. Files are opened with
-``O_NOATIME`` (dropped on EPERM, e.g. on a file we do not own over NFS) so a scan does not
-even move access times. Only regular files are ever opened: a FIFO or a device node on cold
-storage is reported, not opened (opening a tape device can rewind it, a FIFO can block).
+Cold storage is in other hands (an NFS export, the ``ollama`` user's store), so nothing here
+reaches a file by a path the kernel resolves freely: every call goes through
+:class:`speedloaderd.roots.Root`, relative to a directory fd of the cold root, with openat2
+``RESOLVE_BENEATH``. A symlink inside cold storage is followed; one that leads out fails in
+the kernel (EXDEV) at the moment of the open, so swapping a directory or a file for a link
+between a check and a use gains a cold-storage writer nothing.
+
+Only regular files are ever opened for reading: a leaf is first examined through an
+``O_PATH`` fd (which opens no FIFO and no device), and a small read then checks with
+``fstat`` that it got a regular file. Reads use ``O_NOATIME`` where allowed, so a scan does
+not even move access times.
 
 A path is addressed by its ``rel`` (relative to the cold root, '/'-separated). The layout
-scanners reach every path by walking directories with ``os.scandir`` without following
-directory symlinks, so the only symlinks they meet are leaf entries; :meth:`ColdRoot.stat_file`
-resolves those and refuses any that lead outside the cold root.
+scanners walk directories without following directory symlinks (:class:`ColdEntry` says what
+each entry is, as listed), and :meth:`ColdRoot.scandir` refuses to go deeper than
+:data:`MAX_DEPTH`, so a directory swapped for a link back up the tree during a scan cannot
+make the walk loop or recurse without end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+from ..roots import ChangedFile, Identity, Root
+
+MAX_DEPTH = 64
+"""Directories below the cold root a scan descends; no model layout needs a tenth of it."""
 
 
 class ColdFileError(Exception):
     """A file on cold storage cannot be used; the message says why, without the path."""
-
-
-def open_readonly(path: str) -> int:
-    """Open ``path`` read-only without updating its atime where the kernel lets us.
-
-    Does not follow a symlink in the last component (``O_NOFOLLOW``) and does not block on
-    a FIFO (``O_NONBLOCK``); callers check the type with ``os.fstat``.
-    """
-    try:
-        return os.open(path, _OPEN_FLAGS | _O_NOATIME)
-    except PermissionError as exc:
-        # O_NOATIME needs ownership or CAP_FOWNER; without them the kernel says EPERM.
-        if exc.errno != errno.EPERM or not _O_NOATIME:
-            raise
-        return os.open(path, _OPEN_FLAGS)
 
 
 def kind_of(mode: int) -> str:
@@ -56,136 +53,187 @@ def kind_of(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
 
 
-class ColdRoot:
-    """The cold storage root. ``path`` is how we were told to find it, ``real`` its realpath."""
+@dataclass(frozen=True, slots=True)
+class ColdEntry:
+    """One entry of a directory as it was listed (not followed). A hint for the walk only:
+    what is used is examined again, relative to the root, when it is used."""
 
-    __slots__ = ("path", "real", "_real_prefix")
+    name: str
+    is_dir: bool
+    is_link: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MetaRead:
+    """A small file read by the scan: its bytes and the fstat of the fd they came from."""
+
+    content: bytes
+    st: os.stat_result
+
+
+class _HeldRoot(Root):
+    """A :class:`Root` whose directory is opened once, for one scan, not once per call.
+
+    A scan makes several calls per file; each would look the root's path up again (on NFS,
+    a round trip per component). Holding one fd also means the whole scan sees one cold
+    storage directory, even if something is mounted over its path meanwhile.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "cold storage", links=True)
+        self._held: int | None = None
+
+    def _root_fd(self) -> int:
+        if self._held is None:
+            return super()._root_fd()
+        return os.dup(self._held)  # callers close what they get
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = super()._root_fd()
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
+class ColdRoot:
+    """The cold storage root, reached only through :class:`Root` (``links=True``).
+
+    Use it as a context manager for a scan: the root directory is then opened once.
+    """
+
+    __slots__ = ("path", "root")
 
     def __init__(self, root: Path | str) -> None:
         self.path = os.path.abspath(os.fspath(root))
-        self.real = os.path.realpath(self.path)
-        self._real_prefix = self.real.rstrip("/") + "/"
+        self.root = _HeldRoot(self.path)
+
+    def __enter__(self) -> ColdRoot:
+        with contextlib.suppress(OSError):  # not there: each call then says why on its own
+            self.root.hold()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.root.release()
 
     def abs(self, rel: str) -> str:
+        """The path a message or an inference server uses; never opened by this module."""
         return f"{self.path}/{rel}" if rel else self.path
 
-    def contains_real(self, real: str) -> bool:
-        """True if the (already resolved) path is the cold root or below it."""
-        return real == self.real or real.startswith(self._real_prefix)
+    # --- directories
 
-    def resolve(self, rel: str) -> str | None:
-        """Realpath of ``rel``, or None if it leads outside the cold root."""
-        real = os.path.realpath(self.abs(rel))
-        return real if self.contains_real(real) else None
-
-    def scandir(self, rel: str) -> list[os.DirEntry[str]]:
+    def scandir(self, rel: str) -> list[ColdEntry]:
         """Entries of directory ``rel``, hidden names left out, sorted by name.
 
-        Raises ColdFileError if it cannot be listed. ``rel`` must have been reached without
-        following a symlink, or been checked with :meth:`resolve`.
+        Raises ColdFileError if it cannot be listed, leads out of cold storage, or lies
+        deeper than :data:`MAX_DEPTH`.
         """
+        if rel and rel.count("/") >= MAX_DEPTH:
+            raise ColdFileError(f"is more than {MAX_DEPTH} directories deep; not listed")
         try:
-            with os.scandir(self.abs(rel)) as it:
-                entries = [e for e in it if not e.name.startswith(".")]
+            with self.root.directory(rel) as fd, os.scandir(fd) as it:
+                # Types are taken while the fd is open: a DirEntry of an fd scandir stats
+                # through that fd, which must not be used once it is closed.
+                entries = [
+                    ColdEntry(e.name, e.is_dir(follow_symlinks=False), e.is_symlink())
+                    for e in it
+                    if not e.name.startswith(".")
+                ]
         except FileNotFoundError as exc:
             raise ColdFileError("is missing") from exc
         except NotADirectoryError as exc:
             raise ColdFileError("is not a directory") from exc
         except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise ColdFileError(self.link_escape(rel)) from exc
             raise ColdFileError(f"cannot be listed ({exc.strerror})") from exc
         entries.sort(key=_entry_name)
         return entries
 
-    def link_escape(self, rel: str) -> str:
-        """Message for ``rel`` whose realpath lies outside the cold root."""
+    def mtime_ns(self, rel: str) -> int:
+        """Modification time of the entry ``rel`` itself (a link not followed); -1 if gone."""
+        st = self.root.lstat(rel)
+        return -1 if st is None else st.st_mtime_ns
+
+    # --- links
+
+    def readlink(self, rel: str) -> str | None:
+        """The target of the symlink ``rel``, or None if it is not one (or is gone)."""
+        return self.root.readlink(rel)
+
+    def leads_out(self, rel: str) -> bool:
+        """True if ``rel`` can only be reached by leaving cold storage (a link out)."""
         try:
-            target = os.readlink(self.abs(rel))
-        except OSError:
+            self.root.stat(rel)
+        except OSError as exc:
+            return exc.errno == errno.EXDEV
+        return False
+
+    def link_escape(self, rel: str) -> str:
+        """Message for ``rel`` that leads outside cold storage."""
+        target = self.readlink(rel) if rel else None
+        if target is None:
             return "leads outside cold storage through a symlinked directory; not followed"
         return f"symlink to {target!r} leads outside cold storage; not followed"
 
-    def stat_file(
-        self, rel: str, entry: os.DirEntry[str] | None = None, *, parent_checked: bool = False
-    ) -> int:
-        """Size of the regular file at ``rel``, following symlinks only within the cold root.
+    # --- files
 
-        Pass the ``entry`` from a scandir of the parent (it saves the lstat), or
-        ``parent_checked=True`` when the parent directory is known to lie inside the cold
-        root; otherwise the whole path is resolved first. Raises ColdFileError when the
-        file is missing, dangling, escaping, or not a regular file.
+    def stat_file(self, rel: str, *, links: bool = True) -> os.stat_result:
+        """The stat of the regular file at ``rel``, links followed only within cold storage
+        (none at all unless ``links``). The file is not opened.
+
+        Raises ColdFileError when the file is missing, dangling, escaping, a link where
+        none may be, or not a regular file.
         """
-        if entry is None and not parent_checked:
-            return self._stat_resolved(rel)
         try:
-            st = entry.stat(follow_symlinks=False) if entry else os.lstat(self.abs(rel))
-        except FileNotFoundError as exc:
-            raise ColdFileError("is missing") from exc
+            st = self.root.stat(rel, links=links)
         except OSError as exc:
-            raise ColdFileError(f"cannot be examined ({exc.strerror})") from exc
-        if stat.S_ISLNK(st.st_mode):
-            return self._stat_resolved(rel)
+            raise ColdFileError(self._why_not(rel, exc)) from exc
         if not stat.S_ISREG(st.st_mode):
-            raise ColdFileError(f"is {kind_of(st.st_mode)}, expected a regular file")
-        return st.st_size
-
-    def _stat_resolved(self, rel: str) -> int:
-        path = self.abs(rel)
-        real = os.path.realpath(path)
-        if not self.contains_real(real):
-            raise ColdFileError(self.link_escape(rel))
-        try:
-            st = os.stat(real)
-        except FileNotFoundError as exc:
-            if os.path.islink(path):
-                raise ColdFileError(f"is a dangling symlink (to {os.readlink(path)!r})") from exc
-            raise ColdFileError("is missing") from exc
-        except OSError as exc:
-            raise ColdFileError(f"cannot be examined ({exc.strerror})") from exc
-        if not stat.S_ISREG(st.st_mode):
-            via = "a symlink to " if os.path.islink(path) else ""
+            via = "a symlink to " if self.readlink(rel) is not None else ""
             raise ColdFileError(f"is {via}{kind_of(st.st_mode)}, expected a regular file")
-        return st.st_size
+        return st
 
-    def read_small(self, rel: str, limit: int, entry: os.DirEntry[str] | None = None) -> bytes:
-        """Content of the small regular file at ``rel`` (a manifest, a ref).
+    def _why_not(self, rel: str, exc: OSError) -> str:
+        target = self.readlink(rel)
+        if exc.errno == errno.EXDEV:
+            return self.link_escape(rel)
+        if exc.errno == errno.ENOENT:
+            return "is missing" if target is None else f"is a dangling symlink (to {target!r})"
+        if exc.errno == errno.ENOTDIR:
+            return "is missing (a directory on its path is not a directory)"
+        if exc.errno == errno.ELOOP:
+            if target is not None and self.leads_out(rel):
+                return self.link_escape(rel)
+            if target is not None:
+                return f"is a symlink (to {target!r}), expected a regular file; not followed"
+            return "is reached through a symlinked directory, where no link may be; not followed"
+        return f"cannot be examined ({exc.strerror})"
 
-        Symlinks are followed only within the cold root. Raises ColdFileError if the file
-        is not a regular file, is larger than ``limit`` bytes, or cannot be read.
+    def read_small(self, rel: str, limit: int) -> MetaRead:
+        """Content of the small regular file at ``rel`` (a manifest, a ref), with the fstat
+        of the fd it was read from. Links are followed only within cold storage.
+
+        Raises ColdFileError if it is not a regular file, is larger than ``limit`` bytes,
+        or cannot be read. A FIFO or a device is named without ever being opened.
         """
-        path = self.abs(rel)
-        if entry is None or not entry.is_file(follow_symlinks=False):
-            # Check the type before opening: never open a FIFO or a device, nor a link out.
-            self.stat_file(rel, entry)
-            path = os.path.realpath(path)
+        seen = self.stat_file(rel)
+        if seen.st_size > limit:
+            raise ColdFileError(f"is {seen.st_size} bytes, more than the {limit} expected")
         try:
-            fd = open_readonly(path)
-        except FileNotFoundError as exc:
-            raise ColdFileError("is missing") from exc
+            data, st = self.root.read_small_stat(rel, limit, Identity.of(seen), follow=True)
+        except ChangedFile as exc:
+            raise ColdFileError(f"changed while it was read ({exc.strerror})") from exc
         except OSError as exc:
-            raise ColdFileError(f"cannot be opened ({exc.strerror})") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ColdFileError(f"is {kind_of(st.st_mode)}, expected a regular file")
-            if st.st_size > limit:
-                raise ColdFileError(f"is {st.st_size} bytes, more than the {limit} expected")
-            chunks = []
-            left = limit + 1
-            while left > 0:
-                chunk = os.read(fd, left)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise ColdFileError(self._why_not(rel, exc)) from exc
             raise ColdFileError(f"cannot be read ({exc.strerror})") from exc
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise ColdFileError(f"is more than the {limit} bytes expected")
-        return data
+        return MetaRead(data, st)
 
 
-def _entry_name(entry: os.DirEntry[str]) -> str:
+def _entry_name(entry: ColdEntry) -> str:
     return entry.name

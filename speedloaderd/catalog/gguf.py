@@ -13,10 +13,12 @@ storage is reported. A ``.gguf`` symlink is followed when it stays inside cold s
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..roots import Identity
 from .coldfs import ColdFileError, ColdRoot
 from .result import assemble
 from .types import FileRole, Model, ModelFile, ModelFormat, Problem, ScanResult
@@ -30,27 +32,32 @@ def split_part_name(base: str, no: int, count: int) -> str:
     return f"{base}-{no:05d}-of-{count:05d}{SUFFIX}"
 
 
+Seen = tuple[str, os.stat_result | str]
+"""A file's rel and its stat, or why it is unusable."""
+
+
 @dataclass
 class _Found:
     """What the walk saw for one model name: single file and/or split parts."""
 
     rel: str
-    single: tuple[str, int | str] | None = None
-    parts: dict[int, tuple[str, int | str]] = field(default_factory=dict)
+    single: Seen | None = None
+    parts: dict[int, Seen] = field(default_factory=dict)
     counts: set[int] = field(default_factory=set)
 
 
 def scan_gguf(cold_root: Path | str) -> ScanResult:
-    cold = ColdRoot(cold_root)
     problems: list[Problem] = []
+    with ColdRoot(cold_root) as cold:
+        files = list(_gguf_files(cold, "", problems))
     by_name: dict[str, _Found] = {}
-    for rel, size in _gguf_files(cold, "", problems):
+    for rel, seen in files:
         slash = rel.rfind("/")
         split = _SPLIT_RE.fullmatch(rel, slash + 1)
         if split is None:
             name = rel[: -len(SUFFIX)]
             found = by_name.setdefault(name, _Found(rel))
-            found.single = (rel, size)
+            found.single = (rel, seen)
             continue
         name = rel[: slash + 1] + split["base"]
         found = by_name.setdefault(name, _Found(rel))
@@ -58,12 +65,12 @@ def scan_gguf(cold_root: Path | str) -> ScanResult:
         found.counts.add(count)
         if no in found.parts:  # same number, another count: reported below via counts
             continue
-        found.parts[no] = (rel, size)
+        found.parts[no] = (rel, seen)
     return assemble([(f.rel, _model(name, f)) for name, f in by_name.items()], problems)
 
 
 def _gguf_files(cold: ColdRoot, rel: str, problems: list[Problem]):
-    """Yield (rel, size or why unusable) for every ``*.gguf`` below ``rel``, sorted walk."""
+    """Yield (rel, stat or why unusable) for every ``*.gguf`` below ``rel``, sorted walk."""
     try:
         entries = cold.scandir(rel)
     except ColdFileError as exc:
@@ -72,14 +79,14 @@ def _gguf_files(cold: ColdRoot, rel: str, problems: list[Problem]):
     prefix = f"{rel}/" if rel else ""
     for e in entries:
         child = prefix + e.name
-        if e.is_dir(follow_symlinks=False):
+        if e.is_dir:
             yield from _gguf_files(cold, child, problems)
         elif e.name.endswith(SUFFIX):
             try:
-                yield child, cold.stat_file(child, e)
+                yield child, cold.stat_file(child)
             except ColdFileError as exc:
                 yield child, str(exc)
-        elif e.is_symlink() and cold.resolve(child) is None:
+        elif e.is_link and cold.leads_out(child):
             problems.append(Problem(child, f"{child}: {cold.link_escape(child)}"))
 
 
@@ -101,9 +108,9 @@ def _model(name: str, found: _Found) -> Model:
             problems.append(f"{split_part_name(name, no, count)}: part {no} of {count} is missing")
         for no in sorted(found.parts.keys() - set(range(1, count + 1))):
             problems.append(f"{found.parts[no][0]}: part number {no} is outside 1..{count}")
-    for rel, size in chosen:
-        if isinstance(size, str):
-            problems.append(f"{rel}: {size}")
+    for rel, st in chosen:
+        if isinstance(st, str):
+            problems.append(f"{rel}: {st}")
         else:
-            files.append(ModelFile(rel, size, FileRole.DATA))
+            files.append(ModelFile(rel, st.st_size, FileRole.DATA, ident=Identity.of(st)))
     return Model(name, ModelFormat.GGUF, tuple(files), tuple(problems))

@@ -13,9 +13,12 @@ that is listed exists, inside cold storage, with the size given.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
+from ..roots import Identity
 from .coldfs import ColdFileError, ColdRoot
 from .result import assemble
 from .types import FileRole, Model, ModelFile, ModelFormat, Problem, ScanResult
@@ -44,33 +47,32 @@ def blob_rel(digest: str) -> str:
 
 
 def scan_ollama(cold_root: Path | str) -> ScanResult:
-    cold = ColdRoot(cold_root)
-    problems: list[Problem] = []
-    blobs = _Blobs(cold)
-    found = [
-        (rel, _read_model(cold, rel, parts, entry, blobs))
-        for rel, parts, entry in _manifests(cold, problems)
-    ]
+    with ColdRoot(cold_root) as cold:
+        problems: list[Problem] = []
+        blobs = _Blobs(cold)
+        found = [
+            (rel, _read_model(cold, rel, parts, blobs)) for rel, parts in _manifests(cold, problems)
+        ]
     return assemble(found, problems)
 
 
 class _Blobs:
-    """Size (or why unusable) of each blob, looked up once per scan."""
+    """The stat (or why unusable) of each blob, looked up once per scan."""
 
     def __init__(self, cold: ColdRoot) -> None:
         self._cold = cold
-        self._known: dict[str, int | str] = {}
+        self._known: dict[str, os.stat_result | str] = {}
         # Blobs are reached through blobs/; if that is a link out of cold storage, none is usable.
-        self._dir_error = None if cold.resolve("blobs") else cold.link_escape("blobs")
+        self._dir_error = cold.link_escape("blobs") if cold.leads_out("blobs") else None
 
-    def size(self, rel: str) -> int | str:
+    def stat(self, rel: str) -> os.stat_result | str:
         known = self._known.get(rel)
         if known is None:
             if self._dir_error:
                 known = f"blobs/ {self._dir_error}"
             else:
                 try:
-                    known = self._cold.stat_file(rel, parent_checked=True)
+                    known = self._cold.stat_file(rel)
                 except ColdFileError as exc:
                     known = str(exc)
             self._known[rel] = known
@@ -78,8 +80,8 @@ class _Blobs:
 
 
 def _manifests(cold: ColdRoot, problems: list[Problem]):
-    """Yield (rel, (host, namespace, model, tag), entry) for every manifest file, in order."""
-    if cold.resolve("manifests") is None:
+    """Yield (rel, (host, namespace, model, tag)) for every manifest file, in order."""
+    if cold.leads_out("manifests"):
         problems.append(Problem("manifests", cold.link_escape("manifests")))
         return
 
@@ -92,7 +94,7 @@ def _manifests(cold: ColdRoot, problems: list[Problem]):
         leaf = len(parts) == 3
         for e in entries:
             child = f"{rel}/{e.name}"
-            if e.is_dir(follow_symlinks=False):
+            if e.is_dir:
                 if leaf:
                     problems.append(
                         Problem(child, f"{child}: unexpected directory; {_LAYOUT_HINT}")
@@ -100,8 +102,8 @@ def _manifests(cold: ColdRoot, problems: list[Problem]):
                 else:
                     yield from walk(child, (*parts, e.name))
             elif leaf:
-                yield child, (*parts, e.name), e
-            elif e.is_symlink():
+                yield child, (*parts, e.name)
+            elif e.is_link:
                 problems.append(Problem(child, f"{child}: symlink not followed; {_LAYOUT_HINT}"))
             else:
                 problems.append(Problem(child, f"{child}: unexpected file; {_LAYOUT_HINT}"))
@@ -109,13 +111,24 @@ def _manifests(cold: ColdRoot, problems: list[Problem]):
     yield from walk("manifests", ())
 
 
-def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], entry, blobs: _Blobs) -> Model:
+def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], blobs: _Blobs) -> Model:
     name = model_name(*parts)
     try:
-        data = cold.read_small(rel, MANIFEST_LIMIT, entry)
+        read = cold.read_small(rel, MANIFEST_LIMIT)
     except ColdFileError as exc:
         return Model(name, ModelFormat.OLLAMA, (), (f"{rel}: {exc}",))
-    files = [ModelFile(rel, len(data), FileRole.META)]
+    data = read.content
+    # The models dir gets these very bytes, with the source's access: no second read.
+    files = [
+        ModelFile(
+            rel,
+            len(data),
+            FileRole.META,
+            content=data,
+            mode=stat.S_IMODE(read.st.st_mode),
+            owner=(read.st.st_uid, read.st.st_gid),
+        )
+    ]
     problems: list[str] = []
     seen: set[str] = set()
     for what, layer in _descriptors(rel, data, problems):
@@ -130,11 +143,12 @@ def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], entry, blobs: 
         if brel in seen:
             continue  # the same blob twice in one manifest is one file
         seen.add(brel)
-        size = blobs.size(brel)
-        if isinstance(size, str):
-            problems.append(f"{brel} ({what} of {rel}): {size}")
+        st = blobs.stat(brel)
+        if isinstance(st, str):
+            problems.append(f"{brel} ({what} of {rel}): {st}")
             continue
-        files.append(ModelFile(brel, size, FileRole.DATA, digest=digest))
+        size = st.st_size
+        files.append(ModelFile(brel, size, FileRole.DATA, digest=digest, ident=Identity.of(st)))
         expected = layer.get("size")
         if expected is not None and (type(expected) is not int or expected != size):
             problems.append(f"{brel}: {size} bytes on disk, but {rel} says {expected!r}")
