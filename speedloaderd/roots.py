@@ -185,14 +185,20 @@ def ensure_trusted_dir(path: Path | str, what: str, mode: int = 0o755) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Which file the scan saw: a copy opens it again and checks it is the same one."""
+    """Which file the scan saw: a copy opens it again and checks it is the same one.
+
+    Device and inode name the file; the inode change time tells a new file that got the
+    number of a deleted one (ext4 hands a freed inode to the next file at once: a file
+    replaced by ``rm`` + write had the same number in tests) and any write, chmod or link
+    since the scan."""
 
     dev: int
     ino: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_dev, st.st_ino)
+        return cls(st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)
