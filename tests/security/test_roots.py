@@ -442,3 +442,45 @@ def test_set_config_to_an_unsafe_dir_is_refused_before_saving(daemon, users):
     assert daemon.lab.config_path.read_bytes() == saved
     assert os.listdir(evil) == []
     assert json.loads(daemon.state()["config"])["stateDir"] == str(daemon.lab.state)
+
+
+def test_a_cold_storage_writer_cannot_have_a_root_file_copied_on_the_bus(daemon_factory, users):
+    """End to end: a writer of cold storage (its own uid, its own directory there) swaps a
+    scanned GGUF for a link to a root-only secret; a member then promotes it through the
+    daemon. The promote fails with a sentence, nothing secret lands in a pool or the models
+    dir, and the writer's directory keeps serving from cold storage."""
+    from speedloaderd.config import save_config
+
+    from ..buslab import as_user
+    from ..test_bus_auth import manager
+
+    writer = users[GUEST]
+    dl = daemon_factory()
+    team = dl.lab.cold / "team"
+    team.mkdir()
+    make_gguf(team / "m.gguf", tensor_bytes=64 * 1024)
+    for p in (team, team / "m.gguf"):
+        os.chown(p, writer.pw_uid, writer.pw_gid)
+    secret = victim_file(dl.lab.root)
+    secret.parent.chmod(0o755)  # the writer can name it, not read it
+    save_config(dl.lab.config(backend="llamacpp", pools=(("local", 64 * MiB, 100),)),
+                dl.lab.config_path)  # fmt: skip
+    dl.start()
+    swap = subprocess.run(
+        as_user(GUEST, ["sh", "-c", 'rm "$1" && ln -s "$2" "$1"', "sh",
+                        str(team / "m.gguf"), str(secret)], dl.address),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert swap.returncode == 0, swap.stderr
+    assert cat_as(GUEST, secret).returncode != 0  # the writer cannot read it itself
+    dl.lab.seal()
+    before = snapshot(secret)
+
+    [result] = dl.run_as(ADMIN, [manager("Promote", "ss", "team/m", "", follow=True)])
+    assert result["job"]["success"] is False, result
+    assert "team/m.gguf" in result["job"]["message"]
+    assert "\n" not in result["job"]["message"]
+    assert snapshot(secret) == before
+    assert files_holding(dl.lab.pool_path("local"), SECRET) == []
+    assert files_holding(dl.lab.models, SECRET) == []
+    assert dl.lab.link("team/m.gguf") == str(team / "m.gguf")
