@@ -859,3 +859,25 @@ def test_only_the_export_we_made_is_formatted_whatever_answers_at_the_address():
     log.clear()
     runners["remote"].peer = runners["local"]  # the real export: its serial comes back
     assert execute(plan, runners)["blockdev"] == "/dev/nvme0n1"
+
+
+def test_target_auth_is_found_by_its_module_or_else_by_its_symbol():
+    from speedloaderd.remote.auth import target_supports_auth
+
+    log: list = []
+    remote = RecordingRunner("remote", log)  # ``test -e`` of nvme-auth's holder succeeds
+    assert target_supports_auth(remote)
+    assert [argv[0] for _, argv, _ in log] == ["test"]  # no slow grep of /proc/kallsyms
+
+    grep = {"rc": 0}
+
+    def no_holder(argv, stdin=None):
+        log.append(("remote", tuple(argv), stdin))
+        return Completed(1 if argv[0] == "test" else grep["rc"], "", "")
+
+    remote.run = no_holder  # type: ignore[method-assign]
+    for rc, found in ((0, True), (1, False)):
+        grep["rc"] = rc
+        log.clear()
+        assert target_supports_auth(remote) is found
+        assert log[-1][1] == ("grep", "-q", "-w", "nvmet_auth_set_key", "/proc/kallsyms")

@@ -21,10 +21,10 @@ Keys: 32 random bytes, ``DHHC-1:00:<base64(key + crc32)>:`` (untransformed), has
 hmac(sha256), DH group ffdhe2048 (the exchange is then not replayable from a capture).
 
 Support is checked on both kernels before a connect: this machine's nvme-fabrics lists
-``dhchap_ctrl_secret`` in /dev/nvme-fabrics (CONFIG_NVME_HOST_AUTH), the target's nvmet has
-``nvmet_auth_set_key`` (CONFIG_NVME_TARGET_AUTH). Debian 12's 6.1 kernel has neither,
-Debian's 6.12 has both. Without support on both sides the pool connects unauthenticated
-and the daemon logs a warning naming the side that lacks it.
+``dhchap_ctrl_secret`` in /dev/nvme-fabrics (CONFIG_NVME_HOST_AUTH), the target's nvmet
+uses nvme-auth or has ``nvmet_auth_set_key`` (CONFIG_NVME_TARGET_AUTH). Debian 12's 6.1
+kernel has neither, Debian's 6.12 has both. Without support on both sides the pool connects
+unauthenticated and the daemon logs a warning naming the side that lacks it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ FABRICS_DEV = "/dev/nvme-fabrics"
 HOSTID_FILE = "/etc/nvme/hostid"
 # A symbol of nvmet's auth code: present in /proc/kallsyms once nvmet is loaded, if built in.
 TARGET_AUTH_SYMBOL = "nvmet_auth_set_key"
+AUTH_MODULE_HOLDER = "/sys/module/nvme_auth/holders/nvmet"
 
 # DHHC-1:<transform 00-03>:<base64 of a 32, 48 or 64 byte key and its crc32>:
 _KEY_RE = re.compile(r"^DHHC-1:0[0-3]:([A-Za-z0-9+/]{48}|[A-Za-z0-9+/]{70}==|[A-Za-z0-9+/]{91}=):$")
@@ -116,6 +117,10 @@ def host_supports_auth(local: Runner) -> bool:
 
 def target_supports_auth(remote: Runner) -> bool:
     """The remote host's nvmet has DH-HMAC-CHAP (nvmet is loaded)."""
+    # Fast: a modular nvme-auth lists nvmet among its users only if nvmet was built with
+    # auth. Else ask /proc/kallsyms (seconds on a slow host: it lists every kernel symbol).
+    if remote.run(("test", "-e", AUTH_MODULE_HOLDER)).returncode == 0:
+        return True
     r = remote.run(("grep", "-q", "-w", TARGET_AUTH_SYMBOL, "/proc/kallsyms"))
     return r.returncode == 0
 
