@@ -583,6 +583,9 @@ def _connect(agent: DaemonAgent, runners, pool: str) -> dict:
     assert answer["steps"] and all(step in seen for step in answer["steps"]), answer["steps"]
     assert answer["progress"] == 1.0
     assert f"pool {pool} connected to {FABRIC['remote']} over {transport}" in answer["message"]
+    # the daemon authenticated: the target's entry for the guest holds the key it set
+    host_key = runners["remote"].read_text(f"{spec.host_entry}/dhchap_key")
+    assert host_key is not None and host_key.startswith("DHHC-1:00:"), host_key
     st = _ok(agent("status"))["pools"][pool]
     assert (st["kind"], st["state"], st["path"]) == ("nvmeof", "mounted", f"/mnt/{pool}")
     assert 0 < st["size"] <= RAM_SIZE
