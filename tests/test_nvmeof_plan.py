@@ -6,14 +6,21 @@ them; the same plans run for real against two kernels in tests/test_vm_nvmeof.py
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import shlex
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from speedloaderd.config import RemoteHostConfig
-from speedloaderd.errors import Failed, InvalidArgument
+from speedloaderd.errors import Failed, InvalidArgument, NoSpace
+from speedloaderd.remote.auth import FabricAuth, check_key, keys_for, new_key
+from speedloaderd.remote.capacity import parse_meminfo
 from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     connect_plan,
@@ -28,6 +35,7 @@ from speedloaderd.remote.plan import (
     Plan,
     PlanFailed,
     Ref,
+    Secret,
     Step,
     TeardownIncomplete,
     execute,
@@ -130,6 +138,9 @@ class RecordingRunner:
     exists: bool = True
     outputs: dict[str, str] = field(default_factory=dict)  # argv[0..1] joined -> stdout
     armed: bool = False
+    # The host across the fabric: the serial number given to a subsystem here is what its
+    # controller nvme0 reports there (as nvmet does).
+    peer: RecordingRunner | None = None
 
     def arm(self) -> None:
         self.armed = True
@@ -142,6 +153,8 @@ class RecordingRunner:
         if self.armed:
             self.armed = False
             return Completed(1, "", f"{argv[0]}: injected failure\n")
+        if self.peer is not None and argv[0] == "tee" and argv[1].endswith("/attr_serial"):
+            self.peer.files["/sys/class/nvme/nvme0/serial"] = f"{stdin}\n"
         return Completed(0, self.outputs.get(" ".join(argv[:2]), ""), "")
 
     def read_text(self, path: str) -> str | None:
@@ -168,6 +181,7 @@ def make_runners(log: list, sysfs: dict[str, str] | None = None) -> dict[str, Re
         outputs={"losetup --find": "/dev/loop3\n", "losetup --list": "/dev/loop3\n"},
     )
     local = RecordingRunner("local", log, files=connected_sysfs() if sysfs is None else sysfs)
+    remote.peer = local
     return {"remote": remote, "local": local}
 
 
@@ -456,7 +470,7 @@ def test_without_rdma_ip_the_ssh_host_must_be_an_address():
 
 
 @pytest.mark.parametrize(
-    "size", [0, 1, -1, 15 * MiB, 64 * MiB + 1, 1 << 51, True, 1.5, "64M", None]
+    "size", [0, 1, -1, 15 * MiB, 64 * MiB + 1, 1 << 50, (16 << 40) + MiB, True, 1.5, "64M", None]
 )
 def test_bad_sizes_are_refused(size):
     with pytest.raises(InvalidArgument):
@@ -582,3 +596,288 @@ def test_local_identity_refuses_a_hostile_host_nqn():
     files = {"/proc/sys/kernel/hostname": "gpu1\n", "/etc/nvme/hostnqn": "nqn.2014-08.x:a b\n"}
     with pytest.raises(InvalidArgument):
         local_identity(RecordingRunner("local", [], files=files))
+
+
+# --------------------------------------------------------------------------- RAM to lend
+
+GiB = 1 << 30
+
+
+def meminfo(total: int, available: int) -> str:
+    """/proc/meminfo as the kernel writes it (kB), with the lines around ours."""
+    return (
+        f"MemTotal:       {total // 1024} kB\n"
+        f"MemFree:        {available // 2048} kB\n"
+        f"MemAvailable:   {available // 1024} kB\n"
+        "Buffers:           1234 kB\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("total", "available", "margin"),
+    [
+        (64 * GiB, 60 * GiB, int(6.4 * GiB)),  # a RAM server: 10% of it is kept
+        (1 * GiB, 900 * MiB, 256 * MiB),  # a small host: the 256 MiB floor
+    ],
+)
+def test_what_a_host_can_lend_is_available_ram_minus_its_margin(total, available, margin):
+    mem = parse_meminfo(meminfo(total, available), "root@ram-host:22")
+    assert (mem.total, mem.available) == (total, available)
+    assert abs(mem.margin - margin) <= 1024  # kB rounding of MemTotal
+    assert mem.lendable == mem.available - mem.margin
+
+
+def test_meminfo_without_mem_available_is_refused():
+    with pytest.raises(Failed, match="no MemTotal and MemAvailable"):
+        parse_meminfo("MemTotal: 1000 kB\nMemFree: 10 kB\n", "root@ram-host:22")
+
+
+def link_for(size: str, mem: str, log: list | None = None):
+    """A RemotePoolLink on the recording runners, the remote host showing ``mem``."""
+    from speedloaderd.remote.pool import RemotePoolLink
+
+    log = [] if log is None else log
+    runners = make_runners(log)
+    runners["local"].files |= {
+        "/proc/sys/kernel/hostname": "gpu1\n",
+        "/etc/nvme/hostnqn": HOSTNQN + "\n",
+    }
+    runners["remote"].files = {"/proc/meminfo": mem}
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": "root@ram-host:2222", "rdmaIp": "10.0.0.7", "ramdiskSize": size,
+         "transport": "tcp", "path": "/mnt/pools/big"}
+    )  # fmt: skip
+    link = RemotePoolLink("big", cfg, None, local=runners["local"], remote=runners["remote"])
+    return link, runners, log
+
+
+def test_connect_asking_more_than_the_host_can_lend_is_refused_before_anything_runs():
+    link, _, log = link_for("8G", meminfo(16 * GiB, 9 * GiB))  # lends 9 - 1.6 = 7.4G
+    with pytest.raises(NoSpace) as exc:
+        link.connect()
+    msg = str(exc.value)
+    assert "remote host ram-host cannot lend 8G of RAM for pool 'big'" in msg
+    assert "it has 9G available and keeps 1.6G for itself, so at most 7.4G" in msg
+    assert "\n" not in msg
+    assert log == []  # not a command on either host: nothing created, not even a module
+
+
+def test_connect_within_what_the_host_can_lend_runs_the_plan():
+    link, _, log = link_for("64M", meminfo(16 * GiB, 9 * GiB))
+    ctx = link.connect()
+    assert ctx["blockdev"] == "/dev/nvme0n1"
+    assert [show(*e) for e in log[:2]] == [
+        ("remote", "modprobe -a nvmet nvmet-tcp"),
+        ("local", "modprobe nvme-fabrics"),
+    ]
+    assert link.spec.auth is None  # this runner's nvme-fabrics lists no dhchap options
+
+
+def test_grow_counts_only_the_growth_and_refuses_more_than_the_host_can_lend():
+    # the pool's 64M are taken already; 556M available - 256M margin = 300M more to lend
+    link, runners, log = link_for("64M", meminfo(1 * GiB, 556 * MiB))
+    with pytest.raises(
+        NoSpace, match=r"cannot lend 448M of RAM for growing to 512M the pool 'big'"
+    ):
+        link.grow(512 * MiB)
+    assert log == []
+    runners["local"].files["/sys/class/block/nvme0n1/size"] = str(128 * MiB // 512)
+    link.grow(128 * MiB)  # +64M fits
+    assert ("remote", f"fallocate --length {128 * MiB} {D}/ram") in [show(*e) for e in log]
+
+
+def test_absurd_sizes_are_refused_by_the_config_check():
+    from speedloaderd.remote.pool import RemotePool
+
+    for size in ("1P", "17T"):
+        cfg = RemoteHostConfig.model_validate(
+            {"ssh": "root@h", "rdmaIp": "10.0.0.7", "ramdiskSize": size, "path": "/mnt/p"}
+        )
+        with pytest.raises(InvalidArgument, match=r"remoteTiers.hosts.p.ramdiskSize.*16T"):
+            RemotePool("p", cfg, None)
+    assert check_ram_size(16 << 40) == 16 << 40
+
+
+# --------------------------------------------------------------------------- DH-HMAC-CHAP
+
+FABRICS_OPTIONS = (
+    "instance=-1,cntlid=-1,transport=%s,traddr=%s,trsvcid=%s,nqn=%s,hostnqn=%s,"
+    "dhchap_secret=%s,dhchap_ctrl_secret=%s,fast_io_fail_tmo=%d\n"
+)
+AUTH = FabricAuth(new_key(), new_key(), "6e0c1d1e-8a43-4a4c-9a55-0b5b3c1f7d2e")
+
+
+def auth_spec() -> RemotePoolSpec:
+    return dataclasses.replace(make_spec(), auth=AUTH)
+
+
+def test_keys_are_what_the_kernel_and_nvme_cli_read():
+    key = new_key()
+    assert check_key(key, "here") == key
+    assert key != new_key()
+    nvme = shutil.which("nvme")
+    if nvme is not None:  # nvme-cli's own check (format, length, crc32)
+        r = subprocess.run([nvme, "check-dhchap-key", f"--key={key}"], capture_output=True)
+        assert r.returncode == 0, r.stderr
+    raw = bytearray(base64.b64decode(key.split(":")[2]))
+    raw[0] ^= 1  # one bit off: the crc32 no longer matches
+    bad = f"DHHC-1:00:{base64.b64encode(bytes(raw)).decode()}:"
+    for value in (bad, "DHHC-1:00:short:", key + "x", "DHHC-1:07:" + key[10:]):
+        with pytest.raises(Failed, match="not valid"):
+            check_key(value, "here")
+
+
+def test_with_auth_the_keys_are_set_before_the_host_is_allowed_and_never_shown():
+    plan = connect_plan(auth_spec())
+    names = [s.name for s in plan.steps]
+    i = names.index("create host entry")
+    assert names[i + 1 : i + 6] == [
+        "set auth hash", "set auth DH group", "set host key", "set controller key",
+        "allow this host",
+    ]  # fmt: skip
+    shown = "\n".join(plan.show() + disconnect_plan(auth_spec()).show())
+    assert f"tee {H}/dhchap_key <<< <host key>" in shown
+    assert f"tee {H}/dhchap_ctrl_key <<< <controller key>" in shown
+    assert f"tee {H}/dhchap_hash <<< 'hmac(sha256)'" in shown
+    assert f"tee {H}/dhchap_dhgroup <<< ffdhe2048" in shown
+    assert "--config /proc/self/fd/0 <<< <keys>" in shown
+    for key in (AUTH.host_key, AUTH.ctrl_key):
+        assert key not in shown and key not in repr(plan) and key not in repr(auth_spec())
+    # the teardown is the same with or without keys: they go with the host entry
+    assert disconnect_plan(auth_spec()) == disconnect_plan(make_spec())
+
+
+def test_with_auth_no_key_is_ever_on_a_command_line():
+    log: list = []
+    execute(connect_plan(auth_spec()), make_runners(log))
+    for _, argv, _ in log:
+        assert not any(AUTH.host_key in a or AUTH.ctrl_key in a for a in argv), argv
+    stdin = {argv[-1] if argv[0] == "tee" else argv[1]: s for _, argv, s in log if s}
+    assert stdin[f"{H}/dhchap_key"] == AUTH.host_key
+    assert stdin[f"{H}/dhchap_ctrl_key"] == AUTH.ctrl_key
+    config = json.loads(stdin["connect"])
+    assert config == [{
+        "hostnqn": HOSTNQN, "hostid": AUTH.host_id, "dhchap_key": AUTH.host_key,
+        "subsystems": [{"nqn": SUB, "ports": [{
+            "transport": "tcp", "traddr": "10.0.0.7", "trsvcid": "4420",
+            "dhchap_ctrl_key": AUTH.ctrl_key}]}],
+    }]  # fmt: skip
+    with pytest.raises(ValueError, match="secret on the command line"):
+        Command(("nvme", "connect", Secret("k", "v")))
+
+
+def test_a_failed_key_step_names_the_step_but_never_the_key():
+    plan = connect_plan(auth_spec(), wait_timeout=0)
+    log: list = []
+    runners = make_runners(log)
+    k = [s.name for s in plan.steps].index("set host key")
+
+    def on_step(i: int, n: int, step: Step) -> None:
+        if i == k:
+            runners["remote"].arm()
+
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners, on_step=on_step)
+    assert "set host key" in str(exc.value)
+    assert AUTH.host_key not in str(exc.value) and AUTH.ctrl_key not in str(exc.value)
+
+
+def auth_runners(*, host: bool = True, target: bool = True, entry: dict | None = None):
+    log: list = []
+    runners = make_runners(log)
+    local, remote = runners["local"], runners["remote"]
+    local.files = {"/etc/nvme/hostid": AUTH.host_id + "\n"}
+    if host:
+        local.outputs["cat /dev/nvme-fabrics"] = FABRICS_OPTIONS
+    if not target:  # grep finds no nvmet_auth_set_key in /proc/kallsyms
+        remote.run = lambda argv, stdin=None: Completed(1, "", "")  # type: ignore[method-assign]
+    remote.files = {f"{H}/{k}": v for k, v in (entry or {}).items()}
+    return remote, local
+
+
+def test_new_keys_when_both_kernels_have_auth_and_no_entry_exists():
+    remote, local = auth_runners()
+    auth = keys_for(remote, local, H)
+    assert auth is not None and auth.host_id == AUTH.host_id
+    assert check_key(auth.host_key, "x") and check_key(auth.ctrl_key, "x")
+    assert auth.host_key != auth.ctrl_key
+
+
+def test_a_live_host_entry_keeps_its_keys():
+    """Another pool of ours on that target reconnects with the entry's keys: never change them."""
+    entry = {"dhchap_key": AUTH.host_key + "\n", "dhchap_ctrl_key": AUTH.ctrl_key + "\n"}
+    remote, local = auth_runners(entry=entry)
+    assert keys_for(remote, local, H) == AUTH
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "entry", "why"),
+    [
+        (False, True, None, "this kernel's nvme-fabrics has no DH-HMAC-CHAP"),
+        (True, False, None, "its nvmet has no DH-HMAC-CHAP"),
+        (True, True, {"dhchap_key": "\n"}, "in use without DH-HMAC-CHAP keys"),
+    ],
+)
+def test_without_auth_on_a_side_the_pool_connects_unauthenticated_and_says_so(
+    host, target, entry, why, caplog
+):
+    remote, local = auth_runners(host=host, target=target, entry=entry)
+    assert keys_for(remote, local, H) is None
+    assert why in caplog.text
+
+
+def test_a_corrupt_key_in_the_host_entry_is_refused():
+    remote, local = auth_runners(entry={"dhchap_key": "DHHC-1:00:AAAA:\n"})
+    with pytest.raises(Failed, match="not valid; remove that host entry"):
+        keys_for(remote, local, H)
+
+
+# --------------------------------------------------------------------------- our export only
+
+
+def test_only_the_export_we_made_is_formatted_whatever_answers_at_the_address():
+    """The serial given to the subsystem over SSH must come back from the controller."""
+    spec = dataclasses.replace(make_spec(), serial="5e1ecab1e0000000beef")
+    plan = connect_plan(spec, wait_timeout=0)
+    shown = plan.show()
+    assert f"remote: set serial number: tee {S}/attr_serial <<< 5e1ecab1e0000000beef" in shown
+    names = [s.name for s in plan.steps]
+    assert names.index("check it is our export") == names.index("wait for block device") + 1
+    assert names.index("check it is our export") < names.index("create filesystem")
+
+    log: list = []
+    runners = make_runners(log)
+    runners["remote"].peer = None  # another machine answers: it never got our serial
+    runners["local"].files["/sys/class/nvme/nvme0/serial"] = "ROGUE-0001\n"
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners)
+    assert exc.value.step.name == "check it is our export"
+    assert "reports serial 'ROGUE-0001', not the '5e1ecab1e0000000beef'" in str(exc.value)
+    assert not [argv for h, argv, _ in log if h == "local" and argv[0] in ("mkfs.ext4", "mount")]
+    assert exc.value.rollback_errors == []
+
+    log.clear()
+    runners["remote"].peer = runners["local"]  # the real export: its serial comes back
+    assert execute(plan, runners)["blockdev"] == "/dev/nvme0n1"
+
+
+def test_target_auth_is_found_by_its_module_or_else_by_its_symbol():
+    from speedloaderd.remote.auth import target_supports_auth
+
+    log: list = []
+    remote = RecordingRunner("remote", log)  # ``test -e`` of nvme-auth's holder succeeds
+    assert target_supports_auth(remote)
+    assert [argv[0] for _, argv, _ in log] == ["test"]  # no slow grep of /proc/kallsyms
+
+    grep = {"rc": 0}
+
+    def no_holder(argv, stdin=None):
+        log.append(("remote", tuple(argv), stdin))
+        return Completed(1 if argv[0] == "test" else grep["rc"], "", "")
+
+    remote.run = no_holder  # type: ignore[method-assign]
+    for rc, found in ((0, True), (1, False)):
+        grep["rc"] = rc
+        log.clear()
+        assert target_supports_auth(remote) is found
+        assert log[-1][1] == ("grep", "-q", "-w", "nvmet_auth_set_key", "/proc/kallsyms")

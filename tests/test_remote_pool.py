@@ -11,6 +11,7 @@ against two real kernels in tests/test_vm_nvmeof.py (test_engine_*).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -47,6 +48,8 @@ class FakeHost:
             "remote",
             self.log,
             outputs={"losetup --find": "/dev/loop3\n", "losetup --list": "/dev/loop3\n"},
+            files={"/proc/meminfo": "MemTotal: 67108864 kB\nMemAvailable: 60000000 kB\n"},
+            peer=self.local,
         )
         self.set(controller=None, mounted=False)
 
@@ -59,6 +62,9 @@ class FakeHost:
         }
         if controller is not None:
             files |= {
+                "/sys/class/nvme/nvme0/serial": self.local.files.get(
+                    "/sys/class/nvme/nvme0/serial", ""
+                ),
                 "/sys/class/nvme/nvme0/subsysnqn": nqn(self.pool) + "\n",
                 "/sys/class/nvme/nvme0/state": controller + "\n",
                 "/sys/class/nvme/nvme0/nvme0c0n1/size": SECTORS_1G + "\n",
@@ -137,15 +143,20 @@ def test_connect_starts_from_a_clean_slate_and_reports_each_step(tmp_path):
     fake.local.exists = fake.remote.exists = False  # guards: nothing else is left
     reports: list[tuple[int, int, str]] = []
     pool.mount(lambda done, total, step: reports.append((done, total, step)))
-    spec = pool.spec()
+    spec = dataclasses.replace(pool.spec(), serial="0" * 20)  # with the export's serial check
     names = [s.name for s in connect_plan(spec).steps]
     assert reports == [(i, len(names), n) for i, n in enumerate(names)]
     ran = fake.commands()
-    # first the guarded teardown of anything left (here: an unlive controller), then connect
+    # first the guarded teardown of anything left (here: an unlive controller), then the
+    # checks before connect (RAM to lend, auth support) that load modules, then connect
     assert ran[0] == f"mountpoint -q {pool.path}"
     assert ran[1] == f"nvme disconnect --nqn {nqn('far')}"
+    prepare = ran.index("modprobe -a nvmet nvmet-tcp")
+    assert all(c.startswith(("test ", "mountpoint ", "losetup ")) for c in ran[2:prepare])
     first_connect = ran.index("modprobe -a loop nvmet nvmet-tcp")
-    assert all(c.startswith(("test ", "mountpoint ", "losetup ")) for c in ran[2:first_connect])
+    assert ran[prepare:first_connect] == [
+        "modprobe -a nvmet nvmet-tcp", "modprobe nvme-fabrics", "cat /dev/nvme-fabrics",
+    ]  # fmt: skip
     assert ran[-1] == f"mount -t ext4 -o nosuid,nodev,noatime /dev/nvme0n1 {pool.path}"
     assert (pool.connected, pool.lost) == (True, "")
 
@@ -293,7 +304,7 @@ def test_lost_pool_serves_models_from_cold_untouched_and_connect_restores(lab, t
         job = engine.connect_pool("far")
         msg = await job.wait()
         assert "pool far connected to ram-host over tcp" in msg
-        steps = connect_plan(engine.pools["far"].spec()).steps
+        steps = connect_plan(dataclasses.replace(engine.pools["far"].spec(), serial="0")).steps
         assert job.steps_done == job.steps_total == len(steps)
         assert fake.commands()[:2] == [f"mountpoint -q {lab.pool_path('far')}",
                                        f"umount {lab.pool_path('far')}"]  # fmt: skip

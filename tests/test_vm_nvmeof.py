@@ -28,6 +28,8 @@ from collections.abc import Iterator
 import pytest
 
 from speedloaderd.config import RemoteHostConfig
+from speedloaderd.errors import NoSpace
+from speedloaderd.remote.auth import FabricAuth, local_host_id, new_key
 from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     attach_steps,
@@ -107,7 +109,13 @@ def runners(pair) -> Iterator[dict[str, SshRunner]]:
         runner.close()
 
 
-def _spec(runners, transport: str, host_nqn: str | None = None) -> RemotePoolSpec:
+def _spec(
+    runners,
+    transport: str,
+    host_nqn: str | None = None,
+    auth: FabricAuth | None = None,
+    serial: str | None = None,
+) -> RemotePoolSpec:
     local = runners["local"]
     return RemotePoolSpec(
         pool="vmpool",
@@ -117,6 +125,8 @@ def _spec(runners, transport: str, host_nqn: str | None = None) -> RemotePoolSpe
         fabric=fabric_address(transport, FABRIC["remote"], 4420),
         size=RAM_SIZE,
         mount_path=POOL_PATH,
+        auth=auth,
+        serial=serial,
     )
 
 
@@ -198,16 +208,23 @@ def _use_pool(link: RemotePoolLink, payload: bytes, marker: str, steps: list[str
     t0 = time.monotonic()
     ctx = link.connect(on_step=lambda i, n, step: steps.append(step.name))
     t_connect = time.monotonic() - t0
+    spec = link.spec  # now with the keys and the serial the connect chose
     assert ctx["blockdev"].startswith("/dev/nvme")
     assert ctx["loopdev"].startswith("/dev/loop")
     ctrls = controllers_of(local, spec.subsystem_nqn)
     assert [local.read_text(f"/sys/class/nvme/{c}/transport").strip() for c in ctrls] == [
         spec.fabric.transport.value
     ]
-    # the only host allowed is the local guest's NQN
+    # the only host allowed is the local guest's NQN, and only with its DH-HMAC-CHAP key
+    # (both guests run Debian's 6.12: the link chose keys), in both directions
     sub = f"/sys/kernel/config/nvmet/subsystems/{spec.subsystem_nqn}"
     assert remote.read_text(f"{sub}/attr_allow_any_host").strip() == "0"
     assert remote.listdir(f"{sub}/allowed_hosts") == [spec.host_nqn]
+    assert spec.auth is not None
+    assert remote.read_text(f"{spec.host_entry}/dhchap_key").strip() == spec.auth.host_key
+    assert remote.read_text(f"{spec.host_entry}/dhchap_ctrl_key").strip() == spec.auth.ctrl_key
+    kernel_log = local.run(["dmesg"]).stdout
+    assert "qid 0: controller authenticated" in kernel_log, kernel_log[-2000:]
 
     local.write_bytes(f"{POOL_PATH}/model.bin", payload)
     assert local.run(["sync"]).returncode == 0
@@ -318,6 +335,127 @@ def test_other_hosts_are_refused_and_the_failed_connect_is_undone(runners):
     assert exc.value.step.name == "connect"
     assert exc.value.rollback_errors == []
     assert leftovers(runners) == []
+
+
+def test_connect_asking_more_ram_than_the_remote_has_is_refused_and_leaves_nothing(
+    request, pair, runners
+):
+    """1 GiB from a 512 MiB guest: refused before anything is created on either guest."""
+    assert leftovers(runners) == []
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": f"root@127.0.0.1:{pair.remote.ssh_port}", "rdmaIp": FABRIC["remote"],
+         "ramdiskSize": "1G", "transport": "tcp", "path": POOL_PATH}
+    )  # fmt: skip
+    with (
+        RemotePoolLink(
+            "vmpool", cfg, pair.client_key, local=runners["local"], known_hosts=[pair.known_hosts]
+        ) as link,
+        pytest.raises(NoSpace) as exc,
+    ):
+        link.connect()
+    msg = str(exc.value)
+    assert "remote host 127.0.0.1 cannot lend 1G of RAM for pool 'vmpool'" in msg
+    assert "available and keeps 256M for itself" in msg
+    assert leftovers(runners) == []
+    remote = runners["remote"]
+    assert remote.listdir("/sys/kernel/config/nvmet/subsystems") == []
+    assert remote.run(["losetup", "--list", "--noheadings"]).stdout.strip() == ""
+    assert not remote.is_dir(link.spec.ram_dir)  # no RAM directory, so no tmpfs either
+    _report(request, f"oversized connect refused: {msg}")
+
+
+def test_growing_past_what_the_remote_can_lend_is_refused_and_the_pool_keeps_working(
+    request, pair, runners
+):
+    spec = _spec(runners, "tcp")
+    local, remote = runners["local"], runners["remote"]
+    payload = os.urandom(PAYLOAD)
+    cfg = RemoteHostConfig.model_validate(
+        {"ssh": f"root@127.0.0.1:{pair.remote.ssh_port}", "rdmaIp": FABRIC["remote"],
+         "ramdiskSize": RAM_SIZE, "transport": "tcp", "path": POOL_PATH}
+    )  # fmt: skip
+    with RemotePoolLink(
+        "vmpool", cfg, pair.client_key, local=local, known_hosts=[pair.known_hosts]
+    ) as link:
+        try:
+            link.connect()
+            local.write_bytes(f"{POOL_PATH}/model.bin", payload)
+            before = _fs_bytes(local, POOL_PATH)
+            file_before = remote.run(["stat", "-c", "%s", spec.backing_file]).stdout
+            with pytest.raises(NoSpace, match="cannot lend 960M of RAM for growing to 1G"):
+                link.grow(1 << 30)
+            assert _fs_bytes(local, POOL_PATH) == before
+            assert remote.run(["stat", "-c", "%s", spec.backing_file]).stdout == file_before
+            r = local.run(["sha256sum", f"{POOL_PATH}/model.bin"])
+            assert r.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+        finally:
+            link.disconnect()
+    assert leftovers(runners) == []
+
+
+def _attach_with(runners, exported: RemotePoolSpec, connecting: RemotePoolSpec) -> PlanFailed:
+    """Export as ``exported`` says, attach as ``connecting`` says: the plan must fail, and
+    its rollback must leave both guests clean."""
+    plan = Plan("mismatched connect", tuple(export_steps(exported) + attach_steps(connecting)))
+    with pytest.raises(PlanFailed) as exc:
+        execute(plan, runners)
+    assert exc.value.rollback_errors == []
+    assert leftovers(runners) == []
+    return exc.value
+
+
+def test_dhchap_a_wrong_or_missing_host_key_is_refused_by_the_target_the_right_one_works(
+    request, runners
+):
+    """Someone on the fabric who spoofs our host NQN, with no key or a guessed one, is
+    refused by the target's kernel; the connect with the key set over SSH gets in."""
+    assert leftovers(runners) == []
+    host_id = local_host_id(runners["local"])
+    auth = FabricAuth(new_key(), new_key(), host_id)
+    good = _spec(runners, "tcp", auth=auth, serial="5eed0000000000000001")
+
+    t0 = time.monotonic()
+    spoofed = _attach_with(runners, good, dataclasses.replace(good, auth=None))
+    t_bare = time.monotonic() - t0
+    assert spoofed.step.name == "connect"
+
+    t0 = time.monotonic()
+    guessed = dataclasses.replace(good, auth=dataclasses.replace(auth, host_key=new_key()))
+    wrong = _attach_with(runners, good, guessed)
+    t_wrong = time.monotonic() - t0
+    assert wrong.step.name == "connect"
+    for err in (spoofed, wrong):  # the keys never show in a message
+        assert auth.host_key not in str(err) and auth.ctrl_key not in str(err)
+
+    try:
+        ctx = execute(connect_plan(good), runners)
+        assert ctx["blockdev"].startswith("/dev/nvme")
+        assert "qid 0: controller authenticated" in runners["local"].run(["dmesg"]).stdout
+        modes = runners["remote"].run(
+            ["stat", "-c", "%a %n", f"{good.host_entry}/dhchap_key",
+             f"{good.host_entry}/dhchap_ctrl_key"]
+        ).stdout.split("\n")  # fmt: skip
+    finally:
+        execute_teardown(disconnect_plan(good), runners)
+    assert leftovers(runners) == []
+    _report(request, f"DH-HMAC-CHAP: no key refused in {t_bare:.1f} s, a wrong key in "
+                     f"{t_wrong:.1f} s, the right one connected; target key modes: "
+                     f"{'; '.join(m for m in modes if m)}")  # fmt: skip
+
+
+def test_a_target_that_is_not_our_export_is_never_formatted(request, runners):
+    """Something else answers at the fabric address: an export we did not make (here: made
+    by hand, asking for no key at all, which the host kernel accepts even though it holds a
+    controller key). Its serial is not the one we chose, so nothing is formatted."""
+    assert leftovers(runners) == []
+    auth = FabricAuth(new_key(), new_key(), local_host_id(runners["local"]))
+    ours = _spec(runners, "tcp", auth=auth, serial="5eed0000000000000002")
+    rogue = dataclasses.replace(ours, auth=None, serial="0123456789abcdef0123")
+    err = _attach_with(runners, rogue, ours)
+    assert err.step.name == "check it is our export"
+    assert "reports serial '0123456789abcdef0123', not the '5eed0000000000000002'" in str(err)
+    _report(request, "a target asking no key is accepted by the host kernel; the serial "
+                     "check refused it before mkfs")  # fmt: skip
 
 
 def _fingerprint(pub: str) -> str:
@@ -436,12 +574,18 @@ def _connect(agent: DaemonAgent, runners, pool: str) -> dict:
     transport = ENGINE_POOLS[pool][0]
     answer = _ok(agent("connect", pool=pool))
     # The Job's Step named the plan's steps in order (signals are coalesced at <= 10 Hz, so
-    # a client may miss some) and it ended with every step done.
-    names = [s.name for s in connect_plan(_spec(runners, transport)).steps]
+    # a client may miss some) and it ended with every step done. Both guests have
+    # DH-HMAC-CHAP, so the daemon's plan has the key steps and the serial check.
+    some_keys = FabricAuth(new_key(), new_key())
+    spec = _spec(runners, transport, auth=some_keys, serial="0")
+    names = [s.name for s in connect_plan(spec).steps]
     seen = iter(names)
     assert answer["steps"] and all(step in seen for step in answer["steps"]), answer["steps"]
     assert answer["progress"] == 1.0
     assert f"pool {pool} connected to {FABRIC['remote']} over {transport}" in answer["message"]
+    # the daemon authenticated: the target's entry for the guest holds the key it set
+    host_key = runners["remote"].read_text(f"{spec.host_entry}/dhchap_key")
+    assert host_key is not None and host_key.startswith("DHHC-1:00:"), host_key
     st = _ok(agent("status"))["pools"][pool]
     assert (st["kind"], st["state"], st["path"]) == ("nvmeof", "mounted", f"/mnt/{pool}")
     assert 0 < st["size"] <= RAM_SIZE

@@ -6,10 +6,11 @@ Remote host (over SSH), for pool P of client C (this machine):
     a file of ramdiskSize bytes in it, fallocate'd            grow: brd's size is a module
     a loop device on that file                                parameter shared by all disks)
     nvmet subsystem nqn...:C:P, allow_any_host=0, only C's host NQN allowed,
+    and, where both kernels have it, only with its DH-HMAC-CHAP host key (auth.py),
     namespace 1 = the loop device, port <trsvcid> (tcp|rdma, traddr, adrfam), linked.
 
-This machine: modprobe nvme-<transport>, nvme connect, wait for /dev/nvmeXnY (sysfs),
-mkfs.ext4, mount at the pool's path.
+This machine: modprobe nvme-<transport>, nvme connect (the keys on its stdin), wait for
+/dev/nvmeXnY (sysfs), mkfs.ext4, mount at the pool's path.
 
 Disconnect is the undos of all that, last first, each guarded so that it is harmless when
 its object is already gone. Every argv is built from values checked in values.py.
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
 from ..errors import InvalidArgument
+from .auth import DHCHAP_DHGROUP, DHCHAP_HASH, FabricAuth
 from .plan import (
     Action,
+    CheckSerial,
     Command,
     ControllerAttr,
     DetachLoop,
@@ -31,6 +34,7 @@ from .plan import (
     Plan,
     Ref,
     RemoveIfUnused,
+    Secret,
     Step,
     WaitForNamespace,
     cmd,
@@ -74,6 +78,13 @@ class RemotePoolSpec:
     fabric: FabricAddress
     size: int
     mount_path: str
+    # DH-HMAC-CHAP keys for this connect, chosen just before it (auth.keys_for); None: the
+    # target admits the host NQN alone. Disconnect and grow need none.
+    auth: FabricAuth | None = None
+    # A random serial number given to the subsystem at export and checked on the controller
+    # before mkfs: only the export we made over SSH is formatted and mounted, not whatever
+    # answers at the fabric address. Chosen with the keys; None: not checked (teardown).
+    serial: str | None = None
 
     def __post_init__(self) -> None:
         check_pool_name(self.pool)
@@ -95,6 +106,11 @@ class RemotePoolSpec:
     @property
     def backing_file(self) -> str:
         return f"{self.ram_dir}/ram"
+
+    @property
+    def host_entry(self) -> str:
+        """The target's configfs entry for this machine's host NQN (shared by our pools)."""
+        return f"{NVMET}/hosts/{self.host_nqn}"
 
     @property
     def port_id(self) -> str:
@@ -171,7 +187,7 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
     tr = spec.fabric.transport.value
     sub = f"{NVMET}/subsystems/{spec.subsystem_nqn}"
     ns = f"{sub}/namespaces/{NSID}"
-    host = f"{NVMET}/hosts/{spec.host_nqn}"
+    host = spec.host_entry
     allowed = f"{sub}/allowed_hosts/{spec.host_nqn}"
     port = f"{NVMET}/ports/{spec.port_id}"
     link = f"{port}/subsystems/{spec.subsystem_nqn}"
@@ -179,6 +195,22 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
     tmpfs_options = f"size={spec.size + TMPFS_SLACK},mode=0700,nosuid,nodev,noexec"
 
     r = _steps_on("remote")
+
+    # The keys are set before the host is allowed in, so there is no moment in which the
+    # subsystem admits the bare NQN. No undos: they go with the host entry.
+    auth = []
+    if spec.auth is not None:
+        auth = [
+            r("set auth hash", write(f"{host}/dhchap_hash", DHCHAP_HASH)),
+            r("set auth DH group", write(f"{host}/dhchap_dhgroup", DHCHAP_DHGROUP)),
+            r("set host key", write(f"{host}/dhchap_key", Secret("host key", spec.auth.host_key))),
+            r("set controller key",
+              write(f"{host}/dhchap_ctrl_key", Secret("controller key", spec.auth.ctrl_key))),
+        ]  # fmt: skip
+
+    serial = []
+    if spec.serial is not None:
+        serial = [r("set serial number", write(f"{sub}/attr_serial", spec.serial))]
 
     # fmt: off
     return [
@@ -193,7 +225,9 @@ def export_steps(spec: RemotePoolSpec) -> list[Step]:
           DetachLoop(f), capture="loopdev"),
         r("create subsystem", cmd("mkdir", sub), cmd("rmdir", sub), _test("-d", sub)),
         r("refuse unknown hosts", write(f"{sub}/attr_allow_any_host", "0")),
+        *serial,
         r("create host entry", cmd("mkdir", "-p", host), RemoveIfUnused(host), _test("-d", host)),
+        *auth,
         r("allow this host", cmd("ln", "-s", host, allowed),
           cmd("rm", allowed), _test("-L", allowed)),
         r("create namespace", cmd("mkdir", ns), cmd("rmdir", ns), _test("-d", ns)),
@@ -219,16 +253,22 @@ def attach_steps(spec: RemotePoolSpec, wait_timeout: float = DEVICE_TIMEOUT) -> 
 
     loc = _steps_on("local")
 
+    connect = cmd("nvme", "connect", "--transport", tr, "--traddr", fabric.traddr,
+                  "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn,
+                  "--ctrl-loss-tmo", str(CTRL_LOSS_TMO),
+                  "--reconnect-delay", str(RECONNECT_DELAY))  # fmt: skip
+    if spec.auth is not None:
+        # The keys go in a JSON config on stdin: a command line is readable by every user.
+        # /proc/self/fd/0, not /dev/stdin: a host without udev has no /dev/stdin link.
+        config = spec.auth.connect_config(spec.host_nqn, nqn, tr, fabric.traddr, fabric.trsvcid)
+        connect = Command((*connect.argv, "--config", "/proc/self/fd/0"), Secret("keys", config))
+
     # fmt: off
     return [
         loc("load nvme host driver", cmd("modprobe", f"nvme-{tr}")),
-        loc("connect",
-            cmd("nvme", "connect", "--transport", tr, "--traddr", fabric.traddr,
-                "--trsvcid", str(fabric.trsvcid), "--nqn", nqn, "--hostnqn", spec.host_nqn,
-                "--ctrl-loss-tmo", str(CTRL_LOSS_TMO),
-                "--reconnect-delay", str(RECONNECT_DELAY)),
-            Disconnect(nqn)),
+        loc("connect", connect, Disconnect(nqn)),
         loc("wait for block device", WaitForNamespace(nqn, wait_timeout), capture="blockdev"),
+        *([loc("check it is our export", CheckSerial(nqn, spec.serial))] if spec.serial else []),
         loc("fail I/O fast while reconnecting",
             ControllerAttr(nqn, "fast_io_fail_tmo", str(FAST_IO_FAIL_TMO))),
         loc("create filesystem",

@@ -58,7 +58,19 @@ class Ref:
     name: str
 
 
-Arg = str | Ref
+@dataclass(frozen=True)
+class Secret:
+    """A value that must never be seen: shown as ``<name>``, passed to a command on stdin
+    only (argv is world-readable in /proc/<pid>/cmdline), never in a message or a log."""
+
+    name: str
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"<{self.name}>"
+
+
+Arg = str | Ref | Secret
 
 
 class StepFailed(Failed):
@@ -68,7 +80,9 @@ class StepFailed(Failed):
 def _resolve(args: Sequence[Arg], ctx: Mapping[str, str]) -> tuple[str, ...]:
     out = []
     for a in args:
-        if isinstance(a, Ref):
+        if isinstance(a, Secret):
+            out.append(a.value)
+        elif isinstance(a, Ref):
             if a.name not in ctx:
                 raise StepFailed(f"internal: no value captured for {{{a.name}}}")
             out.append(ctx[a.name])
@@ -77,8 +91,16 @@ def _resolve(args: Sequence[Arg], ctx: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _show_one(a: Arg) -> str:
+    if isinstance(a, Ref):
+        return "{" + a.name + "}"
+    if isinstance(a, Secret):
+        return str(a)
+    return shlex.quote(a)
+
+
 def _show(args: Sequence[Arg]) -> str:
-    return " ".join("{" + a.name + "}" if isinstance(a, Ref) else shlex.quote(a) for a in args)
+    return " ".join(_show_one(a) for a in args)
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,10 @@ class Command:
 
     argv: tuple[Arg, ...]
     stdin: Arg | None = None
+
+    def __post_init__(self) -> None:
+        if any(isinstance(a, Secret) for a in self.argv):
+            raise ValueError(f"a secret on the command line of {self.argv[0]!r}; use stdin")
 
     def show(self) -> str:
         s = _show(self.argv)
@@ -242,7 +268,36 @@ class RemoveIfUnused:
         raise StepFailed(f"{runner.name}: {step}: `rmdir {shlex.quote(self.path)}` failed: {why}")
 
 
-Action = Command | DetachLoop | WaitForNamespace | Disconnect | RemoveIfUnused | ControllerAttr
+@dataclass(frozen=True)
+class CheckSerial:
+    """Every controller of ``nqn`` reports ``serial``: the one our export was given over SSH.
+
+    Without it, whatever answers at the fabric address would be formatted and mounted.
+    """
+
+    nqn: str
+    serial: str
+
+    def show(self) -> str:
+        return f"check /sys/class/nvme/<each controller of {self.nqn}>/serial is {self.serial}"
+
+    def execute(self, runner: Runner, ctx: Mapping[str, str], step: str) -> str:
+        for c in controllers_of(runner, self.nqn):
+            got = (runner.read_text(f"/sys/class/nvme/{c}/serial") or "").strip()
+            if got != self.serial:
+                raise StepFailed(
+                    f"{runner.name}: {step}: the controller that answered for {self.nqn} "
+                    f"reports serial {got!r}, not the {self.serial!r} our export was given: "
+                    "something other than that host answers at its fabric address; refusing "
+                    "to format or mount it"
+                )
+        return self.serial
+
+
+Action = (
+    Command | DetachLoop | WaitForNamespace | Disconnect | RemoveIfUnused | ControllerAttr
+    | CheckSerial
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

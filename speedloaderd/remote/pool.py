@@ -9,8 +9,10 @@ checked) and runs the plan on both hosts. Blocking: run it in a worker thread; p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from ..config import RemoteHostConfig
 from ..errors import Busy, Failed, InvalidArgument
 from ..pools import PoolState, PoolUsage, statvfs_usage
 from ..sizes import format_size
+from .auth import keys_for
+from .capacity import check_can_lend
 from .nvmeof import (
     RemotePoolSpec,
     check_host_config,
@@ -29,7 +33,7 @@ from .nvmeof import (
     spec_from_config,
     unexport_plan,
 )
-from .plan import Plan, Runner, StepHook, execute, execute_teardown
+from .plan import Plan, Runner, StepHook, cmd, execute, execute_teardown
 from .probe import Probe, mounted_source, probe
 from .runners import KNOWN_HOSTS, LocalRunner, SshRunner
 from .sysfs import controllers_of
@@ -92,9 +96,25 @@ class RemotePoolLink:
     def run(self, plan: Plan, on_step: StepHook | None = None) -> dict[str, str]:
         return execute(plan, self.runners, on_step)
 
+    def prepare_connect(self) -> RemotePoolSpec:
+        """Before a connect: refuse (NoSpace, nothing changed anywhere) unless the remote host
+        can lend the pool's RAM; then load the fabric modules on both hosts, choose the
+        DH-HMAC-CHAP keys (None where a kernel lacks it) and the export's serial number.
+        Sets and returns ``self.spec``."""
+        spec = self.spec
+        check_can_lend(self.remote, spec.ssh.host, spec.pool, spec.size, "pool")
+        tr = spec.fabric.transport.value
+        cmd("modprobe", "-a", "nvmet", f"nvmet-{tr}").execute(self.remote, {}, "load modules")
+        cmd("modprobe", "nvme-fabrics").execute(self.local, {}, "load nvme-fabrics")
+        auth = keys_for(self.remote, self.local, spec.host_entry)
+        self.spec = dataclasses.replace(spec, auth=auth, serial=secrets.token_hex(10))
+        return self.spec
+
     def connect(self, on_step: StepHook | None = None) -> dict[str, str]:
-        """Export RAM there, mount it here; on failure everything done so far is undone."""
-        return self.run(connect_plan(self.spec), on_step)
+        """Export RAM there, mount it here; on failure everything done so far is undone.
+
+        Refused before anything is created if the remote host cannot lend the RAM."""
+        return self.run(connect_plan(self.prepare_connect()), on_step)
 
     def disconnect(self) -> None:
         """Unmount, disconnect, tear down the export; harmless if (partly) done already.
@@ -104,7 +124,14 @@ class RemotePoolLink:
         execute_teardown(disconnect_plan(self.spec), self.runners)
 
     def grow(self, new_size: int, on_step: StepHook | None = None) -> None:
-        self.run(grow_plan(self.spec, new_size), on_step)
+        """Grow online; refused before anything changes if the remote host cannot lend
+        the extra RAM (the RAM the pool has is taken already: only the growth counts)."""
+        plan = grow_plan(self.spec, new_size)  # refuses shrinking and odd sizes first
+        growth = new_size - self.spec.size
+        if growth > 0:
+            check_can_lend(self.remote, self.spec.ssh.host, self.spec.pool, growth,
+                           f"growing to {format_size(new_size)} the pool")  # fmt: skip
+        self.run(plan, on_step)
 
 
 StepReport = Callable[[int, int, str], None]
@@ -153,6 +180,7 @@ class RemotePool:
         self.speed = cfg.speed
         self.connected = False  # connected or adopted by this process, not disconnected since
         self.lost = ""  # why the health watch gave the pool up; cleared by connect/disconnect
+        self.authenticated = False  # the last connect of this process used DH-HMAC-CHAP
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -250,13 +278,15 @@ class RemotePool:
                 execute_teardown(disconnect_plan(spec), link.runners)
                 hook = None if on_step is None else _plan_hook(on_step)
                 link.connect(hook)
+                self.authenticated = link.spec.auth is not None
             self.connected, self.lost = True, ""
             log.info(
-                "connected remote pool %s: %s over %s from %s, mounted at %s",
+                "connected remote pool %s: %s over %s from %s (%s), mounted at %s",
                 self.name,
                 format_size(self.size),
                 spec.fabric.transport.value,
                 spec.ssh.host,
+                "DH-HMAC-CHAP" if self.authenticated else "NOT authenticated",
                 self.path,
             )
 

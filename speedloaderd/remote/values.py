@@ -38,7 +38,10 @@ _NQN_RE = re.compile(
 NQN_MAX = 223
 
 MIN_RAM_SIZE = 16 << 20  # ext4 plus a journal needs some room; smaller is a typo
-MAX_RAM_SIZE = 1 << 50
+# A hard cap that catches typos and absurd values before any host is asked: more than the
+# largest single servers hold today. The real limit is the remote host's MemAvailable,
+# checked at connect and resize (capacity.py).
+MAX_RAM_SIZE = 16 << 40
 _ALIGN = 1 << 20  # whole MiB: tmpfs pages, loop sectors and nvme LBAs all divide it
 
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -82,12 +85,12 @@ def check_nqn(value: str) -> str:
 
 
 def check_ram_size(value: int) -> int:
-    """Bytes of remote RAM for one pool: a whole number of MiB, 16 MiB to 1 PiB."""
+    """Bytes of remote RAM for one pool: a whole number of MiB, 16 MiB to 16 TiB."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{value!r} is not a size in bytes")
     if value < MIN_RAM_SIZE or value > MAX_RAM_SIZE:
         raise InvalidArgument(
-            f"ramdiskSize {value} bytes is out of range (16M to 1P) for a remote pool"
+            f"ramdiskSize {value} bytes is out of range (16M to 16T) for a remote pool"
         )
     if value % _ALIGN:
         raise InvalidArgument(f"ramdiskSize {value} bytes is not a whole number of MiB")
