@@ -712,6 +712,8 @@ class Engine:
     # --- pools -------------------------------------------------------------------------
 
     def _add_remote_pool(self, name: str, host: RemoteHostConfig) -> RemotePool:
+        if host.path is None:  # the legacy format names no mount point: poolsRoot's
+            host = host.model_copy(update={"path": self.config.pools_root / name})
         try:
             pool = RemotePool(name, host, self.config.ssh_key_path)
         except InvalidArgument as err:
@@ -960,6 +962,9 @@ def check_config_paths(config: Config) -> None:
     check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
     for pc in config.local_pools():
         check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
+    for name, host in config.remote_tiers.hosts.items():
+        path = host.path or config.pools_root / name
+        check_trusted_dir(path, f"pool {name!r} path", allow_missing=True)
 
 
 def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..config import RemoteHostConfig
 from ..errors import Busy, Failed, InvalidArgument
 from ..pools import PoolState, PoolUsage, statvfs_usage
+from ..roots import ensure_trusted_dir
 from ..sizes import format_size
 from .auth import keys_for
 from .capacity import check_can_lend
@@ -267,6 +268,9 @@ class RemotePool:
                     f"cannot connect pool {self.name!r}: {source} is mounted at {self.path}; "
                     "unmount it or give the pool another path"
                 )
+            if source is None:
+                # The mount point must be root's alone along its path, like a tmpfs pool's.
+                ensure_trusted_dir(self.path, f"pool {self.name!r} path")
             if source is None and os.path.isdir(self.path) and os.listdir(self.path):
                 raise Busy(
                     f"cannot connect pool {self.name!r}: {self.path} is not empty and not a "

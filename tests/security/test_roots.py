@@ -349,8 +349,9 @@ _PATH_METHODS = {
     "open", "unlink", "rename", "rmdir", "is_file", "is_dir", "exists", "resolve",
     "readlink", "stat", "lstat",
 }  # fmt: skip
-# Receivers that are Root objects: their methods of the same names are the safe ones.
-_ROOT_RECEIVERS = ("tree", "cold", "dst_root", "src_root", "journal")
+# Receivers that are Root objects: their methods of the same names are the safe ones; and
+# remote/runners.py's Runners, which read /proc, /sys and configfs, locally or over SSH.
+_ROOT_RECEIVERS = ("tree", "cold", "dst_root", "src_root", "journal", "runner", "local", "remote")
 # Each use outside the roots, with why it is not under one.
 _ALLOWED = {
     ("speedloaderd/config.py", "os.open"): "the config file's own directory, fsync",
@@ -393,6 +394,8 @@ def _calls(path: Path) -> list[tuple[str, int]]:
                 out.append((f"{recv}.{f.attr}", node.lineno))
             elif recv == "os.path" and f.attr in ("exists", "isfile", "isdir", "lexists"):
                 out.append((f"os.path.{f.attr}", node.lineno))
+            elif f.attr == "replace" and (len(node.args) != 1 or recv == "dataclasses"):
+                continue  # str.replace(old, new), dataclasses.replace(obj, ...)
             elif (
                 f.attr in _PATH_METHODS
                 and not recv.endswith(_ROOT_RECEIVERS)
