@@ -109,7 +109,7 @@ class ManagerInterface(Snapshot):
 
     @dbus_property(access=READ)
     def ColdStorageState(self) -> "s":
-        """"available", or "unavailable" (missing, empty, another filesystem): then the
+        """Either available, or unavailable (missing, empty, another filesystem): then the
         catalog, the links and the RAM copies are kept as they were, and retried."""
         return self.values.get("ColdStorageState", "unavailable")
 

@@ -339,7 +339,8 @@ class Server:
         problems = [p.message for p in self.engine.catalog.problems]
         if len(problems) > SCAN_PROBLEMS_MAX:  # one bad tree must not make a huge reply
             more = len(problems) - SCAN_PROBLEMS_MAX
-            problems = [*problems[:SCAN_PROBLEMS_MAX], f"... and {more} more (slctl health lists them all)"]
+            tail = f"... and {more} more (slctl health lists them all)"
+            problems = [*problems[:SCAN_PROBLEMS_MAX], tail]
         return {
             "ColdStorageState": "unavailable" if self.engine.cold_problem else "available",
             "ColdStorageProblem": self.engine.cold_problem,

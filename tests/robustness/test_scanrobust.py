@@ -171,9 +171,7 @@ def test_a_failed_rescan_leaves_engine_and_bus_agreeing(daemon_factory):
     before = models_on_bus(dl)
     st = os.statvfs(models)
     used = st.f_files - st.f_ffree
-    subprocess.run(
-        ["mount", "-o", f"remount,nr_inodes={used + 1}", str(models)], check=True
-    )
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 1}", str(models)], check=True)
     make_ollama_model(dl.lab.cold, "late:1b", (128 * 1024,))
     dl.lab.seal()
     err = rescan_error(dl)
@@ -282,9 +280,7 @@ def test_unmounted_cold_storage_wipes_nothing_and_comes_back(daemon_factory, wor
     assert models_on_bus(dl) == before_bus and on_disk(dl) == before_disk
 
 
-def test_emptied_cold_storage_is_suspicious_until_a_person_leaves_an_entry(
-    daemon_factory, workdir
-):
+def test_emptied_cold_storage_is_suspicious_until_a_person_leaves_an_entry(daemon_factory, workdir):
     dl = daemon_factory()
     store = cold_on_tmpfs(dl, workdir)
     dl.start()
