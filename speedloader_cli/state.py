@@ -174,8 +174,14 @@ class Snapshot:
                 "type": self.manager.get("Backend") or None,
                 "apiUrl": self.manager.get("BackendApiUrl") or None,
             },
+            "coldStorage": {
+                "path": self.manager.get("ColdStorage") or None,
+                "state": self.manager.get("ColdStorageState") or None,
+                "problem": self.manager.get("ColdStorageProblem") or None,
+            },
+            "scanProblems": list(self.manager.get("ScanProblems", [])),
             "pools": [p.to_json() for p in self.pools],
-            "models": [m.to_json() for m in self.models],
+            "models": [m.to_json() | {"problems": list(m.problems)} for m in self.models],
             "jobs": [j.to_json() for j in self.running_jobs],
         }
 

@@ -19,6 +19,9 @@ from .errors import Exit
 from .output import print_json, table
 from .state import Snapshot, snapshot
 
+STATUS_PROBLEMS = 20
+"""Problems on cold storage that ``slctl status`` prints; Health lists every one."""
+
 
 @click.command(context_settings=CONTEXT)
 @JSON
@@ -45,6 +48,11 @@ def status(as_json: bool) -> None:
         f"models dir: {m.get('ModelsDir')}   cold storage: {m.get('ColdStorage')}   "
         f"placement: {m.get('Strategy')}"
     )
+    if m.get("ColdStorageState") == "unavailable":
+        click.echo(
+            f"cold storage unavailable: {m.get('ColdStorageProblem')}; hot models are served "
+            "from RAM, nothing is pruned, and the daemon looks again every few seconds"
+        )
     click.echo()
     click.echo(table(["POOL", "KIND", "STATE", "USAGE", "SPEED", "PATH"], pool_rows(snap)))
     for p in snap.pools:
@@ -56,6 +64,15 @@ def status(as_json: bool) -> None:
     headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE"]
     rows = model_rows(Snapshot(snap.manager, [], hot + cold, []))
     click.echo(table(headers, rows) if rows else "no models found on cold storage")
+    problems = [f"model {v.name}: {'; '.join(v.problems)}" for v in snap.models if v.problems]
+    problems += list(m.get("ScanProblems", []))
+    if problems:
+        click.echo()
+        for line in problems[:STATUS_PROBLEMS]:
+            click.echo(line)
+        if len(problems) > STATUS_PROBLEMS:
+            more = len(problems) - STATUS_PROBLEMS
+            click.echo(f"... and {more} more problem(s); `slctl health` lists them all")
     if snap.running_jobs:
         click.echo()
         click.echo(

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import health, placement
-from .catalog import scan
+from .catalog import availability, scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
     Config,
@@ -51,7 +51,7 @@ from .modelsdir import COLD, ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
 from .remote.pool import RemotePool
-from .roots import check_trusted_dir, ensure_trusted_dir
+from .roots import Root, check_trusted_dir, ensure_trusted_dir
 from .sizes import format_size
 from .transfer import Progress, ProgressMeter, copy_into, is_partial
 
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 _POOL_SKIP = {"lost+found"}
 # Seconds between two probes of the remote pools (sysfs and /proc/mounts: cheap).
 REMOTE_WATCH_INTERVAL = 3.0
+# Seconds between two looks at cold storage while it is unavailable (a stat, a statvfs and
+# one entry of the root listed: cheap even on NFS).
+COLD_RETRY_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,11 @@ class Engine:
         self.recovery_actions: list[str] = []
         self.watch_interval = REMOTE_WATCH_INTERVAL
         self._watch: asyncio.Task[None] | None = None
+        # Why cold storage is unavailable ("" when it is there): while it is, the catalog,
+        # the links and the pool copies are kept as they are, and a retry task looks again.
+        self.cold_problem = ""
+        self.cold_retry_interval = COLD_RETRY_INTERVAL
+        self._cold_retry: asyncio.Task[None] | None = None
         for pc in config.local_pools():
             self._add_pool_object(pc)
         for name, host in config.remote_tiers.hosts.items():
@@ -127,6 +135,7 @@ class Engine:
         """Mount pools, scan cold storage, recover from any crash, sync the models dir;
         then watch the remote pools."""
         await asyncio.to_thread(self._start_blocking)
+        self._watch_cold_storage()
         if any(p.kind == RemotePool.kind for p in self.pools.values()):
             self._watch = asyncio.get_running_loop().create_task(
                 self._watch_remote_pools(), name="remote-pool-watch"
@@ -137,6 +146,9 @@ class Engine:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._cold_retry is not None:
+            self._cold_retry.cancel()
+            self._cold_retry = None
 
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
@@ -147,23 +159,55 @@ class Engine:
                 pool.startup()  # tmpfs: mount or adopt; remote: adopt if still connected
             except Exception as err:  # one bad pool must not keep the others down
                 log.error("pool %s not mounted: %s", pool.name, err)
-        self._scan()
+        found = self._scan(adopt=False)
+        if found is not None:
+            self._adopt(found[0])
         self.recovery_actions = self.recover()
+        if found is not None:
+            self._remember_cold(found[1])
 
-    def _scan(self) -> None:
-        self.catalog = scan(self.config.storage.path, self.config.backend.type.value)
+    def _scan(self, adopt: bool) -> tuple[ScanResult, availability.ColdLook] | None:
+        """A new catalog, not yet adopted; None when cold storage is unavailable (then
+        ``cold_problem`` says why and nothing may be pruned). ``adopt``: a person asked."""
+        cold = self.config.storage.path
+        seen = availability.look(cold)
+        last = availability.load_record(Root(self.config.state_dir, "state dir"))
+        expected = last.models if last is not None else 0
+        if not isinstance(seen, str) and seen.empty and not expected:
+            # No record (first start since it was kept): links into cold storage are the
+            # evidence that models were there.
+            expected = sum(1 for e in self.models_dir.walk() if e.is_link)
+        why = availability.judge(seen, last, expected, adopt=adopt)
+        problem = f"cold storage {cold} {why}" if why else ""
+        if problem and problem != self.cold_problem:  # once per change, not every retry
+            log.warning("%s; keeping the catalog, the links and the RAM copies", problem)
+        self.cold_problem = problem
+        if problem:
+            return None
+        assert not isinstance(seen, str)
+        return scan(cold, self.config.backend.type.value), seen
+
+    def _adopt(self, catalog: ScanResult) -> None:
         users: dict[str, list[str]] = defaultdict(list)
-        for model in self.catalog.models.values():
+        for model in catalog.models.values():
             for rel in {f.rel for f in model.data_files}:
                 users[rel].append(model.name)
-        self.users = dict(users)
-        bad = sum(1 for m in self.catalog.models.values() if not m.ok)
+        self.catalog, self.users = catalog, dict(users)
+        bad = sum(1 for m in catalog.models.values() if not m.ok)
         log.info(
-            "catalog: %d models on %s (%d with problems)",
-            len(self.catalog.models),
+            "catalog: %d models on %s (%d with problems, %d scan problems)",
+            len(catalog.models),
             self.config.storage.path,
             bad,
+            len(catalog.problems),
         )
+
+    def _remember_cold(self, seen: availability.ColdLook) -> None:
+        """Record the filesystem and model count of a scan that was believed and synced."""
+        record = availability.ColdRecord(seen.dev, seen.fsid, len(self.catalog.models))
+        state = Root(self.config.state_dir, "state dir")
+        if availability.load_record(state) != record:
+            availability.save_record(state, record)
 
     def recover(self) -> list[str]:
         """Finish or roll back what a crash interrupted; then make links and pools agree.
@@ -176,11 +220,14 @@ class Engine:
         for entry in self.journal.pending():
             actions.append(self._replay(entry, mounted))
             self.journal.remove(entry.id)
-        report = self.models_dir.sync(self.catalog, mounted)
-        actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
-        actions += [f"removed stale entry {rel}" for rel in report.removed]
-        for name in mounted:
-            actions += [f"removed {p} from pool {name}" for p in self._gc_pool(name)]
+        if self.cold_problem:  # no sync, no gc: links and RAM copies wait for cold storage
+            actions.append(f"kept the models dir and pools as they are: {self.cold_problem}")
+        else:
+            report = self.models_dir.sync(self.catalog, mounted)
+            actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
+            actions += [f"removed stale entry {rel}" for rel in report.removed]
+            for name in mounted:
+                actions += [f"removed {p} from pool {name}" for p in self._gc_pool(name)]
         for a in actions:
             log.info("recovery: %s", a)
         return actions
@@ -562,6 +609,10 @@ class Engine:
     def demote(self, name: str, started_by_uid: int = 0) -> Job:
         """Repoint ``name`` to cold storage and free its RAM; returns its Job at once."""
         self.model(name)
+        if self.cold_problem:  # the links would point at files that are not there
+            raise Failed(
+                f"{self.cold_problem}; {name} keeps its RAM copy until cold storage is back"
+            )
         active = self._active.get(name)
         if active is not None:
             if active.operation == "demote":
@@ -942,15 +993,67 @@ class Engine:
 
     # --- rescan ------------------------------------------------------------------------
 
-    async def rescan(self) -> int:
-        async with self._lock:
-            await asyncio.to_thread(self._rescan_blocking)
-        self._emit("catalog", "")
+    async def rescan(self, adopt: bool = True) -> int:
+        """Scan cold storage again and sync the models dir to it. ``adopt`` (a person asked)
+        may take cold storage on another filesystem than the recorded one.
+
+        Raises Failed, changing nothing the bus shows, when cold storage is unavailable or
+        the models dir cannot be synced; the previous catalog then stays."""
+        try:
+            async with self._lock:
+                await asyncio.to_thread(self._rescan_blocking, adopt)
+        finally:
+            self._emit("catalog", "")  # the cold storage state may have changed either way
+            self._watch_cold_storage()
         return len(self.catalog.models)
 
-    def _rescan_blocking(self) -> None:
-        self._scan()
-        self.models_dir.sync(self.catalog, self._mounted())
+    def _rescan_blocking(self, adopt: bool) -> None:
+        found = self._scan(adopt)
+        if found is None:
+            raise Failed(
+                f"{self.cold_problem}; the catalog, the links and the RAM copies are kept "
+                "until it is back"
+            )
+        catalog, seen = found
+        try:
+            self.models_dir.sync(catalog, self._mounted())
+        except OSError as err:  # e.g. the models dir is full: the old catalog stays
+            raise Failed(
+                f"rescan could not update the models dir {self.config.models_dir} "
+                f"({err.strerror}); the previous catalog stays"
+            ) from None
+        # Adopted only once the models dir reflects it: the engine, the links and the bus
+        # never disagree after a failed rescan.
+        self._adopt(catalog)
+        self._remember_cold(seen)
+
+    # --- cold storage retry ------------------------------------------------------------
+
+    def _watch_cold_storage(self) -> None:
+        """While cold storage is unavailable, look again every few seconds (started on the
+        event loop; ends by itself once cold storage is back)."""
+        if self.cold_problem and (self._cold_retry is None or self._cold_retry.done()):
+            self._cold_retry = asyncio.get_running_loop().create_task(
+                self._retry_cold_storage(), name="cold-storage-retry"
+            )
+
+    async def _retry_cold_storage(self) -> None:
+        while self.cold_problem:
+            await asyncio.sleep(self.cold_retry_interval)
+            before = self.cold_problem
+            try:
+                seen = await asyncio.to_thread(availability.look, self.config.storage.path)
+                if isinstance(seen, str) or seen.empty:
+                    continue  # not back yet: not even worth the rescan's reasoning
+                async with self._lock:
+                    await asyncio.to_thread(self._rescan_blocking, False)
+                log.info("cold storage %s is back; catalog rescanned", self.config.storage.path)
+            except Failed:
+                pass  # still unavailable (or the models dir refused): try again later
+            except Exception:  # the retry must outlive any one bad look
+                log.exception("cold storage retry failed")
+            if self.cold_problem != before:
+                self._emit("catalog", "")
 
 
 def check_config_paths(config: Config) -> None:

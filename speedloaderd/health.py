@@ -70,9 +70,21 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     # Cold storage reachable.
     md = engine.models_dir
     cold = engine.config.storage.path
-    if md.cold.stat_dir("") is None:
+    if engine.cold_problem:
+        # Repairs would move links toward cold storage that is not there, or drop RAM
+        # copies of models the (kept) catalog cannot vouch for: none while it is away.
+        add(
+            "cold-storage",
+            Status.ERROR,
+            str(cold),
+            f"{engine.cold_problem}; nothing is repaired until it is back",
+        )
+        repair = False
+    elif md.cold.stat_dir("") is None:
         add("cold-storage", Status.ERROR, str(cold), f"cold storage {cold} is not reachable")
     checked["cold-storage"] = 1
+    for problem in engine.catalog.problems:
+        add("catalog", Status.WARNING, problem.rel, problem.message)
 
     # Pools mounted and sized as configured.
     mounted = set()

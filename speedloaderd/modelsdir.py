@@ -31,7 +31,11 @@ _MANAGED_LIMIT = 64 << 20  # the list of descriptors we wrote: ~100 bytes per mo
 
 
 def _tmp_name(name: str, marker: str) -> str:
-    return f".{name}{marker}{secrets.token_hex(4)}"
+    """A fresh temporary name beside ``name``: the marker and random hex, nothing of ``name``
+    itself, so it fits NAME_MAX (255 bytes) however long the final name is (a cold-storage
+    file may be named with 250 characters). Recovery finds it by the marker alone."""
+    del name  # kept in the signature: callers say what the temporary name stands for
+    return f"{marker}{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True, slots=True)

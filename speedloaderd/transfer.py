@@ -10,7 +10,7 @@ What a copy does, in order:
    (device and inode): a cold-storage writer who swaps it for a link to a root-only file
    after the scan gets a refusal, not a copy. Nothing is ever created or written next to
    it: cold storage is the master copy.
-2. Create ``.<name>.sl-partial-<random>`` beside the destination (relative to the pool's
+2. Create ``.sl-partial-<random>`` beside the destination (relative to the pool's
    root, no symlink followed), owned like the source with at most its permission bits
    (a copy never widens access), and ``posix_fallocate``
    the full size, so a full pool fails at once rather than after minutes of copying. On a
@@ -92,7 +92,11 @@ def is_partial(name: str) -> bool:
 
 def partial_name(final_name: str) -> str:
     """A fresh temporary name for a copy that will become ``final_name``."""
-    return f".{final_name}{PARTIAL_MARKER}{secrets.token_hex(6)}"
+    # Only the marker and random hex: ``.<final_name>...`` would pass NAME_MAX (255 bytes)
+    # for a final name of 240 or more, and one long name on cold storage must not make
+    # every promote of its model fail. ``final_name`` stays in the signature for callers.
+    del final_name
+    return f"{PARTIAL_MARKER}{secrets.token_hex(8)}"
 
 
 def forget_refused_pairs() -> None:

@@ -51,8 +51,10 @@ def test_status_json_contract(daemon):
     r = slctl(daemon, "status", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert set(data) == {"backend", "pools", "models", "jobs"}
+    assert set(data) == {"backend", "coldStorage", "scanProblems", "pools", "models", "jobs"}
     assert data["backend"] == {"type": "ollama", "apiUrl": None}
+    cold = {"path": str(daemon.lab.cold), "state": "available", "problem": None}
+    assert data["coldStorage"] == cold and data["scanProblems"] == []
     [pool] = data["pools"]
     assert set(pool) == {"name", "kind", "state", "path", "sizeBytes", "usedBytes", "speed"}
     assert pool["name"] == "local" and pool["kind"] == "tmpfs" and pool["state"] == "mounted"
@@ -60,7 +62,8 @@ def test_status_json_contract(daemon):
     names = {m["name"]: m for m in data["models"]}
     assert set(names) == {"tiny:1b", "small:3b", "team/coder:7b"}
     for m in data["models"]:
-        assert set(m) == {"name", "format", "sizeBytes", "tier", "pinnedPool", "state"}
+        assert set(m) == {"name", "format", "sizeBytes", "tier", "pinnedPool", "state", "problems"}
+        assert m["problems"] == []
         assert m["tier"] == "cold" and m["state"] == "cold" and m["format"] == "ollama"
         assert m["sizeBytes"] > 0 and m["pinnedPool"] is None
     assert data["jobs"] == []

@@ -108,6 +108,22 @@ class ManagerInterface(Snapshot):
         return self.values.get("ColdStorage", "")
 
     @dbus_property(access=READ)
+    def ColdStorageState(self) -> "s":
+        """Either available, or unavailable (missing, empty, another filesystem): then the
+        catalog, the links and the RAM copies are kept as they were, and retried."""
+        return self.values.get("ColdStorageState", "unavailable")
+
+    @dbus_property(access=READ)
+    def ColdStorageProblem(self) -> "s":
+        """Why cold storage is unavailable, in one sentence; "" when it is available."""
+        return self.values.get("ColdStorageProblem", "")
+
+    @dbus_property(access=READ)
+    def ScanProblems(self) -> "as":
+        """What the last scan found wrong that belongs to no model (at most a few hundred)."""
+        return self.values.get("ScanProblems", [])
+
+    @dbus_property(access=READ)
     def Strategy(self) -> "s":
         return self.values.get("Strategy", "")
 

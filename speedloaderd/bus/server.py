@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.1
 JOB_RETENTION_S = 600.0
 JOB_RETENTION_MAX = 100
+SCAN_PROBLEMS_MAX = 200  # scan problems on the Manager; Health lists every one
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
 # (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
@@ -329,9 +330,21 @@ class Server:
 
     def _manager_values(self) -> dict[str, Any]:
         if self.engine is None:
-            return {"ConfigValid": False, "ConfigError": self.config_error}
+            return {
+                "ConfigValid": False,
+                "ConfigError": self.config_error,
+                "ColdStorageProblem": "speedloaderd has no valid configuration",
+            }
         c = self.engine.config
+        problems = [p.message for p in self.engine.catalog.problems]
+        if len(problems) > SCAN_PROBLEMS_MAX:  # one bad tree must not make a huge reply
+            more = len(problems) - SCAN_PROBLEMS_MAX
+            tail = f"... and {more} more (slctl health lists them all)"
+            problems = [*problems[:SCAN_PROBLEMS_MAX], tail]
         return {
+            "ColdStorageState": "unavailable" if self.engine.cold_problem else "available",
+            "ColdStorageProblem": self.engine.cold_problem,
+            "ScanProblems": problems,
             "ConfigValid": True,
             "ConfigError": "",
             "Backend": c.backend.type.value,

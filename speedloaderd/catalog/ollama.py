@@ -28,7 +28,14 @@ DEFAULT_NAMESPACE = "library"
 MANIFEST_LIMIT = 1 << 20
 """A manifest is a few hundred bytes; anything past 1 MiB is not one."""
 
+MANIFEST_NESTING = 32
+"""A manifest nests four levels deep; past this many it is not one. Python's json recurses
+per level, so a deeply nested document (``[[[[...``) would raise RecursionError, or worse,
+exhaust the thread's stack: the depth is measured, without recursion, before it is parsed."""
+
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# What changes the nesting depth of JSON text: brackets, quotes, and escapes inside strings.
+_JSON_TOKEN_RE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 _LAYOUT_HINT = "manifests live at manifests/<host>/<namespace>/<model>/<tag>"
 
 
@@ -155,11 +162,38 @@ def _read_model(cold: ColdRoot, rel: str, parts: tuple[str, ...], blobs: _Blobs)
     return Model(name, ModelFormat.OLLAMA, tuple(files), tuple(problems))
 
 
+def json_nesting(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, counted without recursion
+    (brackets inside strings do not count). Text that is not JSON gets some number: the
+    parser then says what is wrong with it."""
+    depth = deepest = 0
+    in_string = False
+    for m in _JSON_TOKEN_RE.finditer(data):
+        token = m.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or token[0] == 0x5C:  # in a string, or an escape (a backslash)
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def _descriptors(rel: str, data: bytes, problems: list[str]) -> list[tuple[str, dict]]:
     """The manifest's config and layer descriptors, as (what, descriptor) pairs."""
+    depth = json_nesting(data)
+    if depth > MANIFEST_NESTING:
+        problems.append(
+            f"{rel}: JSON nested {depth} levels deep, more than the {MANIFEST_NESTING} "
+            "a manifest may have; not parsed"
+        )
+        return []
     try:
         doc = json.loads(data)
-    except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
         problems.append(f"{rel}: not valid JSON ({exc})")
         return []
     if not isinstance(doc, dict):

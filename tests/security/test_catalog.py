@@ -444,7 +444,9 @@ def _entries(cold: Path) -> list[str]:
 @st.composite
 def _mutations(draw: st.DrawFn) -> list[tuple[int, str, str]]:
     """(which entry, what to make it, link target) steps, applied in order to the tree."""
-    kinds = st.sampled_from(["link", "link", "link", "abs", "fifo", "dir", "empty", "huge", "new"])
+    kinds = st.sampled_from(
+        ["link", "link", "link", "abs", "fifo", "dir", "empty", "huge", "new", "deep", "long"]
+    )
     steps = []
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(kinds)
@@ -467,6 +469,8 @@ def _apply(cold: Path, tmp: Path, steps: list[tuple[int, str, str]]) -> None:
         if kind == "new":  # a new link beside the picked entry
             path = path.parent / f"new{(pick // 1000) % 2}"
             kind = "link"
+        if kind == "long":  # a 250-character name beside the picked entry: fits NAME_MAX
+            path = path.parent / ("l" * 245 + (".gguf", ".json", "-x")[pick % 3])
         if tail == "<entry>":
             tail = entries[(pick // 7) % len(entries)]
         link_target = "../" * int(up) + tail.replace("<blob>", blob)
@@ -485,6 +489,10 @@ def _apply(cold: Path, tmp: Path, steps: list[tuple[int, str, str]]) -> None:
             path.mkdir()
         elif kind == "empty":
             path.write_bytes(b"")
+        elif kind == "deep":  # JSON nested past any recursion limit (RecursionError)
+            path.write_bytes(b'{"a":' * (pick % 3000) + b"[" * (1000 + pick % 100_000))
+        elif kind == "long":
+            path.write_bytes(b"GGUF" + bytes(pick % 97))
         else:
             with open(path, "wb") as f:
                 f.truncate(8 * MANIFEST_LIMIT)
@@ -495,6 +503,8 @@ def _apply(cold: Path, tmp: Path, steps: list[tuple[int, str, str]]) -> None:
 # Finding 5's chain, always tried: new0 -> ../../. (the repo), then a snapshot entry to
 # new0/../../../blobs/<blob>: lexically <repo>/blobs/<blob>, physically above cold storage.
 @example(steps=[(1, "new", "2:.:snapshot"), (3, "link", "0:new0/../../../blobs/<blob>:snapshot")])
+# The manifest (entry 28 of 29) nested 88,028 deep and a 250-character name, always tried.
+@example(steps=[(87_028, "deep", "0:.:any"), (4, "long", "0:.:any"), (5, "deep", "0:.:snapshot")])
 def test_any_hostile_tree_lists_nothing_outside_and_reads_no_secret(
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, str, str]]
 ) -> None:
