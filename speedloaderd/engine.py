@@ -837,6 +837,11 @@ class Engine:
 
     def disconnect_pool(self, name: str, started_by_uid: int = 0) -> Job:
         """Demote everything the pool holds (links back to cold first), then unmount."""
+        if self.cold_problem:  # its models would be left with links to nothing
+            raise Busy(
+                f"cannot disconnect pool {name!r}: {self.cold_problem}; its "
+                "models keep serving from RAM until cold storage is back"
+            )
 
         async def body(job: Job) -> str:
             pool = self.pools[name]

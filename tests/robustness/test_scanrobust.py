@@ -261,6 +261,10 @@ def test_unmounted_cold_storage_wipes_nothing_and_comes_back(daemon_factory, wor
     r = slctl(dl, "health", "--repair")
     assert r.returncode != 0 and "nothing is repaired until it is back" in r.stdout
     assert on_disk(dl) == before_disk
+    r = slctl(dl, "pool", "disconnect", "local")  # would leave links to nothing
+    assert r.returncode == 1 and "keep serving from RAM until cold storage is back" in r.stderr
+    assert on_disk(dl) == before_disk
+    assert models_on_bus(dl)["tiny:1b"] == ("local", "hot")
 
     mount_cold(dl, store)  # the retry notices by itself: no Rescan asked for
 
