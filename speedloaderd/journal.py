@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import Failed
 from .roots import Root, ensure_trusted_dir
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,16 @@ class Journal:
         ensure_trusted_dir(self.dir, "journal (stateDir/journal)", mode=0o700)
 
     def write(self, entry: Entry) -> None:
+        """Record ``entry`` durably. Raises Failed (nothing recorded) if the state dir
+        cannot take it, so the operation it guards does not start."""
         data = json.dumps(asdict(entry)).encode()
-        self.tree.write_file(f"{entry.id}.json", data, f"{entry.id}.tmp", mode=0o600)
+        try:
+            self.tree.write_file(f"{entry.id}.json", data, f"{entry.id}.tmp", mode=0o600)
+        except OSError as err:
+            raise Failed(
+                f"cannot write the journal in {self.dir} ({err.strerror}); the {entry.op} of "
+                f"{entry.model} did not start: make room in stateDir or make it writable"
+            ) from None
 
     def remove(self, entry_id: str) -> None:
         self.tree.unlink(f"{entry_id}.json", durable=True)
