@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 _POOL_SKIP = {"lost+found"}
 # Seconds between two probes of the remote pools (sysfs and /proc/mounts: cheap).
 REMOTE_WATCH_INTERVAL = 3.0
+# Seconds between two statvfs of the mounted pools that hold anything: RAM a demote freed
+# stays used while a process maps the deleted copy, and is freed when that process exits,
+# which no job of ours sees. One statvfs per pool: nothing else is read.
+USAGE_WATCH_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,9 @@ class Engine:
         self.recovery_actions: list[str] = []
         self.watch_interval = REMOTE_WATCH_INTERVAL
         self._watch: asyncio.Task[None] | None = None
+        self.usage_interval = USAGE_WATCH_INTERVAL
+        self._usage_watch: asyncio.Task[None] | None = None
+        self._used_seen: dict[str, int] = {}  # pool -> UsedBytes last read (and published)
         for pc in config.local_pools():
             self._add_pool_object(pc)
         for name, host in config.remote_tiers.hosts.items():
@@ -130,6 +137,9 @@ class Engine:
         """Mount pools, scan cold storage, recover from any crash, sync the models dir;
         then watch the remote pools."""
         await asyncio.to_thread(self._start_blocking)
+        self._usage_watch = asyncio.get_running_loop().create_task(
+            self._watch_usage(), name="pool-usage-watch"
+        )
         if any(p.kind == RemotePool.kind for p in self.pools.values()):
             self._watch = asyncio.get_running_loop().create_task(
                 self._watch_remote_pools(), name="remote-pool-watch"
@@ -140,6 +150,9 @@ class Engine:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._usage_watch is not None:
+            self._usage_watch.cancel()
+            self._usage_watch = None
 
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
@@ -304,6 +317,7 @@ class Engine:
         if state is PoolState.MOUNTED:
             usage = pool.usage()
             size, used, free = usage.size, usage.used, usage.free
+            self._used_seen[name] = used  # what the bus publishes; the usage watch diffs it
         return PoolStatus(
             name=pool.name,
             kind=pool.kind,
@@ -959,6 +973,34 @@ class Engine:
         del self.pool_roots[name]
         self._emit("pool-removed", name)
 
+    # --- pool usage watch --------------------------------------------------------------
+
+    async def _watch_usage(self) -> None:
+        while True:
+            await asyncio.sleep(self.usage_interval)
+            try:
+                for name in await asyncio.to_thread(self._usage_changes):
+                    self._emit("pool", name)
+            except Exception:  # the watch must outlive any one bad statvfs
+                log.exception("pool usage watch failed")
+
+    def _usage_changes(self) -> list[str]:
+        """Mounted pools whose used bytes changed since the last look (a statvfs each; a
+        pool given up as lost is not asked: I/O to it may hang)."""
+        changed = []
+        for name in sorted(self._mounted()):
+            pool = self.pools.get(name)
+            if pool is None or getattr(pool, "lost", ""):
+                continue
+            try:
+                used = pool.usage().used
+            except Failed:  # unmounted meanwhile: its next state change is reported anyway
+                continue
+            if name in self._used_seen and used != self._used_seen[name]:
+                changed.append(name)
+            self._used_seen[name] = used
+        return changed
+
     # --- remote pool watch -------------------------------------------------------------
 
     async def _watch_remote_pools(self) -> None:
@@ -1003,6 +1045,12 @@ class Engine:
     # --- health ------------------------------------------------------------------------
 
     async def health(self, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+        """Check (and with ``repair``, fix) what the engine holds. Only a repair takes the
+        engine lock: a look walks 50,000 models in seconds, and every promote and demote
+        waiting behind it (four concurrent looks made a 0.1 s promote take 6 s) is not
+        worth a report that reads state a running job may change the next instant anyway."""
+        if not repair:
+            return await asyncio.to_thread(health.check, self, False, verify_digests)
         async with self._lock:
             report = await asyncio.to_thread(health.check, self, repair, verify_digests)
         if repair and any(f.repaired for f in report.findings):

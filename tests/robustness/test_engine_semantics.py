@@ -176,3 +176,138 @@ def test_health_repair_clears_stale_reservations(lab):
         assert engine.model_status("big:1").state == "hot"
 
     run(scenario())
+
+
+# --- item 7: journal replay, the models dir, Health and the lock, pool usage ---------------
+
+
+@pytest.mark.parametrize(
+    "rels",
+    [
+        "blobs/sha256-abc",  # a string, not a list: tuple() made one rel per character
+        ["../../etc/passwd"],
+        ["/etc/passwd"],
+        [["nested"]],
+        None,
+    ],
+    ids=["string", "dotdot", "absolute", "nested-list", "null"],
+)
+def test_a_journal_entry_with_bad_rels_is_dropped_with_a_warning(lab, rels, caplog):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    run(lab.engine())
+    (lab.state / "journal" / "demote-bad1.json").write_text(
+        json.dumps({"id": "demote-bad1", "op": "demote", "model": "m:1", "pool": None, "rels": rels})
+    )
+    caplog.set_level(logging.WARNING, logger="speedloaderd.journal")
+
+    async def second():
+        engine = await lab.engine()  # starts: the entry does not block every start
+        assert engine.model_status("m:1").state == "cold"
+
+    run(second())
+    assert os.listdir(lab.state / "journal") == []
+    assert any("dropping unreadable journal entry demote-bad1.json" in r.message for r in caplog.records)
+    assert not (lab.models / "etc").exists()
+    assert lab.link(m.blobs[0].rel) == str(lab.cold / m.blobs[0].rel)
+
+
+def test_a_models_dir_deleted_while_running_is_rebuilt_with_its_marker(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        for rebuild in (engine.rescan, lambda: engine.health(repair=True)):
+            os.system(f"rm -rf {lab.models}")
+            report = await engine.health()  # a look says so, and changes nothing
+            assert not report.ok and not lab.models.exists()
+            assert any(f.check == "models-dir" for f in report.findings), report
+            await rebuild()
+            assert (lab.models / MARKER).is_file()
+            assert (lab.models / m.manifest_rel).is_file()
+            assert lab.link(m.blobs[0].rel) == str(lab.cold / m.blobs[0].rel)
+        # The next start adopts the rebuilt dir instead of refusing it.
+        again = await lab.engine()
+        assert again.model_status("m:1").state == "cold"
+        assert (await again.health()).ok
+
+    run(scenario())
+
+
+def test_a_look_at_health_does_not_hold_the_engine_lock(lab, monkeypatch):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    inside, release = threading.Event(), threading.Event()
+    real_check = health.check
+
+    def paused_check(engine, repair=False, verify_digests=False):
+        inside.set()
+        release.wait(WAIT)  # a walk of a big catalog, held open until the promote is done
+        return real_check(engine, repair, verify_digests)
+
+    monkeypatch.setattr(health, "check", paused_check)
+
+    async def scenario():
+        engine = await lab.engine()
+        looks = [asyncio.create_task(engine.health()) for _ in range(4)]
+        assert await asyncio.to_thread(inside.wait, WAIT)
+        try:
+            # Four looks are walking: a promote and a demote still go straight through.
+            await asyncio.wait_for(engine.promote("m:1").wait(), WAIT)
+            await asyncio.wait_for(engine.demote("m:1").wait(), WAIT)
+        finally:
+            release.set()
+        for report in await asyncio.gather(*looks):
+            assert report.ok, report
+
+    run(scenario())
+
+
+_MAPPER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+os.close(fd)
+print(m[0], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pool_usage_drops_when_a_process_mapping_a_demoted_copy_exits(lab):
+    m = make_ollama_model(lab.cold, "m:1", [8 * MiB])
+    lab.seal()
+    from speedloaderd.engine import Engine
+
+    async def scenario():
+        engine = Engine(lab.config(), None)
+        engine.usage_interval = 0.2
+        await engine.start()
+        await engine.promote("m:1").wait()
+        copy = lab.pool_path("local") / m.layers[0].rel
+        mapper = subprocess.Popen(
+            [sys.executable, "-c", _MAPPER, str(copy)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert mapper.stdout.readline()  # mapped
+            await engine.demote("m:1").wait()
+            held = engine.pool_status("local").used
+            assert held >= 8 * MiB  # the mapping keeps the deleted copy's RAM
+            events: list[tuple[str, str]] = []
+            engine.listeners.append(lambda kind, name: events.append((kind, name)))
+        finally:
+            mapper.stdin.close()
+            mapper.wait(WAIT)
+
+        async def published() -> None:
+            while ("pool", "local") not in events:
+                await asyncio.sleep(0.05)
+
+        # Nothing else happens: no job, no call. The watch alone notices the freed RAM.
+        await asyncio.wait_for(published(), WAIT)
+        assert engine.pool_status("local").used < held - 4 * MiB
+        engine.stop_watching()
+
+    run(scenario())
