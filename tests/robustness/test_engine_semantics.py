@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import mmap
 import os
 import subprocess
 import sys
@@ -20,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from speedloader_cli.client import MANAGER, POOL, ROOT
 from speedloaderd import health
 from speedloaderd.errors import Failed
 from speedloaderd.journal import Entry, Journal
 from speedloaderd.modelsdir import MARKER
+from speedloaderd.sizes import parse_size
 
 from ..lab import MiB, run
 from ..modelgen import make_ollama_model
@@ -188,9 +189,8 @@ def test_health_repair_clears_stale_reservations(lab):
         ["../../etc/passwd"],
         ["/etc/passwd"],
         [["nested"]],
-        None,
     ],
-    ids=["string", "dotdot", "absolute", "nested-list", "null"],
+    ids=["string", "dotdot", "absolute", "nested-list"],
 )
 def test_a_journal_entry_with_bad_rels_is_dropped_with_a_warning(lab, rels, caplog):
     m = make_ollama_model(lab.cold, "m:1", [MiB])
@@ -311,3 +311,44 @@ def test_pool_usage_drops_when_a_process_mapping_a_demoted_copy_exits(lab):
         engine.stop_watching()
 
     run(scenario())
+
+
+# --- item 7: arguments the daemon must refuse with one sentence -----------------------------
+
+BAD_ARGUMENTS = [
+    (ROOT, MANAGER, "AddPool", "sssu", ["x", "", "9" * 400 + "P", 1], "too large"),
+    (ROOT, MANAGER, "SetConfig", "s", ["[" * 100000], "nested too deeply"),
+    (ROOT, MANAGER, "SetConfig", "s", ['{"modelsDir": 5}'], "modelsDir"),
+    (f"{ROOT}/pools/local", POOL, "Resize", "s", ["1.5"], "whole number of bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "iface", "member", "sig", "args", "mentions"),
+    BAD_ARGUMENTS,
+    ids=["addpool-huge-size", "setconfig-deep-json", "setconfig-path-not-string", "resize-1.5"],
+)
+def test_bad_arguments_are_invalid_argument_not_internal_errors(
+    daemon, path, iface, member, sig, args, mentions
+):
+    before = daemon.state()
+    [result] = daemon.run_as(
+        None, [{"path": path, "iface": iface, "member": member, "sig": sig, "args": args}]
+    )
+    assert result.get("error") == "InvalidArgument", result
+    assert mentions in result["message"], result["message"]
+    assert "internal error" not in result["message"] and "\n" not in result["message"]
+    assert len(result["message"]) < 300, result["message"]  # one sentence, not the input
+    assert daemon.state() == before
+    assert daemon.proc.poll() is None
+
+
+def test_a_size_is_exact_and_a_bare_fraction_of_a_byte_is_refused():
+    # Why refuse rather than round: "resize fast 1.5" most likely lost its unit (1.5G);
+    # 1 byte (the old answer) or 2 would both silently do something nobody meant.
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("1.1T") == 1209462790553  # exact, not a float's rounding
+    assert parse_size("4096") == 4096
+    for bad in ("1.5", "1.5B", "9" * 400 + "P", "9" * 20, str(1 << 63)):
+        with pytest.raises(ValueError):
+            parse_size(bad)
