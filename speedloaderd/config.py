@@ -58,6 +58,8 @@ Size = Annotated[
 
 
 def _abs_path(value: Any) -> Path:
+    if not isinstance(value, (str, Path)):  # Path(5) is a TypeError: an internal error
+        raise ValueError(f"must be a path (a string), not {type(value).__name__}")
     p = Path(value)
     if not p.is_absolute():
         raise ValueError(f"{value!r} is not an absolute path")

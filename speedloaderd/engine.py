@@ -50,6 +50,7 @@ from .journal import Entry, Journal
 from .modelsdir import COLD, ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
+from .promoted import Promoted
 from .remote.pool import RemotePool
 from .roots import Root, check_trusted_dir, ensure_trusted_dir
 from .sizes import format_size
@@ -64,6 +65,10 @@ REMOTE_WATCH_INTERVAL = 3.0
 # Seconds between two looks at cold storage while it is unavailable (a stat, a statvfs and
 # one entry of the root listed: cheap even on NFS).
 COLD_RETRY_INTERVAL = 5.0
+# Seconds between two statvfs of the mounted pools that hold anything: RAM a demote freed
+# stays used while a process maps the deleted copy, and is freed when that process exits,
+# which no job of ours sees. One statvfs per pool: nothing else is read.
+USAGE_WATCH_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class Engine:
         self.users: dict[str, list[str]] = {}  # data rel -> names of models using it
         self.models_dir = ModelsDir(config.models_dir, config.storage.path, self.pool_roots)
         self.journal = Journal(config.journal_dir)
+        self.promoted = Promoted(config.state_dir)  # the models that hold RAM
         self.jobs: dict[int, Job] = {}
         self.listeners: list[Listener] = []
         self._active: dict[str, Job] = {}  # model name -> its running job
@@ -111,6 +117,7 @@ class Engine:
         self._lock = asyncio.Lock()
         self._reserved: Counter[tuple[str, str]] = Counter()
         self._unstarted: dict[int, tuple[str, int]] = {}  # job id -> (pool, bytes not started)
+        self._holds: dict[int, tuple[str, tuple[str, ...]]] = {}  # job id -> (pool, rels reserved)
         # Held while a copy preallocates its file and while placement reads free space, so
         # placement sees a file either promised (in _unstarted) or taken (statvfs), once.
         self._allocation_lock = threading.Lock()
@@ -124,6 +131,9 @@ class Engine:
         self.cold_problem = ""
         self.cold_retry_interval = COLD_RETRY_INTERVAL
         self._cold_retry: asyncio.Task[None] | None = None
+        self.usage_interval = USAGE_WATCH_INTERVAL
+        self._usage_watch: asyncio.Task[None] | None = None
+        self._used_seen: dict[str, int] = {}  # pool -> UsedBytes last read (and published)
         for pc in config.local_pools():
             self._add_pool_object(pc)
         for name, host in config.remote_tiers.hosts.items():
@@ -136,6 +146,9 @@ class Engine:
         then watch the remote pools."""
         await asyncio.to_thread(self._start_blocking)
         self._watch_cold_storage()
+        self._usage_watch = asyncio.get_running_loop().create_task(
+            self._watch_usage(), name="pool-usage-watch"
+        )
         if any(p.kind == RemotePool.kind for p in self.pools.values()):
             self._watch = asyncio.get_running_loop().create_task(
                 self._watch_remote_pools(), name="remote-pool-watch"
@@ -149,6 +162,9 @@ class Engine:
         if self._cold_retry is not None:
             self._cold_retry.cancel()
             self._cold_retry = None
+        if self._usage_watch is not None:
+            self._usage_watch.cancel()
+            self._usage_watch = None
 
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
@@ -217,6 +233,7 @@ class Engine:
         entries always roll forward: pointing at cold storage is always valid."""
         actions = [f"removed half-written link {r}" for r in self.models_dir.remove_temp_links()]
         mounted = self._mounted()
+        self.promoted.load(lambda: [n for n in self.catalog.models if self._hot(n, mounted)])
         for entry in self.journal.pending():
             actions.append(self._replay(entry, mounted))
             self.journal.remove(entry.id)
@@ -224,6 +241,7 @@ class Engine:
             actions.append(f"kept the models dir and pools as they are: {self.cold_problem}")
         else:
             report = self.models_dir.sync(self.catalog, mounted)
+            self._forget_cold(self.promoted.names, mounted)
             actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
             actions += [f"removed stale entry {rel}" for rel in report.removed]
             for name in mounted:
@@ -245,11 +263,13 @@ class Engine:
             if complete:
                 for rel in entry.rels:
                     self.models_dir.point_pool(rel, entry.pool)
+                self.promoted.add(entry.model)
                 return f"finished interrupted promote of {entry.model} to {entry.pool}"
             return f"rolled back interrupted promote of {entry.model}"
         if entry.op == "demote":
             for rel in entry.rels:
                 self.models_dir.point_cold(rel)
+            self.promoted.discard([entry.model])
             return f"finished interrupted demote of {entry.model}"
         return f"dropped interrupted {entry.op} of {entry.model}"
 
@@ -293,6 +313,15 @@ class Engine:
             w.tier not in (None, COLD) and w.tier in mounted and w.exists for w in where.values()
         )
 
+    def _hot(self, name: str, mounted: set[str]) -> bool:
+        model = self.catalog.models.get(name)
+        return model is not None and self._is_hot(self._where(model), mounted)
+
+    def _forget_cold(self, names: Iterable[str], mounted: set[str]) -> None:
+        """Drop from the promoted set those of ``names`` no longer hot (or gone): a pool
+        disconnect, a lost pool or a rescan ended their promote."""
+        self.promoted.discard([n for n in list(names) if not self._hot(n, mounted)])
+
     def model_status(self, name: str, mounted: set[str] | None = None) -> ModelStatus:
         model = self.model(name)
         mounted = self._mounted() if mounted is None else mounted
@@ -335,6 +364,7 @@ class Engine:
         if state is PoolState.MOUNTED:
             usage = pool.usage()
             size, used, free = usage.size, usage.used, usage.free
+            self._used_seen[name] = used  # what the bus publishes; the usage watch diffs it
         return PoolStatus(
             name=pool.name,
             kind=pool.kind,
@@ -482,19 +512,21 @@ class Engine:
             ):
                 tier = next(iter(where.values())).tier
                 job.pool = job.pool or tier
+                # Hot through another model's blobs until now; from now on it holds them.
+                await asyncio.to_thread(self.promoted.add, model.name)
                 return f"{model.name} is already hot in pool {tier}"
             target = await asyncio.to_thread(self._choose_pool, model, job.pool, mounted)
             job.pool = target
             tree = self.models_dir.pool(target)
             to_copy = [f for f in files if tree.lstat(f.rel) is None]
-            for rel in rels:
-                self._reserved[(target, rel)] += 1
             entry = Entry(
                 f"promote-{job.id}-{secrets.token_hex(3)}", "promote", model.name, target, rels
             )
+            # The journal first: if it cannot be written (state dir full or read-only), the
+            # promote fails having reserved nothing, so placement still sees the room.
             await asyncio.to_thread(self.journal.write, entry)
             job.bytes_total = sum(f.size for f in to_copy)
-            self._unstarted[job.id] = (target, job.bytes_total)
+            self._reserve(job.id, target, rels, job.bytes_total)
         loop = asyncio.get_running_loop()
         meter = ProgressMeter(
             job.bytes_total,
@@ -512,13 +544,11 @@ class Engine:
                 job.cancelable = False  # past this point the swap is quick and must finish
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
                 ok = True
+                # Before the journal entry goes: a crash here replays the promote, adding it.
+                await asyncio.to_thread(self.promoted.add, model.name)
         finally:
             async with self._lock:  # placement iterates _unstarted under this lock
-                self._unstarted.pop(job.id, None)
-                for rel in rels:
-                    self._reserved[(target, rel)] -= 1
-                    if self._reserved[(target, rel)] <= 0:
-                        del self._reserved[(target, rel)]
+                self._unreserve(job.id)
                 if not ok:
                     await asyncio.to_thread(self._gc_rels, target, rels)
                 await asyncio.to_thread(self.journal.remove, entry.id)
@@ -529,6 +559,38 @@ class Engine:
             f"promoted {model.name} to pool {target}: "
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
         )
+
+    def _reserve(self, job_id: int, pool: str, rels: tuple[str, ...], unstarted: int) -> None:
+        """Promise ``pool`` room for a promote: its files are not garbage, and the bytes it
+        has not started copying are not free. Under the engine lock."""
+        self._holds[job_id] = (pool, rels)
+        for rel in rels:
+            self._reserved[(pool, rel)] += 1
+        self._unstarted[job_id] = (pool, unstarted)
+
+    def _unreserve(self, job_id: int) -> None:
+        self._unstarted.pop(job_id, None)
+        pool, rels = self._holds.pop(job_id, ("", ()))
+        for rel in rels:
+            self._reserved[(pool, rel)] -= 1
+            if self._reserved[(pool, rel)] <= 0:
+                del self._reserved[(pool, rel)]
+
+    def clear_stale_reservations(self) -> list[str]:
+        """Drop reservations no running promote owns (a bug's leak must not hold a pool's
+        room until restart). Under the engine lock; returns what was dropped."""
+        running = {j.id for j in self.jobs.values() if j.operation == "promote" and not j.finished}
+        dropped = []
+        for job_id in sorted((set(self._holds) | set(self._unstarted)) - running):
+            pool = self._holds.get(job_id, self._unstarted.get(job_id, ("?", 0)))[0]
+            self._unreserve(job_id)
+            dropped.append(f"job {job_id} in pool {pool}")
+        # Whatever the counter holds beyond the running promotes' files is a stray too.
+        owned = Counter((pool, rel) for pool, rels in self._holds.values() for rel in rels)
+        strays = sorted(set(self._reserved) - set(owned))
+        dropped += [f"{rel} in pool {pool}" for pool, rel in strays]
+        self._reserved = owned
+        return dropped
 
     def _allocated(self, job: Job, size: int) -> None:
         """A file of ``job`` now takes its room in the pool (called from the copy thread
@@ -629,25 +691,39 @@ class Engine:
         assert job.model is not None
         model = self.model(job.model)
         async with self._lock:
-            released, kept_for = await asyncio.to_thread(self._release, model, None, job)
+            was_hot = await asyncio.to_thread(self._hot, model.name, self._mounted())
+            released, kept_for, also_cold = await asyncio.to_thread(self._release, model, None, job)
         self._emit_models(released, [model.name])
         for pool in self.pools:  # usage changed in whichever pools held the copies
             self._emit("pool", pool)
-        if not released and not kept_for:
-            return f"{model.name} is already cold"
+        if not released and not was_hot:
+            return f"{model.name} is already cold; nothing freed"
+        if not released:
+            held = ", ".join(sorted(kept_for))
+            return (
+                f"{model.name}: nothing freed; shared blobs stay in RAM for {held} "
+                f"(promoted), so {model.name} stays hot until that is demoted too"
+            )
         msg = f"demoted {model.name}: {format_size(job.bytes_total)} freed"
+        if also_cold:
+            verb = "is" if len(also_cold) == 1 else "are"
+            msg += f"; {', '.join(sorted(also_cold))} shared those blobs and {verb} now cold too"
         if kept_for:
             msg += f"; shared blobs stay in RAM for {', '.join(sorted(kept_for))}"
         return msg
 
     def _release(
         self, model: Model, only_pool: str | None, job: Job | None
-    ) -> tuple[list[str], set[str]]:
+    ) -> tuple[list[str], set[str], set[str]]:
         """Point a model's links back to cold (those in ``only_pool``, if given) and delete
-        the pool copies no other hot model uses. Journaled; runs under the engine lock."""
+        the pool copies no other model holds. A holder is a model that was promoted (see
+        promoted.py) and is hot; one hot only through another's blobs holds nothing.
+        Returns (rels released, holders that kept blobs, other models made cold by it).
+        Journaled; runs under the engine lock."""
         mounted = self._mounted()
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
+        demoting = self._demoting()
         release, kept_for = [], set()
         for rel, w in where.items():
             if w.tier == COLD or (only_pool is not None and w.tier != only_pool):
@@ -656,15 +732,20 @@ class Engine:
                 other
                 for other in self.users.get(rel, ())
                 if other != model.name
-                and other not in self._demoting()
-                and self._is_hot(self._where(self.catalog.models[other]), mounted)
+                and other not in demoting
+                and other in self.promoted
+                and self._hot(other, mounted)
             ]
             if holders and only_pool is None:
                 kept_for.update(holders)
             else:
                 release.append(rel)
         if not release:
-            return [], kept_for
+            if only_pool is None:  # asked to demote: it no longer holds anything
+                self.promoted.discard([model.name])
+            return [], kept_for, set()
+        sharing = {other for rel in release for other in self.users.get(rel, ())} - {model.name}
+        hot_before = {other for other in sharing if self._hot(other, mounted)}
         pools = {where[rel].tier for rel in release} - {None, COLD}
         entry = Entry(f"demote-{secrets.token_hex(4)}", "demote", model.name, None, tuple(release))
         self.journal.write(entry)
@@ -675,10 +756,12 @@ class Engine:
         for pool in pools:
             if pool in mounted:
                 self._gc_rels(pool, release)
+        # Before the journal entry goes: a crash here replays the demote, forgetting it.
+        self._forget_cold([model.name, *hot_before], mounted)
         self.journal.remove(entry.id)
         if job is not None:
             job.bytes_done = job.bytes_total
-        return release, kept_for
+        return release, kept_for, {o for o in hot_before if not self._hot(o, mounted)}
 
     def _demoting(self) -> set[str]:
         return {n for n, j in self._active.items() if j.operation == "demote"}
@@ -946,6 +1029,34 @@ class Engine:
         del self.pool_roots[name]
         self._emit("pool-removed", name)
 
+    # --- pool usage watch --------------------------------------------------------------
+
+    async def _watch_usage(self) -> None:
+        while True:
+            await asyncio.sleep(self.usage_interval)
+            try:
+                for name in await asyncio.to_thread(self._usage_changes):
+                    self._emit("pool", name)
+            except Exception:  # the watch must outlive any one bad statvfs
+                log.exception("pool usage watch failed")
+
+    def _usage_changes(self) -> list[str]:
+        """Mounted pools whose used bytes changed since the last look (a statvfs each; a
+        pool given up as lost is not asked: I/O to it may hang)."""
+        changed = []
+        for name in sorted(self._mounted()):
+            pool = self.pools.get(name)
+            if pool is None or getattr(pool, "lost", ""):
+                continue
+            try:
+                used = pool.usage().used
+            except Failed:  # unmounted meanwhile: its next state change is reported anyway
+                continue
+            if name in self._used_seen and used != self._used_seen[name]:
+                changed.append(name)
+            self._used_seen[name] = used
+        return changed
+
     # --- remote pool watch -------------------------------------------------------------
 
     async def _watch_remote_pools(self) -> None:
@@ -990,6 +1101,12 @@ class Engine:
     # --- health ------------------------------------------------------------------------
 
     async def health(self, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+        """Check (and with ``repair``, fix) what the engine holds. Only a repair takes the
+        engine lock: a look walks 50,000 models in seconds, and every promote and demote
+        waiting behind it (four concurrent looks made a 0.1 s promote take 6 s) is not
+        worth a report that reads state a running job may change the next instant anyway."""
+        if not repair:
+            return await asyncio.to_thread(health.check, self, False, verify_digests)
         async with self._lock:
             report = await asyncio.to_thread(health.check, self, repair, verify_digests)
         if repair and any(f.repaired for f in report.findings):

@@ -58,8 +58,16 @@ def _sha256(tree: Root, rel: str) -> str:
 
 
 def check(engine: Engine, repair: bool = False, verify_digests: bool = False) -> HealthReport:
-    """Blocking: run in a worker thread while holding the engine lock."""
+    """Blocking: run in a worker thread; with ``repair``, while holding the engine lock.
+
+    A look runs without the lock, beside promotes and demotes: it reads each shared
+    collection once, as a copy (a dict another thread changes cannot be iterated), and does
+    not report as leftovers the temporary names a running job makes and renames away."""
     findings: list[Finding] = []
+    catalog = engine.catalog  # a rescan replaces it whole; this one stays consistent
+    jobs_running = bool(engine._active) or any(
+        j.operation == "promote" and not j.finished for j in list(engine.jobs.values())
+    )
     checked: dict[str, int] = {}
 
     def add(check: str, status: Status, subject: str, message: str, repaired: bool = False):
@@ -86,9 +94,23 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     for problem in engine.catalog.problems:
         add("catalog", Status.WARNING, problem.rel, problem.message)
 
+    # The models dir itself: deleted under a running daemon, every link check below fails.
+    if not md.tree.exists():
+        if repair:
+            md.ensure()  # made again with its marker; the link checks below fill it
+        add(
+            "models-dir",
+            Status.ERROR,
+            str(md.root),
+            f"models dir {md.root} is missing; run health --repair or a rescan to rebuild it",
+            repaired=repair,
+        )
+        if not repair:
+            return HealthReport(ok=False, findings=findings, checked=checked)
+
     # Pools mounted and sized as configured.
     mounted = set()
-    for name, pool in engine.pools.items():
+    for name, pool in list(engine.pools.items()):
         state = pool.state()
         if state is not PoolState.MOUNTED:
             fixed = False
@@ -134,7 +156,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Every data link valid and inside a configured root; descriptors present.
     wanted: set[str] = set()
-    for model in engine.catalog.models.values():
+    for model in list(catalog.models.values()):
         if model.problems:
             add("catalog", Status.WARNING, model.name, "; ".join(model.problems))
         for f in model.files:
@@ -174,6 +196,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     for e in md.walk():
         rel, name = e.rel, e.rel.rpartition("/")[2]
         if LINK_TMP_MARKER in name or META_TMP_MARKER in name:
+            if not repair and jobs_running:
+                continue  # most likely a running job's link swap, gone in a moment
             if repair:
                 md.tree.unlink(rel)
             add(
@@ -203,7 +227,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             referenced = md.where(rel).target == str(root / rel)
             if is_partial(fn) or not referenced:
-                if (name, rel) in engine._reserved or any(k[0] == name for k in engine._copies):
+                copying = any(k[0] == name for k in tuple(engine._copies))
+                if (name, rel) in engine._reserved or copying:
                     continue
                 if repair:
                     tree.unlink(rel)
@@ -219,14 +244,28 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 _verify(engine, name, rel, tree, repair, add)
     checked["pools-walked"] = len(mounted)
 
+    # Room promised to promotes that are no longer running (a leak would hold it until a
+    # restart). Only a repair looks: it needs the engine lock, which a look does not take.
+    if repair:
+        for what in engine.clear_stale_reservations():
+            add(
+                "reservations",
+                Status.WARNING,
+                what,
+                f"stale reservation of {what} released",
+                repaired=True,
+            )
+        checked["reservations"] = 1
+
     report_ok = not any(f.status is Status.ERROR and not f.repaired for f in findings)
     return HealthReport(ok=report_ok, findings=findings, checked=checked)
 
 
 def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
     digest = None
+    models = engine.catalog.models
     for name in engine.users.get(rel, ()):
-        for f in engine.catalog.models[name].data_files:
+        for f in models[name].data_files if name in models else ():
             if f.rel == rel:
                 digest = f.digest
     if digest is None or not digest.startswith("sha256:"):

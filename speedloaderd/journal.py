@@ -12,7 +12,10 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from .errors import Failed
+from .paths import check_rel
 from .roots import Root, ensure_trusted_dir
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,16 @@ class Journal:
         ensure_trusted_dir(self.dir, "journal (stateDir/journal)", mode=0o700)
 
     def write(self, entry: Entry) -> None:
+        """Record ``entry`` durably. Raises Failed (nothing recorded) if the state dir
+        cannot take it, so the operation it guards does not start."""
         data = json.dumps(asdict(entry)).encode()
-        self.tree.write_file(f"{entry.id}.json", data, f"{entry.id}.tmp", mode=0o600)
+        try:
+            self.tree.write_file(f"{entry.id}.json", data, f"{entry.id}.tmp", mode=0o600)
+        except OSError as err:
+            raise Failed(
+                f"cannot write the journal in {self.dir} ({err.strerror}); the {entry.op} of "
+                f"{entry.model} did not start: make room in stateDir or make it writable"
+            ) from None
 
     def remove(self, entry_id: str) -> None:
         self.tree.unlink(f"{entry_id}.json", durable=True)
@@ -64,17 +75,26 @@ class Journal:
                 log.warning("journal: %s is not a journal entry; left alone", self.dir / e.rel)
                 continue
             try:
-                raw = json.loads(self.tree.read_own(e.rel, _ENTRY_LIMIT) or b"")
-                entries.append(
-                    Entry(
-                        id=str(raw["id"]),
-                        op=str(raw["op"]),
-                        model=str(raw["model"]),
-                        pool=raw.get("pool"),
-                        rels=tuple(raw["rels"]),
-                    )
-                )
-            except (ValueError, KeyError, TypeError) as err:
+                entries.append(_entry(json.loads(self.tree.read_own(e.rel, _ENTRY_LIMIT) or b"")))
+            except (ValueError, KeyError, TypeError, RecursionError) as err:
+                # Replaying it could only fail (or touch what it must not), at every start.
                 log.warning("dropping unreadable journal entry %s: %s", e.rel, err)
                 self.tree.unlink(e.rel)
         return entries
+
+
+def _entry(raw: Any) -> Entry:
+    """An Entry from its JSON, checked as strictly as it was written: recovery repoints
+    every rel in it, so each must be a plain relative path (no '..', not absolute)."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    op, model, pool, rels = raw["op"], raw["model"], raw.get("pool"), raw["rels"]
+    if op not in ("promote", "demote"):
+        raise ValueError(f"unknown operation {op!r}")
+    if not isinstance(model, str) or not (pool is None or isinstance(pool, str)):
+        raise ValueError("model and pool must be strings")
+    if not isinstance(rels, list) or not all(isinstance(r, str) for r in rels):
+        raise ValueError("rels must be a list of paths")
+    for rel in rels:
+        check_rel(rel)  # InvalidArgument is a ValueError
+    return Entry(id=str(raw["id"]), op=op, model=model, pool=pool, rels=tuple(rels))

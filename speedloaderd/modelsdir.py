@@ -183,7 +183,11 @@ class ModelsDir:
 
     def sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         """Make the dir reflect cold storage: create what is missing, keep hot links that are
-        still valid, repoint broken ones to cold, remove links of models that are gone."""
+        still valid, repoint broken ones to cold, remove links of models that are gone.
+
+        A models dir deleted while the daemon runs is made again, marker first, so the next
+        start adopts it instead of refusing a directory speedloader did not mark."""
+        self.ensure()
         self._batch.on = True
         try:
             return self._sync(scan, mounted_pools)

@@ -127,7 +127,7 @@ def test_demote_of_cold_model_is_a_noop(lab):
 
     async def scenario():
         engine = await lab.engine()
-        assert await engine.demote("m:1").wait() == "m:1 is already cold"
+        assert await engine.demote("m:1").wait() == "m:1 is already cold; nothing freed"
 
     run(scenario())
 

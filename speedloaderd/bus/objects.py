@@ -204,6 +204,10 @@ class ManagerInterface(Snapshot):
             data = json.loads(config_json)
         except ValueError as err:
             raise InvalidArgument(f"the configuration is not valid JSON: {err}") from None
+        except RecursionError:  # "[" * 100000: the parser's stack, not a config
+            raise InvalidArgument(
+                "the configuration is nested too deeply to be read; send a flat JSON object"
+            ) from None
         new = parse_config(data, "new configuration")
         admin_keys = self.server.admin_changes(new)
         if admin_keys:
