@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import secrets
@@ -646,9 +647,7 @@ class Engine:
         if not work.cancelled():
             self._abandoned.add(work)
             loop = asyncio.get_running_loop()
-            work.add_done_callback(
-                functools.partial(self._abandoned_copy_ended, loop, pool, rel)
-            )
+            work.add_done_callback(functools.partial(self._abandoned_copy_ended, loop, pool, rel))
             log.warning(
                 "copy of %s into pool %s abandoned: its read from cold storage has not "
                 "returned %.0f s after the cancel",
@@ -678,10 +677,8 @@ class Engine:
             if not work.cancelled() and work.exception() is None:
                 loop.create_task(self._collect(pool, rel))
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
             loop.call_soon_threadsafe(ended)
-        except RuntimeError:  # the loop is closed: the daemon is exiting
-            pass
 
     async def _collect(self, pool: str, rel: str) -> None:
         async with self._lock:

@@ -16,6 +16,7 @@ hangs again; end of file unmounts and exits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -36,11 +37,11 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHII")
 KSTATFS = struct.Struct("<QQQQQIIII")
 DIRENT = struct.Struct("<QQII")
 
+# Opcodes (linux/fuse.h); any other gets ENOSYS.
 LOOKUP, FORGET, GETATTR, READLINK = 1, 2, 3, 5
 OPEN, READ, STATFS, RELEASE, FLUSH, INIT = 14, 15, 17, 18, 25, 26
-OPENDIR, READDIR, RELEASEDIR, ACCESS, INTERRUPT, DESTROY, BATCH_FORGET = (
-    27, 28, 29, 34, 36, 38, 42,
-)
+OPENDIR, READDIR, RELEASEDIR, ACCESS = 27, 28, 29, 34
+INTERRUPT, DESTROY, BATCH_FORGET = 36, 38, 42
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 FOPEN_DIRECT_IO = 1  # every read reaches us: nothing is served from the page cache
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
@@ -59,27 +60,42 @@ class HangFS:
         self.parked: dict[int, tuple[int, int, int]] = {}  # unique -> (fh, offset, size)
         self.fd = os.open("/dev/fuse", os.O_RDWR)
         opts = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
-        if _libc.mount(b"hangfs", mountpoint.encode(), b"fuse", MS_NOSUID | MS_NODEV,
-                       opts.encode()) != 0:
+        if (
+            _libc.mount(
+                b"hangfs", mountpoint.encode(), b"fuse", MS_NOSUID | MS_NODEV, opts.encode()
+            )
+            != 0
+        ):
             raise OSError(ctypes.get_errno(), "mount fuse", mountpoint)
 
     # --- replies ---------------------------------------------------------------------
 
     def reply(self, unique: int, data: bytes = b"", error: int = 0) -> None:
-        try:
+        # ENOENT: the request was interrupted meanwhile; ENODEV: the connection is gone.
+        with contextlib.suppress(OSError):
             os.write(self.fd, OUT_HDR.pack(OUT_HDR.size + len(data), -error, unique) + data)
-        except OSError:  # the request was interrupted or the connection aborted
-            pass
 
     def real(self, rel: str) -> str:
         return os.path.join(self.source, rel) if rel else self.source
 
     def attr(self, st: os.stat_result) -> bytes:
         return ATTR.pack(
-            st.st_ino, st.st_size, st.st_blocks, int(st.st_atime), int(st.st_mtime),
-            int(st.st_ctime), st.st_atime_ns % 10**9, st.st_mtime_ns % 10**9,
-            st.st_ctime_ns % 10**9, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
-            st.st_rdev, 4096, 0,
+            st.st_ino,
+            st.st_size,
+            st.st_blocks,
+            int(st.st_atime),
+            int(st.st_mtime),
+            int(st.st_ctime),
+            st.st_atime_ns % 10**9,
+            st.st_mtime_ns % 10**9,
+            st.st_ctime_ns % 10**9,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            4096,
+            0,
         )
 
     def report(self) -> None:
@@ -89,7 +105,7 @@ class HangFS:
 
     def handle(self, buf: bytes) -> bool:
         _, op, unique, node, *_ = IN_HDR.unpack_from(buf)
-        arg = buf[IN_HDR.size:]
+        arg = buf[IN_HDR.size :]
         try:
             return self.dispatch(op, unique, node, arg)
         except OSError as e:
@@ -134,8 +150,17 @@ class HangFS:
             self.reply(unique, self.readdir(self.nodes[node], offset, size))
         elif op == STATFS:
             v = os.statvfs(self.source)
-            out = KSTATFS.pack(v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree,
-                               v.f_bsize, v.f_namemax, v.f_frsize, 0)
+            out = KSTATFS.pack(
+                v.f_blocks,
+                v.f_bfree,
+                v.f_bavail,
+                v.f_files,
+                v.f_ffree,
+                v.f_bsize,
+                v.f_namemax,
+                v.f_frsize,
+                0,
+            )
             self.reply(unique, out + bytes(24))
         elif op in (FLUSH, ACCESS):
             self.reply(unique)

@@ -66,7 +66,9 @@ def test_start_with_models_dir_a_regular_file_stays_on_the_bus(daemon_factory):
 
     before, shown, refused, after, objects = run(scenario())
     assert before["ConfigValid"] is False
-    assert str(dl.lab.models) in before["ConfigError"] and "not a directory" in before["ConfigError"]
+    assert (
+        str(dl.lab.models) in before["ConfigError"] and "not a directory" in before["ConfigError"]
+    )
     assert shown["modelsDir"] == str(dl.lab.models)
     assert refused.name == "Failed" and "not a directory" in refused.message
     assert after["ConfigValid"] is True and after["ConfigError"] == ""
@@ -324,7 +326,9 @@ def test_stuck_copies_stall_nothing_cancel_at_once_and_sigterm_ends(hanging_lab)
     config, demoted, parked, results, states = run(scenario())
     assert config["storage"]["path"] == str(fs.mountpoint)
     assert demoted.success, demoted.message
-    assert parked == COPY_WORKERS, f"{parked} copies ran at once; the copy executor has {COPY_WORKERS}"
+    assert parked == COPY_WORKERS, (
+        f"{parked} copies ran at once; the copy executor has {COPY_WORKERS}"
+    )
     assert all(not r.success for r in results) and states == ["cancelled"] * 6, states
     fs.drain()
     assert fs.parked == COPY_WORKERS, "the cancelled reads were expected to be still hanging"
@@ -339,7 +343,9 @@ def test_stuck_copies_stall_nothing_cancel_at_once_and_sigterm_ends(hanging_lab)
     dl.proc = None
     assert rc == 0, dl.log()[-3000:]
     assert "still blocked" in dl.log()
-    print(f"SIGTERM with {COPY_WORKERS} copies blocked in the kernel: exited in {stop_seconds:.1f} s")
+    print(
+        f"SIGTERM with {COPY_WORKERS} copies blocked in the kernel: exited in {stop_seconds:.1f} s"
+    )
     _assert_restart_is_clean(dl, fs, stuck)
 
 
