@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -15,6 +17,10 @@ from .config import default_config_path, load_config
 from .errors import SpeedloaderError
 
 log = logging.getLogger("speedloaderd")
+
+# Seconds worker threads get to end once the daemon has left the bus. The unit's
+# TimeoutStopSec (30 s) must cover Engine.shutdown's wait for jobs plus this.
+THREAD_GRACE = 3.0
 
 
 class _JournalFormatter(logging.Formatter):
@@ -76,6 +82,55 @@ async def serve(config_path: Path) -> int:
     return 1
 
 
+def run_daemon(config_path: Path) -> int:
+    """asyncio.run(serve()), less its unbounded waits: asyncio.run joins the default
+    executor's threads, and one blocked in a read that never returns (a hung NFS or FUSE
+    cold storage) would keep a stopping daemon alive forever."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        rc = loop.run_until_complete(serve(config_path))
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        return rc
+    finally:
+        # Already stopping: a repeated SIGTERM (systemd's, a test's) must not kill the exit
+        # half-way. (remove_signal_handler restores the default; SIG_IGN follows at once.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+        asyncio.set_event_loop(None)
+        loop.close()  # asks the executors to shut down; does not wait for their threads
+
+
+def exit_past_blocked_threads(rc: int, grace: float = THREAD_GRACE) -> None:
+    """Give worker threads ``grace`` seconds to end; if some are still blocked (in the
+    kernel, on cold storage that does not answer), end the process without joining them:
+    the interpreter's exit would wait for them forever. The bus was left cleanly before."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0))
+    stuck = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if stuck:
+        log.warning(
+            "exiting with %d worker thread(s) still blocked (%s), most likely reading cold "
+            "storage that does not answer; the next start removes their partial copies",
+            len(stuck),
+            ", ".join(sorted(stuck)),
+        )
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="speedloaderd",
@@ -92,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config or default_config_path()
     log.info("speedloaderd %s starting with %s", __version__, config_path)
     try:
-        return asyncio.run(serve(config_path))
+        rc = run_daemon(config_path)
     except SpeedloaderError as err:
         log.error("%s", err)
-        return 1
+        rc = 1
+    exit_past_blocked_threads(rc)
+    return rc
 
 
 if __name__ == "__main__":

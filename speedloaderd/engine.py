@@ -11,6 +11,9 @@ state after any crash is whatever the links say, repaired by the journal.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
 import secrets
 import stat
@@ -69,6 +72,12 @@ COLD_RETRY_INTERVAL = 5.0
 # stays used while a process maps the deleted copy, and is freed when that process exits,
 # which no job of ours sees. One statvfs per pool: nothing else is read.
 USAGE_WATCH_INTERVAL = 5.0
+# Copy threads, apart from the metadata work (asyncio.to_thread): copies blocked in a read
+# that never returns (a hung NFS or FUSE source) must never starve the engine's own steps.
+COPY_WORKERS = 4
+# Seconds a cancelled copy gets to stop at its next chunk boundary before it is abandoned:
+# its job ends at once then, and the thread removes its partial file when the read returns.
+COPY_CANCEL_GRACE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,11 @@ class Engine:
         # placement sees a file either promised (in _unstarted) or taken (statvfs), once.
         self._allocation_lock = threading.Lock()
         self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self.copy_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
+        )
+        self._abandoned: set[concurrent.futures.Future[Any]] = set()  # copies given up on
+        self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
         self.watch_interval = REMOTE_WATCH_INTERVAL
@@ -166,13 +180,54 @@ class Engine:
             self._usage_watch.cancel()
             self._usage_watch = None
 
+    def close(self) -> None:
+        """This engine is done (stopped, or replaced): no more watching, no new copies.
+        Copy threads still blocked are not waited for."""
+        self.stop_watching()
+        self.copy_executor.shutdown(wait=False, cancel_futures=True)
+
+    def abandon_start(self, keep: Iterable[Path] = ()) -> list[str]:
+        """Undo what a failed or unwanted start did that matters: unmount the pools it
+        mounted (they hold nothing yet), except those at a path in ``keep`` (another engine
+        uses them). Blocking. Returns the pools unmounted."""
+        self.close()
+        keep = set(keep)
+        undone = []
+        for name in sorted(self._mounted_by_start):
+            pool = self.pools[name]
+            if pool.path in keep:
+                continue
+            try:
+                pool.unmount()
+                undone.append(name)
+            except Exception as err:  # report, and go on with the others
+                log.error("could not unmount pool %s after a failed start: %s", name, err)
+        self._mounted_by_start.clear()
+        return undone
+
+    async def reassert(self) -> None:
+        """After another engine's failed start touched shared paths (a pool remounted to
+        its size, links synced to its catalog), make them this engine's again."""
+        async with self._lock:
+            await asyncio.to_thread(self._reassert_blocking)
+
+    def _reassert_blocking(self) -> None:
+        self.models_dir.ensure()
+        for pool in self.pools.values():
+            if isinstance(pool, TmpfsPool) and pool.state() is PoolState.MOUNTED:
+                pool.mount()  # adopts our mount, remounting it to our size if it differs
+        self.models_dir.sync(self.catalog, self._mounted())
+
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
         self.journal.open()
         self.models_dir.ensure()
         for pool in self.pools.values():
             try:
+                was_mounted = pool.state() is not PoolState.UNMOUNTED
                 pool.startup()  # tmpfs: mount or adopt; remote: adopt if still connected
+                if not was_mounted and pool.state() is not PoolState.UNMOUNTED:
+                    self._mounted_by_start.add(pool.name)
             except Exception as err:  # one bad pool must not keep the others down
                 log.error("pool %s not mounted: %s", pool.name, err)
         found = self._scan(adopt=False)
@@ -357,6 +412,19 @@ class Engine:
         mounted = self._mounted()
         return [self.model_status(n, mounted) for n in self.catalog.models]
 
+    def models_in_ram(self) -> list[str]:
+        """Models with any file served from a mounted pool, hot or partly so (a degraded
+        model whose links point at cold storage or at a missing pool holds no RAM)."""
+        mounted = self._mounted()
+        return [
+            model.name
+            for model in self.catalog.models.values()
+            if any(
+                w.tier not in (None, COLD) and w.tier in mounted and w.exists
+                for w in self._where(model).values()
+            )
+        ]
+
     def pool_status(self, name: str) -> PoolStatus:
         pool = self.pool(name)
         state = pool.state()
@@ -421,7 +489,9 @@ class Engine:
 
     async def shutdown(self, timeout: float = 20.0) -> None:
         """Cancel what can be cancelled and wait for every job to end, so a stop leaves no
-        partial copy and no journal entry behind (a stop is not a crash)."""
+        partial copy and no journal entry behind (a stop is not a crash). A copy blocked
+        in a read that never returns is abandoned after COPY_CANCEL_GRACE; its partial file
+        is removed by recovery at the next start."""
         self.stop_watching()
         running = [j for j in self.jobs.values() if not j.finished]
         for job in running:
@@ -437,6 +507,13 @@ class Engine:
                 log.warning(
                     "%d job(s) did not end in %.0f s; recovery finishes them", len(pending), timeout
                 )
+        if self._abandoned:
+            log.warning(
+                "stopping with %d copy thread(s) still blocked reading cold storage; "
+                "recovery removes their partial files at the next start",
+                len(self._abandoned),
+            )
+        self.close()
 
     def _progress(self, job: Job, p: Progress) -> None:
         if job.finished:  # a report queued by the copy thread, arriving after the end
@@ -627,10 +704,13 @@ class Engine:
             self._allocated(job, f.size)
             meter.add(f.size)
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._copies[key] = future
         try:
-            await asyncio.to_thread(
+            # On the copies' own executor: a copy that blocks must not take a thread
+            # from the metadata steps (asyncio.to_thread), nor delay a cancel.
+            work = self.copy_executor.submit(
                 copy_into,
                 self.models_dir.cold,
                 f.rel,
@@ -645,6 +725,7 @@ class Engine:
                 on_allocated=lambda: self._allocated(job, f.size),
                 allocation_lock=self._allocation_lock,
             )
+            await self._await_copy(work, job, pool, f.rel)
         except BaseException as err:
             future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
             future.exception()  # mark retrieved: joiners may not exist
@@ -653,6 +734,66 @@ class Engine:
             future.set_result(None)
         finally:
             del self._copies[key]
+
+    async def _await_copy(
+        self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
+    ) -> None:
+        """Wait for a copy thread. Once the job is cancelled the thread gets
+        COPY_CANCEL_GRACE to stop at a chunk boundary (then it has removed its partial file
+        itself); a thread still blocked after that is abandoned and the job ends now."""
+        copied = asyncio.wrap_future(work)
+        cancelled = asyncio.ensure_future(job.cancel_requested.wait())
+        try:
+            await asyncio.wait({copied, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not copied.done():
+                await asyncio.wait({copied}, timeout=COPY_CANCEL_GRACE)
+        finally:
+            cancelled.cancel()
+        if copied.done():
+            copied.result()  # the copy's own outcome (Cancelled included)
+            return
+        copied.cancel()  # a copy still queued never starts; a running one is abandoned
+        if not work.cancelled():
+            self._abandoned.add(work)
+            loop = asyncio.get_running_loop()
+            work.add_done_callback(functools.partial(self._abandoned_copy_ended, loop, pool, rel))
+            log.warning(
+                "copy of %s into pool %s abandoned: its read from cold storage has not "
+                "returned %.0f s after the cancel",
+                rel,
+                pool,
+                COPY_CANCEL_GRACE,
+            )
+        raise Cancelled(
+            f"promote of {job.model} cancelled; the read of {rel} from cold storage it was "
+            "blocked in has not returned (its partial copy is removed when it does)"
+        )
+
+    def _abandoned_copy_ended(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: str,
+        rel: str,
+        work: concurrent.futures.Future[Any],
+    ) -> None:
+        """In the copy thread, when an abandoned copy finally returns: it removed its
+        partial file itself; a copy that completed left a file no link points to, which
+        the engine collects."""
+
+        def ended() -> None:
+            self._abandoned.discard(work)
+            log.info("abandoned copy of %s into pool %s has returned", rel, pool)
+            if not work.cancelled() and work.exception() is None:
+                loop.create_task(self._collect(pool, rel))
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
+            loop.call_soon_threadsafe(ended)
+
+    async def _collect(self, pool: str, rel: str) -> None:
+        async with self._lock:
+            if pool in await asyncio.to_thread(self._mounted):
+                await asyncio.to_thread(self._gc_rels, pool, [rel])
+        self._emit("pool", pool)
 
     def _swap_to_pool(self, rels: Iterable[str], pool: str) -> None:
         old_pools = set()

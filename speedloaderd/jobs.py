@@ -52,7 +52,8 @@ class Job:
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
     # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
     started_by_uid: int = 0
-    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_event: threading.Event = field(default_factory=threading.Event)  # copy threads
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)  # the event loop
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -67,6 +68,7 @@ class Job:
     def cancel(self) -> None:
         if self.cancelable and not self.finished:
             self.cancel_event.set()
+            self.cancel_requested.set()
 
     def notify(self) -> None:
         for listener in list(self.listeners):

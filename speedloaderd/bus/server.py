@@ -21,7 +21,7 @@ from dbus_fast.service import ServiceInterface
 
 from ..config import Config, dump_config, save_config
 from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
-from ..errors import Busy, Failed
+from ..errors import Busy, Failed, SpeedloaderError
 from ..jobs import Job
 from ..privilege import admin_changes
 from .auth import Polkit, remember_caller
@@ -44,7 +44,35 @@ SCAN_PROBLEMS_MAX = 200  # scan problems on the Manager; Health lists every one
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
 # (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
-_LIVE_KEYS = {"modelPlacement", "sshKeyPath"}
+# backend.apiUrl is only shown to clients.
+_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "backend.apiUrl"}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Top-level keys whose values differ between two dump_config() outputs; a backend that
+    differs only in its apiUrl is reported as ``backend.apiUrl``. Extension keys (``_``,
+    ``x-``) are left out: nothing reads them."""
+    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    changed -= {k for k in changed if k.startswith(("_", "x-"))}
+    if "backend" in changed:
+        a, b = old.get("backend") or {}, new.get("backend") or {}
+        if isinstance(a, dict) and isinstance(b, dict):
+            strip = {"apiUrl"}
+            if {k: v for k, v in a.items() if k not in strip} == {
+                k: v for k, v in b.items() if k not in strip
+            }:
+                changed = (changed - {"backend"}) | {"backend.apiUrl"}
+    return changed
+
+
+def _reason(err: BaseException) -> str:
+    """One sentence for why an engine could not start (a bug says so)."""
+    if isinstance(err, SpeedloaderError):
+        return str(err)
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    return f"internal error while starting: {err!r}"
 
 
 class _EagainSafeSocket:
@@ -174,6 +202,10 @@ class Server:
         self.config_path = config_path
         self.engine: Engine | None = Engine(config, config_path) if config else None
         self.config_error = config_error
+        # A config that loaded but whose engine could not start: shown by GetConfig so it
+        # can be fixed and sent back.
+        self.unstarted_config: Config | None = None
+        self._reconfiguring = False  # a structural SetConfig is starting a new engine
         self.bus: SystemBus | None = None
         self.polkit: Polkit
         self.manager = ManagerInterface(self)
@@ -189,8 +221,23 @@ class Server:
 
     async def start(self) -> None:
         if self.engine is not None:
-            self.engine.listeners.append(self._on_engine_event)
-            await self.engine.start()
+            engine = self.engine
+            engine.listeners.append(self._on_engine_event)
+            try:
+                await engine.start()
+            except Exception as err:
+                # Stay on the bus without an engine: the reason is in ConfigError and a
+                # SetConfig (or a fixed file and a restart) brings the engine up.
+                if not isinstance(err, (SpeedloaderError, OSError)):
+                    log.exception("engine start failed")
+                self.engine, self.config_error = None, _reason(err)
+                self.unstarted_config = engine.config
+                undone = await asyncio.to_thread(engine.abandon_start)
+                log.error(
+                    "configuration not usable: %s (pools unmounted again: %s)",
+                    self.config_error,
+                    ", ".join(undone) or "none",
+                )
         self.bus = SystemBus(bus_type=BusType.SYSTEM)
         await self.bus.connect()
         self.bus.add_message_handler(remember_caller)
@@ -231,6 +278,8 @@ class Server:
     # --- engine access -----------------------------------------------------------------
 
     def require_engine(self) -> Engine:
+        if self._reconfiguring:
+            raise Busy("a new configuration is being applied; try again when it is done")
         if self.engine is None:
             raise Failed(
                 f"speedloaderd has no valid configuration ({self.config_error}); "
@@ -239,9 +288,10 @@ class Server:
         return self.engine
 
     def config_json(self) -> str:
-        if self.engine is None:
+        config = self.engine.config if self.engine is not None else self.unstarted_config
+        if config is None:
             return "{}"
-        return json.dumps(dump_config(self.engine.config), indent=2)
+        return json.dumps(dump_config(config), indent=2)
 
     def admin_changes(self, new: Config) -> list[str]:
         """The keys ``new`` changes that need an admin (any, with no running config)."""
@@ -249,37 +299,78 @@ class Server:
         return admin_changes(old, dump_config(new))
 
     async def set_config(self, new: Config) -> None:
-        """Adopt a validated config. Structural changes (paths, pools, backend) rebuild the
-        engine, which is refused while models are hot or jobs run."""
+        """Adopt a validated config, all or nothing. Placement, pins, the SSH key and the
+        backend's apiUrl change live. Anything else starts a new engine first (refused while
+        models are in RAM or jobs run); only once it has started is the config saved and
+        the new engine put in charge. If either fails, what the new engine mounted is
+        unmounted, the file is untouched and the running engine goes on."""
+        if self._reconfiguring:
+            raise Busy("another configuration change is being applied; try again when it is done")
         engine = self.engine
         if engine is not None:
-            old_d, new_d = dump_config(engine.config), dump_config(new)
-            changed = {k for k in old_d.keys() | new_d.keys() if old_d.get(k) != new_d.get(k)}
-            if not changed - _LIVE_KEYS - {k for k in changed if k.startswith(("_", "x-"))}:
+            changed = changed_keys(dump_config(engine.config), dump_config(new))
+            if not changed - _LIVE_KEYS:
                 await engine.set_config(new)
                 return
             busy = [j for j in engine.jobs.values() if not j.finished]
-            hot = [m.name for m in engine.model_statuses() if m.state != "cold"]
-            if busy or hot:
+            held = await asyncio.to_thread(engine.models_in_ram)
+            if busy or held:
+                what = []
+                if held:
+                    names = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+                    what.append(f"demote the {len(held)} model(s) in RAM ({names})")
+                if busy:
+                    what.append(f"wait for the {len(busy)} running job(s)")
                 raise Busy(
                     f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
-                    "demote every model and wait for running jobs first"
+                    f"{' and '.join(what)} first"
                 )
-        # Built and its paths checked before saving: a config the engine refuses (a remote
-        # pool's bad path, a models dir a member owns) must not end up in the file.
-        await asyncio.to_thread(check_config_paths, new)
-        replacement = Engine(new, self.config_path)
-        if self.config_path is not None:
-            await asyncio.to_thread(save_config, new, self.config_path)
-        await replacement.start()  # raises: the running engine (if any) is kept
+        self._reconfiguring = True
+        try:
+            replacement = await self._start_replacement(new, engine)
+        finally:
+            self._reconfiguring = False
         replacement.listeners.append(self._on_engine_event)
         if engine is not None:
             engine.listeners.clear()
-            engine.stop_watching()
-        self.engine, self.config_error = replacement, ""
+            engine.close()
+        self.engine, self.config_error, self.unstarted_config = replacement, "", None
         log.info("configuration replaced; engine restarted")
         self._resync_all = True
         self._schedule_flush()
+
+    async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
+        """Start an engine for ``new`` and save ``new``; on any failure undo both."""
+        # Paths checked before anything is made: a config the engine refuses (a remote
+        # pool's bad path, a models dir a member owns) creates nothing.
+        await asyncio.to_thread(check_config_paths, new)
+        replacement = Engine(new, self.config_path)
+        try:
+            await replacement.start()
+            if self.config_path is not None:
+                await asyncio.to_thread(save_config, new, self.config_path)
+        except BaseException as err:
+            keep = set(old.pool_roots.values()) if old is not None else set()
+            undone = await asyncio.to_thread(replacement.abandon_start, keep)
+            if old is not None:
+                try:
+                    await old.reassert()
+                except Exception:
+                    log.exception("the running engine could not take its paths back")
+            log.error(
+                "new configuration refused: %s (pools unmounted again: %s)",
+                _reason(err),
+                ", ".join(undone) or "none",
+            )
+            if isinstance(err, SpeedloaderError):
+                raise
+            if isinstance(err, Exception):
+                raise Failed(
+                    f"the new configuration could not be started ({_reason(err)}); "
+                    "the running configuration was kept"
+                ) from err
+            raise
+        return replacement
 
     # --- objects -----------------------------------------------------------------------
 

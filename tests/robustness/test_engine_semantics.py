@@ -22,7 +22,6 @@ import pytest
 from speedloader_cli.client import MANAGER, POOL, ROOT
 from speedloaderd import health
 from speedloaderd.errors import Failed
-from speedloaderd.journal import Entry, Journal
 from speedloaderd.modelsdir import MARKER
 from speedloaderd.sizes import parse_size
 
@@ -197,7 +196,9 @@ def test_a_journal_entry_with_bad_rels_is_dropped_with_a_warning(lab, rels, capl
     lab.seal()
     run(lab.engine())
     (lab.state / "journal" / "demote-bad1.json").write_text(
-        json.dumps({"id": "demote-bad1", "op": "demote", "model": "m:1", "pool": None, "rels": rels})
+        json.dumps(
+            {"id": "demote-bad1", "op": "demote", "model": "m:1", "pool": None, "rels": rels}
+        )
     )
     caplog.set_level(logging.WARNING, logger="speedloaderd.journal")
 
@@ -207,7 +208,9 @@ def test_a_journal_entry_with_bad_rels_is_dropped_with_a_warning(lab, rels, capl
 
     run(second())
     assert os.listdir(lab.state / "journal") == []
-    assert any("dropping unreadable journal entry demote-bad1.json" in r.message for r in caplog.records)
+    assert any(
+        "dropping unreadable journal entry demote-bad1.json" in r.message for r in caplog.records
+    )
     assert not (lab.models / "etc").exists()
     assert lab.link(m.blobs[0].rel) == str(lab.cold / m.blobs[0].rel)
 
