@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
+TOO_LARGE = "TooLarge"  # the reply would not fit in one D-Bus message: read in pages
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 # Replies that are documents for the caller to parse, not text to show: returned as sent.
@@ -111,7 +112,7 @@ def unwrap(value: Any, raw: bool = False) -> Any:
         return value if raw else printable(value)
     if isinstance(value, dict):
         return {unwrap(k, raw): unwrap(v, raw) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):  # structs (ListModels' pages) come as tuples
         return [unwrap(v, raw) for v in value]
     return value
 
@@ -212,11 +213,13 @@ class Client:
         signature: str,
         body: list[Any],
         on_result: Callable[[Any, ClientError | None], None],
+        raw: bool = False,
     ) -> None:
         """Call a method; ``on_result(value, error)`` runs in message order, between the
         signals received before and after the reply. (An awaited call resumes only after
         the signals that followed its reply were handled, so a snapshot read that way
-        would overwrite newer news.)"""
+        would overwrite newer news.) ``value`` is the single value, or the list of values
+        of a method with several; strings made printable unless ``raw``."""
 
         def on_reply(reply: Message | None, err: Exception | None) -> None:
             if err is not None or reply is None:
@@ -224,8 +227,10 @@ class Client:
             elif reply.message_type is MessageType.ERROR:
                 text = reply.body[0] if reply.body else reply.error_name
                 on_result(None, ClientError(reply.error_name or "Failed", str(text)))
+            elif len(reply.body) > 1:
+                on_result(unwrap(reply.body, raw), None)
             else:
-                on_result(unwrap(reply.body[0]) if reply.body else None, None)
+                on_result(unwrap(reply.body[0], raw) if reply.body else None, None)
 
         msg = Message(
             destination=BUS_NAME,
@@ -249,7 +254,47 @@ class Client:
         return await self.call(path, PROPERTIES, "GetAll", "s", [interface])
 
     async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects")
+        """Every object below the root. For a catalog too big for one D-Bus message the
+        daemon answers TooLarge; then the same dict is read in pages (ListModels,
+        ListPools, ListJobs): not one snapshot in time, but every object that existed
+        throughout the reading, each as it was when its page was read."""
+        try:
+            return await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects")
+        except ClientError as err:
+            if err.name != TOO_LARGE:
+                raise
+        objects: dict[str, dict[str, dict[str, Any]]] = {}
+        for path, props in await self.manager("ListPools"):
+            objects[path] = {POOL: props}
+        for path, props in await self.manager("ListJobs"):
+            objects[path] = {JOB: props}
+        async for path, props in self.models():
+            objects[path] = {MODEL: props}
+        return objects
+
+    async def list_models(
+        self, after: str = "", limit: int = 0, **filters: str
+    ) -> tuple[int, list[tuple[str, dict[str, Any]]], str]:
+        """One page of ListModels: (how many match, [(path, properties)...], the cursor
+        for the next page: the last name, as sent, or "" after the last page)."""
+        if after:
+            filters["after"] = after
+        args = {k: Variant("s", v) for k, v in filters.items()}
+        total, page = await self.call(
+            ROOT, MANAGER, "ListModels", "uua{sv}", [0, limit, args], raw=True
+        )
+        cursor = page[-1][1]["Name"] if page else ""
+        return total, [(path, unwrap(props)) for path, props in page], cursor
+
+    async def models(self, **filters: str):
+        """Every model matching ``filters`` (see ListModels), page by page."""
+        after = ""
+        while True:
+            _, page, after = await self.list_models(after, **filters)
+            for item in page:
+                yield item
+            if not after:
+                return
 
     # --- typed shortcuts ---------------------------------------------------------------
 
