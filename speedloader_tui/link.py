@@ -3,9 +3,9 @@ when the daemon restarts.
 
 - At connect: subscribe to the daemon's signals and to NameOwnerChanged for its name,
   then one GetManagedObjects (+ the Manager's GetAll); for a catalog too big for one
-  message (the daemon answers TooLarge), ListPools, ListJobs and ListModels page by page. Their replies are handled in
-  message order, between the signals around them, so the snapshot neither misses a
-  change nor overwrites a newer one.
+  message (the daemon answers TooLarge), ListPools, ListJobs and ListModels page by
+  page. Their replies are handled in message order, between the signals around them,
+  so the snapshot neither misses a change nor overwrites a newer one.
 - NameOwnerChanged with no new owner: the daemon left; everything shown goes stale and
   running jobs are gone. A new owner: the daemon is back; load a fresh snapshot.
 - The bus connection itself lost: reconnect, waiting a little longer each time.
@@ -135,11 +135,11 @@ class DaemonLink:
                 log.exception("adopting the daemon's state")
 
         def adopt() -> None:
-            objects = pending["objects"]
-            if isinstance(objects, ClientError) and objects.name == TOO_LARGE:
-                if not isinstance(pending["manager"], Exception):
-                    self._load_paged(client, pending["manager"])
-                    return
+            objects, manager = pending["objects"], pending["manager"]
+            too_large = isinstance(objects, ClientError) and objects.name == TOO_LARGE
+            if too_large and not isinstance(manager, Exception):
+                self._load_paged(client, manager)
+                return
             if isinstance(pending["objects"], Exception) or isinstance(
                 pending["manager"], Exception
             ):
