@@ -27,6 +27,8 @@ from dbus_fast import Message, Variant
 
 from bench.scan import make_gguf_tree
 from speedloader_cli.client import OBJECT_MANAGER, ROOT, Client, ClientError
+from speedloader_tui.link import DaemonLink
+from speedloader_tui.state import DaemonState
 from speedloaderd.bus.names import model_path
 from speedloaderd.bus.objects import HEALTH_BYTES, ModelInterface, bounded_findings
 from speedloaderd.bus.server import (
@@ -227,9 +229,34 @@ def test_a_reply_over_the_cap_is_refused_by_name_not_by_the_bus():
             r, _ = served.slctl("status", "--json")
             assert r.returncode == 0, r.stderr
             assert {m["name"] for m in json.loads(r.stdout)["models"]} == served.names
+            # The dashboard's link loads the same state in pages.
+            state = asyncio.run(dashboard_state(own.address))
+            assert {m.name for m in state.models.values()} == served.names
+            assert [p.name for p in state.pools.values()] == ["local"]
+            assert state.online and state.manager.model_count == len(served.names)
             served.assert_alive()
         finally:
             stop(served, root)
+
+
+async def dashboard_state(address: str) -> DaemonState:
+    """What the dashboard's DaemonLink holds once it says the daemon is online."""
+    state = DaemonState()
+    online = asyncio.get_running_loop().create_future()
+
+    def on_event(kind: str, what) -> None:
+        if kind in ("online", "error") and not online.done():
+            online.set_result((kind, what))
+
+    link = DaemonLink(state, address, lambda: None, on_event)
+    task = asyncio.create_task(link.run())
+    try:
+        kind, what = await asyncio.wait_for(online, 120)
+        assert kind == "online", what
+    finally:
+        link.stop()
+        await asyncio.wait_for(task, 30)
+    return state
 
 
 # --- dropped by the bus: back by itself ------------------------------------------------------
