@@ -117,6 +117,20 @@ def unwrap(value: Any, raw: bool = False) -> Any:
     return value
 
 
+def _printable_props(props: dict[str, Variant]) -> dict[str, Any]:
+    """A Model's properties as :func:`unwrap` gives them, in one flat pass (they are flat:
+    strings, numbers, lists of strings): a catalog of 100,000 is 100,000 of these."""
+    out = {}
+    for key, var in props.items():
+        value = var.value
+        if isinstance(value, str):
+            value = printable(value)
+        elif isinstance(value, list):
+            value = [printable(v) if isinstance(v, str) else v for v in value]
+        out[key] = value
+    return out
+
+
 @dataclass
 class JobResult:
     path: str
@@ -178,14 +192,25 @@ class Client:
     ) -> Any:
         """Call a method; return its single value (or list of values, or None), its
         strings made printable unless ``raw`` or one of the ``DOCUMENTS``."""
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
+        reply = await self._reply(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+            ),
+            timeout,
         )
+        body_ = unwrap(reply.body, raw or (interface, member) in DOCUMENTS)
+        if not body_:
+            return None
+        return body_[0] if len(body_) == 1 else body_
+
+    async def _reply(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg``; its reply, or ClientError."""
+        member = msg.member
         try:
             call = self.bus.call(msg)
             reply = await (asyncio.wait_for(call, timeout) if timeout else call)
@@ -200,10 +225,7 @@ class Client:
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             raise ClientError(reply.error_name or "Failed", str(text))
-        body_ = unwrap(reply.body, raw or (interface, member) in DOCUMENTS)
-        if not body_:
-            return None
-        return body_[0] if len(body_) == 1 else body_
+        return reply
 
     def call_ordered(
         self,
@@ -280,11 +302,19 @@ class Client:
         if after:
             filters["after"] = after
         args = {k: Variant("s", v) for k, v in filters.items()}
-        total, page = await self.call(
-            ROOT, MANAGER, "ListModels", "uua{sv}", [0, limit, args], raw=True
+        reply = await self._reply(
+            Message(
+                destination=BUS_NAME,
+                path=ROOT,
+                interface=MANAGER,
+                member="ListModels",
+                signature="uua{sv}",
+                body=[0, limit, args],
+            )
         )
-        cursor = page[-1][1]["Name"] if page else ""
-        return total, [(path, unwrap(props)) for path, props in page], cursor
+        total, page = reply.body
+        cursor = page[-1][1]["Name"].value if page else ""
+        return total, [(path, _printable_props(props)) for path, props in page], cursor
 
     async def models(self, **filters: str):
         """Every model matching ``filters`` (see ListModels), page by page."""

@@ -55,9 +55,9 @@ JOB_RETENTION_MAX = 100
 # The largest message this daemon sends: a quarter of dbus-daemon's default max_message_size
 # (32 MiB), so a bus configured tighter than the default still takes every message.
 MAX_MESSAGE_BYTES = 8 << 20
-# Every object in a GetManagedObjects reply takes at least this many bytes (285 for a model
-# with a one-letter name and no format, by dbus-fast's marshaller; tests/robustness checks), so a
-# count of objects alone tells when the reply cannot fit.
+# Every object in a GetManagedObjects reply takes at least this many bytes (285 for a
+# model with a one-letter name and no format, by dbus-fast's marshaller, as
+# tests/robustness checks), so a count of objects alone tells when a reply cannot fit.
 MIN_OBJECT_BYTES = 280
 # ListModels: at most this many models per call, and a page stops early at PAGE_BYTES.
 MAX_PAGE = 2000
