@@ -325,3 +325,53 @@ def test_problems_and_health_findings_are_bounded():
     assert rows[0][:3] == ["link", "error", "broken"]  # problems first, never cut
     assert sum(32 + 4 * sum(len(str(v)) for v in r) for r in rows) <= HEALTH_BYTES + 1024
     assert "more findings" in rows[-1][3]
+
+
+# --- a Rescan that finds 30,000 new models ---------------------------------------------------
+
+
+def test_rescan_announcing_30000_models_keeps_the_daemon_on_the_bus():
+    """Each new model is one InterfacesAdded (one object, far under the cap); 30,000 of them
+    at once must all reach a subscriber, and the daemon must stay on the bus."""
+    n = 30_000
+    ensure_users()
+    root = tempdir()
+    with Sandbox() as own:
+        served = serve(own, root, lambda cold: make_gguf_tree(cold, 2))
+        try:
+            for i in range(n):
+                d = served.lab.cold / f"new{i % 50}"
+                d.mkdir(exist_ok=True)
+                (d / f"m{i}.gguf").write_bytes(b"GGUF")
+
+            async def rescan() -> tuple[int, int]:
+                async with await Client.connect(own.address) as c:
+                    await c.subscribe()
+                    added = 0
+                    all_seen = asyncio.Event()
+
+                    def on_signal(msg: Message) -> None:
+                        nonlocal added
+                        if msg.member == "InterfacesAdded" and "models/new" in msg.body[0]:
+                            added += 1
+                            if added == n:
+                                all_seen.set()
+
+                    c.add_listener(on_signal)
+                    count = await c.manager("Rescan")
+                    await asyncio.wait_for(all_seen.wait(), 300)
+                    return count, added
+
+            count, added = asyncio.run(rescan())
+            assert count == n + 2 and added == n
+            served.assert_alive()
+            manager = served.call(
+                ROOT,
+                "org.freedesktop.DBus.Properties",
+                "GetAll",
+                "s",
+                ["org.speedloader.Speedloader1.Manager"],
+            )
+            assert manager["ModelCount"] == n + 2
+        finally:
+            stop(served, root)
