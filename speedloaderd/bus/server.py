@@ -213,10 +213,11 @@ def _oversized(msg: Message, size: int) -> Message | None:
     return None
 
 
-def _forget_bus(iface: ServiceInterface, bus: MessageBus | None) -> None:
-    """Unbind ``iface`` from a dead connection, so its signals go to the new one only."""
-    if bus is not None and bus in ServiceInterface._get_buses(iface):
-        ServiceInterface._remove_bus(iface, bus)
+def _forget_other_buses(iface: ServiceInterface, bus: MessageBus) -> None:
+    """Unbind ``iface`` from every connection but ``bus`` (they are dead)."""
+    for other in list(ServiceInterface._get_buses(iface)):
+        if other is not bus:
+            ServiceInterface._remove_bus(iface, other)
 
 
 _MODEL_KEYS = {"state": "State", "tier": "Tier", "format": "Format"}
@@ -320,6 +321,12 @@ class Server:
         bus.add_message_handler(remember_caller)
         bus.add_message_handler(bus.answer_get_managed_objects)
         self.bus = bus
+        # Objects of a connection that was lost (some may have been exported on it while
+        # we were away) now signal on this one only.
+        for iface in [self.manager, *self.models.values(), *self.pools.values()]:
+            _forget_other_buses(iface, bus)
+        for jiface in self.jobs.values():
+            _forget_other_buses(jiface, bus)
         self.polkit = Polkit(bus)
         bus.quiet = True
         bus.export(ROOT, self.manager)
@@ -356,10 +363,6 @@ class Server:
 
     async def _reconnect(self) -> None:
         old = self.bus
-        for iface in [self.manager, *self.models.values(), *self.pools.values()]:
-            _forget_bus(iface, old)
-        for jiface in self.jobs.values():
-            _forget_bus(jiface, old)
         give_up = time.monotonic() + RECONNECT_GIVE_UP_S
         attempt = 0
         while True:
@@ -370,11 +373,7 @@ class Server:
                 break
             except Exception as err:
                 if self.bus is not None and self.bus is not old:
-                    for iface in [self.manager, *self.models.values(), *self.pools.values()]:
-                        _forget_bus(iface, self.bus)
-                    for jiface in self.jobs.values():
-                        _forget_bus(jiface, self.bus)
-                    self.bus.disconnect()
+                    self.bus.disconnect()  # half set up; the next attempt starts afresh
                 if time.monotonic() > give_up:
                     raise Failed(f"cannot reconnect to the system bus: {err}") from None
                 log.warning("reconnecting to the system bus failed (%s); retrying", err)
@@ -384,7 +383,8 @@ class Server:
             len(self.models),
             len(self.pools),
         )
-        # Whatever changed while we were away reaches clients as ordinary signals.
+        # Clients see the name's owner change (NameOwnerChanged) and read the state afresh;
+        # a resync makes the objects match what the engine did meanwhile.
         self._resync_all = True
         self._dirty |= {("job", str(j)) for j in self.jobs}
         self._schedule_flush()

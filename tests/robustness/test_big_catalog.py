@@ -289,6 +289,15 @@ def test_dropped_by_a_tight_bus_the_daemon_reconnects_with_its_state():
                 ["org.speedloader.Speedloader1.Model"],
             )
             assert props["Name"] == before[1][0][1]["Name"]
+
+            # ...and signal on the new connection: a promote is followed to its end.
+            async def promote(name: str) -> bool:
+                async with await Client.connect(tight.address) as c:
+                    await c.subscribe()
+                    return (await c.follow_job(await c.promote(name), timeout=60)).success
+
+            assert asyncio.run(promote(props["Name"]))
+            served.assert_alive()
         finally:
             stop(served, root)
 
