@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=50, help="bus clients in the soak (50)")
     ap.add_argument("--seconds", type=float, default=60, help="length of the soak (60)")
     ap.add_argument(
+        "--big", type=int, default=100_000, help="models for the paged bus part (0: skip)"
+    )
+    ap.add_argument(
         "--only", choices=["promote", "scan", "bus"], help="run one part (default: all)"
     )
     args = ap.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "scan"):
         results["scan"] = bench_scan(args.models)
     if args.only in (None, "bus"):
-        results["bus"] = bench_bus(args.clients, args.seconds, args.models, log=log)
+        results["bus"] = bench_bus(args.clients, args.seconds, args.models, args.big, log=log)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

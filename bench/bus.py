@@ -1,12 +1,14 @@
 """The daemon on the bus under load: many clients at once, calls while transfers run, and
 GetManagedObjects over a large catalog.
 
-    python3 -m bench.bus [--clients 50] [--seconds 60] [--models 10000]
+    python3 -m bench.bus [--clients 50] [--seconds 60] [--models 10000] [--big 100000]
 
 Runs a private system bus, a real polkitd and speedloaderd (speedloaderd/sandbox.py), as
 root. Every figure is measured in this run; latencies include polkit's CheckAuthorization
 for the calls that change something. ``soak`` is also what tests/test_bus_soak.py runs and
-checks for lost, duplicated or unfinished jobs.
+checks for lost, duplicated or unfinished jobs. ``big`` serves 100,000 GGUF models (a
+catalog whose GetManagedObjects no bus would carry) and times the daemon's start, its RSS
+and ``slctl status`` run by an unprivileged user, which reads the models in pages.
 """
 
 from __future__ import annotations
@@ -233,7 +235,55 @@ async def managed_objects_time(address: str, rounds: int = 3) -> dict:
 # --- the command ---------------------------------------------------------------------------
 
 
-def bench_bus(clients: int, seconds: float, n_models: int, log=print) -> dict:
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def big_catalog(sb: Any, work: Path, n_models: int, log=print) -> dict:
+    """Start the daemon on ``n_models`` GGUF models; time ``slctl status`` as ``nobody``."""
+    import subprocess
+
+    from bench.scan import make_gguf_tree
+    from speedloaderd.config import save_config
+    from tests.buslab import as_user
+    from tests.lab import Lab
+
+    (work / "big").mkdir()
+    lab = Lab(work / "big")
+    log(f"writing {n_models} GGUF models ...")
+    made = make_gguf_tree(lab.cold, n_models * 6 // 5)  # one in ten is split in 3 files
+    save_config(lab.config(backend="llamacpp"), lab.config_path)
+    t0 = time.perf_counter()
+    proc = sb.start_daemon(lab.config_path, timeout=900)
+    out: dict[str, Any] = {
+        "models": made,
+        "daemon_start_s": time.perf_counter() - t0,
+        "daemon_rss_mib": _rss_mib(proc.pid),
+    }
+    slctl = str(Path(sys.executable).with_name("slctl"))
+    for key, args in (("status_s", ["status"]), ("status_json_s", ["status", "--json"])):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            r = subprocess.run(
+                as_user("nobody", [slctl, *args], sb.address), capture_output=True, text=True
+            )
+            times.append(time.perf_counter() - t0)
+            if r.returncode != 0:
+                raise RuntimeError(f"slctl {' '.join(args)} failed: {r.stderr.strip()}")
+        out[key] = statistics.median(times)
+    out["daemon_rss_after_mib"] = _rss_mib(proc.pid)
+    out["daemon_alive"] = proc.poll() is None
+    sb.stop_daemon(proc)
+    return out
+
+
+def bench_bus(
+    clients: int, seconds: float, n_models: int, big_models: int = 100_000, log=print
+) -> dict:
     from bench.scan import make_ollama_library
     from speedloaderd.config import save_config
     from speedloaderd.sandbox import Sandbox
@@ -279,6 +329,10 @@ def bench_bus(clients: int, seconds: float, n_models: int, log=print) -> dict:
                 "daemon_start_s": start_s
             }
             sb.stop_daemon(proc)
+            _unmount_below(work)
+            # 3. A catalog too big for one message: paged reads.
+            if big_models:
+                results["big"] = big_catalog(sb, work, big_models, log)
         finally:
             _unmount_below(work)
             import shutil
@@ -321,6 +375,18 @@ def print_bus(r: dict) -> None:
         f"median {many['median_ms']:.0f} ms; daemon start to on-the-bus "
         f"{many['daemon_start_s']:.1f} s"
     )
+    big = r.get("big")
+    if big:
+        print(
+            f"{big['models']} GGUF models: daemon start to on-the-bus "
+            f"{big['daemon_start_s']:.1f} s, RSS {big['daemon_rss_mib']:.0f} MiB "
+            f"({big['daemon_rss_after_mib']:.0f} after the reads)"
+        )
+        print(
+            f"  `slctl status` as nobody {big['status_s']:.1f} s, `--json` "
+            f"{big['status_json_s']:.1f} s (medians of 3); still on the bus: "
+            f"{big['daemon_alive']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--models", type=int, default=10000)
+    ap.add_argument("--big", type=int, default=100_000, help="models in the paged part (0: skip)")
     args = ap.parse_args(argv)
-    r = bench_bus(args.clients, args.seconds, args.models)
+    r = bench_bus(args.clients, args.seconds, args.models, args.big)
     print(json.dumps(r, indent=2))
     print_bus(r)
     return 0

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
+TOO_LARGE = "TooLarge"  # the reply would not fit in one D-Bus message: read in pages
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 # Replies that are documents for the caller to parse, not text to show: returned as sent.
@@ -111,9 +112,23 @@ def unwrap(value: Any, raw: bool = False) -> Any:
         return value if raw else printable(value)
     if isinstance(value, dict):
         return {unwrap(k, raw): unwrap(v, raw) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):  # structs (ListModels' pages) come as tuples
         return [unwrap(v, raw) for v in value]
     return value
+
+
+def _printable_props(props: dict[str, Variant]) -> dict[str, Any]:
+    """A Model's properties as :func:`unwrap` gives them, in one flat pass (they are flat:
+    strings, numbers, lists of strings): a catalog of 100,000 is 100,000 of these."""
+    out = {}
+    for key, var in props.items():
+        value = var.value
+        if isinstance(value, str):
+            value = printable(value)
+        elif isinstance(value, list):
+            value = [printable(v) if isinstance(v, str) else v for v in value]
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -177,14 +192,25 @@ class Client:
     ) -> Any:
         """Call a method; return its single value (or list of values, or None), its
         strings made printable unless ``raw`` or one of the ``DOCUMENTS``."""
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
+        reply = await self._reply(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+            ),
+            timeout,
         )
+        body_ = unwrap(reply.body, raw or (interface, member) in DOCUMENTS)
+        if not body_:
+            return None
+        return body_[0] if len(body_) == 1 else body_
+
+    async def _reply(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg``; its reply, or ClientError."""
+        member = msg.member
         try:
             call = self.bus.call(msg)
             reply = await (asyncio.wait_for(call, timeout) if timeout else call)
@@ -199,10 +225,7 @@ class Client:
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             raise ClientError(reply.error_name or "Failed", str(text))
-        body_ = unwrap(reply.body, raw or (interface, member) in DOCUMENTS)
-        if not body_:
-            return None
-        return body_[0] if len(body_) == 1 else body_
+        return reply
 
     def call_ordered(
         self,
@@ -212,11 +235,13 @@ class Client:
         signature: str,
         body: list[Any],
         on_result: Callable[[Any, ClientError | None], None],
+        raw: bool = False,
     ) -> None:
         """Call a method; ``on_result(value, error)`` runs in message order, between the
         signals received before and after the reply. (An awaited call resumes only after
         the signals that followed its reply were handled, so a snapshot read that way
-        would overwrite newer news.)"""
+        would overwrite newer news.) ``value`` is the single value, or the list of values
+        of a method with several; strings made printable unless ``raw``."""
 
         def on_reply(reply: Message | None, err: Exception | None) -> None:
             if err is not None or reply is None:
@@ -224,8 +249,10 @@ class Client:
             elif reply.message_type is MessageType.ERROR:
                 text = reply.body[0] if reply.body else reply.error_name
                 on_result(None, ClientError(reply.error_name or "Failed", str(text)))
+            elif len(reply.body) > 1:
+                on_result(unwrap(reply.body, raw), None)
             else:
-                on_result(unwrap(reply.body[0]) if reply.body else None, None)
+                on_result(unwrap(reply.body[0], raw) if reply.body else None, None)
 
         msg = Message(
             destination=BUS_NAME,
@@ -249,7 +276,55 @@ class Client:
         return await self.call(path, PROPERTIES, "GetAll", "s", [interface])
 
     async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects")
+        """Every object below the root. For a catalog too big for one D-Bus message the
+        daemon answers TooLarge; then the same dict is read in pages (ListModels,
+        ListPools, ListJobs): not one snapshot in time, but every object that existed
+        throughout the reading, each as it was when its page was read."""
+        try:
+            return await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects")
+        except ClientError as err:
+            if err.name != TOO_LARGE:
+                raise
+        objects: dict[str, dict[str, dict[str, Any]]] = {}
+        for path, props in await self.manager("ListPools"):
+            objects[path] = {POOL: props}
+        for path, props in await self.manager("ListJobs"):
+            objects[path] = {JOB: props}
+        async for path, props in self.models():
+            objects[path] = {MODEL: props}
+        return objects
+
+    async def list_models(
+        self, after: str = "", limit: int = 0, **filters: str
+    ) -> tuple[int, list[tuple[str, dict[str, Any]]], str]:
+        """One page of ListModels: (how many match, [(path, properties)...], the cursor
+        for the next page: the last name, as sent, or "" after the last page)."""
+        if after:
+            filters["after"] = after
+        args = {k: Variant("s", v) for k, v in filters.items()}
+        reply = await self._reply(
+            Message(
+                destination=BUS_NAME,
+                path=ROOT,
+                interface=MANAGER,
+                member="ListModels",
+                signature="uua{sv}",
+                body=[0, limit, args],
+            )
+        )
+        total, page = reply.body
+        cursor = page[-1][1]["Name"].value if page else ""
+        return total, [(path, _printable_props(props)) for path, props in page], cursor
+
+    async def models(self, **filters: str):
+        """Every model matching ``filters`` (see ListModels), page by page."""
+        after = ""
+        while True:
+            _, page, after = await self.list_models(after, **filters)
+            for item in page:
+                yield item
+            if not after:
+                return
 
     # --- typed shortcuts ---------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 when the daemon restarts.
 
 - At connect: subscribe to the daemon's signals and to NameOwnerChanged for its name,
-  then one GetManagedObjects (+ the Manager's GetAll). Their replies are handled in
-  message order, between the signals around them, so the snapshot neither misses a
-  change nor overwrites a newer one.
+  then one GetManagedObjects (+ the Manager's GetAll); for a catalog too big for one
+  message (the daemon answers TooLarge), ListPools, ListJobs and ListModels page by
+  page. Their replies are handled in message order, between the signals around them,
+  so the snapshot neither misses a change nor overwrites a newer one.
 - NameOwnerChanged with no new owner: the daemon left; everything shown goes stale and
   running jobs are gone. A new owner: the daemon is back; load a fresh snapshot.
 - The bus connection itself lost: reconnect, waiting a little longer each time.
@@ -20,15 +21,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, Variant
 
 from speedloader_cli.client import (
     BUS_NAME,
     JOB,
     MANAGER,
+    MODEL,
     OBJECT_MANAGER,
+    POOL,
     PROPERTIES,
     ROOT,
+    TOO_LARGE,
     Client,
     ClientError,
     unwrap,
@@ -131,6 +135,11 @@ class DaemonLink:
                 log.exception("adopting the daemon's state")
 
         def adopt() -> None:
+            objects, manager = pending["objects"], pending["manager"]
+            too_large = isinstance(objects, ClientError) and objects.name == TOO_LARGE
+            if too_large and not isinstance(manager, Exception):
+                self._load_paged(client, manager)
+                return
             if isinstance(pending["objects"], Exception) or isinstance(
                 pending["manager"], Exception
             ):
@@ -156,6 +165,49 @@ class DaemonLink:
 
         client.call_ordered(ROOT, OBJECT_MANAGER, "GetManagedObjects", "", [], reply_to("objects"))
         client.call_ordered(ROOT, PROPERTIES, "GetAll", "s", [MANAGER], reply_to("manager"))
+
+    def _load_paged(self, client: Client, manager: dict[str, Any]) -> None:
+        """A catalog too big for one GetManagedObjects: pools, jobs, then models a page at a
+        time, each reply applied in message order. Signals are applied meanwhile (the state
+        is live from the first page), so a page never overwrites newer news: it was read
+        after every signal that came before it."""
+        self.state.begin_load()
+        self.state.manager.update(manager)
+
+        def add_all(kind: str) -> Callable[[Any, ClientError | None], None]:
+            def on_result(value: Any, err: ClientError | None) -> None:
+                if err is not None:
+                    self.on_event("error", err)
+                    return
+                for path, props in value:
+                    self.state.changed(path, kind, props)
+                self.on_change()
+
+            return on_result
+
+        def next_page(after: str) -> None:
+            args = {"after": Variant("s", after)} if after else {}
+            client.call_ordered(
+                ROOT, MANAGER, "ListModels", "uua{sv}", [0, 0, args], on_page, raw=True
+            )
+
+        def on_page(value: Any, err: ClientError | None) -> None:
+            if err is not None:
+                self.on_event("error", err)
+                return
+            _total, page = value
+            for path, props in page:
+                self.state.changed(path, MODEL, unwrap(props))
+            self.on_change()
+            if page:
+                next_page(page[-1][1]["Name"])  # the name as sent: the cursor
+                return
+            self.loads += 1
+            self.on_event("online", self.state.manager)
+
+        client.call_ordered(ROOT, MANAGER, "ListPools", "", [], add_all(POOL))
+        client.call_ordered(ROOT, MANAGER, "ListJobs", "", [], add_all(JOB))
+        next_page("")
 
     # --- signals -------------------------------------------------------------------------
 

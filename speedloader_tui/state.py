@@ -108,6 +108,7 @@ class ManagerInfo:
     cold_storage: str = ""
     strategy: str = ""
     version: str = ""
+    model_count: int = 0
 
     def update(self, props: dict[str, Any]) -> None:
         for key, attr in _MANAGER_ATTRS.items():
@@ -159,6 +160,7 @@ _MANAGER_ATTRS = {
     "ColdStorage": "cold_storage",
     "Strategy": "strategy",
     "Version": "version",
+    "ModelCount": "model_count",
 }
 
 # What a change touched; the screens redraw by these.
@@ -180,11 +182,16 @@ class DaemonState:
 
     def load(self, objects: dict[str, dict[str, dict[str, Any]]]) -> None:
         """Replace everything with a GetManagedObjects answer (also the root's Manager)."""
+        self.begin_load()
+        for path, ifaces in objects.items():
+            self.add(path, ifaces)
+
+    def begin_load(self) -> None:
+        """Forget every object: a fresh state follows (whole, or in pages), and signals
+        apply from now on."""
         self.models.clear()
         self.pools.clear()
         self.jobs.clear()
-        for path, ifaces in objects.items():
-            self.add(path, ifaces)
         self.online = True
         self.dirty |= {MODELS, POOLS, JOBS, MANAGER_PART}
 

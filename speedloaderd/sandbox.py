@@ -65,6 +65,7 @@ _BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configu
   </policy>
 {includes}
   <limit name="max_replies_per_connection">50000</limit>
+{limits}
 </busconfig>
 """
 
@@ -142,6 +143,7 @@ class Sandbox:
         rules: Iterable[Path] = (),
         polkit: bool = True,
         base: Path | None = None,
+        limits: dict[str, int] | None = None,
     ):
         if os.geteuid() != 0:
             raise SandboxError("the sandbox must run as root (private mount namespace, mounts)")
@@ -153,6 +155,8 @@ class Sandbox:
         self.actions = [Path(p) for p in actions] or sorted((REPO / "polkit").glob("*.policy"))
         self.rules = [Path(p) for p in rules] or sorted((REPO / "polkit").glob("*.rules"))
         self.want_polkit = polkit
+        # dbus-daemon <limit>s, e.g. {"max_message_size": 1 << 20} for a tight bus.
+        self.limits = dict(limits or {})
         self.bus_proc: subprocess.Popen | None = None
         self.polkit_proc: subprocess.Popen | None = None
         self.daemons: list[subprocess.Popen] = []
@@ -207,6 +211,9 @@ class Sandbox:
             _BUS_CONF.format(
                 socket=self.socket,
                 includes="\n".join(f"  <include>{p}</include>" for p in includes),
+                limits="\n".join(
+                    f'  <limit name="{k}">{int(v)}</limit>' for k, v in self.limits.items()
+                ),
             )
         )
         self.bus_proc = subprocess.Popen(

@@ -127,6 +127,11 @@ class ManagerInterface(Snapshot):
     def Strategy(self) -> "s":
         return self.values.get("Strategy", "")
 
+    @dbus_property(access=READ)
+    def ModelCount(self) -> "u":
+        """How many Model objects there are; ListModels reads them in pages."""
+        return self.values.get("ModelCount", 0)
+
     # --- methods ---
 
     @method()
@@ -185,10 +190,32 @@ class ManagerInterface(Snapshot):
         report = await self.engine.health(repair=repair, verify_digests=verify_digests)
         if repair:
             await self.server.settle()
-        findings = [
-            [f.check, f.status.value, f.subject, f.message, f.repaired] for f in report.findings
-        ]
-        return [report.ok, findings]
+        return [report.ok, bounded_findings(report.findings)]
+
+    @method()
+    @exported()
+    async def ListModels(self, offset: "u", limit: "u", filters: "a{sv}") -> "ua(oa{sv})":
+        """Models in name order, a page at a time: what GetManagedObjects answers for a
+        catalog too big for one message (it then says TooLarge). ``filters``: ``name``
+        (substring, any case), ``state``, ``tier``, ``format`` (exact), ``after`` (names
+        after this one: a cursor that insertions and removals do not shift). ``limit`` 0
+        or above 2,000 means 2,000; a page also ends at 4 MiB. Returns how many models
+        match, and the page: object paths with the Model interface's properties."""
+        return self.server.list_models(offset, limit, filters)
+
+    @method()
+    @exported()
+    async def ListPools(self) -> "a(oa{sv})":
+        """Every pool with the Pool interface's properties (with ListModels and ListJobs,
+        the state without GetManagedObjects)."""
+        return self.server.list_pools()
+
+    @method()
+    @exported()
+    async def ListJobs(self) -> "a(oa{sv})":
+        """Every job still exported (running, or finished in the last minutes), with the
+        Job interface's properties."""
+        return self.server.list_jobs()
 
     @method()
     @exported()
@@ -222,6 +249,36 @@ class ManagerInterface(Snapshot):
     @exported()
     async def GetVersion(self) -> "s":
         return __version__
+
+
+# Health's reply grows with the catalog (a finding per broken model): it carries at most
+# this much, problems before the checks that passed, and says how many it left out.
+HEALTH_BYTES = 4 << 20
+
+
+def bounded_findings(findings: list) -> list[list]:
+    ordered = sorted(findings, key=lambda f: f.status.value == "ok")  # stable: problems first
+    out: list[list] = []
+    size = 0
+    for n, f in enumerate(ordered):
+        row = [f.check, f.status.value, f.subject, f.message, f.repaired]
+        size += 32 + 4 * sum(len(str(v)) for v in row)
+        if size > HEALTH_BYTES:
+            left = ordered[n:]
+            bad = sum(1 for x in left if x.status.value != "ok")
+            out.append(
+                [
+                    "findings",
+                    "warning" if bad else "ok",
+                    "",
+                    f"{len(left)} more findings ({bad} of them problems) do not fit in one "
+                    "reply; fix the problems shown and run health again",
+                    False,
+                ]
+            )
+            break
+        out.append(row)
+    return out
 
 
 def _first_error(err: ValueError) -> str:

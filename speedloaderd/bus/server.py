@@ -4,14 +4,25 @@ their properties current with coalesced PropertiesChanged, and survives a full s
 Engine events mark objects dirty; one flush, at most every ``FLUSH_INTERVAL``, recomputes
 their properties and emits only what changed. A burst of ten thousand model changes is
 thus a bounded stream of signals, and each job's progress reaches clients at <= 10 Hz.
+
+No message leaves this daemon larger than ``MAX_MESSAGE_BYTES``: dbus-daemon drops the
+connection of a sender whose message passes its ``max_message_size`` (32 MiB on a stock
+system bus), and that is the daemon leaving the bus. A reply that would be larger becomes
+the named error TooLarge (GetManagedObjects of a big catalog says so at once, from the
+count of objects); clients then read models in pages with Manager.ListModels. Should the
+bus drop us anyway (a bus configured with a smaller limit, dbus-daemon restarting), the
+server reconnects and exports everything again instead of exiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
+from collections.abc import Iterable
+from copy import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +32,11 @@ from dbus_fast.service import ServiceInterface
 
 from ..config import Config, dump_config, save_config
 from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
-from ..errors import Busy, Failed, SpeedloaderError
+from ..errors import Busy, Failed, InvalidArgument, SpeedloaderError
 from ..jobs import Job
 from ..privilege import admin_changes
 from .auth import Polkit, remember_caller
-from .names import BUS_NAME, ROOT, job_path, model_path, pool_path
+from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
 from .objects import (
     JobInterface,
     ManagerInterface,
@@ -41,6 +52,26 @@ FLUSH_INTERVAL = 0.1
 JOB_RETENTION_S = 600.0
 JOB_RETENTION_MAX = 100
 SCAN_PROBLEMS_MAX = 200  # scan problems on the Manager; Health lists every one
+
+# The largest message this daemon sends: a quarter of dbus-daemon's default max_message_size
+# (32 MiB), so a bus configured tighter than the default still takes every message.
+MAX_MESSAGE_BYTES = 8 << 20
+# Every object in a GetManagedObjects reply takes at least this many bytes (285 for a
+# model with a one-letter name and no format, by dbus-fast's marshaller, as
+# tests/robustness checks), so a count of objects alone tells when a reply cannot fit.
+MIN_OBJECT_BYTES = 280
+# ListModels: at most this many models per call, and a page stops early at PAGE_BYTES.
+MAX_PAGE = 2000
+PAGE_BYTES = 4 << 20
+# A model's Problems: at most this many, each at most PROBLEM_CHARS long (a hostile tree
+# could otherwise make one model's properties as large as it likes).
+MAX_PROBLEMS = 20
+PROBLEM_CHARS = 500
+TOO_LARGE = ERROR_PREFIX + "TooLarge"
+RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
+# Filters ListModels accepts: key -> the model value it matches.
+_FILTER_KEYS = ("name", "state", "tier", "format", "after")
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
 # (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
@@ -112,7 +143,23 @@ class SystemBus(MessageBus):
     async def connect(self) -> SystemBus:
         await super().connect()
         self._writer.sock = _EagainSafeSocket(self._writer.sock)
+        self._writer.buffer_message = self._buffer_bounded
         return self
+
+    def _buffer_bounded(self, msg: Message, future: asyncio.Future | None = None) -> None:
+        """The writer's buffer_message, refusing to send any message larger than
+        MAX_MESSAGE_BYTES: a reply becomes the error TooLarge, a signal is dropped (logged).
+        Same queue entry as dbus-fast's own (marshalled bytes, unix fds, future)."""
+        writer = self._writer
+        data = msg._marshall(writer.negotiate_unix_fd)
+        if len(data) > MAX_MESSAGE_BYTES:
+            replacement = _oversized(msg, len(data))
+            if replacement is None:
+                if future is not None and not future.done():
+                    future.set_result(None)
+                return
+            data = replacement._marshall(writer.negotiate_unix_fd)
+        writer.messages.append((data, copy(msg.unix_fds) if msg.unix_fds else None, future))
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self.quiet or self._disconnected:
@@ -138,6 +185,9 @@ class SystemBus(MessageBus):
             and not msg.signature
         ):
             return None
+        count = len(self._path_exports)
+        if count * MIN_OBJECT_BYTES > MAX_MESSAGE_BYTES:
+            return Message.new_error(msg, TOO_LARGE, _too_large_text(count * MIN_OBJECT_BYTES))
         prefix = ROOT + "/"
         result = {
             path: {iface.name: _properties(path, iface) for iface in ifaces.values()}
@@ -160,6 +210,61 @@ class SystemBus(MessageBus):
         )
 
 
+def _too_large_text(size: int) -> str:
+    return (
+        f"the reply would be {size / (1 << 20):.0f} MiB or more, larger than the "
+        f"{MAX_MESSAGE_BYTES >> 20} MiB speedloaderd sends in one message; read the models "
+        "in pages with Manager.ListModels (slctl and the dashboard do)"
+    )
+
+
+def _oversized(msg: Message, size: int) -> Message | None:
+    """What to send instead of ``msg`` (``size`` bytes, too large): an error reply to the
+    same call, or nothing for a signal."""
+    if msg.message_type is MessageType.METHOD_RETURN:
+        log.warning("a reply of %d bytes was refused: answered TooLarge instead", size)
+        return Message(
+            message_type=MessageType.ERROR,
+            destination=msg.destination,
+            reply_serial=msg.reply_serial,
+            serial=msg.serial,
+            error_name=TOO_LARGE,
+            signature="s",
+            body=[_too_large_text(size)],
+        )
+    log.error(
+        "dropped a %s %s of %d bytes from %s: larger than the bus may carry",
+        msg.message_type.name.lower(),
+        msg.member,
+        size,
+        msg.path,
+    )
+    return None
+
+
+def _forget_other_buses(iface: ServiceInterface, bus: MessageBus) -> None:
+    """Unbind ``iface`` from every connection but ``bus`` (they are dead)."""
+    for other in list(ServiceInterface._get_buses(iface)):
+        if other is not bus:
+            ServiceInterface._remove_bus(iface, other)
+
+
+_MODEL_KEYS = {"state": "State", "tier": "Tier", "format": "Format"}
+
+
+def _estimate(path: str, props: dict[str, Variant]) -> int:
+    """An upper bound of the bytes ``path`` and ``props`` take in a marshalled message."""
+    size = 16 + len(path)  # object paths are ASCII
+    for key, var in props.items():
+        value = var.value
+        size += 24 + len(key)
+        if isinstance(value, str):
+            size += 4 * len(value)  # len counts characters; UTF-8 takes up to 4 each
+        elif isinstance(value, list):
+            size += sum(8 + 4 * len(str(v)) for v in value)
+    return size
+
+
 def _properties(path: str, interface: ServiceInterface) -> dict[str, Variant]:
     props = {}
     for prop in ServiceInterface._get_properties(interface):
@@ -180,8 +285,17 @@ def model_values(st: ModelStatus) -> dict[str, Any]:
         "Tier": st.tier,
         "PinnedPool": st.pinned_pool,
         "State": st.state,
-        "Problems": list(st.problems),
+        "Problems": bounded_problems(st.problems),
     }
+
+
+def bounded_problems(problems: Iterable[str]) -> list[str]:
+    """A model's problems, at most MAX_PROBLEMS of at most PROBLEM_CHARS each."""
+    problems = list(problems)
+    out = [p if len(p) <= PROBLEM_CHARS else p[: PROBLEM_CHARS - 3] + "..." for p in problems]
+    if len(out) > MAX_PROBLEMS:
+        out = out[: MAX_PROBLEMS - 1] + [f"... and {len(out) - MAX_PROBLEMS + 1} more problems"]
+    return out
 
 
 def pool_values(st: PoolStatus) -> dict[str, Any]:
@@ -216,6 +330,7 @@ class Server:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._resync_all = False
         self._disconnected = asyncio.Event()
+        self._model_order: list[str] | None = None  # sorted names, for ListModels
 
     # --- start and stop ----------------------------------------------------------------
 
@@ -238,21 +353,7 @@ class Server:
                     self.config_error,
                     ", ".join(undone) or "none",
                 )
-        self.bus = SystemBus(bus_type=BusType.SYSTEM)
-        await self.bus.connect()
-        self.bus.add_message_handler(remember_caller)
-        self.bus.add_message_handler(self.bus.answer_get_managed_objects)
-        self.polkit = Polkit(self.bus)
-        self.bus.quiet = True
-        self.bus.export(ROOT, self.manager)
-        await self._sync_objects()
-        self.bus.quiet = False
-        reply = await self.bus.request_name(BUS_NAME)
-        if reply is not RequestNameReply.PRIMARY_OWNER:
-            raise Failed(
-                f"cannot own {BUS_NAME} on the system bus ({reply.name}); "
-                "is another speedloaderd running?"
-            )
+        await self._connect(sync=True)
         log.info(
             "on the system bus as %s (%d models, %d pools)",
             BUS_NAME,
@@ -260,9 +361,81 @@ class Server:
             len(self.pools),
         )
 
+    async def _connect(self, sync: bool) -> None:
+        """Connect, export the Manager and every object (made from the engine if ``sync``,
+        else those already known), then own the name: clients see the whole state at once."""
+        bus = SystemBus(bus_type=BusType.SYSTEM)
+        await bus.connect()
+        bus.add_message_handler(remember_caller)
+        bus.add_message_handler(bus.answer_get_managed_objects)
+        self.bus = bus
+        # Objects of a connection that was lost (some may have been exported on it while
+        # we were away) now signal on this one only.
+        for iface in [self.manager, *self.models.values(), *self.pools.values()]:
+            _forget_other_buses(iface, bus)
+        for jiface in self.jobs.values():
+            _forget_other_buses(jiface, bus)
+        self.polkit = Polkit(bus)
+        bus.quiet = True
+        bus.export(ROOT, self.manager)
+        if sync:
+            await self._sync_objects()
+        else:
+            for name, iface in self.models.items():
+                bus.export(model_path(name), iface)
+            for name, piface in self.pools.items():
+                bus.export(pool_path(name), piface)
+            for job_id, jiface in self.jobs.items():
+                bus.export(job_path(job_id), jiface)
+        bus.quiet = False
+        reply = await bus.request_name(BUS_NAME)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            raise Failed(
+                f"cannot own {BUS_NAME} on the system bus ({reply.name}); "
+                "is another speedloaderd running?"
+            )
+
     async def wait(self) -> None:
-        assert self.bus is not None
-        await self.bus.wait_for_disconnect()
+        """Serve until ``stop()``. If dbus-daemon drops the connection (it does so to a
+        sender of a message larger than it allows, or when it restarts), reconnect and
+        export everything again: exiting would only restart into the same state."""
+        while True:
+            assert self.bus is not None
+            try:
+                await self.bus.wait_for_disconnect()
+            except Exception as err:  # the library reports the lost socket as an exception
+                log.error("dbus-daemon dropped the connection: %s", err or type(err).__name__)
+            if self.bus._user_disconnect:
+                return
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        old = self.bus
+        give_up = time.monotonic() + RECONNECT_GIVE_UP_S
+        attempt = 0
+        while True:
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
+            try:
+                await self._connect(sync=False)
+                break
+            except Exception as err:
+                if self.bus is not None and self.bus is not old:
+                    self.bus.disconnect()  # half set up; the next attempt starts afresh
+                if time.monotonic() > give_up:
+                    raise Failed(f"cannot reconnect to the system bus: {err}") from None
+                log.warning("reconnecting to the system bus failed (%s); retrying", err)
+        log.warning(
+            "back on the system bus as %s after a lost connection (%d models, %d pools)",
+            BUS_NAME,
+            len(self.models),
+            len(self.pools),
+        )
+        # Clients see the name's owner change (NameOwnerChanged) and read the state afresh;
+        # a resync makes the objects match what the engine did meanwhile.
+        self._resync_all = True
+        self._dirty |= {("job", str(j)) for j in self.jobs}
+        self._schedule_flush()
 
     async def shutdown(self) -> None:
         """End running jobs (their Completed signals still go out), then leave the bus."""
@@ -393,6 +566,7 @@ class Server:
             seen.add(st.name)
             iface = self.models.get(st.name)
             if iface is None:
+                self._model_order = None
                 iface = ModelInterface(self, st.name)
                 iface.update(model_values(st))
                 self.models[st.name] = iface
@@ -401,8 +575,10 @@ class Server:
                 self._emit_changed(iface, iface.update(model_values(st)))
         for name in list(self.models):
             if name not in seen:
+                self._model_order = None
                 del self.models[name]
                 self._unexport(model_path(name))
+        self._emit_changed(self.manager, self.manager.update({"ModelCount": len(self.models)}))
         seen = set()
         for st in pools:
             seen.add(st.name)
@@ -418,6 +594,65 @@ class Server:
             if name not in seen:
                 del self.pools[name]
                 self._unexport(pool_path(name))
+
+    # --- paged reads (Manager.ListModels, ListPools, ListJobs) ------------------------------
+
+    def list_models(self, offset: int, limit: int, filters: dict[str, Any]) -> list[Any]:
+        """``[total, [[path, properties], ...]]``: the models that match ``filters``, in
+        name order, from ``offset`` (after the name ``filters["after"]``, if given), at
+        most ``limit`` (0: MAX_PAGE) and at most PAGE_BYTES of them. ``total`` counts every
+        match, whatever the window: a client has them all when it has ``total``."""
+        wanted = {}
+        for key, value in filters.items():
+            value = value.value if isinstance(value, Variant) else value
+            if key not in _FILTER_KEYS:
+                raise InvalidArgument(
+                    f"ListModels has no filter {key!r}; use {', '.join(_FILTER_KEYS)}"
+                )
+            if not isinstance(value, str):
+                raise InvalidArgument(f"ListModels filter {key!r} must be a string")
+            wanted[key] = value
+        order = self._ordered_models()
+        start = bisect.bisect_right(order, wanted["after"]) if "after" in wanted else 0
+        limit = MAX_PAGE if limit == 0 else min(limit, MAX_PAGE)
+        needle = wanted.get("name", "").casefold()
+        checks = [(k, wanted[k]) for k in ("state", "tier", "format") if k in wanted]
+
+        def matches(name: str) -> bool:
+            if needle and needle not in name.casefold():
+                return False
+            values = self.models[name].values
+            return all(values.get(_MODEL_KEYS[k]) == v for k, v in checks)
+
+        if needle or checks:
+            total = sum(1 for name in order if matches(name))
+            window = (name for name in order[start:] if matches(name))
+        else:  # the common case, a client reading everything: no pass over the catalog
+            total = len(order)
+            window = iter(order[start : start + offset + limit])
+        page: list[Any] = []
+        size = 0
+        for n, name in enumerate(window):
+            if n < offset:
+                continue
+            if len(page) >= limit or size > PAGE_BYTES:
+                break
+            path = model_path(name)
+            props = _properties(path, self.models[name])
+            size += _estimate(path, props)
+            page.append([path, props])
+        return [total, page]
+
+    def _ordered_models(self) -> list[str]:
+        if self._model_order is None:
+            self._model_order = sorted(self.models)
+        return self._model_order
+
+    def list_pools(self) -> list[Any]:
+        return [[pool_path(n), _properties(pool_path(n), i)] for n, i in sorted(self.pools.items())]
+
+    def list_jobs(self) -> list[Any]:
+        return [[job_path(n), _properties(job_path(n), i)] for n, i in sorted(self.jobs.items())]
 
     def _manager_values(self) -> dict[str, Any]:
         if self.engine is None:
