@@ -546,14 +546,7 @@ class Root:
         (in the same directory), renamed over whatever ``rel`` was."""
         with self.parent(rel, create=True, like=like) as (fd, name):
             os.symlink(target, tmp_name, dir_fd=fd)
-            try:
-                os.rename(tmp_name, name, src_dir_fd=fd, dst_dir_fd=fd)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_name, dir_fd=fd)
-                raise
-            if durable:
-                os.fsync(fd)
+            _replace(fd, tmp_name, name, durable)
 
     def write_file(
         self,
@@ -575,20 +568,17 @@ class Root:
                 dir_fd=dfd,
             )
             try:
-                try:
-                    os.write(fd, content)
-                    _own(fd, owner, mode)
-                    if durable:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.write(fd, content)
+                _own(fd, owner, mode)
+                if durable:
+                    os.fsync(fd)
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
+                os.close(fd)
+                with contextlib.suppress(OSError):  # the first error is the one to report
                     os.unlink(tmp_name, dir_fd=dfd)
                 raise
-            if durable:
-                os.fsync(dfd)
+            os.close(fd)
+            _replace(dfd, tmp_name, name, durable)
 
     def read_own(self, rel: str, limit: int) -> bytes | None:
         """A small regular file of the daemon's own (state, descriptors); None if absent."""
@@ -617,6 +607,18 @@ class Root:
             if _libc.syncfs(fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), str(self.path))
+
+
+def _replace(dfd: int, tmp_name: str, name: str, durable: bool) -> None:
+    """Rename ``tmp_name`` over ``name`` in the directory ``dfd``; on failure remove it."""
+    try:
+        os.rename(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name, dir_fd=dfd)
+        raise
+    if durable:
+        os.fsync(dfd)
 
 
 # --- access of copies ---------------------------------------------------------------------
