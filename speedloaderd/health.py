@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from . import holders
 from .catalog.types import FileRole
 from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
 from .pools import PoolState
 from .roots import Root
+from .sizes import format_size
 from .transfer import is_partial
 
 if TYPE_CHECKING:
@@ -243,6 +245,19 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
             elif verify_digests:
                 _verify(engine, name, rel, tree, repair, add)
     checked["pools-walked"] = len(mounted)
+
+    # RAM held by copies already deleted: a process still maps them or has them open (an
+    # inference server that loaded the model). The pool's usage counts them until it lets go.
+    held = holders.deleted_pool_files({n: engine.pool_roots[n] for n in sorted(mounted)})
+    for h in held:
+        add(
+            "held",
+            Status.WARNING,
+            f"{h.pool}:{h.rel}",
+            f"{format_size(h.size)} of pool {h.pool} stay used by the deleted copy of {h.rel}: "
+            f"{h.how} by pid {h.pid} ({h.command}); freed when it unloads the model or exits",
+        )
+    checked["held"] = len(held)
 
     # Room promised to promotes that are no longer running (a leak would hold it until a
     # restart). Only a repair looks: it needs the engine lock, which a look does not take.

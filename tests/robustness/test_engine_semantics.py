@@ -298,6 +298,11 @@ def test_pool_usage_drops_when_a_process_mapping_a_demoted_copy_exits(lab):
             await engine.demote("m:1").wait()
             held = engine.pool_status("local").used
             assert held >= 8 * MiB  # the mapping keeps the deleted copy's RAM
+            report = await engine.health()  # and Health says who holds it, and how much
+            [finding] = [f for f in report.findings if f.check == "held"]
+            assert f"mapped by pid {mapper.pid} (python" in finding.message, finding
+            assert finding.subject == f"local:{m.layers[0].rel}"
+            assert "8M of pool local" in finding.message, finding
             events: list[tuple[str, str]] = []
             engine.listeners.append(lambda kind, name: events.append((kind, name)))
         finally:
@@ -311,6 +316,7 @@ def test_pool_usage_drops_when_a_process_mapping_a_demoted_copy_exits(lab):
         # Nothing else happens: no job, no call. The watch alone notices the freed RAM.
         await asyncio.wait_for(published(), WAIT)
         assert engine.pool_status("local").used < held - 4 * MiB
+        assert not [f for f in (await engine.health()).findings if f.check == "held"]
         engine.stop_watching()
 
     run(scenario())
