@@ -156,9 +156,17 @@ def test_status_json_returns_every_model_in_its_shape(big: Served):
     r, seconds = big.slctl("status", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"backend", "pools", "models", "jobs"}
+    assert set(doc) == {"backend", "pools", "models", "jobs", "coldStorage", "scanProblems"}
     assert {m["name"] for m in doc["models"]} == big.names
-    assert set(doc["models"][0]) == {"name", "format", "sizeBytes", "tier", "pinnedPool", "state"}
+    assert set(doc["models"][0]) == {
+        "name",
+        "format",
+        "sizeBytes",
+        "tier",
+        "pinnedPool",
+        "state",
+        "problems",
+    }
     assert [p["name"] for p in doc["pools"]] == ["local"]
     big.assert_alive()
     print(f"\n`slctl status --json` as {GUEST} with {N_MODELS} models: {seconds:.1f} s")
