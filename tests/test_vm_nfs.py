@@ -184,7 +184,9 @@ def test_nfs_server_stopped_mid_promote_fails_cleanly_and_a_retry_works(request,
     assert lab.local.run(["test", "-e", f"{POOL_PATH}/{BIG}.gguf"]).returncode != 0
     assert lab.links() == before  # the big model's link still points at cold storage
     assert before[f"{BIG}.gguf"] == f"{COLD}/{BIG}.gguf"
-    assert _model(agent, BIG) == ("cold", "cold")
+    # on cold storage; "degraded" while the daemon saw the cold file unreadable (ESTALE)
+    state, tier = _model(agent, BIG)
+    assert tier == "cold" and state in ("cold", "degraded"), (state, tier)
     assert _model(agent, SMALL) == ("hot", POOL)  # untouched by the failure
 
     t1 = time.monotonic()  # the server is back (a 10 s grace period first): a retry works
