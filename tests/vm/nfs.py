@@ -37,8 +37,10 @@ MOUNT_OPTIONS = ",".join(
         # below instead of hanging forever in D state (hard, the default). For a read-only
         # mount whose every read can be redone from the master, that is the right trade:
         # a promote fails with a sentence, the links stay on cold, a retry works. timeo is
-        # in tenths of a second and grows linearly per retry over TCP: 5+10+15 = 30 s,
-        # long enough for a TCG guest's slowest RPC, short enough for a person to wait.
+        # in tenths of a second and grows linearly per retry over TCP: one RPC gives up
+        # after 5+10+15 = 30 s, long enough for a TCG guest's slowest RPC. A copy meets
+        # several such RPCs in turn (readahead, then the page read retried), so the
+        # promote failed about 2 minutes after nfsd stopped (measured; tests/vm/README.md).
         "soft",
         "timeo=50",
         "retrans=2",

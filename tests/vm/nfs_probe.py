@@ -10,7 +10,8 @@ pool) prints one JSON object:
 - ``resident_after_copy`` and ``cached_kib_*``: pages of SRC left in this guest's page cache
   (mincore over an mmap of SRC) and /proc/meminfo Cached, with caches dropped before;
 - ``cp_seconds``, ``resident_after_cp``: the same for ``cp SRC DSTDIR/cp`` (coreutils);
-- ``same``: both copies have SRC's sha256.
+- ``same``: both copies have SRC's sha256;
+- ``f_fsid``: statvfs's f_fsid of the mount (what catalog/availability.py compares first).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def sha256(path: Path) -> str:
 
 
 def main(src: Path, dst_dir: Path) -> dict[str, object]:
-    out: dict[str, object] = {"size": src.stat().st_size}
+    out: dict[str, object] = {"size": src.stat().st_size, "f_fsid": os.statvfs(src).f_fsid}
     try:
         os.close(os.open(src, os.O_RDONLY | os.O_NOATIME))
         out["o_noatime"] = "ok"
