@@ -8,8 +8,8 @@ why) at the daemon's storage.path and runs speedloaderd with one tmpfs pool
 models dir; the NFS server stopped in the middle of a promote (the job fails with a sentence,
 nothing partial in the pool, the link stays on cold, a retry works once the server is back);
 the daemon started before the mount (cold storage unavailable, nothing wiped, the models back
-at the Rescan after the mount); the export unmounted or emptied at a Rescan (nothing wiped, hot models
-keep serving from RAM). Then the copy itself is measured on NFS: which method
+at the Rescan after the mount); the export unmounted or emptied at a Rescan (nothing wiped,
+hot models keep serving from RAM). Then the copy itself is measured on NFS: which method
 (copy_file_range, sendfile...), O_NOATIME, page cache residue, and a promote against `cp`.
 
 The guests are booted once for this module (test_vm_nvmeof.py boots its own pair later).
