@@ -247,7 +247,9 @@ def test_nfs_export_unmounted_or_emptied_at_rescan_wipes_nothing(request, lab):
     try:
         gone = agent("rescan")
         assert not gone["ok"] and "kept" in gone["error"], gone
-        assert _ok(agent("cold"))["state"] == "unavailable"
+        # The new state arrives by PropertiesChanged: a failed call does not settle the
+        # bus before its error reply (bus/auth.py), so a read right after may be stale.
+        _ok(agent("wait_cold", state="unavailable", timeout=60))
         assert lab.links() == kept
         assert _ok(agent("sha256", rel=f"{SMALL}.gguf"))["sha256"] == lab.sums[SMALL]
     finally:
@@ -255,12 +257,12 @@ def test_nfs_export_unmounted_or_emptied_at_rescan_wipes_nothing(request, lab):
     _ok(agent("rescan"))
     assert _ok(agent("cold"))["state"] == "available"
 
-    # emptied on the server: every file moved out of the export
-    hide = "/srv/hidden"
+    # emptied on the server: every file moved out of the export (renames on its filesystem)
+    hide = f"{nfs.EXPORT_FS}/hidden"
+    files = [f"{name}.gguf" for name in (SMALL, BIG)]
     assert lab.remote.run(["mkdir", "-p", hide]).returncode == 0
-    for name in (SMALL, BIG):
-        r = lab.remote.run(["mv", f"{nfs.EXPORT}/{name}.gguf", f"{hide}/"])
-        assert r.returncode == 0, r.stderr
+    r = lab.remote.run(["mv", *(f"{nfs.EXPORT}/{f}" for f in files), f"{hide}/"])
+    assert r.returncode == 0, r.stderr
     try:
         emptied = agent("rescan")
         assert not emptied["ok"] and "kept" in emptied["error"], emptied
@@ -269,8 +271,11 @@ def test_nfs_export_unmounted_or_emptied_at_rescan_wipes_nothing(request, lab):
         status = _ok(agent("status"))
         assert set(status["models"]) == {SMALL, BIG}
     finally:
-        for name in (SMALL, BIG):
-            lab.remote.run(["mv", f"{hide}/{name}.gguf", f"{nfs.EXPORT}/"])
+        # Back in one command, renames microseconds apart: the daemon's own retry (every
+        # 5 s while cold storage is unavailable) must not scan a half-restored export, which
+        # it would rightly take as the other model deleted.
+        r = lab.remote.run(["mv", *(f"{hide}/{f}" for f in files), f"{nfs.EXPORT}/"])
+        assert r.returncode == 0, r.stderr
     _ok(agent("rescan"))
     assert _ok(agent("cold"))["state"] == "available"
     assert lab.links() == kept

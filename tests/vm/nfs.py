@@ -5,8 +5,8 @@ The server is the kernel's nfsd with nfs-kernel-server's rpc.nfsd, rpc.mountd an
 nfs-common's mount.nfs. NFSv4.2 only over TCP on the fabric link (192.168.100.1 -> .2):
 v4 needs no rpcbind, statd or lockd, so the guests run two daemons and nothing else.
 
-The export is a tmpfs on the remote guest (an export of a filesystem with no UUID needs
-``fsid=``), read-only, ``root_squash``: root on the client is "nobody" there, as cold
+The export is a directory on a tmpfs in the remote guest (an export of a filesystem with no
+UUID needs ``fsid=``), read-only, ``root_squash``: root on the client is "nobody" there, as cold
 storage shared by several inference boxes would be set up, so the daemon reads only what
 everyone may read. The mount options are what a careful admin of a read-only cold store
 uses, see MOUNT_OPTIONS.
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from .guests import FABRIC
 
-EXPORT = "/srv/cold"
-"""The exported directory on the remote guest (a tmpfs of its own)."""
+EXPORT_FS = "/srv/nfs"
+"""A tmpfs on the remote guest holding the export, and room beside it on the same
+filesystem: files moved out of the export and back are renames (same inodes, no copy)."""
+EXPORT = f"{EXPORT_FS}/cold"
+"""The exported directory on the remote guest."""
 EXPORT_SIZE = "320m"
 EXPORT_LINE = f"{EXPORT} {FABRIC['local']}(ro,sync,no_subtree_check,root_squash,fsid=1)"
 
@@ -60,10 +63,11 @@ def server_setup(remote) -> None:  # noqa: ANN001 - an SshRunner into the remote
     _ok(remote, ["modprobe", "nfsd"], "load nfsd")
     if remote.run(["mountpoint", "-q", "/proc/fs/nfsd"]).returncode != 0:
         _ok(remote, ["mount", "-t", "nfsd", "nfsd", "/proc/fs/nfsd"], "mount nfsd fs")
-    _ok(remote, ["mkdir", "-p", EXPORT], "mkdir export")
-    if remote.run(["mountpoint", "-q", EXPORT]).returncode != 0:
+    _ok(remote, ["mkdir", "-p", EXPORT_FS], "mkdir export fs")
+    if remote.run(["mountpoint", "-q", EXPORT_FS]).returncode != 0:
         _ok(remote, ["mount", "-t", "tmpfs", "-o", f"size={EXPORT_SIZE},mode=0755", "tmpfs",
-                     EXPORT], "export tmpfs")  # fmt: skip
+                     EXPORT_FS], "export tmpfs")  # fmt: skip
+    _ok(remote, ["mkdir", "-p", "-m", "0755", EXPORT], "mkdir export")
     remote.write_bytes("/etc/exports", (EXPORT_LINE + "\n").encode())
     # v4 only: mountd answers the kernel's export upcalls, registers nothing with rpcbind
     _ok(remote, ["/usr/sbin/rpc.mountd", "-N", "2", "-N", "3"], "rpc.mountd")
