@@ -15,6 +15,17 @@ one JSON line on stdout, each made of D-Bus calls and signals, as slctl would:
     {"op": "read", "rel": "x.gguf"}    -> sha256 and GGUF tensor names read through the
                                           models dir (as an inference server would), and
                                           where the link points
+    {"op": "promote_start", "model": "m", "pool": "p"} -> {"ok": true, "job": path}, at once
+    {"op": "wait_bytes", "job": path, "bytes": n, "timeout": 120}
+                                       -> waits until the Job's BytesDone reaches n
+    {"op": "follow", "job": path}      -> that Job followed to Completed, as for promote
+    {"op": "cold"}                     -> the Manager's ColdStorageState and ColdStorageProblem
+    {"op": "wait_cold", "state": "available", "timeout": 120}
+                                       -> waits for ColdStorageState (PropertiesChanged)
+    {"op": "rescan"}                   -> Manager.Rescan: {"ok": true, "count": n}
+    {"op": "links"}                    -> every symlink in the models dir and its target
+                                          (readlink only: nothing is read through them)
+    {"op": "sha256", "rel": "x.gguf"}  -> sha256 of what a reader gets through the link
     {"op": "quit"}                     -> SIGTERM to the daemon, sandbox removed
 
 A failed job or call answers {"ok": false, "error": <its one sentence>}. Runs on the
@@ -31,8 +42,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from speedloader_cli.client import MODEL, POOL, Client, ClientError, unwrap
-from speedloaderd.bus.names import pool_path
+from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, Client, ClientError, unwrap
+from speedloaderd.bus.names import ROOT, pool_path
 from speedloaderd.config import Config, load_config
 from speedloaderd.sandbox import Sandbox
 
@@ -102,6 +113,66 @@ class Agent:
             remove()
         return {"ok": True, **await self.status()}
 
+    async def cold(self) -> dict[str, Any]:
+        props = await self.c.get_all(ROOT, MANAGER)
+        return {
+            "ok": True,
+            "state": props["ColdStorageState"],
+            "problem": props["ColdStorageProblem"],
+        }
+
+    async def wait_cold(self, state: str, timeout: float) -> dict[str, Any]:
+        reached = asyncio.get_running_loop().create_future()
+
+        def on_signal(msg: Any) -> None:
+            if msg.path != ROOT or msg.member != "PropertiesChanged" or msg.body[0] != MANAGER:
+                return
+            if unwrap(msg.body[1]).get("ColdStorageState") == state and not reached.done():
+                reached.set_result(None)
+
+        remove = self.c.add_listener(on_signal)  # subscribed first: no signal is missed
+        try:
+            if (await self.cold())["state"] != state:
+                await asyncio.wait_for(reached, timeout)
+        except TimeoutError:
+            now = await self.cold()
+            return {"ok": False, "error": f"cold storage is {now['state']}, not {state}, "
+                                          f"after {timeout} s: {now['problem']}"}  # fmt: skip
+        finally:
+            remove()
+        return {**await self.cold(), **await self.status()}
+
+    async def wait_bytes(self, job: str, done: int, timeout: float) -> dict[str, Any]:
+        """Poll the Job's BytesDone (its signals are coalesced, a poll is simplest here)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            props = await self.c.get_all(job, JOB)
+            if props["BytesDone"] >= done:
+                return {"ok": True, "bytes_done": props["BytesDone"], "total": props["BytesTotal"]}
+            if asyncio.get_running_loop().time() > deadline:
+                return {
+                    "ok": False,
+                    "error": f"job at {props['BytesDone']} bytes after {timeout} s",
+                }
+            await asyncio.sleep(0.1)
+
+    def links(self) -> dict[str, Any]:
+        found = {}
+        for top, dirs, files in os.walk(self.config.models_dir):
+            for name in dirs + files:
+                p = Path(top) / name
+                if p.is_symlink():
+                    found[str(p.relative_to(self.config.models_dir))] = os.readlink(p)
+        return {"ok": True, "links": found}
+
+    def sha256(self, rel: str) -> dict[str, Any]:
+        path = self.config.models_dir / rel
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return {"ok": True, "sha256": h.hexdigest(), "target": os.readlink(path)}
+
     def read(self, rel: str) -> dict[str, Any]:
         import gguf  # the real reader, from the venv
 
@@ -122,6 +193,22 @@ class Agent:
                 return await self.job(c.pool_call(pool_path(req["pool"]), "Disconnect"))
             if op == "promote":
                 return await self.job(c.promote(req["model"], req.get("pool", "")))
+            if op == "promote_start":
+                return {"ok": True, "job": await c.promote(req["model"], req.get("pool", ""))}
+            if op == "wait_bytes":
+                return await self.wait_bytes(req["job"], req["bytes"], req.get("timeout", 120))
+            if op == "follow":
+                return await self.job(asyncio.sleep(0, req["job"]))
+            if op == "cold":
+                return await self.cold()
+            if op == "wait_cold":
+                return await self.wait_cold(req["state"], req.get("timeout", 120))
+            if op == "rescan":
+                return {"ok": True, "count": await c.manager("Rescan")}
+            if op == "links":
+                return await asyncio.to_thread(self.links)
+            if op == "sha256":
+                return await asyncio.to_thread(self.sha256, req["rel"])
             if op == "status":
                 return {"ok": True, **await self.status()}
             if op == "wait_pool":
