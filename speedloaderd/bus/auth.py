@@ -144,11 +144,13 @@ def exported(action: str | None = None, what: str = "") -> Callable:
                 if action is None:
                     return await fn(self, *args)
                 await self.server.polkit.check(action, what)
-                result = await fn(self, *args)
-                # The reply must not overtake the change it made: a client that reads a
-                # property after Pin returns sees the pin.
-                await self.server.settle()
-                return result
+                try:
+                    return await fn(self, *args)
+                finally:
+                    # The reply must not overtake the change it made: a client that reads a
+                    # property after Pin returns sees the pin, and after a failed Rescan the
+                    # cold-storage state that failure set.
+                    await self.server.settle()
             except Exception as err:
                 raise to_dbus_error(err) from None
 
