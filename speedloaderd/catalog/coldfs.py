@@ -61,6 +61,9 @@ class ColdEntry:
     name: str
     is_dir: bool
     is_link: bool
+    st: os.stat_result | None = None
+    """For a regular file (not a link): its stat, taken through the listed directory's fd
+    (fstatat, no path walked again: a resolution per file made scans ~2x slower)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,12 @@ class ColdRoot:
                 # Types are taken while the fd is open: a DirEntry of an fd scandir stats
                 # through that fd, which must not be used once it is closed.
                 entries = [
-                    ColdEntry(e.name, e.is_dir(follow_symlinks=False), e.is_symlink())
+                    ColdEntry(
+                        e.name,
+                        e.is_dir(follow_symlinks=False),
+                        e.is_symlink(),
+                        e.stat(follow_symlinks=False) if e.is_file(follow_symlinks=False) else None,
+                    )
                     for e in it
                     if not e.name.startswith(".")
                 ]
@@ -182,13 +190,18 @@ class ColdRoot:
 
     # --- files
 
-    def stat_file(self, rel: str, *, links: bool = True) -> os.stat_result:
+    def stat_file(
+        self, rel: str, *, links: bool = True, entry: ColdEntry | None = None
+    ) -> os.stat_result:
         """The stat of the regular file at ``rel``, links followed only within cold storage
-        (none at all unless ``links``). The file is not opened.
+        (none at all unless ``links``). The file is not opened. ``entry``, the listing's
+        entry of ``rel``, saves the lookup when it was a regular file.
 
         Raises ColdFileError when the file is missing, dangling, escaping, a link where
         none may be, or not a regular file.
         """
+        if entry is not None and entry.st is not None:
+            return entry.st
         try:
             st = self.root.stat(rel, links=links)
         except OSError as exc:
@@ -214,14 +227,14 @@ class ColdRoot:
             return "is reached through a symlinked directory, where no link may be; not followed"
         return f"cannot be examined ({exc.strerror})"
 
-    def read_small(self, rel: str, limit: int) -> MetaRead:
+    def read_small(self, rel: str, limit: int, entry: ColdEntry | None = None) -> MetaRead:
         """Content of the small regular file at ``rel`` (a manifest, a ref), with the fstat
         of the fd it was read from. Links are followed only within cold storage.
 
         Raises ColdFileError if it is not a regular file, is larger than ``limit`` bytes,
         or cannot be read. A FIFO or a device is named without ever being opened.
         """
-        seen = self.stat_file(rel)
+        seen = self.stat_file(rel, entry=entry)
         if seen.st_size > limit:
             raise ColdFileError(f"is {seen.st_size} bytes, more than the {limit} expected")
         try:

@@ -83,7 +83,7 @@ def _gguf_files(cold: ColdRoot, rel: str, problems: list[Problem]):
             yield from _gguf_files(cold, child, problems)
         elif e.name.endswith(SUFFIX):
             try:
-                yield child, cold.stat_file(child)
+                yield child, cold.stat_file(child, entry=e)
             except ColdFileError as exc:
                 yield child, str(exc)
         elif e.is_link and cold.leads_out(child):

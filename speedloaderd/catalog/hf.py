@@ -116,7 +116,7 @@ def _model_dir(cold: ColdRoot, rel: str, entries: Entries) -> Model:
                     problems.append(f"{child}: {exc}")
                 continue
             try:
-                files.append(_data(child, cold.stat_file(child)))
+                files.append(_data(child, cold.stat_file(child, entry=e)))
             except ColdFileError as exc:
                 problems.append(f"{child}: {exc}")
 

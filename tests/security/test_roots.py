@@ -381,10 +381,12 @@ _ALLOWED = {
     ("speedloaderd/holders.py", "os.listdir"): "/proc/<pid>/fd",
     ("speedloaderd/holders.py", "os.readlink"): "/proc/<pid>/fd/<n>",
     ("speedloaderd/catalog/coldfs.py", ".is_dir"): "a DirEntry of that scandir",
+    ("speedloaderd/catalog/coldfs.py", ".is_file"): "a DirEntry of that scandir",
     ("speedloaderd/catalog/coldfs.py", ".lstat"): "ColdRoot.root is a roots.Root",
     ("speedloaderd/catalog/coldfs.py", ".readlink"): "ColdRoot.root is a roots.Root",
     ("speedloaderd/catalog/coldfs.py", ".stat"): "ColdRoot.root is a roots.Root",
     ("speedloaderd/catalog/ollama.py", ".stat"): "the scan's blob cache over ColdRoot",
+    ("speedloaderd/catalog/ollama.py", ".is_file"): "a DirEntry of a roots.Root.directory fd",
 }
 _EXEMPT = ("speedloaderd/roots.py", "speedloaderd/sandbox.py")
 
