@@ -616,7 +616,7 @@ class Engine:
                 await self._copy_once(target, f, meter, job)
             meter.finish()
             async with self._lock:
-                if target not in await asyncio.to_thread(self._mounted):
+                if not await asyncio.to_thread(self._still_there, target):
                     raise Failed(f"pool {target!r} went away during the promote of {model.name}")
                 job.cancelable = False  # past this point the swap is quick and must finish
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
@@ -668,6 +668,16 @@ class Engine:
         dropped += [f"{rel} in pool {pool}" for pool, rel in strays]
         self._reserved = owned
         return dropped
+
+    def _still_there(self, name: str) -> bool:
+        """May a promote's links go to ``name`` now? A remote pool whose controller is
+        reconnecting at this instant (seen under TCG guests after a long copy) is still
+        there unless the remote watch gave it up: that watch is the one judge of loss, and it
+        repoints every link to cold, under the engine lock, when it does."""
+        pool = self.pools[name]
+        if isinstance(pool, RemotePool):
+            return pool.connected and not pool.lost
+        return pool.state() is PoolState.MOUNTED
 
     def _allocated(self, job: Job, size: int) -> None:
         """A file of ``job`` now takes its room in the pool (called from the copy thread
