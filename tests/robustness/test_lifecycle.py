@@ -333,20 +333,26 @@ def test_stuck_copies_stall_nothing_cancel_at_once_and_sigterm_ends(hanging_lab)
     fs.drain()
     assert fs.parked == COPY_WORKERS, "the cancelled reads were expected to be still hanging"
 
+    stop_seconds = _sigterm(dl)
+    assert "still blocked" in dl.log()
+    print(
+        f"SIGTERM with {COPY_WORKERS} copies blocked in the kernel: exited in {stop_seconds:.1f} s"
+    )
+    _assert_restart_is_clean(dl, fs, stuck)
+
+
+def _sigterm(dl) -> float:
+    """SIGTERM the daemon; fail unless it exits 0 within the unit's stop timeout. Seconds."""
     started = time.monotonic()
     dl.proc.send_signal(signal.SIGTERM)
     try:
         rc = dl.proc.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         pytest.fail(f"SIGTERM did not end the daemon in {STOP_TIMEOUT} s:\n{dl.log()[-3000:]}")
-    stop_seconds = time.monotonic() - started
+    seconds = time.monotonic() - started
     dl.proc = None
     assert rc == 0, dl.log()[-3000:]
-    assert "still blocked" in dl.log()
-    print(
-        f"SIGTERM with {COPY_WORKERS} copies blocked in the kernel: exited in {stop_seconds:.1f} s"
-    )
-    _assert_restart_is_clean(dl, fs, stuck)
+    return seconds
 
 
 def test_sigterm_ends_the_daemon_with_a_copy_blocked_in_the_kernel(hanging_lab):
@@ -365,15 +371,7 @@ def test_sigterm_ends_the_daemon_with_a_copy_blocked_in_the_kernel(hanging_lab):
     run(scenario())
     partial = [f for f in dl.lab.pool_files("local") if ".sl-partial-" in f]
     assert partial, "the blocked copy has no partial file in the pool"
-    started = time.monotonic()
-    dl.proc.send_signal(signal.SIGTERM)
-    try:
-        rc = dl.proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"SIGTERM did not end the daemon in {STOP_TIMEOUT} s:\n{dl.log()[-3000:]}")
-    stop_seconds = time.monotonic() - started
-    dl.proc = None
-    assert rc == 0, dl.log()[-3000:]
+    stop_seconds = _sigterm(dl)
     print(f"SIGTERM with one copy blocked in the kernel: exited in {stop_seconds:.1f} s")
     _assert_restart_is_clean(dl, fs, stuck[:1])
 
