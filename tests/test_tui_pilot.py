@@ -328,16 +328,18 @@ def test_no_space_is_one_readable_notification(daemon_factory):
 
 
 def test_add_a_remote_tier_from_the_tiers_tab(daemon):
-    """'+ Add remote tier' saves a remoteTiers entry through the daemon; a bad address is
+    """'+ Add remote tier' saves a remoteTiers entry through the daemon. A port that is not
+    a number is refused in the form (it stays open, nothing is sent); a bad address is
     refused by the daemon, shown, and saves nothing."""
-    from speedloader_tui.screens.dialogs import FormScreen
+    from speedloader_tui.screens.pool_forms import AddRemotePoolScreen
 
     async def fill(app, pilot, values: dict[str, str]) -> None:
         await pilot.press("A")
-        await wait(app, lambda: isinstance(app.screen, FormScreen))
+        await wait(app, lambda: isinstance(app.screen, AddRemotePoolScreen))
         for key, value in values.items():
             app.screen.query_one(f"#f-{key}").value = value
         await pilot.click("#ok")
+        await pilot.pause()
 
     async def scenario():
         app = SpeedloaderApp(daemon.address)
@@ -347,8 +349,11 @@ def test_add_a_remote_tier_from_the_tiers_tab(daemon):
             await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
                                     "address": "127.0.0.1", "size": "64M",
                                     "port": "44x"})  # fmt: skip
-            await wait(app, lambda: any("not a whole number" in m
-                                        for _, _, m in notifications(app)))  # fmt: skip
+            form = app.screen
+            assert isinstance(form, AddRemotePoolScreen), "the form closed on a bad port"
+            inline = str(form.query_one("#form-error").render())
+            at_fault = app.focused.id
+            await pilot.press("escape")
             await fill(app, pilot, {"name": "far", "ssh": "root@127.0.0.1:9",
                                     "address": "not-an-ip", "size": "64M"})  # fmt: skip
             await wait(app, lambda: any("not-an-ip" in m for _, _, m in notifications(app)))
@@ -358,13 +363,13 @@ def test_add_a_remote_tier_from_the_tiers_tab(daemon):
                                     "transport": "tcp"})  # fmt: skip
             await wait(app, lambda: any(p.name == "far" for p in app.state.pools.values()))
             far = next(p for p in app.state.pools.values() if p.name == "far")
-            return refused, far.kind, far.state, notifications(app)
+            return inline, at_fault, refused, far.kind, far.state, notifications(app)
 
-    refused, kind, state, notes = run(scenario())
+    inline, at_fault, refused, kind, state, notes = run(scenario())
+    assert "port '44x' is not a whole number" in inline and at_fault == "f-port", inline
     assert "far" not in refused.get("remoteTiers", {}).get("hosts", {})
     errors = [m for s, _, m in notes if s == "error"]
-    assert len(errors) == 2 and "'44x' is not a whole number" in errors[0], errors
-    assert "not-an-ip" in errors[1], errors
+    assert len(errors) == 1 and "not-an-ip" in errors[0], errors
     assert (kind, state) == ("nvmeof", "unmounted")
     saved = json.loads(daemon.lab.config_path.read_text())["remoteTiers"]["hosts"]["far"]
     assert saved["ssh"] == "root@127.0.0.1:9" and saved["transport"] == "tcp"
