@@ -261,7 +261,9 @@ class ModelsPane(Vertical):
             self.redraw(self.state)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if isinstance(event.data_table, ModelTable):
+        # Only the table in use: a redraw of the other one (its rows changed by a signal)
+        # highlights a row too, and must not make the next key act on that table's model.
+        if isinstance(event.data_table, ModelTable) and event.data_table.has_focus:
             self.last_table = event.data_table.id or "hot"
 
     # --- actions -------------------------------------------------------------------------
