@@ -74,7 +74,7 @@ def pool_line(
         line.append(f"   —   {fmt.size(p.size)} when connected", style="dim")
     line.append(f"  speed {p.speed}", style="cyan")
     line.append("  ")
-    line.append_text(fmt.state("connected" if p.connected else p.state or "unknown"))
+    line.append_text(fmt.state(p.state or "unknown"))  # "mounted", as slctl says
     line.append(f"  {show_path(p.mount)}", style="dim")
     return line
 

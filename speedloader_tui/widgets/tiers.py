@@ -82,7 +82,7 @@ class PoolCard(Vertical, can_focus=True):
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
         title.append("  ")
-        title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
+        title.append_text(fmt.state(pool.state or "unknown"))  # "mounted", as slctl says
         if job is not None:
             doing = POOL_OPERATIONS.get(job.operation, job.operation)
             step = f": {job.step}" if job.step else ""
