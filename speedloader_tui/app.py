@@ -475,9 +475,9 @@ class SpeedloaderApp(App[None]):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "open-settings":
-            self.action_tab("settings")
+    @on(Button.Pressed, "#open-settings")
+    def _open_settings_pressed(self) -> None:
+        self.action_tab("settings")
 
     # --- for tests and scripts -----------------------------------------------------------
 

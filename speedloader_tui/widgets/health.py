@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -99,11 +100,13 @@ class HealthPane(Vertical):
         box = self.query_one("#verify", Checkbox)
         box.value = not box.value
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "health-check":
-            self.action_check()
-        elif event.button.id == "health-repair":
-            self.action_repair()
+    @on(Button.Pressed, "#health-check")
+    def _check_pressed(self) -> None:
+        self.action_check()
+
+    @on(Button.Pressed, "#health-repair")
+    def _repair_pressed(self) -> None:
+        self.action_repair()
 
     def focus_first(self) -> None:
         self.query_one("#health-check", Button).focus()

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -213,16 +214,21 @@ class SettingsPane(VerticalScroll):
 
         self.app.push_screen(PinScreen(models, self.state.pool_names()), chosen)
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        bid = event.button.id
-        if bid == "save-settings":
-            self.action_save()
-        elif bid == "revert-settings":
-            self.post_message(ReloadConfig())
-        elif bid == "unpin":
-            self.action_unpin()
-        elif bid == "pin-model":
-            self.pin_dialog()
+    @on(Button.Pressed, "#save-settings")
+    def _save_pressed(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#revert-settings")
+    def _revert_pressed(self) -> None:
+        self.post_message(ReloadConfig())
+
+    @on(Button.Pressed, "#unpin")
+    def _unpin_pressed(self) -> None:
+        self.action_unpin()
+
+    @on(Button.Pressed, "#pin-model")
+    def _pin_pressed(self) -> None:
+        self.pin_dialog()
 
     def focus_first(self) -> None:
         self.query_one("#cfg-strategy", Select).focus()

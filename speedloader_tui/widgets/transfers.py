@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -136,9 +137,9 @@ class TransfersPane(Vertical):
         else:
             self.post_message(CancelJob(job.path))
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "cancel-job":
-            self.action_cancel()
+    @on(Button.Pressed, "#cancel-job")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
 
     def focus_first(self) -> None:
         self.query_one("#jobs", DataTable).focus()
