@@ -3,8 +3,9 @@
 State flows one way: the link applies the daemon's signals to ``DaemonState`` and calls
 ``on_change``; the app redraws what changed, transfers at most every ``FAST`` seconds
 and everything else at most every ``SLOW`` seconds, and nothing at all while the bus is
-quiet (no timer runs when nothing is pending). Actions go out as calls; their failures
-come back as one readable notification each.
+quiet (no timer runs when nothing is pending). Requests flow the other way: a pane posts
+one of the messages in messages.py (after asking whatever it had to ask), the app's
+handler for it makes the call; its failure comes back as one readable notification.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -26,7 +28,22 @@ from speedloader_cli.client import MANAGER, ROOT, Client, ClientError
 
 from .errors import explain
 from .link import DaemonLink
-from .screens.dialogs import ConfirmScreen, FormScreen, PickPoolScreen, PinScreen
+from .messages import (
+    AddPool,
+    AddRemotePool,
+    CancelJob,
+    CheckHealth,
+    ConnectPool,
+    Demote,
+    DisconnectPool,
+    Pin,
+    Promote,
+    ReloadConfig,
+    RemovePool,
+    ResizePool,
+    SaveConfig,
+    Unpin,
+)
 from .screens.help import HelpScreen
 from .state import JOBS, MANAGER_PART, MODELS, POOLS, DaemonState, JobInfo, ManagerInfo
 from .widgets.health import HealthPane
@@ -89,15 +106,15 @@ class SpeedloaderApp(App[None]):
         yield Static(id="offline", classes="banner")
         with TabbedContent(id="tabs"):
             with TabPane("Models [1]", id="models"):
-                yield ModelsPane(id="models-pane")
+                yield ModelsPane(self.show_path, id="models-pane")
             with TabPane("Tiers [2]", id="tiers"):
-                yield TiersPane(id="tiers-pane")
+                yield TiersPane(self.show_path, id="tiers-pane")
             with TabPane("Transfers [3]", id="transfers"):
                 yield TransfersPane(id="transfers-pane")
             with TabPane("Settings [4]", id="settings"):
                 yield SettingsPane(id="settings-pane")
             with TabPane("Health [5]", id="health"):
-                yield HealthPane(id="health-pane")
+                yield HealthPane(self.show_path, id="health-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -131,7 +148,9 @@ class SpeedloaderApp(App[None]):
         if JOBS in self._pending:
             self._pending.discard(JOBS)
             self.ui.query_one(TransfersPane).redraw(self.state)
-            self.ui.query_one(TiersPane).redraw(self.state)  # a card shows its pool's job
+            # A card and a strip line show their pool's jobs (each redraws only on a change).
+            self.ui.query_one(TiersPane).redraw(self.state)
+            self.ui.query_one(ModelsPane).redraw_pools(self.state)
         self._redrawn()
 
     def _flush_slow(self) -> None:
@@ -295,179 +314,107 @@ class SpeedloaderApp(App[None]):
         else:
             self._my_jobs.add(path)
 
-    def promote(self, model: str, pool: str = "") -> None:
+    # --- requests from the panes (messages.py): one call each -----------------------
+
+    @on(Promote)
+    def promote(self, request: Promote) -> None:
+        model, pool = request.model, request.pool
         self.call_daemon(f"promote {model}", lambda c: c.promote(model, pool), self._started)
 
-    def demote(self, model: str) -> None:
+    @on(Demote)
+    def demote(self, request: Demote) -> None:
+        model = request.model
         self.call_daemon(f"demote {model}", lambda c: c.demote(model), self._started)
 
-    def pin(self, model: str, pool: str) -> None:
+    @on(Pin)
+    def pin(self, request: Pin) -> None:
+        model, pool = request.model, request.pool
+
         def pinned(job: Any) -> None:
             self.notify(f"{model} is pinned to {pool}.", title="Pinned", timeout=4)
             self._started(job)  # hot elsewhere: the pin moves it
 
         self.call_daemon(f"pin {model} to {pool}", lambda c: c.pin(model, pool), pinned)
 
-    def unpin(self, model: str) -> None:
+    @on(Unpin)
+    def unpin(self, request: Unpin) -> None:
+        model = request.model
         self.call_daemon(
             f"unpin {model}",
             lambda c: c.unpin(model),
             lambda _: self.notify(f"{model} is no longer pinned.", title="Unpinned", timeout=4),
         )
 
-    def cancel_job(self, path: str) -> None:
+    @on(CancelJob)
+    def cancel_job(self, request: CancelJob) -> None:
+        path = request.path
         self.call_daemon("cancel", lambda c: c.cancel(path))
 
-    def pool_action(self, what: str, name: str) -> None:
+    def _pool_job(self, doing: str, name: str, member: str, *args: str) -> None:
+        """A Pool method that returns a job; the pool may be gone since the pane asked."""
         pool = self.state.pool_by_name(name)
         if pool is None:
             return
-        if what == "connect":
-            self.call_daemon(
-                f"connect {name}", lambda c: c.pool_call(pool.path, "Connect"), self._started
-            )
-        elif what == "disconnect":
-            hot = [m.name for m in self.state.models.values() if m.tier == name]
-            self.confirm_then(
-                f"Disconnect pool {name}? "
-                + (
-                    f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
-                    if hot
-                    else "It holds no models."
-                ),
-                lambda: self.call_daemon(
-                    f"disconnect {name}",
-                    lambda c: c.pool_call(pool.path, "Disconnect"),
-                    self._started,
-                ),
-            )
-        elif what == "resize":
+        sig = "s" * len(args)
+        self.call_daemon(doing, lambda c: c.pool_call(pool.path, member, sig, *args), self._started)
 
-            def resize(answer: dict[str, str] | None) -> None:
-                if answer and answer["size"]:
-                    size = answer["size"]
-                    self.confirm_then(
-                        f"Resize pool {name} to {size}?",
-                        lambda: self.call_daemon(
-                            f"resize {name}",
-                            lambda c: c.pool_call(pool.path, "Resize", "s", size),
-                            self._started,
-                        ),
-                    )
+    @on(ConnectPool)
+    def connect_pool(self, request: ConnectPool) -> None:
+        self._pool_job(f"connect {request.pool}", request.pool, "Connect")
 
-            self.push_screen(
-                FormScreen(f"Resize pool {name}", [("size", "New size (e.g. 8G)", "")]), resize
-            )
-        elif what == "remove":
-            self.confirm_then(
-                f"Remove pool {name} from the configuration?",
-                lambda: self.call_daemon(
-                    f"remove {name}",
-                    lambda c: c.manager("RemovePool", "s", name),
-                    lambda _: self.notify(f"Pool {name} removed.", title="Removed", timeout=4),
-                ),
-            )
+    @on(DisconnectPool)
+    def disconnect_pool(self, request: DisconnectPool) -> None:
+        self._pool_job(f"disconnect {request.pool}", request.pool, "Disconnect")
 
-    def _whole_numbers(self, answer: dict[str, str], keys: list[str]) -> dict[str, int] | None:
-        """The filled-in ``keys`` of a form as numbers; None (and one notification) if one
-        is not a whole number. Empty fields are left out: the daemon's default applies."""
-        numbers = {}
-        for key in keys:
-            text = answer[key]
-            if not text:
-                continue
-            if not text.isdigit():
-                self.notify(
-                    f"{key} {text!r} is not a whole number",
-                    title="Invalid argument",
-                    severity="error",
-                )
-                return None
-            numbers[key] = int(text)
-        return numbers
+    @on(ResizePool)
+    def resize_pool(self, request: ResizePool) -> None:
+        self._pool_job(f"resize {request.pool}", request.pool, "Resize", request.size)
 
-    def add_pool(self) -> None:
-        def add(answer: dict[str, str] | None) -> None:
-            if not answer:
-                return
-            numbers = self._whole_numbers(answer, ["speed"])
-            if numbers is None:
-                return
-            speed = numbers.get("speed", 100)
-            name, path, size = answer["name"], answer["path"], answer["size"]
-            self.call_daemon(
-                f"add pool {name}",
-                lambda c: c.manager("AddPool", "sssu", name, path, size, speed),
-                lambda _: self.notify(
-                    f"Pool {name} added; connect it with n.", title="Added", timeout=4
-                ),
-            )
-
-        self.push_screen(
-            FormScreen(
-                "Add a RAM tier (a local tmpfs pool)",
-                [
-                    ("name", "Name", ""),
-                    ("path", "Mount path (empty: <poolsRoot>/name)", ""),
-                    ("size", "Size (e.g. 16G)", ""),
-                    ("speed", "Speed rating", "100"),
-                ],
-            ),
-            add,
+    @on(RemovePool)
+    def remove_pool(self, request: RemovePool) -> None:
+        name = request.pool
+        self.call_daemon(
+            f"remove {name}",
+            lambda c: c.manager("RemovePool", "s", name),
+            lambda _: self.notify(f"Pool {name} removed.", title="Removed", timeout=4),
         )
 
-    def add_remote_pool(self) -> None:
-        """RAM on another host over NVMe-oF: saved in remoteTiers through the daemon's
-        validated SetConfig (the same edit as `slctl pool add --remote`); Connect follows."""
-
-        def add(answer: dict[str, str] | None) -> None:
-            if not answer:
-                return
-            entry: dict[str, object] = {
-                "ssh": answer["ssh"],
-                "rdmaIp": answer["address"],
-                "ramdiskSize": answer["size"],
-                "transport": answer["transport"] or "rdma",
-            }
-            numbers = self._whole_numbers(answer, ["port", "speed"])
-            if numbers is None:
-                return
-            entry |= numbers
-            if answer["path"]:
-                entry["path"] = answer["path"]
-            name = answer["name"]
-            self.call_daemon(
-                f"add remote pool {name}",
-                lambda c: c.add_remote_pool(name, entry),
-                lambda _: self.notify(
-                    f"Remote pool {name} added; connect it with n.", title="Added", timeout=4
-                ),
-            )
-
-        self.push_screen(
-            FormScreen(
-                "Add a remote RAM tier (NVMe-oF; its SSH host key must be known)",
-                [
-                    ("name", "Name", ""),
-                    ("ssh", "SSH (user@host[:port])", ""),
-                    ("address", "Fabric address (IP)", ""),
-                    ("size", "Size (e.g. 64G)", ""),
-                    ("transport", "Transport (rdma or tcp)", "rdma"),
-                    ("port", "NVMe-oF port", "4420"),
-                    ("path", "Mount path (empty: default)", ""),
-                    ("speed", "Speed rating (empty: default)", ""),
-                ],
+    @on(AddPool)
+    def add_pool(self, request: AddPool) -> None:
+        name, path, size, speed = request.name, request.path, request.size, request.speed
+        self.call_daemon(
+            f"add pool {name}",
+            lambda c: c.manager("AddPool", "sssu", name, path, size, speed),
+            lambda _: self.notify(
+                f"Pool {name} added; connect it with n.", title="Added", timeout=4
             ),
-            add,
         )
 
-    def run_health(self, repair: bool, verify: bool) -> None:
-        self.ui.query_one("#health-summary", Static).update("Repairing…" if repair else "Checking…")
+    @on(AddRemotePool)
+    def add_remote_pool(self, request: AddRemotePool) -> None:
+        """Saved in remoteTiers through the daemon's validated SetConfig (the same edit as
+        `slctl pool add --remote`); Connect follows."""
+        name, entry = request.name, request.entry
+        self.call_daemon(
+            f"add remote pool {name}",
+            lambda c: c.add_remote_pool(name, entry),
+            lambda _: self.notify(
+                f"Remote pool {name} added; connect it with n.", title="Added", timeout=4
+            ),
+        )
+
+    @on(CheckHealth)
+    def run_health(self, request: CheckHealth) -> None:
+        repair, verify = request.repair, request.verify
         self.call_daemon(
             "repair" if repair else "health check",
             lambda c: c.manager("Health", "bb", repair, verify),
             lambda r: self.ui.query_one(HealthPane).show_report(bool(r[0]), list(r[1]), repair),
         )
+
+    @on(ReloadConfig)
+    def reload_config(self) -> None:
+        self.load_config()
 
     def load_config(self) -> None:
         if not self.state.online:
@@ -478,7 +425,10 @@ class SpeedloaderApp(App[None]):
             lambda config: self.ui.query_one(SettingsPane).fill(config),
         )
 
-    def save_config(self, config: dict[str, Any]) -> None:
+    @on(SaveConfig)
+    def save_config(self, request: SaveConfig) -> None:
+        config = request.config
+
         def saved(_: Any) -> None:
             self.notify("Configuration saved and adopted by the daemon.", title="Saved", timeout=4)
             self.load_config()
@@ -492,30 +442,9 @@ class SpeedloaderApp(App[None]):
             "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved
         )
 
-    # --- dialogs -------------------------------------------------------------------------
-
     def _manager_read(self, props: dict[str, Any]) -> None:
         self.state.changed(ROOT, MANAGER, props)
         self._on_change()
-
-    def confirm_then(self, question: str, action: Callable[[], None]) -> None:
-        self.push_screen(ConfirmScreen(question), lambda yes: action() if yes else None)
-
-    def pick_pool_then(self, question: str, action: Callable[[str], None]) -> None:
-        pools = sorted(self.state.pools.values(), key=lambda p: (-p.speed, p.name))
-        if not pools:
-            self.notify("There is no pool to choose.", severity="warning")
-            return
-        self.push_screen(
-            PickPoolScreen(question, pools), lambda pool: action(pool) if pool else None
-        )
-
-    def pin_dialog(self) -> None:
-        models = sorted(m.name for m in self.state.models.values())
-        self.push_screen(
-            PinScreen(models, self.state.pool_names()),
-            lambda answer: self.pin(*answer) if answer else None,
-        )
 
     # --- actions -------------------------------------------------------------------------
 
@@ -531,15 +460,8 @@ class SpeedloaderApp(App[None]):
             self._focus_tab(event.pane.id or "models")
 
     def _focus_tab(self, tab: str) -> None:
-        pane = {
-            "models": ModelsPane,
-            "tiers": TiersPane,
-            "transfers": TransfersPane,
-            "settings": SettingsPane,
-            "health": HealthPane,
-        }[tab]
         self._focused_tab = tab
-        widget = self.ui.query_one(pane)
+        widget = self.ui.query_one(f"#{tab}-pane")  # as composed: the tab's id + "-pane"
         focus = getattr(widget, "focus_models", None) or getattr(widget, "focus_first", None)
 
         def focus_if_still_there() -> None:
@@ -553,9 +475,9 @@ class SpeedloaderApp(App[None]):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "open-settings":
-            self.action_tab("settings")
+    @on(Button.Pressed, "#open-settings")
+    def _open_settings_pressed(self) -> None:
+        self.action_tab("settings")
 
     # --- for tests and scripts -----------------------------------------------------------
 

@@ -109,6 +109,26 @@ def test_disconnect_confirmation(fixed_lab, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=_loaded_then("2", "x"))
 
 
+def test_resize_form_refuses_what_is_not_a_size(fixed_lab, snap_compare):
+    """The form stays open with what was typed, says why under it, keeps the cursor in the
+    field; no confirmation is asked."""
+    fixed_lab.start()
+    app = SpeedloaderApp(fixed_lab.address)
+    assert snap_compare(
+        app,
+        terminal_size=SIZE,
+        run_before=_loaded_then(
+            "2",
+            "z",
+            "a",
+            "b",
+            "c",
+            "enter",
+            until=lambda a: a.screen.query_one("#form-error").display,
+        ),  # fmt: skip
+    )
+
+
 def test_pick_a_pool_dialog(fixed_lab, snap_compare):
     fixed_lab.start()
     app = SpeedloaderApp(fixed_lab.address)

@@ -1,1 +1,1 @@
-"""Modal screens: confirmation, pool picker, prompts, pin dialog, help."""
+"""Modal screens: confirmation, pool picker, pin dialog, the Tiers forms, help."""

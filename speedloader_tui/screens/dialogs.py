@@ -1,9 +1,10 @@
-"""Small modal dialogs: confirm, pick a pool, ask for values. Each returns its answer
+"""Small modal dialogs: confirm, pick a pool, pin, and the base of the forms (the forms
+themselves live with what they ask for: screens/pool_forms.py). Each returns its answer
 through ``dismiss`` (None when the user backs out with Escape or Cancel)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -15,6 +16,8 @@ from textual.widgets.option_list import Option
 
 from .. import fmt
 from ..state import PoolInfo
+
+T = TypeVar("T")
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -80,8 +83,23 @@ class PickPoolScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-class FormScreen(ModalScreen[dict[str, str] | None]):
-    """Ask for a few text values; Enter in the last field (or OK) answers."""
+class FormError(ValueError):
+    """A value a form cannot send: shown under the form, next to nothing sent."""
+
+    def __init__(self, key: str, sentence: str):
+        super().__init__(sentence)
+        self.key = key
+        self.sentence = sentence
+
+
+class FormScreen(ModalScreen[T | None]):
+    """Ask for a few text values; Enter in the last field (or OK) answers.
+
+    The first field has the focus when the form opens. ``parse`` turns the values into
+    the answer, or raises FormError: then the form stays open with the values as typed,
+    says what is wrong under the fields and puts the cursor in the field at fault; nothing
+    is answered, so nothing reaches the daemon.
+    """
 
     BINDINGS = [Binding("escape", "back", "Cancel")]
 
@@ -98,12 +116,32 @@ class FormScreen(ModalScreen[dict[str, str] | None]):
                 for key, label, value in self.fields:
                     yield Label(label)
                     yield Input(value=value, id=f"f-{key}")
+            yield Label("", id="form-error", classes="form-error", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("OK", id="ok", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
 
-    def answer(self) -> dict[str, str]:
+    def on_mount(self) -> None:
+        self.query_one("#form-error", Label).display = False
+        self.query(Input).first().focus()
+
+    def values(self) -> dict[str, str]:
         return {k: self.query_one(f"#f-{k}", Input).value.strip() for k, _, _ in self.fields}
+
+    def parse(self, values: dict[str, str]) -> T:
+        """The answer the form gives for ``values``; FormError if one cannot be sent."""
+        raise NotImplementedError
+
+    def submit(self) -> None:
+        try:
+            answer = self.parse(self.values())
+        except FormError as err:
+            error = self.query_one("#form-error", Label)
+            error.update(err.sentence)
+            error.display = True
+            self.query_one(f"#f-{err.key}", Input).focus()
+            return
+        self.dismiss(answer)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         inputs = list(self.query(Input))
@@ -111,10 +149,13 @@ class FormScreen(ModalScreen[dict[str, str] | None]):
         if i + 1 < len(inputs):
             inputs[i + 1].focus()
         else:
-            self.dismiss(self.answer())
+            self.submit()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(self.answer() if event.button.id == "ok" else None)
+        if event.button.id == "ok":
+            self.submit()
+        else:
+            self.dismiss(None)
 
     def action_back(self) -> None:
         self.dismiss(None)
@@ -149,6 +190,9 @@ class PinScreen(ModalScreen[tuple[str, str] | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Pin", id="ok", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#pin-model-choice", Select).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id != "ok":

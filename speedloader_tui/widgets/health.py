@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, DataTable, Static
 
-if TYPE_CHECKING:
-    from ..app import SpeedloaderApp
+from ..messages import CheckHealth
+from ..screens.dialogs import ConfirmScreen
 
 STATUS_STYLES = {"ok": "green", "warning": "yellow", "error": "bold red", "fixed": "cyan"}
 
@@ -23,7 +25,10 @@ class HealthPane(Vertical):
         Binding("v", "toggle_verify", "Verify digests"),
     ]
 
-    app: SpeedloaderApp
+    def __init__(self, show_path: Callable[[str], str] | None = None, **kw: Any):
+        """``show_path`` rewrites paths for display (tests mask temp dirs)."""
+        super().__init__(**kw)
+        self.show_path: Callable[[str], str] = show_path or (lambda p: p)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="health-tools"):
@@ -59,8 +64,8 @@ class HealthPane(Vertical):
                 Text(status, style=STATUS_STYLES.get(status, "")),
                 # Text, not str: a str cell would be read as markup, and these are the daemon's.
                 Text(check),
-                Text(self.app.show_path(subject)),
-                Text(self.app.show_path(message)),
+                Text(self.show_path(subject)),
+                Text(self.show_path(message)),
                 "yes" if fixed else "",
             )
         verdict = Text()
@@ -75,24 +80,33 @@ class HealthPane(Vertical):
             verdict.append(" · press r to repair", style="yellow")
         self.query_one("#health-summary", Static).update(verdict)
 
+    def check(self, repair: bool) -> None:
+        """Ask for a report (the app shows it here with ``show_report``)."""
+        self.query_one("#health-summary", Static).update("Repairing…" if repair else "Checking…")
+        self.post_message(CheckHealth(repair=repair, verify=self.verify))
+
     def action_check(self) -> None:
-        self.app.run_health(repair=False, verify=self.verify)
+        self.check(repair=False)
 
     def action_repair(self) -> None:
-        self.app.confirm_then(
-            "Repair: repoint broken links to cold storage and remove orphaned copies?",
-            lambda: self.app.run_health(repair=True, verify=self.verify),
+        self.app.push_screen(
+            ConfirmScreen(
+                "Repair: repoint broken links to cold storage and remove orphaned copies?"
+            ),
+            lambda yes: self.check(repair=True) if yes else None,
         )
 
     def action_toggle_verify(self) -> None:
         box = self.query_one("#verify", Checkbox)
         box.value = not box.value
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "health-check":
-            self.action_check()
-        elif event.button.id == "health-repair":
-            self.action_repair()
+    @on(Button.Pressed, "#health-check")
+    def _check_pressed(self) -> None:
+        self.action_check()
+
+    @on(Button.Pressed, "#health-repair")
+    def _repair_pressed(self) -> None:
+        self.action_repair()
 
     def focus_first(self) -> None:
         self.query_one("#health-check", Button).focus()

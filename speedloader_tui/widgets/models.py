@@ -4,7 +4,7 @@ side by side; filter as you type, sort by any column."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,10 +13,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
 from .. import fmt
-from ..state import DaemonState, ModelInfo, PoolInfo
-
-if TYPE_CHECKING:
-    from ..app import SpeedloaderApp
+from ..messages import CancelJob, Demote, Pin, Promote, Unpin
+from ..screens.dialogs import PickPoolScreen
+from ..state import DaemonState, JobInfo, ModelInfo, PoolInfo
+from .pool_usage import pool_jobs, transfers_text
 
 SORTS: dict[str, Callable[[ModelInfo], Any]] = {
     "name": lambda m: m.name,
@@ -59,19 +59,22 @@ def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
     return [cells[key] for key, _ in columns]
 
 
-def pool_line(p: PoolInfo, width: int, show_path: Callable[[str], str]) -> Text:
+def pool_line(
+    p: PoolInfo, width: int, show_path: Callable[[str], str], jobs: list[JobInfo] | None = None
+) -> Text:
     line = Text()
     line.append(f"{p.name:<12.12}", style="bold")
     if p.connected:
         line.append_text(fmt.bar(p.fraction, width, fmt.usage_style(p.fraction)))
         line.append(f" {p.fraction * 100:3.0f}%  ")
         line.append(f"{fmt.size(p.used)} / {fmt.size(p.size)}")
+        line.append_text(transfers_text(jobs or []))
     else:
         line.append("·" * width, style="dim")
         line.append(f"   —   {fmt.size(p.size)} when connected", style="dim")
     line.append(f"  speed {p.speed}", style="cyan")
     line.append("  ")
-    line.append_text(fmt.state("connected" if p.connected else p.state or "unknown"))
+    line.append_text(fmt.state(p.state or "unknown"))  # "mounted", as slctl says
     line.append(f"  {show_path(p.mount)}", style="dim")
     return line
 
@@ -130,10 +133,11 @@ class ModelsPane(Vertical):
         Binding("o", "sort", "Sort"),
     ]
 
-    app: SpeedloaderApp
-
-    def __init__(self, **kw: Any):
+    def __init__(self, show_path: Callable[[str], str] | None = None, **kw: Any):
+        """``show_path`` rewrites paths for display (tests mask temp dirs)."""
         super().__init__(**kw)
+        self.state = DaemonState()  # the app's, from the first redraw on
+        self.show_path: Callable[[str], str] = show_path or (lambda p: p)
         self.sort_key = "name"
         self.filter_text = ""
         self.last_table = "hot"
@@ -161,13 +165,8 @@ class ModelsPane(Vertical):
     # --- drawing -------------------------------------------------------------------------
 
     def redraw(self, state: DaemonState) -> None:
-        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
-        if pools:
-            self._set(
-                "#pool-strip", Text("\n").join(pool_line(p, 24, self.app.show_path) for p in pools)
-            )
-        else:
-            self._set("#pool-strip", Text("no RAM pools configured", style="dim"))
+        self.state = state
+        self.redraw_pools(state)
         needle = self.filter_text.lower()
         shown = [m for m in state.models.values() if needle in m.name.lower()]
         key = SORTS[self.sort_key]
@@ -183,6 +182,15 @@ class ModelsPane(Vertical):
             f"COLD — storage only: {len(cold)} model(s)"
             + (f"   (filter: {len(shown)} of {len(state.models)})" if needle else ""),
         )
+
+    def redraw_pools(self, state: DaemonState) -> None:
+        """The pool strip: also at the transfers' pace, as it shows the copies under way."""
+        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        if pools:
+            lines = (pool_line(p, 24, self.show_path, pool_jobs(state, p)) for p in pools)
+            self._set("#pool-strip", Text("\n").join(lines))
+        else:
+            self._set("#pool-strip", Text("no RAM pools configured", style="dim"))
 
     def _set(self, selector: str, content: Text | str) -> None:
         """Update a Static only when its content changed (an update costs a layout)."""
@@ -202,7 +210,7 @@ class ModelsPane(Vertical):
 
     def selected(self) -> ModelInfo | None:
         key = self.query_one(f"#{self.last_table}", ModelTable).selected_key
-        return self.app.state.models.get(key) if key is not None else None
+        return self.state.models.get(key) if key is not None else None
 
     def focus_models(self) -> None:
         table = self.query_one(f"#{self.last_table}", ModelTable)
@@ -213,7 +221,7 @@ class ModelsPane(Vertical):
 
     def select_model(self, name: str) -> bool:
         """Put the cursor on ``name`` (in whichever column it is); True if found."""
-        model = self.app.state.model_by_name(name)
+        model = self.state.model_by_name(name)
         if model is None:
             return False
         table = self.query_one("#hot" if model.hot else "#cold", ModelTable)
@@ -227,7 +235,7 @@ class ModelsPane(Vertical):
     def _need_model(self) -> ModelInfo | None:
         model = self.selected()
         if model is None:
-            self.app.notify(
+            self.notify(
                 "Select a model first (arrow keys, or click a row).",
                 title="No model selected",
                 severity="warning",
@@ -239,7 +247,7 @@ class ModelsPane(Vertical):
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "model-filter":
             self.filter_text = event.value
-            self.redraw(self.app.state)
+            self.redraw(self.state)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "model-filter":
@@ -250,10 +258,12 @@ class ModelsPane(Vertical):
         if key in SORTS:
             self.sort_key = key
             self._show_sort()
-            self.redraw(self.app.state)
+            self.redraw(self.state)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if isinstance(event.data_table, ModelTable):
+        # Only the table in use: a redraw of the other one (its rows changed by a signal)
+        # highlights a row too, and must not make the next key act on that table's model.
+        if isinstance(event.data_table, ModelTable) and event.data_table.has_focus:
             self.last_table = event.data_table.id or "hot"
 
     # --- actions -------------------------------------------------------------------------
@@ -265,38 +275,53 @@ class ModelsPane(Vertical):
         i = SORT_ORDER.index(self.sort_key)
         self.sort_key = SORT_ORDER[(i + 1) % len(SORT_ORDER)]
         self._show_sort()
-        self.redraw(self.app.state)
+        self.redraw(self.state)
 
     def action_promote(self) -> None:
         if (model := self._need_model()) is not None:
-            self.app.promote(model.name)
+            self.post_message(Promote(model.name))
 
     def action_promote_to(self) -> None:
         if (model := self._need_model()) is not None:
-            self.app.pick_pool_then(
-                f"Promote {model.name} to which pool?",
-                lambda pool: self.app.promote(model.name, pool),
+            name = model.name
+            self._pick_pool(
+                f"Promote {name} to which pool?",
+                lambda pool: self.post_message(Promote(name, pool)),
             )
 
     def action_demote(self) -> None:
         if (model := self._need_model()) is not None:
-            self.app.demote(model.name)
+            self.post_message(Demote(model.name))
 
     def action_cancel(self) -> None:
         if (model := self._need_model()) is not None:
-            job = self.app.state.running_job_for(model.name)
+            job = self.state.running_job_for(model.name)
             if job is None:
-                self.app.notify(f"No transfer of {model.name} is running.", severity="warning")
+                self.notify(
+                    f"No transfer of {model.name} is running.", severity="warning", markup=False
+                )
             else:
-                self.app.cancel_job(job.path)
+                self.post_message(CancelJob(job.path))
 
     def action_pin(self) -> None:
         if (model := self._need_model()) is not None:
-            self.app.pick_pool_then(
-                f"Pin {model.name} to which pool?",
-                lambda pool: self.app.pin(model.name, pool),
+            name = model.name
+            self._pick_pool(
+                f"Pin {name} to which pool?", lambda pool: self.post_message(Pin(name, pool))
             )
 
     def action_unpin(self) -> None:
         if (model := self._need_model()) is not None:
-            self.app.unpin(model.name)
+            self.post_message(Unpin(model.name))
+
+    def _pick_pool(self, question: str, then: Callable[[str], object]) -> None:
+        pools = sorted(self.state.pools.values(), key=lambda p: (-p.speed, p.name))
+        if not pools:
+            self.notify("There is no pool to choose.", severity="warning")
+            return
+
+        def picked(pool: str | None) -> None:
+            if pool:
+                then(pool)
+
+        self.app.push_screen(PickPoolScreen(question, pools), picked)

@@ -4,9 +4,10 @@ daemon's SetConfig, which validates; the daemon's answer is shown as it is."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -14,10 +15,9 @@ from textual.widgets import Button, DataTable, Input, Label, Select, Static
 
 from speedloader_cli.client import printable
 
+from ..messages import Pin, ReloadConfig, SaveConfig, Unpin
+from ..screens.dialogs import PinScreen
 from ..state import DaemonState
-
-if TYPE_CHECKING:
-    from ..app import SpeedloaderApp
 
 STRATEGIES = ("fastest-fit", "fill-first", "round-robin")
 BACKENDS = ("ollama", "llamacpp", "vllm", "huggingface")
@@ -79,10 +79,9 @@ class SettingsPane(VerticalScroll):
         Binding("u", "unpin", "Unpin", show=False),
     ]
 
-    app: SpeedloaderApp
-
     def __init__(self, **kw: Any):
         super().__init__(**kw)
+        self.state = DaemonState()  # the app's, from the first redraw on
         self.base: dict[str, Any] = {}
 
     def compose(self) -> ComposeResult:
@@ -119,6 +118,7 @@ class SettingsPane(VerticalScroll):
     # --- drawing -------------------------------------------------------------------------
 
     def redraw(self, state: DaemonState) -> None:
+        self.state = state
         pins = state.pins()
         table = self.query_one("#pins", DataTable)
         keys = [m for m, _ in pins]
@@ -196,25 +196,39 @@ class SettingsPane(VerticalScroll):
     # --- actions -------------------------------------------------------------------------
 
     def action_save(self) -> None:
-        self.app.save_config(self.new_config())
+        self.post_message(SaveConfig(self.new_config()))
 
     def action_unpin(self) -> None:
         table = self.query_one("#pins", DataTable)
         if not self.pin_keys or not 0 <= table.cursor_row < len(self.pin_keys):
-            self.app.notify("Select a pinned model first.", severity="warning")
+            self.notify("Select a pinned model first.", severity="warning")
             return
-        self.app.unpin(self.pin_keys[table.cursor_row])
+        self.post_message(Unpin(self.pin_keys[table.cursor_row]))
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        bid = event.button.id
-        if bid == "save-settings":
-            self.action_save()
-        elif bid == "revert-settings":
-            self.app.load_config()
-        elif bid == "unpin":
-            self.action_unpin()
-        elif bid == "pin-model":
-            self.app.pin_dialog()
+    def pin_dialog(self) -> None:
+        models = sorted(m.name for m in self.state.models.values())
+
+        def chosen(answer: tuple[str, str] | None) -> None:
+            if answer:
+                self.post_message(Pin(*answer))
+
+        self.app.push_screen(PinScreen(models, self.state.pool_names()), chosen)
+
+    @on(Button.Pressed, "#save-settings")
+    def _save_pressed(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#revert-settings")
+    def _revert_pressed(self) -> None:
+        self.post_message(ReloadConfig())
+
+    @on(Button.Pressed, "#unpin")
+    def _unpin_pressed(self) -> None:
+        self.action_unpin()
+
+    @on(Button.Pressed, "#pin-model")
+    def _pin_pressed(self) -> None:
+        self.pin_dialog()
 
     def focus_first(self) -> None:
         self.query_one("#cfg-strategy", Select).focus()

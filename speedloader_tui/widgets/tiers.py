@@ -1,22 +1,32 @@
 """The Tiers tab: a card per RAM pool (usage bar, state, speed, path) with its lifecycle
-actions, each confirmed first; and "+ Add tier"."""
+actions, each confirmed first; and "+ Add tier". What the person chose and confirmed goes
+out as a request message (messages.py) that the app sends to the daemon."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Static
 
 from .. import fmt
+from ..messages import AddPool, AddRemotePool, ConnectPool, DisconnectPool, RemovePool, ResizePool
+from ..screens.dialogs import ConfirmScreen
+from ..screens.pool_forms import (
+    AddPoolScreen,
+    AddRemotePoolScreen,
+    NewPool,
+    NewRemotePool,
+    ResizePoolScreen,
+)
 from ..state import DaemonState, JobInfo, PoolInfo
-
-if TYPE_CHECKING:
-    from ..app import SpeedloaderApp
+from .pool_usage import pool_jobs, transfers_text
 
 POOL_OPERATIONS = {
     "pool-connect": "connecting",
@@ -26,54 +36,53 @@ POOL_OPERATIONS = {
 
 
 class PoolCard(Vertical, can_focus=True):
-    """One pool. Focus it (Tab, click) and use the keys, or click its buttons."""
+    """One pool. Focus it (Tab, click) and use the keys, or click its buttons (the pane
+    handles their presses)."""
 
-    app: SpeedloaderApp
-
-    def __init__(self, pool: PoolInfo, **kw: Any):
+    def __init__(self, pool: PoolInfo, show_path: Callable[[str], str], **kw: Any):
         super().__init__(classes="pool-card", **kw)
         self.pool = pool
+        self.show_path = show_path
         self.job: JobInfo | None = None
+        self.transfers: list[JobInfo] = []
         self.ready = False  # children composed and mounted
-        self.drawn: tuple[PoolInfo, str | None] | None = None
+        self.drawn: tuple[PoolInfo, str | None, str] | None = None
 
     def on_mount(self) -> None:
         self.ready = True
-        self.draw(self.pool, self.job)
+        self.draw(self.pool, self.job, self.transfers)
 
     def compose(self) -> ComposeResult:
         yield Static(classes="card-title")
         yield Static(classes="card-usage")
         yield Static(classes="card-details")
         with Horizontal(classes="card-buttons"):
-            yield Button(
-                "Connect", name="connect", classes="do-connect", variant="success", compact=True
-            )
+            yield Button("Connect", classes="do-connect", variant="success", compact=True)
             yield Button(
                 "Disconnect",
-                name="disconnect",
                 classes="do-disconnect",
                 variant="warning",
                 compact=True,
             )
-            yield Button("Resize", name="resize", classes="do-resize", compact=True)
-            yield Button(
-                "Remove", name="remove", classes="do-remove", variant="error", compact=True
-            )
+            yield Button("Resize", classes="do-resize", compact=True)
+            yield Button("Remove", classes="do-remove", variant="error", compact=True)
 
-    def draw(self, pool: PoolInfo, job: JobInfo | None) -> None:
-        self.pool, self.job = pool, job
+    def draw(self, pool: PoolInfo, job: JobInfo | None, transfers: list[JobInfo]) -> None:
+        """``job``: the pool's own running lifecycle job; ``transfers``: the models being
+        copied into (or out of) it now."""
+        self.pool, self.job, self.transfers = pool, job, transfers
         if not self.ready:
             return  # on_mount draws it
-        drawn = (replace(pool), f"{job.operation} {job.step}" if job else None)
+        moving = transfers_text(transfers)
+        drawn = (replace(pool), f"{job.operation} {job.step}" if job else None, moving.plain)
         if drawn == self.drawn:
-            return  # the transfer bars redraw 10 times a second; a card needs not
+            return  # the transfer bars redraw 10 times a second; a card only on a change
         self.drawn = drawn
-        show_path = self.app.show_path
+        show_path = self.show_path
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
         title.append("  ")
-        title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
+        title.append_text(fmt.state(pool.state or "unknown"))  # "mounted", as slctl says
         if job is not None:
             doing = POOL_OPERATIONS.get(job.operation, job.operation)
             step = f": {job.step}" if job.step else ""
@@ -86,6 +95,7 @@ class PoolCard(Vertical, can_focus=True):
                 f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used)} used of "
                 f"{fmt.size(pool.size)}, {fmt.size(pool.free)} free"
             )
+            usage.append_text(moving)
         else:
             usage.append("·" * 40, style="dim")
             usage.append(f"   disconnected ({fmt.size(pool.size)} when connected)", style="dim")
@@ -102,23 +112,22 @@ class PoolCard(Vertical, can_focus=True):
         self.query_one(".do-resize", Button).disabled = busy
         self.query_one(".do-remove", Button).disabled = busy or pool.connected
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        self.focus()
-        self.app.pool_action(str(event.button.name), self.pool.name)
-
 
 class TiersPane(VerticalScroll):
     BINDINGS = [
-        Binding("n", "pool('connect')", "Connect"),
-        Binding("x", "pool('disconnect')", "Disconnect"),
-        Binding("z", "pool('resize')", "Resize"),
-        Binding("delete", "pool('remove')", "Remove"),
+        Binding("n", "connect", "Connect"),
+        Binding("x", "disconnect", "Disconnect"),
+        Binding("z", "resize", "Resize"),
+        Binding("delete", "remove", "Remove"),
         Binding("a", "add", "+ Add tier"),
         Binding("A", "add_remote", "+ Add remote tier"),
     ]
 
-    app: SpeedloaderApp
+    def __init__(self, show_path: Callable[[str], str] | None = None, **kw: Any):
+        """``show_path`` rewrites paths for display (tests mask temp dirs)."""
+        super().__init__(**kw)
+        self.state = DaemonState()  # the app's, from the first redraw on
+        self.show_path: Callable[[str], str] = show_path or (lambda p: p)
 
     def compose(self) -> ComposeResult:
         yield Vertical(id="pool-cards")
@@ -127,12 +136,13 @@ class TiersPane(VerticalScroll):
             yield Button("+ Add remote tier", id="add-remote-tier", compact=True)
 
     def redraw(self, state: DaemonState) -> None:
+        self.state = state
         box = self.query_one("#pool-cards", Vertical)
         pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
         cards = {c.pool.path: c for c in box.query(PoolCard)}
         if [p.path for p in pools] != list(cards):
             box.remove_children()
-            cards = {p.path: PoolCard(p) for p in pools}
+            cards = {p.path: PoolCard(p, self.show_path) for p in pools}
             box.mount_all(cards.values())
             if not pools:
                 box.mount(Static("No RAM pools. Add one with '+ Add tier' (a).", classes="empty"))
@@ -151,7 +161,7 @@ class TiersPane(VerticalScroll):
                 ),
                 None,
             )
-            card.draw(pool, job)
+            card.draw(pool, job, pool_jobs(state, pool))
 
     def selected(self) -> PoolInfo | None:
         """The focused card's pool (or the only pool there is)."""
@@ -163,24 +173,126 @@ class TiersPane(VerticalScroll):
         cards = list(self.query(PoolCard))
         return cards[0].pool if len(cards) == 1 else None
 
-    def action_pool(self, what: str) -> None:
+    # --- what a person can do to a pool: asked here, then one request to the app --------
+
+    def connect_pool(self, pool: PoolInfo) -> None:
+        self.post_message(ConnectPool(pool.name))
+
+    def disconnect_pool(self, pool: PoolInfo) -> None:
+        name = pool.name
+        hot = [m.name for m in self.state.models.values() if m.tier == name]
+        self._confirm_then(
+            f"Disconnect pool {name}? "
+            + (
+                f"Its {len(hot)} hot model(s) will be demoted to cold storage first."
+                if hot
+                else "It holds no models."
+            ),
+            lambda: self.post_message(DisconnectPool(name)),
+        )
+
+    def resize_pool(self, pool: PoolInfo) -> None:
+        """The form refuses what is not a size, with the reason, before anything is asked
+        or sent; a size it takes is confirmed, then sent."""
+        name = pool.name
+
+        def resize_to(size: str | None) -> None:
+            if size:
+                self._confirm_then(
+                    f"Resize pool {name} to {size}?",
+                    lambda: self.post_message(ResizePool(name, size)),
+                )
+
+        self.app.push_screen(ResizePoolScreen(name), resize_to)
+
+    def remove_pool(self, pool: PoolInfo) -> None:
+        name = pool.name
+        self._confirm_then(
+            f"Remove pool {name} from the configuration?",
+            lambda: self.post_message(RemovePool(name)),
+        )
+
+    def add_pool(self) -> None:
+        def added(new: NewPool | None) -> None:
+            if new is not None:
+                self.post_message(AddPool(new.name, new.path, new.size, new.speed))
+
+        self.app.push_screen(AddPoolScreen(), added)
+
+    def add_remote_pool(self) -> None:
+        def added(new: NewRemotePool | None) -> None:
+            if new is not None:
+                self.post_message(AddRemotePool(new.name, new.entry))
+
+        self.app.push_screen(AddRemotePoolScreen(), added)
+
+    def _confirm_then(self, question: str, action: Callable[[], object]) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                action()
+
+        self.app.push_screen(ConfirmScreen(question), answered)
+
+    # --- keys and buttons -------------------------------------------------------------
+
+    def _need_pool(self) -> PoolInfo | None:
         pool = self.selected()
         if pool is None:
-            self.app.notify("Select a pool card first (Tab or click).", severity="warning")
-            return
-        self.app.pool_action(what, pool.name)
+            self.notify("Select a pool card first (Tab or click).", severity="warning")
+        return pool
+
+    def action_connect(self) -> None:
+        if (pool := self._need_pool()) is not None:
+            self.connect_pool(pool)
+
+    def action_disconnect(self) -> None:
+        if (pool := self._need_pool()) is not None:
+            self.disconnect_pool(pool)
+
+    def action_resize(self) -> None:
+        if (pool := self._need_pool()) is not None:
+            self.resize_pool(pool)
+
+    def action_remove(self) -> None:
+        if (pool := self._need_pool()) is not None:
+            self.remove_pool(pool)
 
     def action_add(self) -> None:
-        self.app.add_pool()
+        self.add_pool()
 
     def action_add_remote(self) -> None:
-        self.app.add_remote_pool()
+        self.add_remote_pool()
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "add-tier":
-            self.app.add_pool()
-        elif event.button.id == "add-remote-tier":
-            self.app.add_remote_pool()
+    def _card_of(self, event: Button.Pressed) -> PoolInfo:
+        """The pool of the card whose button was pressed; that card takes the focus."""
+        event.stop()
+        card = next(n for n in event.button.ancestors if isinstance(n, PoolCard))
+        card.focus()
+        return card.pool
+
+    @on(Button.Pressed, ".do-connect")
+    def _connect_pressed(self, event: Button.Pressed) -> None:
+        self.connect_pool(self._card_of(event))
+
+    @on(Button.Pressed, ".do-disconnect")
+    def _disconnect_pressed(self, event: Button.Pressed) -> None:
+        self.disconnect_pool(self._card_of(event))
+
+    @on(Button.Pressed, ".do-resize")
+    def _resize_pressed(self, event: Button.Pressed) -> None:
+        self.resize_pool(self._card_of(event))
+
+    @on(Button.Pressed, ".do-remove")
+    def _remove_pressed(self, event: Button.Pressed) -> None:
+        self.remove_pool(self._card_of(event))
+
+    @on(Button.Pressed, "#add-tier")
+    def _add_pressed(self) -> None:
+        self.add_pool()
+
+    @on(Button.Pressed, "#add-remote-tier")
+    def _add_remote_pressed(self) -> None:
+        self.add_remote_pool()
 
     def focus_first(self) -> None:
         cards = list(self.query(PoolCard))

@@ -4,19 +4,18 @@ progress bar, rate, time left and Cancel."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Static
 
 from .. import fmt
+from ..messages import CancelJob
 from ..state import DaemonState, JobInfo
-
-if TYPE_CHECKING:
-    from ..app import SpeedloaderApp
 
 BAR_WIDTH = 24
 COLUMNS = (
@@ -67,7 +66,9 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
 class TransfersPane(Vertical):
     BINDINGS = [Binding("c", "cancel", "Cancel transfer")]
 
-    app: SpeedloaderApp
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.state = DaemonState()  # the app's, from the first redraw on
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="transfer-tools"):
@@ -83,6 +84,7 @@ class TransfersPane(Vertical):
         self.cells: dict[str, list[str]] = {}
 
     def redraw(self, state: DaemonState) -> None:
+        self.state = state
         now = time.time()
         jobs = sorted(state.jobs.values(), key=lambda j: (not j.running, -j.number))
         table = self.query_one("#jobs", DataTable)
@@ -92,9 +94,9 @@ class TransfersPane(Vertical):
             for key in keys:
                 new = [str(c) for c in rows[key]]
                 old = self.cells.get(key, [""] * len(new))
-                for (col, _), value, was, now in zip(COLUMNS, rows[key], old, new, strict=True):
-                    if was != now:  # only changes; a wider cell also needs a layout pass
-                        table.update_cell(key, col, value, update_width=len(now) > len(was))
+                for (col, _), value, was, shown in zip(COLUMNS, rows[key], old, new, strict=True):
+                    if was != shown:  # only changes; a wider cell also needs a layout pass
+                        table.update_cell(key, col, value, update_width=len(shown) > len(was))
                 self.cells[key] = new
         else:
             selected = self.selected_path()
@@ -123,19 +125,21 @@ class TransfersPane(Vertical):
 
     def action_cancel(self) -> None:
         path = self.selected_path()
-        job = self.app.state.jobs.get(path) if path else None
+        job = self.state.jobs.get(path) if path else None
         if job is None or not job.running:
-            self.app.notify("Select a running transfer first.", severity="warning")
+            self.notify("Select a running transfer first.", severity="warning")
         elif not job.cancelable:
-            self.app.notify(
-                f"Job #{job.number} ({job.operation}) cannot be cancelled now.", severity="warning"
+            self.notify(
+                f"Job #{job.number} ({job.operation}) cannot be cancelled now.",
+                severity="warning",
+                markup=False,
             )
         else:
-            self.app.cancel_job(job.path)
+            self.post_message(CancelJob(job.path))
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "cancel-job":
-            self.action_cancel()
+    @on(Button.Pressed, "#cancel-job")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
 
     def focus_first(self) -> None:
         self.query_one("#jobs", DataTable).focus()
