@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from .client import Client, printable
+from speedloader_client.client import Client, printable
+
 from .common import (
     CONTEXT,
     run,

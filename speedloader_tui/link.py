@@ -23,7 +23,7 @@ from typing import Any
 
 from dbus_fast import Message, Variant
 
-from speedloader_cli.client import (
+from speedloader_client.client import (
     BUS_NAME,
     JOB,
     MANAGER,
@@ -37,8 +37,9 @@ from speedloader_cli.client import (
     ClientError,
     unwrap,
 )
+from speedloader_client.records import Job
 
-from .state import DaemonState, JobInfo
+from .state import DaemonState
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class DaemonLink:
         elif member == "Completed" and msg.interface == JOB:
             job = self.state.completed(msg.path, bool(body[0]), str(body[1]))
             self.on_change()
-            self.on_event("job-done", job or JobInfo(msg.path, message=str(body[1])))
+            self.on_event("job-done", job or Job(msg.path, message=str(body[1])))
             return
         else:
             return

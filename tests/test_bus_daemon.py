@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
 from speedloaderd.sandbox import REPO
 
 from .buslab import MiB, run

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from speedloader_cli.client import MODEL, POOL
+from speedloader_client.client import MODEL, POOL
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.screens.dialogs import ConfirmScreen, PickPoolScreen
 from speedloaderd.sandbox import REPO
@@ -84,7 +84,7 @@ def test_disconnect_a_pool_demotes_its_models(daemon):
             question = str(app.screen.query_one(".dialog-question").render())
             await pilot.press("y")  # ...after confirming
             pool = app.state.pool_by_name("local")
-            await wait(app, lambda: rows(app, "hot") == [] and not pool.connected, 60)
+            await wait(app, lambda: rows(app, "hot") == [] and not pool.mounted, 60)
             card = app.ui.query_one("PoolCard")
             return (
                 hot_before,

@@ -12,8 +12,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Static
 
+from speedloader_client.records import Job, Pool
+
 from .. import fmt
-from ..state import DaemonState, JobInfo, PoolInfo
+from ..state import DaemonState
 
 if TYPE_CHECKING:
     from ..app import SpeedloaderApp
@@ -30,12 +32,12 @@ class PoolCard(Vertical, can_focus=True):
 
     app: SpeedloaderApp
 
-    def __init__(self, pool: PoolInfo, **kw: Any):
+    def __init__(self, pool: Pool, **kw: Any):
         super().__init__(classes="pool-card", **kw)
         self.pool = pool
-        self.job: JobInfo | None = None
+        self.job: Job | None = None
         self.ready = False  # children composed and mounted
-        self.drawn: tuple[PoolInfo, str | None] | None = None
+        self.drawn: tuple[Pool, str | None] | None = None
 
     def on_mount(self) -> None:
         self.ready = True
@@ -61,7 +63,7 @@ class PoolCard(Vertical, can_focus=True):
                 "Remove", name="remove", classes="do-remove", variant="error", compact=True
             )
 
-    def draw(self, pool: PoolInfo, job: JobInfo | None) -> None:
+    def draw(self, pool: Pool, job: Job | None) -> None:
         self.pool, self.job = pool, job
         if not self.ready:
             return  # on_mount draws it
@@ -73,22 +75,24 @@ class PoolCard(Vertical, can_focus=True):
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
         title.append("  ")
-        title.append_text(fmt.state("connected" if pool.connected else pool.state or "unknown"))
+        title.append_text(fmt.state(pool.state or "unknown"))
+        if pool.problem:  # why it is degraded (the fabric was lost...)
+            title.append(f"  {pool.problem}", style="bold red")
         if job is not None:
             doing = POOL_OPERATIONS.get(job.operation, job.operation)
             step = f": {job.step}" if job.step else ""
             title.append(f"  ⟳ {doing}{step}…", style="bold yellow")
         self.query_one(".card-title", Static).update(title)
         usage = Text()
-        if pool.connected:
+        if pool.mounted:
             usage.append_text(fmt.bar(pool.fraction, 40, fmt.usage_style(pool.fraction)))
             usage.append(
-                f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used)} used of "
-                f"{fmt.size(pool.size)}, {fmt.size(pool.free)} free"
+                f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used_bytes)} used of "
+                f"{fmt.size(pool.size_bytes)}, {fmt.size(pool.free_bytes)} free"
             )
         else:
             usage.append("·" * 40, style="dim")
-            usage.append(f"   disconnected ({fmt.size(pool.size)} when connected)", style="dim")
+            usage.append(f"   not mounted ({fmt.size(pool.size_bytes)} when mounted)", style="dim")
         self.query_one(".card-usage", Static).update(usage)
         details = Text()
         details.append("speed ", style="dim")
@@ -97,10 +101,10 @@ class PoolCard(Vertical, can_focus=True):
         details.append(show_path(pool.mount))
         self.query_one(".card-details", Static).update(details)
         busy = job is not None
-        self.query_one(".do-connect", Button).disabled = busy or pool.connected
-        self.query_one(".do-disconnect", Button).disabled = busy or not pool.connected
+        self.query_one(".do-connect", Button).disabled = busy or pool.mounted
+        self.query_one(".do-disconnect", Button).disabled = busy or not pool.mounted
         self.query_one(".do-resize", Button).disabled = busy
-        self.query_one(".do-remove", Button).disabled = busy or pool.connected
+        self.query_one(".do-remove", Button).disabled = busy or pool.mounted
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
@@ -153,7 +157,7 @@ class TiersPane(VerticalScroll):
             )
             card.draw(pool, job)
 
-    def selected(self) -> PoolInfo | None:
+    def selected(self) -> Pool | None:
         """The focused card's pool (or the only pool there is)."""
         focused = self.screen.focused
         if focused is not None:
