@@ -26,19 +26,14 @@ class Entry:
     # Where the dashboard must say it otherwise (it cannot ask for a password, and it shows
     # the models and pools itself); None: the same as slctl.
     dashboard_hint: str | None = None
-    # The hint is left out when the daemon's sentence has one of these in it: it said so.
-    unless: tuple[str, ...] = ()
 
 
 ERRORS: dict[str, Entry] = {
-    "NotAuthorized": Entry(
-        "Not authorized", f"ask an administrator to add you to the {GROUP}", unless=(GROUP,)
-    ),
+    "NotAuthorized": Entry("Not authorized", f"ask an administrator to add you to the {GROUP}"),
     "AuthenticationRequired": Entry(
         "Authentication required",
         f"run it as root or as a member of the {GROUP}",
         dashboard_hint="this dashboard cannot ask for a password",
-        unless=(GROUP,),
     ),
     "NoSuchModel": Entry("No such model", "`slctl status` lists the models", dashboard_hint=""),
     "NoSuchPool": Entry("No such pool", "`slctl pool list` lists the pools", dashboard_hint=""),
@@ -79,6 +74,6 @@ def hint(name: str, message: str, dashboard: bool = False) -> str:
     if entry is None:
         return ""
     text = entry.dashboard_hint if dashboard and entry.dashboard_hint is not None else entry.hint
-    if not text or text in message or any(marker in message for marker in entry.unless):
-        return ""
+    if not text or text in message or (GROUP in text and GROUP in message):
+        return ""  # the daemon said it (its refusals name the group where it helps)
     return text

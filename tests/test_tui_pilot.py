@@ -121,6 +121,7 @@ def test_denied_user_sees_not_authorized_and_nothing_changes(daemon):
     errors = [(t, m) for sev, t, m in seen["notifications"] if sev == "error"]
     assert errors and errors[0][0] == "Not authorized", seen["notifications"]
     assert "promote tiny:1b" in errors[0][1] and "not authorized" in errors[0][1].lower()
+    assert errors[0][1].count("'speedloader' group") == 1, "the advice is given once"
     assert seen["after"] == seen["before"] and "tiny:1b" in seen["after"]["cold"]
     assert seen["jobs"] == []
     after = daemon.state()
