@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from speedloader_client.client import POOL, Client, ClientError, pool_path
-from speedloader_client.records import DEFAULT_SPEED, job_id
+from speedloader_client.records import DEFAULT_SPEED, Pool, job_id
 
 from .common import (
     CONTEXT,
@@ -168,7 +168,7 @@ def pool_add(
             pool = await client.manager(
                 "AddPool", "sssu", name, path or "", size, DEFAULT_SPEED if speed is None else speed
             )
-            where = path or (await client.get_all(pool, POOL))["Path"]
+            where = path or Pool.from_props(pool, await client.get_all(pool, POOL)).mount
             click.echo(f"added pool {name} ({size} at {where})")
 
         run(add_tmpfs)
