@@ -322,7 +322,7 @@ class Client:
         """Every model matching ``filters`` (see ListModels), page by page."""
         after = ""
         while True:
-            _, page, after = await self.list_models(after, **filters)
+            _, page, after = await self.list_models(after, 0, **filters)
             for item in page:
                 yield item
             if not after:

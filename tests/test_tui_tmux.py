@@ -135,6 +135,6 @@ def test_installed_entry_point_in_tmux(installed, daemon, tmp_path):
     finally:
         term.close()
     assert "HOT" in models and "tiny:1b" in models and "small:3b" in models
-    assert "local" in tiers and "connected" in tiers and "speed 100" in tiers
+    assert "local" in tiers and "mounted" in tiers and "speed 100" in tiers
     assert "exit=0" in after, after
     assert "Traceback" not in after
