@@ -369,3 +369,32 @@ def test_add_a_remote_tier_from_the_tiers_tab(daemon):
     assert (kind, state) == ("nvmeof", "unmounted")
     saved = json.loads(daemon.lab.config_path.read_text())["remoteTiers"]["hosts"]["far"]
     assert saved["ssh"] == "root@127.0.0.1:9" and saved["transport"] == "tcp"
+
+
+def test_a_degraded_pools_problem_is_on_its_card(daemon):
+    """Pool.Problem (why a pool is degraded) reaches the Tiers card, as the link delivers it:
+    a PropertiesChanged as the daemon sends for a remote pool whose fabric was lost."""
+    from textual.widgets import Static
+
+    from speedloader_tui.widgets.tiers import PoolCard
+
+    problem = "pool far lost its fabric: nvme0 disconnected; models served from cold"
+
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            await pilot.press("2")
+            [path] = app.state.pools
+            app.state.changed(path, POOL, {"State": "degraded", "Problem": problem})
+            app.link.on_change()
+
+            def title() -> str:
+                cards = app.query(PoolCard)
+                return str(cards.first().query_one(".card-title", Static).render()) if cards else ""
+
+            await wait(app, lambda: problem in title())
+            return title()
+
+    shown = run(scenario())
+    assert "degraded" in shown and problem in shown

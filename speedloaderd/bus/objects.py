@@ -304,6 +304,7 @@ class PoolInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(POOL_IFACE, server)
         self.pool_name = name
+        self.values["Name"] = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
@@ -383,6 +384,7 @@ class ModelInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(MODEL_IFACE, server)
         self.model_name = name
+        self.values["Name"] = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
