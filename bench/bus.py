@@ -31,7 +31,7 @@ sys.path[:0] = [str(_REPO), str(_REPO / "tests")]
 
 from dbus_fast import Message  # noqa: E402
 
-from speedloader_cli.client import (  # noqa: E402
+from speedloader_client.client import (  # noqa: E402
     JOB,
     MODEL,
     ROOT,

@@ -30,7 +30,7 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(_REPO)]
 
-from speedloader_cli.client import JOB, Client  # noqa: E402
+from speedloader_client.client import JOB, Client  # noqa: E402
 from speedloaderd.config import save_config  # noqa: E402
 from speedloaderd.sandbox import Sandbox  # noqa: E402
 

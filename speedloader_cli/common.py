@@ -9,7 +9,9 @@ from typing import TypeVar
 
 import click
 
-from .client import Client, ClientError
+from speedloader_client.client import Client, ClientError
+from speedloader_client.records import Job
+
 from .errors import explain
 from .output import bar, format_size
 from .state import Snapshot, snapshot
@@ -60,20 +62,22 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON (a stabl
 def pool_rows(snap: Snapshot) -> list[list[str]]:
     rows = []
     for p in snap.pools:
-        frac = p.used / p.size if p.size else 0.0
-        usage = f"{bar(frac, 16)} {format_size(p.used)}/{format_size(p.size)} {frac:4.0%}"
+        frac = p.used_bytes / p.size_bytes if p.size_bytes else 0.0
+        usage = (
+            f"{bar(frac, 16)} {format_size(p.used_bytes)}/{format_size(p.size_bytes)} {frac:4.0%}"
+        )
         rows.append([p.name, p.kind, p.state, usage, str(p.speed), p.mount])
     return rows
 
 
 def model_rows(snap: Snapshot) -> list[list[str]]:
     return [
-        [m.name, m.format, format_size(m.size), m.tier, m.pinned or "-", m.state]
+        [m.name, m.format, format_size(m.size_bytes), m.tier, m.pinned_pool or "-", m.state]
         for m in snap.models
     ]
 
 
-def job_rows(jobs) -> list[list[str]]:
+def job_rows(jobs: list[Job]) -> list[list[str]]:
     return [
         [
             str(j.id),
@@ -81,7 +85,7 @@ def job_rows(jobs) -> list[list[str]]:
             j.model or "-",
             j.pool or "-",
             f"{j.progress:4.0%}",
-            f"{format_size(j.done)}/{format_size(j.total)}",
+            f"{format_size(j.bytes_done)}/{format_size(j.bytes_total)}",
             j.state,
         ]
         for j in jobs

@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from .client import Client, printable
+from speedloader_client.client import MANAGER, ROOT, Client, printable
+from speedloader_client.records import Manager
+
 from .common import (
     CONTEXT,
     run,
@@ -129,11 +131,8 @@ def config_validate(file: str | None) -> None:
 
 def _config_path() -> str:
     async def body(client: Client) -> str:
-        return (
-            await client.get_all(
-                "/org/speedloader/Speedloader1", "org.speedloader.Speedloader1.Manager"
-            )
-        ).get("ConfigPath", "")
+        manager = Manager.from_props(ROOT, await client.get_all(ROOT, MANAGER))
+        return manager.config_path
 
     path = run(body)
     if not path:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 
-from .client import ClientError
+from speedloader_client.client import ClientError
+from speedloader_client.errors import hint as hint_for
 
 
 class Exit(enum.IntEnum):
@@ -46,19 +47,6 @@ NO_SUCH_OBJECT = {
     "org.freedesktop.DBus.Error.UnknownMethod",
 }
 
-_HINTS = {
-    "NoSuchModel": "`slctl status` lists the models",
-    "NoSuchPool": "`slctl pool list` lists the pools",
-}
-
-# A refusal of the admin-only polkit action: the daemon's sentence says what was asked;
-# joining the group would not help, so say who can.
-ADMIN_ACTION = "org.speedloader.administer"
-ADMIN_HINT = (
-    "this change needs an administrator (it names a path, a host, a key or remote RAM, "
-    "or is another user's job): run slctl as root"
-)
-
 
 def explain(err: ClientError, subject: str = "") -> CliError:
     """Turn a daemon or bus error into the sentence a person acts on."""
@@ -77,9 +65,7 @@ def explain(err: ClientError, subject: str = "") -> CliError:
     if err.name in NO_SUCH_OBJECT and subject:
         return CliError(f"{subject} does not exist", Exit.USAGE)
     message = err.message.rstrip()
-    hint = _HINTS.get(err.name)
-    if err.name in ("NotAuthorized", "AuthenticationRequired") and ADMIN_ACTION in message:
-        hint = ADMIN_HINT
-    if hint and hint not in message:
+    hint = hint_for(err.name, message)  # the hints are speedloader_client.errors'
+    if hint:
         message = f"{message}; {hint}"
     return CliError(message, _BY_NAME.get(err.name, Exit.FAILED))

@@ -327,10 +327,11 @@ def _group_exists(tree: Tree) -> bool:
 
 
 def _completion_script() -> str:
+    """Bash completion for the whole of slctl: the command tree is the one running (the
+    root of click's context), so this module needs no import of main.py, which imports it."""
     from click.shell_completion import get_completion_class
 
-    from .main import cli
-
+    cli = click.get_current_context().find_root().command
     cls = get_completion_class("bash")
     assert cls is not None
     return cls(cli, {}, "slctl", "_SLCTL_COMPLETE").source() + "\n"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import click
+from dbus_fast import Message
 
-from .client import Client, ClientError
+from speedloader_client.client import JOB, Client, ClientError, job_path
+from speedloader_client.records import Job, job_id
+
 from .common import (
     CONTEXT,
     JSON,
@@ -16,7 +19,7 @@ from .common import (
 from .errors import CliError, Exit, explain
 from .output import print_json, table
 from .progress import Followed, follow_all
-from .state import job_id, snapshot
+from .state import snapshot
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
@@ -54,7 +57,6 @@ def jobs(ctx: click.Context, as_json: bool) -> None:
 @click.argument("job", type=int)
 def jobs_cancel(job: int) -> None:
     """Cancel running job JOB (its id from `slctl jobs`); it leaves no trace."""
-    from .client import job_path
 
     async def body(client: Client) -> None:
         try:
@@ -70,16 +72,16 @@ def jobs_cancel(job: int) -> None:
 @click.option("--until-idle", is_flag=True, help="Return once no job is running.")
 def jobs_watch(until_idle: bool) -> None:
     """Follow every running job, and new ones as they start, until Ctrl-C."""
-    from .client import JOB
 
     async def body(client: Client) -> None:
         await client.subscribe()
         started: asyncio.Queue[str] = asyncio.Queue()
-        client.add_listener(
-            lambda m: (
-                m.member == "InterfacesAdded" and JOB in m.body[1] and started.put_nowait(m.body[0])
-            )
-        )
+
+        def on_signal(m: Message) -> None:
+            if m.member == "InterfacesAdded" and JOB in m.body[1]:
+                started.put_nowait(m.body[0])
+
+        client.add_listener(on_signal)
         snap = await snapshot(client)
         following: dict[str, asyncio.Task] = {}
 
@@ -97,8 +99,8 @@ def jobs_watch(until_idle: bool) -> None:
                 path = await asyncio.wait_for(started.get(), 0.5 if until_idle else None)
             except TimeoutError:
                 continue
-            props = await client.get_all(path, JOB)
-            watch(path, f"{props['Operation']} {props.get('Model') or props.get('Pool')}")
+            j = Job.from_props(path, await client.get_all(path, JOB))
+            watch(path, f"{j.operation} {j.model or j.pool}")
 
     try:
         run(body)

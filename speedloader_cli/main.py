@@ -14,10 +14,10 @@ import traceback
 
 import click
 
+from speedloader_client.client import printable
 from speedloaderd import __version__
 
 from . import configuration, install, jobs, models, pools, status
-from .client import printable
 from .common import CONTEXT
 from .errors import CliError, Exit
 

@@ -6,7 +6,9 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from .client import Client, ClientError
+from speedloader_client.client import Client, ClientError
+from speedloader_client.records import job_id
+
 from .common import (
     CONTEXT,
     MODEL,
@@ -17,7 +19,6 @@ from .common import (
 )
 from .errors import CliError, Exit, explain
 from .progress import Followed, follow_all
-from .state import job_id
 
 
 def _start_and_follow(

@@ -1,4 +1,5 @@
-"""How slctl prints: aligned tables, usage bars, sizes, rates and JSON."""
+"""How slctl prints: aligned tables, usage bars and JSON (sizes, rates and times left as
+speedloader_client.fmt writes them, the same as the dashboard)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import click
 
-from speedloaderd.sizes import format_size
+from speedloader_client.fmt import eta, rate
+from speedloader_client.fmt import size as format_size
 
 __all__ = ["bar", "eta", "format_size", "print_json", "rate", "table", "use_color"]
 
@@ -28,19 +30,6 @@ def bar(fraction: float, width: int = 20) -> str:
     fraction = min(max(fraction, 0.0), 1.0)
     filled = int(round(fraction * width))
     return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def rate(bytes_per_s: float) -> str:
-    return f"{format_size(int(bytes_per_s))}/s" if bytes_per_s > 0 else "-"
-
-
-def eta(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "-"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

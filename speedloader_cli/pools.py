@@ -6,7 +6,9 @@ from typing import Any
 
 import click
 
-from .client import POOL, Client, ClientError, pool_path
+from speedloader_client.client import POOL, Client, ClientError, pool_path
+from speedloader_client.records import DEFAULT_SPEED, Pool, job_id
+
 from .common import (
     CONTEXT,
     JSON,
@@ -18,7 +20,7 @@ from .common import (
 from .errors import NO_SUCH_OBJECT, CliError, Exit, explain
 from .output import print_json, table
 from .progress import Followed, follow_all
-from .state import job_id, snapshot
+from .state import snapshot
 
 
 @click.group(context_settings=CONTEXT)
@@ -41,7 +43,10 @@ def pool_list(as_json: bool) -> None:
     snap = run(snapshot)
     if as_json:
         print_json(
-            [p.to_json() | {"freeBytes": p.free, "problem": p.problem or None} for p in snap.pools]
+            [
+                p.to_json() | {"freeBytes": p.free_bytes, "problem": p.problem or None}
+                for p in snap.pools
+            ]
         )
         return
     rows = pool_rows(snap)
@@ -117,7 +122,7 @@ def pool_resize(name: str, size: str, no_wait: bool) -> None:
     "--speed",
     default=None,
     type=click.IntRange(0, 10000),
-    help="Speed rating: fastest-fit placement prefers higher (default 100 local).",
+    help=f"Speed rating: fastest-fit placement prefers higher (default {DEFAULT_SPEED} local).",
 )
 @click.option("--remote", metavar="USER@HOST[:PORT]", help="Add remote RAM on this host instead.")
 @click.option("--address", help="Remote: the fabric address to connect to (IP).")
@@ -161,9 +166,9 @@ def pool_add(
         # No --path: the daemon puts it at <poolsRoot>/NAME, the only place it may go.
         async def add_tmpfs(client: Client) -> None:
             pool = await client.manager(
-                "AddPool", "sssu", name, path or "", size, 100 if speed is None else speed
+                "AddPool", "sssu", name, path or "", size, DEFAULT_SPEED if speed is None else speed
             )
-            where = path or (await client.get_all(pool, POOL))["Path"]
+            where = path or Pool.from_props(pool, await client.get_all(pool, POOL)).mount
             click.echo(f"added pool {name} ({size} at {where})")
 
         run(add_tmpfs)

@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
-from .client import Client, ClientError, JobResult
+from speedloader_client.client import Client, ClientError, JobResult
+from speedloader_client.records import Job, job_id
+
 from .errors import CliError, Exit, explain
 from .output import bar, eta, format_size, rate
-from .state import job_id
 
 
 @dataclass
@@ -49,17 +50,18 @@ class Line:
             self.width = 0
 
 
-def describe(label: str, p: dict[str, Any]) -> str:
-    total, done = p.get("BytesTotal", 0), p.get("BytesDone", 0)
-    frac = p.get("Progress", done / total if total else 0.0)
+def describe(label: str, props: dict[str, Any]) -> str:
+    j = Job.from_props("", props)
+    total, frac = j.bytes_total, j.progress
+    if "Progress" not in props:
+        frac = j.bytes_done / total if total else 0.0
     if not total:  # a pool job: named steps (ssh, nvmet, nvme connect, mkfs...), no bytes
-        step = p.get("Step") or "starting"
-        return f"{label}  {bar(frac)} {frac * 100:5.1f}%  {step}"
-    end = p.get("ExpectedEndTime", 0)
+        return f"{label}  {bar(frac)} {frac * 100:5.1f}%  {j.step or 'starting'}"
+    end = j.expected_end_time
     left = end / 1e6 - time.time() if end else None
     return (
         f"{label}  {bar(frac)} {frac * 100:5.1f}%  "
-        f"{format_size(done)}/{format_size(total)}  {rate(p.get('Rate', 0.0))}  ETA {eta(left)}"
+        f"{format_size(j.bytes_done)}/{format_size(total)}  {rate(j.rate)}  ETA {eta(left)}"
     )
 
 
@@ -103,8 +105,8 @@ async def follow_all(client: Client, jobs: list[Followed]) -> list[Followed]:
             done, _ = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
             pending -= done
             for t in done & set(tasks):
-                if t.exception() is not None:
-                    err = t.exception()
+                err = t.exception()
+                if err is not None:
                     raise explain(err) if isinstance(err, ClientError) else err
             if waiter in done and pending:
                 await _interrupt(

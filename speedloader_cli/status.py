@@ -6,7 +6,9 @@ import sys
 
 import click
 
-from .client import Client
+from speedloader_client.client import Client
+from speedloader_client.records import COLD
+
 from .common import (
     CONTEXT,
     JSON,
@@ -38,19 +40,19 @@ def status(as_json: bool) -> None:
         print_json(snap.to_json())
         return
     m = snap.manager
-    if not m.get("ConfigValid", True):
-        click.echo(f"error: speedloaderd has no valid configuration: {m.get('ConfigError')}")
+    if not m.config_valid:
+        click.echo(f"error: speedloaderd has no valid configuration: {m.config_error}")
         click.echo("fix it with `slctl config set KEY VALUE` or edit the file and restart")
         return
-    url = m.get("BackendApiUrl")
+    url = m.backend_api_url
     click.echo(
-        f"backend: {m.get('Backend')}{f' at {url}' if url else ''}\n"
-        f"models dir: {m.get('ModelsDir')}   cold storage: {m.get('ColdStorage')}   "
-        f"placement: {m.get('Strategy')}"
+        f"backend: {m.backend}{f' at {url}' if url else ''}\n"
+        f"models dir: {m.models_dir}   cold storage: {m.cold_storage}   "
+        f"placement: {m.strategy}"
     )
-    if m.get("ColdStorageState") == "unavailable":
+    if m.cold_storage_state == "unavailable":
         click.echo(
-            f"cold storage unavailable: {m.get('ColdStorageProblem')}; hot models are served "
+            f"cold storage unavailable: {m.cold_storage_problem}; hot models are served "
             "from RAM, nothing is pruned, and the daemon looks again every few seconds"
         )
     click.echo()
@@ -59,13 +61,13 @@ def status(as_json: bool) -> None:
         if p.problem:
             click.echo(f"pool {p.name} is {p.state}: {p.problem}")
     click.echo()
-    hot = [m for m in snap.models if m.tier != "cold" or m.state != "cold"]
-    cold = [m for m in snap.models if m not in hot]
+    hot = [v for v in snap.models if v.tier != COLD or v.state != COLD]
+    cold = [v for v in snap.models if v not in hot]
     headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE"]
     rows = model_rows(Snapshot(snap.manager, [], hot + cold, []))
     click.echo(table(headers, rows) if rows else "no models found on cold storage")
     problems = [f"model {v.name}: {'; '.join(v.problems)}" for v in snap.models if v.problems]
-    problems += list(m.get("ScanProblems", []))
+    problems += m.scan_problems
     if problems:
         click.echo()
         for line in problems[:STATUS_PROBLEMS]:

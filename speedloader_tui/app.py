@@ -24,7 +24,8 @@ from textual.notifications import SeverityLevel
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
-from speedloader_cli.client import MANAGER, ROOT, Client, ClientError
+from speedloader_client.client import MANAGER, ROOT, Client, ClientError
+from speedloader_client.records import Job, Manager
 
 from .errors import explain
 from .link import DaemonLink
@@ -45,7 +46,7 @@ from .messages import (
     Unpin,
 )
 from .screens.help import HelpScreen
-from .state import JOBS, MANAGER_PART, MODELS, POOLS, DaemonState, JobInfo, ManagerInfo
+from .state import JOBS, MANAGER_PART, MODELS, POOLS, DaemonState
 from .widgets.health import HealthPane
 from .widgets.models import ModelsPane
 from .widgets.settings import SettingsPane
@@ -94,7 +95,7 @@ class SpeedloaderApp(App[None]):
         self._notified_offline = False
         self._focused_tab = "models"  # AUTO_FOCUS starts there
         self._my_jobs: set[str] = set()  # started here: their ends are told here
-        self._unclaimed: dict[str, JobInfo] = {}
+        self._unclaimed: dict[str, Job] = {}
 
     # --- layout --------------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ class SpeedloaderApp(App[None]):
         if kind in ("online", "offline", "bus-lost"):
             self._redraw_now()
         if kind == "online":
-            assert isinstance(detail, ManagerInfo)
+            assert isinstance(detail, Manager)
             hot = self.ui.query_one("#hot")
             if hot.has_focus and not self.state_has_hot():
                 self.ui.query_one("#cold").focus()  # the list with something to act on
@@ -212,7 +213,7 @@ class SpeedloaderApp(App[None]):
                 self.notify(str(detail), title="Daemon unreachable", severity="warning")
                 self._notified_offline = True
         elif kind == "job-done":
-            assert isinstance(detail, JobInfo)
+            assert isinstance(detail, Job)
             if detail.path in self._my_jobs:
                 self._my_jobs.discard(detail.path)
                 self._job_done(detail)
@@ -240,11 +241,11 @@ class SpeedloaderApp(App[None]):
     def state_has_hot(self) -> bool:
         return any(m.hot for m in self.state.models.values())
 
-    def _job_done(self, job: JobInfo) -> None:
+    def _job_done(self, job: Job) -> None:
         what = f"{job.operation} {job.model or job.pool}".strip()
         if job.state == "succeeded":
             self.notify(job.message or f"{what}: done", title=f"Done: {what}", timeout=4)
-        elif job.state == "cancelled" or "cancel" in job.message.lower():
+        elif job.state == "cancelled" or job.error_name == "Cancelled":
             self.notify(
                 job.message or f"{what}: cancelled", title=f"Cancelled: {what}", severity="warning"
             )

@@ -1,10 +1,13 @@
-"""How numbers read on screen: sizes, rates, times left, bars."""
+"""How the dashboard draws: state words in colour, bars. Sizes, rates and times left read
+as slctl writes them (speedloader_client.fmt), so the two never disagree."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+from speedloader_client.fmt import UNKNOWN, eta, rate, size
+
+__all__ = ["STATE_STYLES", "UNKNOWN", "bar", "eta", "rate", "size", "state", "usage_style"]
 
 STATE_STYLES = {
     "hot": "bold green",
@@ -19,32 +22,6 @@ STATE_STYLES = {
     "failed": "bold red",
     "cancelled": "yellow",
 }
-
-
-def size(n: int | float) -> str:
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            if unit == "B":
-                return f"{int(value)} B"
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def rate(bytes_per_s: float) -> str:
-    return f"{size(bytes_per_s)}/s" if bytes_per_s > 0 else "—"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 0:
-        return "—"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 def state(text: str) -> Text:

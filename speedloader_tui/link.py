@@ -23,7 +23,7 @@ from typing import Any
 
 from dbus_fast import Message, Variant
 
-from speedloader_cli.client import (
+from speedloader_client.client import (
     BUS_NAME,
     JOB,
     MANAGER,
@@ -37,8 +37,9 @@ from speedloader_cli.client import (
     ClientError,
     unwrap,
 )
+from speedloader_client.records import Job
 
-from .state import DaemonState, JobInfo
+from .state import DaemonState
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +234,17 @@ class DaemonLink:
         if not self.state.online:
             return
         body = unwrap(msg.body)  # every string in it made printable
+        path = msg.path or ""  # a signal always has one (D-Bus requires it)
         if member == "PropertiesChanged" and msg.interface == PROPERTIES:
-            self.state.changed(msg.path, body[0], body[1])
+            self.state.changed(path, body[0], body[1])
         elif member == "InterfacesAdded" and msg.path == ROOT:
             self.state.add(body[0], body[1])
         elif member == "InterfacesRemoved" and msg.path == ROOT:
             self.state.remove(body[0], list(body[1]))
         elif member == "Completed" and msg.interface == JOB:
-            job = self.state.completed(msg.path, bool(body[0]), str(body[1]))
+            job = self.state.completed(path, bool(body[0]), str(body[1]))
             self.on_change()
-            self.on_event("job-done", job or JobInfo(msg.path, message=str(body[1])))
+            self.on_event("job-done", job or Job(path, message=str(body[1])))
             return
         else:
             return

@@ -1,9 +1,10 @@
 """What the dashboard knows about the daemon: a mirror of its objects, kept current from
 one GetManagedObjects and then the ObjectManager and Properties signals alone.
 
-No Textual and no D-Bus connection here: the link feeds it plain dicts, the widgets read
-it. Every change records what it touched (``dirty``) so the screens redraw only that, at
-their own pace.
+No Textual and no D-Bus connection here: the link feeds it plain dicts, which the records
+of speedloader_client.records take in (``update``); the widgets read the records. Every
+change records what it touched (``dirty``) so the screens redraw only that, at their own
+pace.
 """
 
 from __future__ import annotations
@@ -11,157 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, ROOT
-
-COLD = "cold"
-RUNNING = "running"
-
-
-@dataclass
-class ModelInfo:
-    path: str
-    name: str = ""
-    format: str = ""
-    size: int = 0
-    tier: str = COLD
-    pinned_pool: str = ""
-    state: str = COLD
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def hot(self) -> bool:
-        """In a pool's column: hot, or on its way out of one (demoting), or degraded there."""
-        return self.tier != COLD
-
-    def update(self, props: dict[str, Any]) -> None:
-        for key, attr in _MODEL_ATTRS.items():
-            if key in props:
-                setattr(self, attr, props[key])
-
-
-@dataclass
-class PoolInfo:
-    path: str
-    name: str = ""
-    kind: str = ""
-    state: str = ""
-    mount: str = ""
-    size: int = 0
-    used: int = 0
-    free: int = 0
-    speed: int = 0
-
-    @property
-    def connected(self) -> bool:
-        return self.state == "mounted"
-
-    @property
-    def fraction(self) -> float:
-        return min(self.used / self.size, 1.0) if self.size else 0.0
-
-    def update(self, props: dict[str, Any]) -> None:
-        for key, attr in _POOL_ATTRS.items():
-            if key in props:
-                setattr(self, attr, props[key])
-
-
-@dataclass
-class JobInfo:
-    path: str
-    operation: str = ""
-    model: str = ""
-    pool: str = ""
-    bytes_total: int = 0
-    bytes_done: int = 0
-    rate: float = 0.0
-    progress: float = 0.0
-    expected_end: int = 0  # microseconds since the epoch, 0 if unknown
-    start: int = 0
-    cancelable: bool = False
-    state: str = RUNNING
-    message: str = ""
-    step: str = ""  # the named step running now, for jobs made of steps (pool connect)
-    started_by_uid: int = 0  # who asked for it; cancelling another uid's job is an admin's
-
-    @property
-    def running(self) -> bool:
-        return self.state == RUNNING
-
-    @property
-    def number(self) -> int:
-        tail = self.path.rsplit("/", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
-
-    def update(self, props: dict[str, Any]) -> None:
-        for key, attr in _JOB_ATTRS.items():
-            if key in props:
-                setattr(self, attr, props[key])
-
-
-@dataclass
-class ManagerInfo:
-    config_valid: bool = True
-    config_error: str = ""
-    backend: str = ""
-    backend_api_url: str = ""
-    models_dir: str = ""
-    cold_storage: str = ""
-    strategy: str = ""
-    version: str = ""
-    model_count: int = 0
-
-    def update(self, props: dict[str, Any]) -> None:
-        for key, attr in _MANAGER_ATTRS.items():
-            if key in props:
-                setattr(self, attr, props[key])
-
-
-_MODEL_ATTRS = {
-    "Name": "name",
-    "Format": "format",
-    "SizeBytes": "size",
-    "Tier": "tier",
-    "PinnedPool": "pinned_pool",
-    "State": "state",
-    "Problems": "problems",
-}
-_POOL_ATTRS = {
-    "Name": "name",
-    "Kind": "kind",
-    "State": "state",
-    "Path": "mount",
-    "SizeBytes": "size",
-    "UsedBytes": "used",
-    "FreeBytes": "free",
-    "Speed": "speed",
-}
-_JOB_ATTRS = {
-    "Operation": "operation",
-    "Model": "model",
-    "Pool": "pool",
-    "BytesTotal": "bytes_total",
-    "BytesDone": "bytes_done",
-    "Rate": "rate",
-    "Progress": "progress",
-    "ExpectedEndTime": "expected_end",
-    "StartTime": "start",
-    "Cancelable": "cancelable",
-    "State": "state",
-    "Message": "message",
-    "Step": "step",
-    "StartedByUID": "started_by_uid",
-}
-_MANAGER_ATTRS = {
-    "ConfigValid": "config_valid",
-    "ConfigError": "config_error",
-    "Backend": "backend",
-    "BackendApiUrl": "backend_api_url",
-    "ModelsDir": "models_dir",
-    "ColdStorage": "cold_storage",
-    "Strategy": "strategy",
-    "Version": "version",
-    "ModelCount": "model_count",
-}
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT
+from speedloader_client.records import Job, Manager, Model, Pool
 
 # What a change touched; the screens redraw by these.
 MODELS, POOLS, JOBS, MANAGER_PART = "models", "pools", "jobs", "manager"
@@ -171,10 +23,10 @@ MODELS, POOLS, JOBS, MANAGER_PART = "models", "pools", "jobs", "manager"
 class DaemonState:
     """The daemon's objects as this client last heard of them."""
 
-    manager: ManagerInfo = field(default_factory=ManagerInfo)
-    models: dict[str, ModelInfo] = field(default_factory=dict)
-    pools: dict[str, PoolInfo] = field(default_factory=dict)
-    jobs: dict[str, JobInfo] = field(default_factory=dict)
+    manager: Manager = field(default_factory=lambda: Manager(ROOT))
+    models: dict[str, Model] = field(default_factory=dict)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
     online: bool = False
     dirty: set[str] = field(default_factory=set)
 
@@ -215,20 +67,20 @@ class DaemonState:
 
     def changed(self, path: str, iface: str, props: dict[str, Any]) -> None:
         if iface == MODEL:
-            self.models.setdefault(path, ModelInfo(path)).update(props)
+            self.models.setdefault(path, Model(path)).update(props)
             self.dirty.add(MODELS)
         elif iface == POOL:
-            self.pools.setdefault(path, PoolInfo(path)).update(props)
+            self.pools.setdefault(path, Pool(path)).update(props)
             self.dirty.add(POOLS)
             self.dirty.add(MODELS)  # the pool strip on the models tab
         elif iface == JOB:
-            self.jobs.setdefault(path, JobInfo(path)).update(props)
+            self.jobs.setdefault(path, Job(path)).update(props)
             self.dirty.add(JOBS)
         elif iface == MANAGER and path == ROOT:
             self.manager.update(props)
             self.dirty.add(MANAGER_PART)
 
-    def completed(self, path: str, success: bool, message: str) -> JobInfo | None:
+    def completed(self, path: str, success: bool, message: str) -> Job | None:
         job = self.jobs.get(path)
         if job is not None:
             if job.running:
@@ -244,16 +96,16 @@ class DaemonState:
 
     # --- reading -------------------------------------------------------------------------
 
-    def model_by_name(self, name: str) -> ModelInfo | None:
+    def model_by_name(self, name: str) -> Model | None:
         return next((m for m in self.models.values() if m.name == name), None)
 
-    def pool_by_name(self, name: str) -> PoolInfo | None:
+    def pool_by_name(self, name: str) -> Pool | None:
         return next((p for p in self.pools.values() if p.name == name), None)
 
     def pool_names(self) -> list[str]:
         return sorted(p.name for p in self.pools.values())
 
-    def running_job_for(self, model: str) -> JobInfo | None:
+    def running_job_for(self, model: str) -> Job | None:
         return next((j for j in self.jobs.values() if j.running and j.model == model), None)
 
     def pins(self) -> list[tuple[str, str]]:

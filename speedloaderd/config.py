@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from speedloader_client.records import DEFAULT_SPEED
+
 from .errors import ConfigError
 from .paths import check_model_name, check_pool_name, overlapping
 from .placement import Strategy
@@ -38,7 +40,7 @@ from .sizes import format_size_exact, parse_size
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
 LOCAL_POOL_NAME = "local"  # the pool the legacy ``ramdisk`` key describes
-DEFAULT_LOCAL_SPEED = 100
+DEFAULT_LOCAL_SPEED = DEFAULT_SPEED  # one value for the config and every client's AddPool
 DEFAULT_REMOTE_SPEED = 50
 # Where AddPool may make new local pools: <poolsRoot>/<name>, nowhere else. /run is
 # root-owned on every distribution and a tmpfs, so nothing there outlives a reboot, just

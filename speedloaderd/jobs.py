@@ -48,6 +48,8 @@ class Job:
     state: JobState = JobState.RUNNING
     message: str = ""
     error: SpeedloaderError | None = None
+    # The D-Bus name of the error it failed with (NoSpace, Cancelled...): Job.ErrorName.
+    error_name: str = ""
     cancelable: bool = True
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
     # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
@@ -79,6 +81,7 @@ class Job:
 
     def _finish(self, state: JobState, message: str, error: SpeedloaderError | None) -> None:
         self.state, self.message, self.error = state, message, error
+        self.error_name = error.dbus_name if error is not None else ""
         self.eta = None
         self._done.set()
         self.notify()

@@ -14,7 +14,7 @@ import sys
 
 from dbus_fast import DBusError
 
-from speedloader_cli.client import Client, ClientError
+from speedloader_client.client import Client, ClientError
 
 
 async def run(steps: list[dict]) -> list[dict]:

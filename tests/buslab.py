@@ -24,7 +24,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from speedloader_cli.client import Client
+from speedloader_client.client import Client
 from speedloaderd.config import save_config
 from speedloaderd.sandbox import REPO, Sandbox
 
@@ -108,7 +108,7 @@ def check_user_can_run_python(address: str) -> None:
     """Unprivileged users run the project from this tree with this venv's python; say
     plainly if they cannot (a python inside root's home, a tree under a 0700 directory)."""
     r = subprocess.run(
-        as_user(GUEST, [sys.executable, "-c", "import speedloader_cli.client"], address),
+        as_user(GUEST, [sys.executable, "-c", "import speedloader_client.client"], address),
         capture_output=True,
         text=True,
     )

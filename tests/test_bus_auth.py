@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from speedloader_cli.client import JOB, MANAGER, POOL, ROOT
+from speedloader_client.client import JOB, MANAGER, POOL, ROOT
 from speedloaderd.config import dump_config
 
 from .buslab import ADMIN, ASKER, GUEST, MiB, run

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
 from speedloaderd.sandbox import REPO
 
 from .buslab import MiB, run
@@ -94,6 +94,7 @@ def test_promote_is_followed_by_signals_alone(daemon_factory):
     midway = sorted({d for d in done if 0 < d < total})
     assert len(midway) >= 2, f"expected progress on the way, saw only {done}"
     assert result.properties["State"] == "succeeded" and result.properties["Progress"] == 1.0
+    assert result.properties["ErrorName"] == ""
     completed = [m for m in seen if m.member == "Completed" and m.path == job]
     assert len(completed) == 1 and completed[0].body == [True, result.message]
     assert model["State"] == "hot" and model["Tier"] == "local"
@@ -121,6 +122,7 @@ def test_cancelled_promote_leaves_no_trace(daemon_factory):
     result = run(scenario())
     assert not result.success and "cancel" in result.message.lower()
     assert result.properties["State"] == "cancelled"
+    assert result.properties["ErrorName"] == "Cancelled", "the error's name, not only 'failed'"
     after = dl.state()
     assert after["links"] == before["links"] and after["pool_files"] == []
     assert_consistent(dl)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 
-from speedloader_cli.client import POOL
+from speedloader_client.client import POOL
 from speedloaderd.bus.names import pool_path
 from speedloaderd.config import dump_config
 
@@ -73,7 +73,7 @@ def test_remote_tiers_set_live_add_a_pool_and_a_bad_one_is_refused_unsaved(daemo
 
     async def scenario():
         async with await daemon.client() as c:
-            from speedloader_cli.client import ClientError
+            from speedloader_client.client import ClientError
 
             try:
                 await c.manager("SetConfig", "s", json.dumps(overlapping))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloader_cli.client import ROOT
+from speedloader_client.client import ROOT
 
 from .buslab import ADMIN, GUEST, MiB, as_user
 

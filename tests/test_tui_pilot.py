@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from speedloader_cli.client import MODEL, POOL
+from speedloader_client.client import MODEL, POOL
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.screens.dialogs import ConfirmScreen, PickPoolScreen
 from speedloaderd.sandbox import REPO
@@ -84,7 +84,7 @@ def test_disconnect_a_pool_demotes_its_models(daemon):
             question = str(app.screen.query_one(".dialog-question").render())
             await pilot.press("y")  # ...after confirming
             pool = app.state.pool_by_name("local")
-            await wait(app, lambda: rows(app, "hot") == [] and not pool.connected, 60)
+            await wait(app, lambda: rows(app, "hot") == [] and not pool.mounted, 60)
             card = app.ui.query_one("PoolCard")
             return (
                 hot_before,
@@ -121,6 +121,7 @@ def test_denied_user_sees_not_authorized_and_nothing_changes(daemon):
     errors = [(t, m) for sev, t, m in seen["notifications"] if sev == "error"]
     assert errors and errors[0][0] == "Not authorized", seen["notifications"]
     assert "promote tiny:1b" in errors[0][1] and "not authorized" in errors[0][1].lower()
+    assert errors[0][1].count("'speedloader' group") == 1, "the advice is given once"
     assert seen["after"] == seen["before"] and "tiny:1b" in seen["after"]["cold"]
     assert seen["jobs"] == []
     after = daemon.state()
@@ -439,7 +440,7 @@ def test_resize_refuses_what_is_not_a_size_in_the_form(daemon):
             question = str(app.screen.query_one(".dialog-question").render())
             await pilot.press("y")
             pool = app.state.pool_by_name("local")
-            await wait(app, lambda: pool.size == 128 << 20, 60)
+            await wait(app, lambda: pool.size_bytes == 128 << 20, 60)
             return refused, during, question
 
     (screen, inline, focused, jobs, notes), during, question = run(scenario())
@@ -491,3 +492,32 @@ def test_a_demote_from_the_models_table_goes_out_as_a_message(daemon):
     objects = daemon.state()["objects"]
     (props,) = [v[MODEL] for v in objects.values() if MODEL in v and v[MODEL]["Name"] == "tiny:1b"]
     assert props["State"] == "cold"
+
+
+def test_a_degraded_pools_problem_is_on_its_card(daemon):
+    """Pool.Problem (why a pool is degraded) reaches the Tiers card, as the link delivers it:
+    a PropertiesChanged as the daemon sends for a remote pool whose fabric was lost."""
+    from textual.widgets import Static
+
+    from speedloader_tui.widgets.tiers import PoolCard
+
+    problem = "pool far lost its fabric: nvme0 disconnected; models served from cold"
+
+    async def scenario():
+        app = SpeedloaderApp(daemon.address)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            await pilot.press("2")
+            [path] = app.state.pools
+            app.state.changed(path, POOL, {"State": "degraded", "Problem": problem})
+            app.link.on_change()
+
+            def title() -> str:
+                cards = app.query(PoolCard)
+                return str(cards.first().query_one(".card-title", Static).render()) if cards else ""
+
+            await wait(app, lambda: problem in title())
+            return title()
+
+    shown = run(scenario())
+    assert "degraded" in shown and problem in shown

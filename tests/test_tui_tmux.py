@@ -27,7 +27,7 @@ def installed(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for pkg in ("speedloaderd", "speedloader_cli", "speedloader_tui"):
+    for pkg in ("speedloaderd", "speedloader_client", "speedloader_cli", "speedloader_tui"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

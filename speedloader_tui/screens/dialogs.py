@@ -14,8 +14,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Select
 from textual.widgets.option_list import Option
 
+from speedloader_client.records import Pool
+
 from .. import fmt
-from ..state import PoolInfo
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ class ConfirmScreen(ModalScreen[bool]):
 class PickPoolScreen(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "back", "Cancel")]
 
-    def __init__(self, question: str, pools: list[PoolInfo]):
+    def __init__(self, question: str, pools: list[Pool]):
         super().__init__(classes="dialog-screen")
         self.question = question
         self.pools = pools
@@ -60,10 +61,10 @@ class PickPoolScreen(ModalScreen[str | None]):
         options = []
         for p in self.pools:
             line = Text(f"{p.name:<14}", style="bold")
-            if p.connected:
-                line.append(f"{fmt.size(p.free):>10} free of {fmt.size(p.size):<10}")
+            if p.mounted:
+                line.append(f"{fmt.size(p.free_bytes):>10} free of {fmt.size(p.size_bytes):<10}")
             else:
-                line.append("disconnected".ljust(30), style="dim")
+                line.append((p.state or "unknown").ljust(30), style="dim")
             line.append(f" speed {p.speed}", style="cyan")
             options.append(Option(line, id=p.name))
         with Vertical(classes="dialog"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from speedloader_client.records import DEFAULT_SPEED
 from speedloaderd.sizes import parse_size
 
 from .dialogs import FormError, FormScreen
@@ -76,14 +77,14 @@ class AddPoolScreen(FormScreen[NewPool]):
                 ("name", "Name", ""),
                 ("path", "Mount path (empty: <poolsRoot>/name)", ""),
                 ("size", "Size (e.g. 16G)", ""),
-                ("speed", "Speed rating", "100"),
+                ("speed", "Speed rating", str(DEFAULT_SPEED)),
             ],
         )
 
     def parse(self, values: dict[str, str]) -> NewPool:
         name = required(values, "name", "a name for the pool")
         size = checked_size("size", values["size"])
-        speed = whole_numbers(values, ["speed"]).get("speed", 100)
+        speed = whole_numbers(values, ["speed"]).get("speed", DEFAULT_SPEED)
         return NewPool(name, values["path"], size, speed)
 
 

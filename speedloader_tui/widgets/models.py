@@ -12,15 +12,17 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
+from speedloader_client.records import Job, Model, Pool
+
 from .. import fmt
 from ..messages import CancelJob, Demote, Pin, Promote, Unpin
 from ..screens.dialogs import PickPoolScreen
-from ..state import DaemonState, JobInfo, ModelInfo, PoolInfo
+from ..state import DaemonState
 from .pool_usage import pool_jobs, transfers_text
 
-SORTS: dict[str, Callable[[ModelInfo], Any]] = {
+SORTS: dict[str, Callable[[Model], Any]] = {
     "name": lambda m: m.name,
-    "size": lambda m: (-m.size, m.name),
+    "size": lambda m: (-m.size_bytes, m.name),
     "state": lambda m: (m.state, m.name),
     "tier": lambda m: (m.tier, m.name),
     "format": lambda m: (m.format, m.name),
@@ -44,10 +46,10 @@ COLD_COLUMNS = (
 )
 
 
-def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
+def model_cells(m: Model, columns: Sequence[tuple[str, str]]) -> list[Any]:
     cells: dict[str, Any] = {
         "name": Text(m.name, style="bold" if m.hot else ""),
-        "size": Text(fmt.size(m.size), justify="right"),
+        "size": Text(fmt.size(m.size_bytes), justify="right"),
         # Text, not str: a str cell would be read as markup, and these are the daemon's.
         "tier": Text(m.tier),
         "format": Text(m.format),
@@ -60,21 +62,21 @@ def model_cells(m: ModelInfo, columns: Sequence[tuple[str, str]]) -> list[Any]:
 
 
 def pool_line(
-    p: PoolInfo, width: int, show_path: Callable[[str], str], jobs: list[JobInfo] | None = None
+    p: Pool, width: int, show_path: Callable[[str], str], jobs: list[Job] | None = None
 ) -> Text:
     line = Text()
     line.append(f"{p.name:<12.12}", style="bold")
-    if p.connected:
+    if p.mounted:
         line.append_text(fmt.bar(p.fraction, width, fmt.usage_style(p.fraction)))
         line.append(f" {p.fraction * 100:3.0f}%  ")
-        line.append(f"{fmt.size(p.used)} / {fmt.size(p.size)}")
+        line.append(f"{fmt.size(p.used_bytes)} / {fmt.size(p.size_bytes)}")
         line.append_text(transfers_text(jobs or []))
     else:
         line.append("·" * width, style="dim")
-        line.append(f"   —   {fmt.size(p.size)} when connected", style="dim")
+        line.append(f"   —   {fmt.size(p.size_bytes)} when mounted", style="dim")
     line.append(f"  speed {p.speed}", style="cyan")
     line.append("  ")
-    line.append_text(fmt.state(p.state or "unknown"))  # "mounted", as slctl says
+    line.append_text(fmt.state(p.state or "unknown"))
     line.append(f"  {show_path(p.mount)}", style="dim")
     return line
 
@@ -98,7 +100,7 @@ class ModelTable(DataTable):
             return None
         return self.keys[self.cursor_row]
 
-    def show(self, models: list[ModelInfo]) -> None:
+    def show(self, models: list[Model]) -> None:
         """Make the rows say ``models`` in this order, touching only what changed."""
         keys = [m.path for m in models]
         rows = {m.path: model_cells(m, self.spec) for m in models}
@@ -175,7 +177,7 @@ class ModelsPane(Vertical):
         cold = [m for m in shown if not m.hot]
         self.query_one("#hot", ModelTable).show(hot)
         self.query_one("#cold", ModelTable).show(cold)
-        hot_total = sum(m.size for m in hot)
+        hot_total = sum(m.size_bytes for m in hot)
         self._set("#hot-title", f"HOT — in RAM: {len(hot)} model(s), {fmt.size(hot_total)}")
         self._set(
             "#cold-title",
@@ -208,7 +210,7 @@ class ModelsPane(Vertical):
         if isinstance(event.widget, ModelTable):
             self.last_table = event.widget.id or "hot"
 
-    def selected(self) -> ModelInfo | None:
+    def selected(self) -> Model | None:
         key = self.query_one(f"#{self.last_table}", ModelTable).selected_key
         return self.state.models.get(key) if key is not None else None
 
@@ -232,7 +234,7 @@ class ModelsPane(Vertical):
         self.last_table = table.id or "hot"
         return True
 
-    def _need_model(self) -> ModelInfo | None:
+    def _need_model(self) -> Model | None:
         model = self.selected()
         if model is None:
             self.notify(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from ..state import DaemonState, JobInfo, PoolInfo
+from speedloader_client.records import Job, Pool
+
+from ..state import DaemonState
 
 
-def pool_jobs(state: DaemonState, pool: PoolInfo) -> list[JobInfo]:
+def pool_jobs(state: DaemonState, pool: Pool) -> list[Job]:
     """The running transfers into or out of ``pool`` (not its own lifecycle jobs)."""
     return sorted(
         (
@@ -16,11 +18,11 @@ def pool_jobs(state: DaemonState, pool: PoolInfo) -> list[JobInfo]:
             for j in state.jobs.values()
             if j.running and j.pool == pool.name and not j.operation.startswith("pool-")
         ),
-        key=lambda j: j.number,
+        key=lambda j: j.id,
     )
 
 
-def transfers_text(jobs: list[JobInfo]) -> Text:
+def transfers_text(jobs: list[Job]) -> Text:
     """What the pool is receiving or giving up now, e.g. "⟳ promote big:70b 45%".
 
     Shown beside the usage bar because the bar is the daemon's UsedBytes, a statvfs

@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, Select, Static
 
-from speedloader_cli.client import printable
+from speedloader_client.client import printable
 
 from ..messages import Pin, ReloadConfig, SaveConfig, Unpin
 from ..screens.dialogs import PinScreen

@@ -15,6 +15,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Static
 
+from speedloader_client.records import Job, Pool
+
 from .. import fmt
 from ..messages import AddPool, AddRemotePool, ConnectPool, DisconnectPool, RemovePool, ResizePool
 from ..screens.dialogs import ConfirmScreen
@@ -25,7 +27,7 @@ from ..screens.pool_forms import (
     NewRemotePool,
     ResizePoolScreen,
 )
-from ..state import DaemonState, JobInfo, PoolInfo
+from ..state import DaemonState
 from .pool_usage import pool_jobs, transfers_text
 
 POOL_OPERATIONS = {
@@ -39,14 +41,14 @@ class PoolCard(Vertical, can_focus=True):
     """One pool. Focus it (Tab, click) and use the keys, or click its buttons (the pane
     handles their presses)."""
 
-    def __init__(self, pool: PoolInfo, show_path: Callable[[str], str], **kw: Any):
+    def __init__(self, pool: Pool, show_path: Callable[[str], str], **kw: Any):
         super().__init__(classes="pool-card", **kw)
         self.pool = pool
         self.show_path = show_path
-        self.job: JobInfo | None = None
-        self.transfers: list[JobInfo] = []
+        self.job: Job | None = None
+        self.transfers: list[Job] = []
         self.ready = False  # children composed and mounted
-        self.drawn: tuple[PoolInfo, str | None, str] | None = None
+        self.drawn: tuple[Pool, str | None, str] | None = None
 
     def on_mount(self) -> None:
         self.ready = True
@@ -67,7 +69,7 @@ class PoolCard(Vertical, can_focus=True):
             yield Button("Resize", classes="do-resize", compact=True)
             yield Button("Remove", classes="do-remove", variant="error", compact=True)
 
-    def draw(self, pool: PoolInfo, job: JobInfo | None, transfers: list[JobInfo]) -> None:
+    def draw(self, pool: Pool, job: Job | None, transfers: list[Job]) -> None:
         """``job``: the pool's own running lifecycle job; ``transfers``: the models being
         copied into (or out of) it now."""
         self.pool, self.job, self.transfers = pool, job, transfers
@@ -82,23 +84,25 @@ class PoolCard(Vertical, can_focus=True):
         title = Text(pool.name, style="bold")
         title.append(f"  ({pool.kind or 'tmpfs'})", style="dim")
         title.append("  ")
-        title.append_text(fmt.state(pool.state or "unknown"))  # "mounted", as slctl says
+        title.append_text(fmt.state(pool.state or "unknown"))
+        if pool.problem:  # why it is degraded (the fabric was lost...)
+            title.append(f"  {pool.problem}", style="bold red")
         if job is not None:
             doing = POOL_OPERATIONS.get(job.operation, job.operation)
             step = f": {job.step}" if job.step else ""
             title.append(f"  ⟳ {doing}{step}…", style="bold yellow")
         self.query_one(".card-title", Static).update(title)
         usage = Text()
-        if pool.connected:
+        if pool.mounted:
             usage.append_text(fmt.bar(pool.fraction, 40, fmt.usage_style(pool.fraction)))
             usage.append(
-                f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used)} used of "
-                f"{fmt.size(pool.size)}, {fmt.size(pool.free)} free"
+                f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used_bytes)} used of "
+                f"{fmt.size(pool.size_bytes)}, {fmt.size(pool.free_bytes)} free"
             )
             usage.append_text(moving)
         else:
             usage.append("·" * 40, style="dim")
-            usage.append(f"   disconnected ({fmt.size(pool.size)} when connected)", style="dim")
+            usage.append(f"   not mounted ({fmt.size(pool.size_bytes)} when mounted)", style="dim")
         self.query_one(".card-usage", Static).update(usage)
         details = Text()
         details.append("speed ", style="dim")
@@ -107,10 +111,10 @@ class PoolCard(Vertical, can_focus=True):
         details.append(show_path(pool.mount))
         self.query_one(".card-details", Static).update(details)
         busy = job is not None
-        self.query_one(".do-connect", Button).disabled = busy or pool.connected
-        self.query_one(".do-disconnect", Button).disabled = busy or not pool.connected
+        self.query_one(".do-connect", Button).disabled = busy or pool.mounted
+        self.query_one(".do-disconnect", Button).disabled = busy or not pool.mounted
         self.query_one(".do-resize", Button).disabled = busy
-        self.query_one(".do-remove", Button).disabled = busy or pool.connected
+        self.query_one(".do-remove", Button).disabled = busy or pool.mounted
 
 
 class TiersPane(VerticalScroll):
@@ -163,7 +167,7 @@ class TiersPane(VerticalScroll):
             )
             card.draw(pool, job, pool_jobs(state, pool))
 
-    def selected(self) -> PoolInfo | None:
+    def selected(self) -> Pool | None:
         """The focused card's pool (or the only pool there is)."""
         focused = self.screen.focused
         if focused is not None:
@@ -175,10 +179,10 @@ class TiersPane(VerticalScroll):
 
     # --- what a person can do to a pool: asked here, then one request to the app --------
 
-    def connect_pool(self, pool: PoolInfo) -> None:
+    def connect_pool(self, pool: Pool) -> None:
         self.post_message(ConnectPool(pool.name))
 
-    def disconnect_pool(self, pool: PoolInfo) -> None:
+    def disconnect_pool(self, pool: Pool) -> None:
         name = pool.name
         hot = [m.name for m in self.state.models.values() if m.tier == name]
         self._confirm_then(
@@ -191,7 +195,7 @@ class TiersPane(VerticalScroll):
             lambda: self.post_message(DisconnectPool(name)),
         )
 
-    def resize_pool(self, pool: PoolInfo) -> None:
+    def resize_pool(self, pool: Pool) -> None:
         """The form refuses what is not a size, with the reason, before anything is asked
         or sent; a size it takes is confirmed, then sent."""
         name = pool.name
@@ -205,7 +209,7 @@ class TiersPane(VerticalScroll):
 
         self.app.push_screen(ResizePoolScreen(name), resize_to)
 
-    def remove_pool(self, pool: PoolInfo) -> None:
+    def remove_pool(self, pool: Pool) -> None:
         name = pool.name
         self._confirm_then(
             f"Remove pool {name} from the configuration?",
@@ -235,7 +239,7 @@ class TiersPane(VerticalScroll):
 
     # --- keys and buttons -------------------------------------------------------------
 
-    def _need_pool(self) -> PoolInfo | None:
+    def _need_pool(self) -> Pool | None:
         pool = self.selected()
         if pool is None:
             self.notify("Select a pool card first (Tab or click).", severity="warning")
@@ -263,7 +267,7 @@ class TiersPane(VerticalScroll):
     def action_add_remote(self) -> None:
         self.add_remote_pool()
 
-    def _card_of(self, event: Button.Pressed) -> PoolInfo:
+    def _card_of(self, event: Button.Pressed) -> Pool:
         """The pool of the card whose button was pressed; that card takes the focus."""
         event.stop()
         card = next(n for n in event.button.ancestors if isinstance(n, PoolCard))

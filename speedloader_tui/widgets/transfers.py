@@ -13,9 +13,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Static
 
+from speedloader_client.records import Job
+
 from .. import fmt
 from ..messages import CancelJob
-from ..state import DaemonState, JobInfo
+from ..state import DaemonState
 
 BAR_WIDTH = 24
 COLUMNS = (
@@ -30,7 +32,7 @@ COLUMNS = (
 )
 
 
-def job_cells(job: JobInfo, now: float) -> list[Any]:
+def job_cells(job: Job, now: float) -> list[Any]:
     what = job.operation
     if job.model:
         what += f" {job.model}"
@@ -41,10 +43,14 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
         fraction = 1.0
     progress = fmt.bar(fraction, BAR_WIDTH, "yellow" if job.running else "green")
     progress.append(f" {fraction * 100:3.0f}%")
-    done = f"{fmt.size(job.bytes_done)} / {fmt.size(job.bytes_total)}" if job.bytes_total else "—"
+    done = (
+        f"{fmt.size(job.bytes_done)}/{fmt.size(job.bytes_total)}"
+        if job.bytes_total
+        else fmt.UNKNOWN
+    )
     if job.running:
         rate = fmt.rate(job.rate)
-        eta = fmt.duration(job.expected_end / 1e6 - now) if job.expected_end else "—"
+        eta = fmt.eta(job.expected_end_time / 1e6 - now) if job.expected_end_time else fmt.UNKNOWN
     else:  # a finished job's last rate and ETA are history, not news
         rate, eta = "", ""
     if job.running and job.step:
@@ -52,7 +58,7 @@ def job_cells(job: JobInfo, now: float) -> list[Any]:
     else:
         message = Text(job.message, style="dim")
     return [
-        Text(f"#{job.number}", style="dim"),
+        Text(f"#{job.id}", style="dim"),
         Text(what),  # the daemon's names: literal, never markup
         progress,
         done,
@@ -86,7 +92,7 @@ class TransfersPane(Vertical):
     def redraw(self, state: DaemonState) -> None:
         self.state = state
         now = time.time()
-        jobs = sorted(state.jobs.values(), key=lambda j: (not j.running, -j.number))
+        jobs = sorted(state.jobs.values(), key=lambda j: (not j.running, -j.id))
         table = self.query_one("#jobs", DataTable)
         rows = {j.path: job_cells(j, now) for j in jobs}
         keys = [j.path for j in jobs]
@@ -130,7 +136,7 @@ class TransfersPane(Vertical):
             self.notify("Select a running transfer first.", severity="warning")
         elif not job.cancelable:
             self.notify(
-                f"Job #{job.number} ({job.operation}) cannot be cancelled now.",
+                f"Job #{job.id} ({job.operation}) cannot be cancelled now.",
                 severity="warning",
                 markup=False,
             )

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
+from speedloader_client.records import RECORDS
+
 from .. import __version__
 from ..config import PoolConfig, parse_config
 from ..errors import InvalidArgument
@@ -51,16 +53,24 @@ def _size_arg(text: str) -> int:
 
 
 class Snapshot(ServiceInterface):
-    """An interface whose properties come from a dict the server keeps current."""
+    """An interface whose properties come from a dict the server keeps current.
+
+    The properties, their signatures and their defaults are the table in
+    speedloader_client.records (the clients' records): every value starts at the default a
+    client assumes, and a value map naming a property the table does not have is a bug.
+    """
 
     def __init__(self, name: str, server: "Server"):
         super().__init__(name)
         self.server = server
-        self.values: dict[str, Any] = {}
+        self.values: dict[str, Any] = RECORDS[name].defaults()
 
     def update(self, values: dict[str, Any]) -> dict[str, Any]:
         """Store new values; return those that changed (for PropertiesChanged)."""
-        changed = {k: v for k, v in values.items() if self.values.get(k) != v}
+        unknown = values.keys() - self.values.keys()
+        if unknown:
+            raise KeyError(f"{self.name} has no properties {sorted(unknown)}")
+        changed = {k: v for k, v in values.items() if self.values[k] != v}
         self.values.update(changed)
         return changed
 
@@ -77,60 +87,60 @@ class ManagerInterface(Snapshot):
 
     @dbus_property(access=READ)
     def Version(self) -> "s":
-        return __version__
+        return self.values["Version"]
 
     @dbus_property(access=READ)
     def ConfigValid(self) -> "b":
-        return self.values.get("ConfigValid", False)
+        return self.values["ConfigValid"]
 
     @dbus_property(access=READ)
     def ConfigPath(self) -> "s":
-        return str(self.server.config_path or "")
+        return self.values["ConfigPath"]
 
     @dbus_property(access=READ)
     def ConfigError(self) -> "s":
-        return self.values.get("ConfigError", "")
+        return self.values["ConfigError"]
 
     @dbus_property(access=READ)
     def Backend(self) -> "s":
-        return self.values.get("Backend", "")
+        return self.values["Backend"]
 
     @dbus_property(access=READ)
     def BackendApiUrl(self) -> "s":
-        return self.values.get("BackendApiUrl", "")
+        return self.values["BackendApiUrl"]
 
     @dbus_property(access=READ)
     def ModelsDir(self) -> "s":
-        return self.values.get("ModelsDir", "")
+        return self.values["ModelsDir"]
 
     @dbus_property(access=READ)
     def ColdStorage(self) -> "s":
-        return self.values.get("ColdStorage", "")
+        return self.values["ColdStorage"]
 
     @dbus_property(access=READ)
     def ColdStorageState(self) -> "s":
         """Either available, or unavailable (missing, empty, another filesystem): then the
         catalog, the links and the RAM copies are kept as they were, and retried."""
-        return self.values.get("ColdStorageState", "unavailable")
+        return self.values["ColdStorageState"]
 
     @dbus_property(access=READ)
     def ColdStorageProblem(self) -> "s":
         """Why cold storage is unavailable, in one sentence; "" when it is available."""
-        return self.values.get("ColdStorageProblem", "")
+        return self.values["ColdStorageProblem"]
 
     @dbus_property(access=READ)
     def ScanProblems(self) -> "as":
         """What the last scan found wrong that belongs to no model (at most a few hundred)."""
-        return self.values.get("ScanProblems", [])
+        return self.values["ScanProblems"]
 
     @dbus_property(access=READ)
     def Strategy(self) -> "s":
-        return self.values.get("Strategy", "")
+        return self.values["Strategy"]
 
     @dbus_property(access=READ)
     def ModelCount(self) -> "u":
         """How many Model objects there are; ListModels reads them in pages."""
-        return self.values.get("ModelCount", 0)
+        return self.values["ModelCount"]
 
     # --- methods ---
 
@@ -294,43 +304,44 @@ class PoolInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(POOL_IFACE, server)
         self.pool_name = name
+        self.values["Name"] = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.pool_name
+        return self.values["Name"]
 
     @dbus_property(access=READ)
     def Kind(self) -> "s":
-        return self.values.get("Kind", "")
+        return self.values["Kind"]
 
     @dbus_property(access=READ)
     def State(self) -> "s":
-        return self.values.get("State", "")
+        return self.values["State"]
 
     @dbus_property(access=READ)
     def Path(self) -> "s":
-        return self.values.get("Path", "")
+        return self.values["Path"]
 
     @dbus_property(access=READ)
     def SizeBytes(self) -> "t":
-        return self.values.get("SizeBytes", 0)
+        return self.values["SizeBytes"]
 
     @dbus_property(access=READ)
     def UsedBytes(self) -> "t":
-        return self.values.get("UsedBytes", 0)
+        return self.values["UsedBytes"]
 
     @dbus_property(access=READ)
     def FreeBytes(self) -> "t":
-        return self.values.get("FreeBytes", 0)
+        return self.values["FreeBytes"]
 
     @dbus_property(access=READ)
     def Speed(self) -> "u":
-        return self.values.get("Speed", 0)
+        return self.values["Speed"]
 
     @dbus_property(access=READ)
     def Problem(self) -> "s":
         """Why the pool is degraded (e.g. the fabric was lost); empty when it is not."""
-        return self.values.get("Problem", "")
+        return self.values["Problem"]
 
     # Connecting a configured remote tier is operating a configured pool: the host, the
     # address and the size it uses were all set by an admin.
@@ -373,34 +384,35 @@ class ModelInterface(Snapshot):
     def __init__(self, server: "Server", name: str):
         super().__init__(MODEL_IFACE, server)
         self.model_name = name
+        self.values["Name"] = name
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.model_name
+        return self.values["Name"]
 
     @dbus_property(access=READ)
     def Format(self) -> "s":
-        return self.values.get("Format", "")
+        return self.values["Format"]
 
     @dbus_property(access=READ)
     def SizeBytes(self) -> "t":
-        return self.values.get("SizeBytes", 0)
+        return self.values["SizeBytes"]
 
     @dbus_property(access=READ)
     def Tier(self) -> "s":
-        return self.values.get("Tier", "cold")
+        return self.values["Tier"]
 
     @dbus_property(access=READ)
     def PinnedPool(self) -> "s":
-        return self.values.get("PinnedPool", "")
+        return self.values["PinnedPool"]
 
     @dbus_property(access=READ)
     def State(self) -> "s":
-        return self.values.get("State", "cold")
+        return self.values["State"]
 
     @dbus_property(access=READ)
     def Problems(self) -> "as":
-        return self.values.get("Problems", [])
+        return self.values["Problems"]
 
 
 _CANCEL_ACTION = {
@@ -416,65 +428,71 @@ class JobInterface(Snapshot):
 
     @dbus_property(access=READ)
     def Operation(self) -> "s":
-        return self.job.operation
+        return self.values["Operation"]
 
     @dbus_property(access=READ)
     def Objects(self) -> "ao":
-        return self.values.get("Objects", [])
+        return self.values["Objects"]
 
     @dbus_property(access=READ)
     def Model(self) -> "s":
-        return self.job.model or ""
+        return self.values["Model"]
 
     @dbus_property(access=READ)
     def Pool(self) -> "s":
-        return self.values.get("Pool", "")
+        return self.values["Pool"]
 
     @dbus_property(access=READ)
     def BytesTotal(self) -> "t":
-        return self.values.get("BytesTotal", 0)
+        return self.values["BytesTotal"]
 
     @dbus_property(access=READ)
     def BytesDone(self) -> "t":
-        return self.values.get("BytesDone", 0)
+        return self.values["BytesDone"]
 
     @dbus_property(access=READ)
     def Rate(self) -> "d":
-        return self.values.get("Rate", 0.0)
+        return self.values["Rate"]
 
     @dbus_property(access=READ)
     def Step(self) -> "s":
         """The named step running now, for jobs made of steps (pool connect); else ""."""
-        return self.values.get("Step", "")
+        return self.values["Step"]
 
     @dbus_property(access=READ)
     def Progress(self) -> "d":
-        return self.values.get("Progress", 0.0)
+        return self.values["Progress"]
 
     @dbus_property(access=READ)
     def ExpectedEndTime(self) -> "t":
-        return self.values.get("ExpectedEndTime", 0)
+        return self.values["ExpectedEndTime"]
 
     @dbus_property(access=READ)
     def StartTime(self) -> "t":
-        return int(self.job.started * 1_000_000)
+        return self.values["StartTime"]
 
     @dbus_property(access=READ)
     def StartedByUID(self) -> "u":
         """The uid that asked for the job (UDisks2's name); 0 for root and the daemon."""
-        return self.job.started_by_uid
+        return self.values["StartedByUID"]
 
     @dbus_property(access=READ)
     def Cancelable(self) -> "b":
-        return self.values.get("Cancelable", False)
+        return self.values["Cancelable"]
 
     @dbus_property(access=READ)
     def State(self) -> "s":
-        return self.values.get("State", "running")
+        return self.values["State"]
 
     @dbus_property(access=READ)
     def Message(self) -> "s":
-        return self.values.get("Message", "")
+        return self.values["Message"]
+
+    @dbus_property(access=READ)
+    def ErrorName(self) -> "s":
+        """The short name of the error a failed job ended with (NoSpace, Cancelled...), as
+        a failed call would have said it; "" while it runs and after it succeeded."""
+        return self.values["ErrorName"]
 
     @method()
     async def Cancel(self):
@@ -520,6 +538,11 @@ def job_values(job: "Job") -> dict[str, Any]:
         progress = 1.0 if job.finished else 0.0
     end = job.expected_end
     return {
+        "Operation": job.operation,
+        "Model": job.model or "",
+        "StartTime": int(job.started * 1_000_000),
+        "StartedByUID": job.started_by_uid,
+        "ErrorName": job.error_name,
         "Objects": objects,
         "Pool": job.pool or "",
         "BytesTotal": job.bytes_total,

@@ -30,6 +30,7 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
+from .. import __version__
 from ..config import Config, dump_config, save_config
 from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
 from ..errors import Busy, Failed, InvalidArgument, SpeedloaderError
@@ -280,6 +281,7 @@ def _properties(path: str, interface: ServiceInterface) -> dict[str, Variant]:
 
 def model_values(st: ModelStatus) -> dict[str, Any]:
     return {
+        "Name": st.name,
         "Format": st.format,
         "SizeBytes": st.size,
         "Tier": st.tier,
@@ -300,6 +302,7 @@ def bounded_problems(problems: Iterable[str]) -> list[str]:
 
 def pool_values(st: PoolStatus) -> dict[str, Any]:
     return {
+        "Name": st.name,
         "Kind": st.kind,
         "State": st.state,
         "Path": st.path,
@@ -655,8 +658,13 @@ class Server:
         return [[job_path(n), _properties(job_path(n), i)] for n, i in sorted(self.jobs.items())]
 
     def _manager_values(self) -> dict[str, Any]:
+        always = {
+            "Version": __version__,
+            "ConfigPath": str(self.config_path or ""),
+            "ModelCount": len(self.models),
+        }
         if self.engine is None:
-            return {
+            return always | {
                 "ConfigValid": False,
                 "ConfigError": self.config_error,
                 "ColdStorageProblem": "speedloaderd has no valid configuration",
@@ -667,7 +675,7 @@ class Server:
             more = len(problems) - SCAN_PROBLEMS_MAX
             tail = f"... and {more} more (slctl health lists them all)"
             problems = [*problems[:SCAN_PROBLEMS_MAX], tail]
-        return {
+        return always | {
             "ColdStorageState": "unavailable" if self.engine.cold_problem else "available",
             "ColdStorageProblem": self.engine.cold_problem,
             "ScanProblems": problems,

@@ -26,7 +26,7 @@ import pytest
 from dbus_fast import Message, Variant
 
 from bench.scan import make_gguf_tree
-from speedloader_cli.client import OBJECT_MANAGER, ROOT, Client, ClientError
+from speedloader_client.client import OBJECT_MANAGER, ROOT, Client, ClientError
 from speedloader_tui.link import DaemonLink
 from speedloader_tui.state import DaemonState
 from speedloaderd.bus.names import model_path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloader_cli.client import MANAGER, POOL, ROOT
+from speedloader_client.client import MANAGER, POOL, ROOT
 from speedloaderd import health
 from speedloaderd.errors import Failed
 from speedloaderd.modelsdir import MARKER

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, ROOT, Client, ClientError
+from speedloader_client.client import JOB, MANAGER, MODEL, ROOT, Client, ClientError
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import parse_config, save_config
 from speedloaderd.engine import COPY_WORKERS

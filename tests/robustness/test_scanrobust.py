@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloader_cli.client import MANAGER, MODEL, ROOT, Client, ClientError
+from speedloader_client.client import MANAGER, MODEL, ROOT, Client, ClientError
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import save_config
 

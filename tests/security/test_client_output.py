@@ -20,7 +20,7 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from textual.widgets._toast import Toast
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, PROPERTIES, ROOT, printable, unwrap
+from speedloader_client.client import JOB, MANAGER, MODEL, PROPERTIES, ROOT, printable, unwrap
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.widgets.models import ModelTable
 from speedloader_tui.widgets.settings import SettingsPane, merged_config

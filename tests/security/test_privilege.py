@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, ROOT
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT
 from speedloaderd.config import dump_config
 
 from ..buslab import ADMIN, MiB, run
@@ -411,9 +411,9 @@ def test_with_no_running_config_any_config_is_an_admins():
 
 def test_clients_say_who_can_make_an_admin_change():
     """An admin refusal must not advise joining the group (that would not help)."""
-    from speedloader_cli.client import ClientError
     from speedloader_cli.errors import Exit
     from speedloader_cli.errors import explain as cli_explain
+    from speedloader_client.client import ClientError
     from speedloader_tui.errors import explain as tui_explain
 
     refusal = ClientError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from speedloader_cli.client import POOL, ClientError
+from speedloader_client.client import POOL, ClientError
 from speedloaderd.bus.names import pool_path
 
 from ..buslab import run

@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from speedloader_cli.client import JOB, MANAGER, MODEL, POOL, Client, ClientError, unwrap
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, Client, ClientError, unwrap
 from speedloaderd.bus.names import ROOT, pool_path
 from speedloaderd.config import Config, load_config
 from speedloaderd.sandbox import Sandbox

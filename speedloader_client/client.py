@@ -28,6 +28,8 @@ from dbus_fast.aio import MessageBus
 from speedloaderd.bus import names
 from speedloaderd.bus.names import BUS_NAME, ERROR_PREFIX, NO_OBJECT, ROOT, escape
 
+from .records import Job
+
 # The bus contract is defined once, in speedloaderd.bus.names; short names for clients.
 MANAGER = names.MANAGER_IFACE
 POOL = names.POOL_IFACE
@@ -320,7 +322,7 @@ class Client:
         """Every model matching ``filters`` (see ListModels), page by page."""
         after = ""
         while True:
-            _, page, after = await self.list_models(after, **filters)
+            _, page, after = await self.list_models(after, 0, **filters)
             for item in page:
                 yield item
             if not after:
@@ -425,8 +427,9 @@ class Client:
                     )
                 return
             props.update(value)
-            if not done.done() and value.get("State") not in (None, "running"):
-                done.set_result((value["State"] == "succeeded", value.get("Message", "")))
+            job = Job.from_props(path, value)
+            if not done.done() and "State" in value and not job.running:
+                done.set_result((job.state == "succeeded", job.message))
             elif on_update is not None:
                 on_update(dict(props))
 

@@ -1,0 +1,28 @@
+"""How numbers and states read, the same in slctl and the dashboard: sizes as ``24.0M``,
+rates as ``24.0M/s``, times left as ``m:ss``, ``-`` for what is not known yet, and a
+pool's state by the daemon's own word (``mounted``, as in the README)."""
+
+from __future__ import annotations
+
+from speedloaderd.sizes import format_size
+
+UNKNOWN = "-"
+
+
+def size(n: int | float) -> str:
+    """Bytes, short: ``24.0M``, ``2G`` (exact multiples without a fraction), ``512B``."""
+    return format_size(int(n))
+
+
+def rate(bytes_per_s: float) -> str:
+    return f"{size(bytes_per_s)}/s" if bytes_per_s > 0 else UNKNOWN
+
+
+def eta(seconds: float | None) -> str:
+    """Time left: ``m:ss``, or ``h:mm:ss`` from an hour on."""
+    if seconds is None or seconds < 0:
+        return UNKNOWN
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
