@@ -19,10 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from modelgen import (  # noqa: E402
+from speedloader_lab.modelgen import (
     MiB,
     make_gguf,
     make_hf_hub_repo,
@@ -30,10 +27,9 @@ from modelgen import (  # noqa: E402
     make_safetensors_dir,
     make_split_gguf,
 )
-
-from speedloaderd.config import parse_config, save_config  # noqa: E402
-from speedloaderd.pools import mounts_below  # noqa: E402
-from speedloaderd.sandbox import Sandbox  # noqa: E402
+from speedloader_lab.sandbox import REPO, Sandbox
+from speedloaderd.config import parse_config, save_config
+from speedloaderd.pools import mounts_below
 
 DEMO_RULE = """// Demo only: the user serving the dashboard may do what a group member may.
 polkit.addRule(function(action, subject) {{

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from speedloader_lab.sandbox import REPO
 from speedloaderd.pools import mounts_below
-from speedloaderd.sandbox import REPO
 
 
 @pytest.mark.parametrize("backend", ["ollama", "llamacpp", "huggingface"])

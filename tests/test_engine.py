@@ -16,6 +16,13 @@ import gguf
 import pytest
 from safetensors import safe_open
 
+from speedloader_lab.modelgen import (
+    make_gguf,
+    make_hf_hub_repo,
+    make_ollama_model,
+    make_safetensors_dir,
+    make_split_gguf,
+)
 from speedloaderd.errors import (
     Busy,
     Cancelled,
@@ -31,13 +38,6 @@ from speedloaderd.journal import Entry
 from speedloaderd.modelsdir import MARKER
 
 from .lab import MiB, run
-from .modelgen import (
-    make_gguf,
-    make_hf_hub_repo,
-    make_ollama_model,
-    make_safetensors_dir,
-    make_split_gguf,
-)
 
 
 def sha(path: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.copy import page_cache_resident
+from bench.copyspeed import page_cache_resident
 from speedloaderd.errors import Cancelled, Failed, InvalidArgument, NoSpace, VerificationFailed
 from speedloaderd.transfer import (
     PARTIAL_MARKER,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from speedloader_lab.modelgen import make_gguf
 from speedloaderd.config import RemoteHostConfig
 from speedloaderd.errors import NoSpace
 from speedloaderd.remote.auth import FabricAuth, local_host_id, new_key
@@ -45,7 +46,6 @@ from speedloaderd.remote.runners import HostKeyError, SshRunner
 from speedloaderd.remote.sysfs import controllers_of
 from speedloaderd.remote.values import SshTarget, fabric_address
 
-from .modelgen import make_gguf
 from .vm.guests import FABRIC, CannotBoot, DaemonAgent, Pair, booted_pair, share_host
 
 pytestmark = pytest.mark.vm
