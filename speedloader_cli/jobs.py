@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import click
+from dbus_fast import Message
 
 from .client import Client, ClientError
 from .common import (
@@ -75,11 +76,12 @@ def jobs_watch(until_idle: bool) -> None:
     async def body(client: Client) -> None:
         await client.subscribe()
         started: asyncio.Queue[str] = asyncio.Queue()
-        client.add_listener(
-            lambda m: (
-                m.member == "InterfacesAdded" and JOB in m.body[1] and started.put_nowait(m.body[0])
-            )
-        )
+
+        def on_message(m: Message) -> None:
+            if m.member == "InterfacesAdded" and JOB in m.body[1]:
+                started.put_nowait(m.body[0])
+
+        client.add_listener(on_message)
         snap = await snapshot(client)
         following: dict[str, asyncio.Task] = {}
 

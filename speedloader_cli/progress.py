@@ -103,8 +103,8 @@ async def follow_all(client: Client, jobs: list[Followed]) -> list[Followed]:
             done, _ = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
             pending -= done
             for t in done & set(tasks):
-                if t.exception() is not None:
-                    err = t.exception()
+                err = t.exception()
+                if err is not None:
                     raise explain(err) if isinstance(err, ClientError) else err
             if waiter in done and pending:
                 await _interrupt(

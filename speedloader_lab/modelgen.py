@@ -299,7 +299,7 @@ _CONFIG = {
     "num_hidden_layers": 2,
     "torch_dtype": "uint8",
 }
-_TOKENIZER = {
+_TOKENIZER: dict[str, object] = {
     "version": "1.0",
     "truncation": None,
     "padding": None,

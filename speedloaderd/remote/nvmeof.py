@@ -31,6 +31,7 @@ from .plan import (
     ControllerAttr,
     DetachLoop,
     Disconnect,
+    Host,
     Plan,
     Ref,
     RemoveIfUnused,
@@ -166,7 +167,7 @@ def _test(*args: str) -> Command:
     return cmd("test", *args)
 
 
-def _steps_on(host: str) -> Callable[..., Step]:
+def _steps_on(host: Host) -> Callable[..., Step]:
     """A Step maker for one host: name, action, then optionally its undo, the check that
     says whether the undo is needed, and the name to capture the output under."""
 
