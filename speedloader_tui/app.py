@@ -37,7 +37,6 @@ from .widgets.transfers import TransfersPane
 
 FAST = 0.1  # transfers: ~10 Hz at most
 SLOW = 0.5  # tables, cards, banners: 2 Hz at most
-TABS = ("models", "tiers", "transfers", "settings", "health")
 
 
 class SpeedloaderApp(App[None]):

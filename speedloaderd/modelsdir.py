@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog.types import FileRole, Model, ModelFile, ScanResult
+from .catalog.types import FileRole, ModelFile, ScanResult
 from .errors import Failed
 from .paths import check_rel, is_within
 from .roots import Entry, Root, ensure_trusted_dir
@@ -286,7 +286,3 @@ class ModelsDir:
                 self.tree.unlink(e.rel)
                 removed.append(e.rel)
         return removed
-
-
-def model_tiers(models_dir: ModelsDir, model: Model) -> dict[str, Where]:
-    return {f.rel: models_dir.where(f.rel) for f in model.data_files}

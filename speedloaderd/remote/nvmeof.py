@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
 from ..errors import InvalidArgument
+from ..paths import check_pool_name
 from .auth import DHCHAP_DHGROUP, DHCHAP_HASH, FabricAuth
 from .plan import (
     Action,
@@ -46,7 +47,6 @@ from .values import (
     SshTarget,
     Transport,
     check_nqn,
-    check_pool_name,
     check_ram_size,
     fabric_address,
     parse_ssh_target,
