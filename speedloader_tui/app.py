@@ -22,7 +22,7 @@ from textual.notifications import SeverityLevel
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
-from speedloader_cli.client import MANAGER, ROOT, Client, ClientError
+from speedloader_cli.client import Client, ClientError
 
 from .errors import explain
 from .link import DaemonLink
@@ -480,22 +480,13 @@ class SpeedloaderApp(App[None]):
     def save_config(self, config: dict[str, Any]) -> None:
         def saved(_: Any) -> None:
             self.notify("Configuration saved and adopted by the daemon.", title="Saved", timeout=4)
-            self.load_config()
-            # speedloaderd does not (yet) signal its Manager properties when the config
-            # changes; after our own change, read them once.
-            self.call_daemon(
-                "read the daemon's settings", lambda c: c.get_all(ROOT, MANAGER), self._manager_read
-            )
+            self.load_config()  # the Manager's properties follow by PropertiesChanged
 
         self.call_daemon(
             "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved
         )
 
     # --- dialogs -------------------------------------------------------------------------
-
-    def _manager_read(self, props: dict[str, Any]) -> None:
-        self.state.changed(ROOT, MANAGER, props)
-        self._on_change()
 
     def confirm_then(self, question: str, action: Callable[[], None]) -> None:
         self.push_screen(ConfirmScreen(question), lambda yes: action() if yes else None)

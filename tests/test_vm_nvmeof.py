@@ -151,7 +151,7 @@ def leftovers(runners) -> list[str]:
 
 @pytest.fixture
 def rxe(runners) -> Iterator[None]:
-    """Soft-RoCE on the fabric NIC of both guests (crc32_generic: see vmlab NOTES)."""
+    """Soft-RoCE on the fabric NIC of both guests (crc32_generic: see MODULES in vmlab/build)."""
     for r in runners.values():
         res = r.run(["modprobe", "-a", "crc32_generic", "rdma_rxe"])
         assert res.returncode == 0, res.stderr
