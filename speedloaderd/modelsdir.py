@@ -10,6 +10,7 @@ after they are complete and verified).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import stat
 import threading
@@ -21,6 +22,8 @@ from .catalog.types import FileRole, ModelFile, ScanResult
 from .errors import Failed
 from .paths import check_rel, is_within
 from .roots import Entry, Root, ensure_trusted_dir
+
+log = logging.getLogger(__name__)
 
 MARKER = ".speedloader-models-dir"
 LINK_TMP_MARKER = ".sl-link-"
@@ -47,12 +50,21 @@ class Where:
     exists: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """An entry a sync left as it is: a file it did not make is in the way, or a descriptor
+    could not be copied. Logged, and a Health finding until a sync no longer meets it."""
+
+    rel: str
+    problem: str  # a sentence that says what is wrong and what to do
+
+
 @dataclass(slots=True)
 class SyncReport:
     created: int = 0
     repointed_to_cold: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
 
 
 class ModelsDir:
@@ -66,6 +78,7 @@ class ModelsDir:
         # link (40,000 fsyncs took 15 s for 10,000 models). Per thread, so a promote's swap
         # running meanwhile stays durable on its own.
         self._batch = threading.local()
+        self.conflicts: list[Conflict] = []  # those of the last sync, for Health
 
     def _durable(self) -> bool:
         return not getattr(self._batch, "on", False)
@@ -190,10 +203,16 @@ class ModelsDir:
         self.ensure()
         self._batch.on = True
         try:
-            return self._sync(scan, mounted_pools)
+            report = self._sync(scan, mounted_pools)
         finally:
             self._batch.on = False
             self.tree.syncfs()
+        known = set(self.conflicts)
+        for c in report.conflicts:
+            if c not in known:  # once, not at every rescan while it lasts
+                log.warning("models dir: %s: %s", self.root / c.rel, c.problem)
+        self.conflicts = report.conflicts
+        return report
 
     def _sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         report = SyncReport()
@@ -211,7 +230,8 @@ class ModelsDir:
                         self._write_meta(f)
                     except (OSError, Failed) as err:
                         why = err.strerror if isinstance(err, OSError) else str(err)
-                        report.conflicts.append(f"{f.rel}: cannot copy descriptor: {why}")
+                        problem = f"cannot copy the descriptor from cold storage ({why})"
+                        report.conflicts.append(Conflict(f.rel, problem))
                 elif f.role is FileRole.LINK:
                     if self._ensure_link(f.rel, f.link_target or ""):
                         report.created += 1
@@ -227,7 +247,11 @@ class ModelsDir:
             report.created += 1
             return
         if not stat.S_ISLNK(st.st_mode):
-            report.conflicts.append(f"{rel}: a regular file is in the way; left as it is")
+            problem = (
+                "a file speedloader did not make is in the way of the model's link; it is left "
+                "as it is: move it away, then rescan"
+            )
+            report.conflicts.append(Conflict(rel, problem))
             return
         w = self.where(rel)
         if w.tier == COLD and w.exists:

@@ -626,6 +626,45 @@ def test_health_finds_and_repairs_damage(lab):
     run(scenario())
 
 
+def test_a_file_in_a_links_place_is_logged_and_reported_never_repaired_over(lab, caplog):
+    """A sync leaves a file it did not make where a link belongs (SyncReport.conflicts): the
+    daemon's log names its path once, Health reports it as a warning, and no repair replaces
+    the file with a link. Once it is moved away, a rescan makes the link and the warning goes."""
+    m = make_ollama_model(lab.cold, "m:1", [4096])
+    lab.seal()
+    rel = m.layers[0].rel
+
+    async def scenario():
+        engine = await lab.engine()
+        os.unlink(lab.models / rel)
+        (lab.models / rel).write_bytes(b"someone else's file")
+        with caplog.at_level("WARNING", logger="speedloaderd.modelsdir"):
+            await engine.rescan()
+            await engine.rescan()  # still there: not logged again
+        logged = [r.getMessage() for r in caplog.records if r.name == "speedloaderd.modelsdir"]
+        assert len(logged) == 1 and str(lab.models / rel) in logged[0], logged
+        assert "move it away, then rescan" in logged[0]
+
+        for repair in (False, True):
+            report = await engine.health(repair=repair)
+            (finding,) = [f for f in report.findings if f.subject == rel]
+            assert (finding.check, finding.status, finding.repaired) == (
+                "models-dir",
+                "warning",
+                False,
+            )
+            assert str(lab.models / rel) in finding.message
+            assert (lab.models / rel).read_bytes() == b"someone else's file"
+
+        os.unlink(lab.models / rel)
+        await engine.rescan()
+        assert_links(lab, [rel], "cold")
+        report = await engine.health()
+        assert report.ok and not [f for f in report.findings if f.subject == rel], report
+
+    run(scenario())
+
+
 def test_a_running_copy_is_not_counted_twice_against_the_pool(lab):
     """A copy preallocates its file, so statvfs already counts it: placement must not also
     subtract it as 'in flight' (that refused a 900 MiB model with 2 GiB of room)."""

@@ -586,8 +586,9 @@ def _pmd_mapped_kb(path: Path) -> int:
 
 def test_copy_into_huge_pool_lands_in_huge_pages(disk, make_pool):
     # Why this matters: mmap loads from a plain-page tmpfs ran ~10x slower (1.7 against
-    # 18.7 GB/s for 4 GiB, see _TMPFS_OPTIONS in speedloaderd/pools.py). sendfile into a file that grows as it is written gets no huge pages on
-    # within_size; the preallocation is what makes the copy land in them.
+    # 18.7 GB/s for 4 GiB, see _TMPFS_OPTIONS in speedloaderd/pools.py). sendfile into a
+    # file that grows as it is written gets no huge pages on within_size; the
+    # preallocation is what makes the copy land in them.
     if Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text().find("[deny]") >= 0:
         pytest.skip("LOUD SKIP: shmem huge pages are denied on this kernel (shmem_enabled=deny)")
     make_file(disk / "m.bin", 16 * MiB)
