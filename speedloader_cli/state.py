@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .client import JOB, MANAGER, MODEL, POOL, ROOT, Client
+from .client import JOB, MANAGER, MODEL, POOL, ROOT, Client, fastest_first
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Snapshot:
                 jobs.append(job_view(path, ifaces[JOB]))
         return cls(
             manager,
-            sorted(pools, key=lambda p: (-p.speed, p.name)),
+            fastest_first(pools),
             sorted(models, key=lambda m: m.name),
             sorted(jobs, key=lambda j: j.id),
         )

@@ -22,7 +22,7 @@ from textual.notifications import SeverityLevel
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
-from speedloader_cli.client import Client, ClientError
+from speedloader_cli.client import Client, ClientError, fastest_first
 
 from .errors import explain
 from .link import DaemonLink
@@ -492,7 +492,7 @@ class SpeedloaderApp(App[None]):
         self.push_screen(ConfirmScreen(question), lambda yes: action() if yes else None)
 
     def pick_pool_then(self, question: str, action: Callable[[str], None]) -> None:
-        pools = sorted(self.state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(self.state.pools.values())
         if not pools:
             self.notify("There is no pool to choose.", severity="warning")
             return

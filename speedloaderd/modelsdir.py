@@ -284,7 +284,7 @@ class ModelsDir:
             elif rel in previous_meta or META_TMP_MARKER in name:
                 self.tree.unlink(rel)
                 report.removed.append(rel)
-        self._prune_empty_dirs()
+        self.tree.prune_empty()
         if meta_rels != previous_meta:
             self.tree.write_file(
                 MANAGED_META,
@@ -296,10 +296,6 @@ class ModelsDir:
     def walk(self) -> list[Entry]:
         """Every non-directory entry below the root, links not followed, but our own two."""
         return [e for e in self.tree.walk() if e.rel not in (MARKER, MANAGED_META)]
-
-    def _prune_empty_dirs(self) -> None:
-        for d in self.tree.directories():
-            self.tree.rmdir(d)
 
     def remove_temp_links(self) -> list[str]:
         """Crash leftovers: symlinks/descriptors half-written under a temporary name."""

@@ -12,6 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
+from speedloader_cli.client import fastest_first
+
 from .. import fmt
 from ..state import DaemonState, ModelInfo, PoolInfo
 
@@ -161,7 +163,7 @@ class ModelsPane(Vertical):
     # --- drawing -------------------------------------------------------------------------
 
     def redraw(self, state: DaemonState) -> None:
-        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(state.pools.values())
         if pools:
             self._set(
                 "#pool-strip", Text("\n").join(pool_line(p, 24, self.app.show_path) for p in pools)

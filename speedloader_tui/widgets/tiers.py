@@ -12,6 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Static
 
+from speedloader_cli.client import fastest_first
+
 from .. import fmt
 from ..state import DaemonState, JobInfo, PoolInfo
 
@@ -128,7 +130,7 @@ class TiersPane(VerticalScroll):
 
     def redraw(self, state: DaemonState) -> None:
         box = self.query_one("#pool-cards", Vertical)
-        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(state.pools.values())
         cards = {c.pool.path: c for c in box.query(PoolCard)}
         if [p.path for p in pools] != list(cards):
             box.remove_children()
