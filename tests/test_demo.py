@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +70,17 @@ def test_demo_keep_in_a_terminal_outlives_the_dashboard(tmp_path):
     assert not os.path.exists(env_file), "the demo left its files"
     after = {m.mount_point for m in mounts_below("/tmp")}
     assert not {m for m in after - before if "sl-demo-" in m}, "the demo left a mount"
+
+
+def test_demo_help_says_it_all():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "Everything is removed at exit (with --keep, once you stop it)." in text, r.stdout
+    assert "--web" in text and "--keep" in text and "--scripted" in text
