@@ -248,8 +248,8 @@ class ModelsDir:
             return
         if not stat.S_ISLNK(st.st_mode):
             problem = (
-                "a file speedloader did not make is in the way of the model's link; it is left "
-                "as it is: move it away, then rescan"
+                "something speedloader did not make (not a link) is where the model's link "
+                "belongs; it is left as it is: move it away, then rescan"
             )
             report.conflicts.append(Conflict(rel, problem))
             return
