@@ -3,7 +3,7 @@ GetManagedObjects over a large catalog.
 
     python3 -m bench.bus [--clients 50] [--seconds 60] [--models 10000] [--big 100000]
 
-Runs a private system bus, a real polkitd and speedloaderd (speedloaderd/sandbox.py), as
+Runs a private system bus, a real polkitd and speedloaderd (speedloader_lab/sandbox.py), as
 root. Every figure is measured in this run; latencies include polkit's CheckAuthorization
 for the calls that change something. ``soak`` is also what tests/test_bus_soak.py runs and
 checks for lost, duplicated or unfinished jobs. ``big`` serves 100,000 GGUF models (a
@@ -26,12 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_REPO), str(_REPO / "tests")]
+from dbus_fast import Message
 
-from dbus_fast import Message  # noqa: E402
-
-from speedloader_client.client import (  # noqa: E402
+from speedloader_client.client import (
     JOB,
     MODEL,
     ROOT,
@@ -285,11 +282,11 @@ def bench_bus(
     clients: int, seconds: float, n_models: int, big_models: int = 100_000, log=print
 ) -> dict:
     from bench.scan import make_ollama_library
+    from speedloader_lab.modelgen import make_ollama_model
+    from speedloader_lab.sandbox import Sandbox
     from speedloaderd.config import save_config
-    from speedloaderd.sandbox import Sandbox
     from tests.buslab import write_zero_blob
     from tests.lab import Lab
-    from tests.modelgen import make_ollama_model
 
     results: dict[str, Any] = {}
     with Sandbox() as sb:

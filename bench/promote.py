@@ -29,7 +29,7 @@ from pathlib import Path
 from speedloaderd.config import parse_config
 from speedloaderd.engine import Engine
 
-from .copy import drop_caches, make_source, page_cache_resident
+from .copyspeed import drop_caches, make_source, page_cache_resident
 
 GIB = 1 << 30
 

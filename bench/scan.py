@@ -4,7 +4,7 @@ Content is tiny (the scan never reads blob or GGUF content; the count of files i
 costs), blobs are shared the way real Ollama libraries share them (templates, licenses and
 params reused across many models), and each scan is timed best of 3 with a warm cache.
 
-    python3 bench/scan.py [n]
+    python3 -m bench.scan [n]
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_REPO), str(_REPO / "tests")]
-
-from modelgen import OLLAMA_LAYER_TYPES, make_ollama_model, write_ollama_blob  # noqa: E402
-
-from speedloaderd.catalog import scan  # noqa: E402
+from speedloader_lab.modelgen import OLLAMA_LAYER_TYPES, make_ollama_model, write_ollama_blob
+from speedloaderd.catalog import scan
 
 TEMPLATES = 50
 LICENSES = 10

@@ -27,12 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_REPO)]
-
-from speedloader_client.client import JOB, Client  # noqa: E402
-from speedloaderd.config import save_config  # noqa: E402
-from speedloaderd.sandbox import Sandbox  # noqa: E402
+from speedloader_client.client import JOB, Client
+from speedloader_lab.sandbox import Sandbox
+from speedloaderd.config import save_config
 
 GiB = 1 << 30
 TICK = os.sysconf("SC_CLK_TCK")
@@ -44,9 +41,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def build_lab(root: Path, models: int, big: int, parallel: int) -> Path:
+    from speedloader_lab.modelgen import make_ollama_model
     from tests.buslab import write_zero_blob
     from tests.lab import Lab
-    from tests.modelgen import make_ollama_model
 
     lab = Lab(root)
     for i in range(models):

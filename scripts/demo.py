@@ -1,9 +1,11 @@
 """The whole product on one machine, touching nothing of the host's: a private system bus,
 a real polkitd with speedloader's policy, speedloaderd as root with a tmpfs pool, sample
 models of every format on a "cold storage" directory, then the dashboard (or, without a
-terminal or with --scripted, a scripted tour with slctl). Everything is removed at exit.
+terminal or with --scripted, a scripted tour with slctl). Everything is removed at exit
+(with --keep, once you stop it).
 
-Run it through scripts/demo, which installs what it needs first.
+Run it through scripts/demo, which installs what it needs first and puts the checkout on
+the module path.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from modelgen import (  # noqa: E402
+from speedloader_lab.modelgen import (
     MiB,
     make_gguf,
     make_hf_hub_repo,
@@ -30,10 +29,9 @@ from modelgen import (  # noqa: E402
     make_safetensors_dir,
     make_split_gguf,
 )
-
-from speedloaderd.config import parse_config, save_config  # noqa: E402
-from speedloaderd.pools import mounts_below  # noqa: E402
-from speedloaderd.sandbox import Sandbox  # noqa: E402
+from speedloader_lab.sandbox import REPO, Sandbox
+from speedloaderd.config import parse_config, save_config
+from speedloaderd.pools import mounts_below
 
 DEMO_RULE = """// Demo only: the user serving the dashboard may do what a group member may.
 polkit.addRule(function(action, subject) {{
@@ -46,6 +44,7 @@ polkit.addRule(function(action, subject) {{
 """
 
 BIN = Path(sys.executable).parent
+ENV_FILE = "env"  # in the demo's work dir: `. <it>` in another terminal reaches the daemon
 SAMPLES = {
     "ollama": ["llama3:8b", "qwen2:7b", "team/coder:7b"],
     "llamacpp": ["llama-3-8b-q4", "mixtral-8x7b-q4", "phi-3-mini"],
@@ -95,8 +94,44 @@ def scripted_tour(env: dict[str, str], backend: str) -> int:
     return 0
 
 
+def another_terminal(env_file: Path, models_dir: Path, backend: str) -> str:
+    return (
+        f"demo: in another terminal, reach this daemon with:\n"
+        f"  . {env_file}    # DBUS_SYSTEM_BUS_ADDRESS and PATH for slctl\n"
+        f"  slctl status\n"
+        f"  models dir (point {backend} here): {models_dir}"
+    )
+
+
+def run_dashboard(address: str, env_file: Path) -> int:
+    """The dashboard in this terminal, its subtitle saying how another terminal gets here
+    (the lines printed before it starts are hidden while it runs)."""
+    from speedloader_tui.app import SpeedloaderApp
+
+    app = SpeedloaderApp(address)
+    app.sub_title = f"demo · another terminal: . {env_file}"
+    app.run()
+    return app.return_code or 0
+
+
+def wait_until_stopped() -> None:
+    print(
+        f"\ndemo: still running (--keep); Ctrl-C here or `kill {os.getpid()}` stops it and "
+        "cleans up",
+        flush=True,
+    )
+    stop = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # through the finally blocks: unmounted, removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    description = " ".join(__doc__.split("\n\n")[0].split())
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=description)
     ap.add_argument(
         "--backend",
         choices=sorted(SAMPLES),
@@ -108,9 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run a scripted promote/demote tour with slctl instead of the dashboard",
     )
-    ap.add_argument("--web", action="store_true", help="serve the dashboard to a browser")
     ap.add_argument(
-        "--keep", action="store_true", help="after the tour, keep everything running until Ctrl-C"
+        "--web",
+        action="store_true",
+        help="serve the dashboard to a browser (as the user who ran sudo, else nobody) "
+        "instead of running it in this terminal",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the tour or once the dashboard quits, keep the daemon and the bus running "
+        "until Ctrl-C",
     )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -119,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) cleans up as Ctrl-C does.
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
     work = Path(tempfile.mkdtemp(prefix="sl-demo-", dir="/tmp"))
     work.chmod(0o755)
     try:
@@ -158,24 +204,20 @@ def main(argv: list[str] | None = None) -> int:
             print("demo: private system bus, polkitd and speedloaderd starting ...", flush=True)
             sb.start_daemon(config_path)
             env = sb.env
-            print(
-                f"demo: speedloaderd is up. In another terminal:\n"
-                f"  export DBUS_SYSTEM_BUS_ADDRESS={sb.address}\n"
-                f"  {BIN / 'slctl'} status\n"
-                f"  models dir (point {args.backend} here): {config.models_dir}",
-                flush=True,
+            env_file = work / ENV_FILE
+            env_file.write_text(
+                f"export DBUS_SYSTEM_BUS_ADDRESS={shlex.quote(sb.address)}\n"
+                f'export PATH={shlex.quote(str(BIN))}:"$PATH"\n'
             )
+            env_file.chmod(0o644)
+            here = another_terminal(env_file, config.models_dir, args.backend)
+            print(f"demo: speedloaderd is up.\n{here}", flush=True)
             tui = BIN / "speedloader-tui"
             interactive = sys.stdin.isatty() and sys.stdout.isatty()
             if args.scripted or not interactive or not tui.exists():
                 if not args.scripted and not tui.exists():
                     print("demo: the dashboard is not installed; running the scripted tour")
                 rc = scripted_tour(env, args.backend)
-                if args.keep and rc == 0:
-                    print("\ndemo: running; Ctrl-C stops and cleans up", flush=True)
-                    stop = {signal.SIGINT, signal.SIGTERM}
-                    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-                    signal.sigwait(stop)
             elif web_user is not None:
                 print(f"demo: serving the dashboard as {web_user.pw_name}", flush=True)
                 rc = subprocess.run(
@@ -191,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                     env={**env, "HOME": str(work)},
                 ).returncode
             else:
-                rc = subprocess.run([str(tui)], env=env).returncode
+                rc = run_dashboard(sb.address, env_file)
+            if args.keep and rc == 0:
+                print(f"\n{here}", flush=True)
+                wait_until_stopped()
             print("\ndemo: stopping and cleaning up ...", flush=True)
         return rc
     finally:

@@ -38,6 +38,7 @@ from typing import NoReturn
 
 import click
 
+from speedloaderd.roots import write_atomically
 from speedloaderd.sizes import format_size_exact, parse_size
 
 from .errors import CliError, Exit
@@ -231,8 +232,8 @@ class Tree:
             os.close(dfd)
 
     def write(self, rel: str, text: str, mode: int = 0o644) -> None:
-        """Atomically put ``text`` at ``rel``: temp file made with O_EXCL|O_NOFOLLOW, then
-        rename, both relative to the parent's fd."""
+        """Atomically put ``text`` at ``rel``: temp file made with O_EXCL|O_NOFOLLOW, fsync,
+        rename, fsync of the directory, all relative to the parent's fd."""
         parent, _, name = rel.rpartition("/")
         dfd = self.open_dir(parent, create=True)
         assert dfd is not None
@@ -240,24 +241,7 @@ class Tree:
             if self._kind(dfd, name) not in (None, stat.S_IFREG):
                 self._refuse(rel, dfd, name)
             tmp = f".{name}.slctl-{secrets.token_hex(6)}"
-            fd = os.open(
-                tmp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode,
-                dir_fd=dfd,
-            )
-            try:
-                with os.fdopen(fd, "w", closefd=False) as f:
-                    f.write(text)
-                os.fchmod(fd, mode)  # the umask does not decide a system file's mode
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
-                os.unlink(tmp, dir_fd=dfd)
-                raise
+            write_atomically(dfd, name, text.encode(), tmp, mode=mode, owner=None)
         finally:
             os.close(dfd)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client
+from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, fastest_first
 from speedloader_client.records import Job, Manager, Model, Pool
 
 
@@ -37,7 +37,7 @@ class Snapshot:
                 jobs.append(Job.from_props(path, ifaces[JOB]))
         return cls(
             manager,
-            sorted(pools, key=lambda p: (-p.speed, p.name)),
+            fastest_first(pools),
             sorted(models, key=lambda m: m.name),
             sorted(jobs, key=lambda j: j.id),
         )

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -90,6 +90,21 @@ def _escape(char: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
+
+
+class _Ranked(Protocol):
+    @property
+    def speed(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+
+
+_P = TypeVar("_P", bound=_Ranked)
+
+
+def fastest_first(pools: Iterable[_P]) -> list[_P]:
+    """Pools in the order every client lists them: fastest first, then by name."""
+    return sorted(pools, key=lambda p: (-p.speed, p.name))
 
 
 def printable(text: str) -> str:

@@ -55,7 +55,6 @@ from .widgets.transfers import TransfersPane
 
 FAST = 0.1  # transfers: ~10 Hz at most
 SLOW = 0.5  # tables, cards, banners: 2 Hz at most
-TABS = ("models", "tiers", "transfers", "settings", "health")
 
 
 class SpeedloaderApp(App[None]):
@@ -432,12 +431,7 @@ class SpeedloaderApp(App[None]):
 
         def saved(_: Any) -> None:
             self.notify("Configuration saved and adopted by the daemon.", title="Saved", timeout=4)
-            self.load_config()
-            # speedloaderd does not (yet) signal its Manager properties when the config
-            # changes; after our own change, read them once.
-            self.call_daemon(
-                "read the daemon's settings", lambda c: c.get_all(ROOT, MANAGER), self._manager_read
-            )
+            self.load_config()  # the Manager's properties follow by PropertiesChanged
 
         self.call_daemon(
             "save settings", lambda c: c.manager("SetConfig", "s", json.dumps(config)), saved

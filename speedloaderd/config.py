@@ -12,10 +12,8 @@ ignored and kept when the file is saved. Saving writes back only what the file s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +34,7 @@ from speedloader_client.records import DEFAULT_SPEED
 from .errors import ConfigError
 from .paths import check_model_name, check_pool_name, overlapping
 from .placement import Strategy
+from .roots import replace_file
 from .sizes import format_size_exact, parse_size
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
@@ -288,26 +287,9 @@ def dump_config(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    """Atomically replace ``path``: temp file in the same dir, fsync, rename, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically replace ``path`` (temp file in the same dir, fsync, rename, fsync the dir)."""
     text = json.dumps(dump_config(config), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, text.encode(), mode=0o644)
 
 
 def with_changes(config: Config, **changes: Any) -> Config:

@@ -949,9 +949,7 @@ class Engine:
                 removed.append(e.rel)
             elif self._gc_rels(pool, [e.rel]):
                 removed.append(e.rel)
-        for d in tree.directories():
-            if d.split("/", 1)[0] not in _POOL_SKIP:
-                tree.rmdir(d)
+        tree.prune_empty(keep=_POOL_SKIP)
         return removed
 
     # --- pins --------------------------------------------------------------------------

@@ -158,6 +158,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Every data link valid and inside a configured root; descriptors present.
     wanted: set[str] = set()
+    conflicted = {c.rel for c in md.conflicts}
     for model in list(catalog.models.values()):
         if model.problems:
             add("catalog", Status.WARNING, model.name, "; ".join(model.problems))
@@ -175,8 +176,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                         repaired=repair and _resync(engine, mounted),
                     )
                 continue
-            if f.role is not FileRole.DATA:
-                continue
+            if f.role is not FileRole.DATA or f.rel in conflicted:
+                continue  # a conflict is reported below, and never repaired over
             w = md.where(f.rel)
             if w.tier is None and w.target is None:
                 problem = "is missing"
@@ -193,6 +194,10 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 md.point_cold(f.rel)
             add("links", Status.ERROR, f.rel, f"link {f.rel} {problem}", repaired=fixable)
     checked["links"] = len(wanted)
+    # What the last sync left as it was (a file of someone else's in a link's place): a
+    # person decides, so no repair touches it.
+    for c in md.conflicts:
+        add("models-dir", Status.WARNING, c.rel, f"{md.root / c.rel}: {c.problem}")
 
     # Leftovers in the models dir: half-written links, links into our roots we do not need.
     for e in md.walk():

@@ -10,6 +10,7 @@ after they are complete and verified).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import stat
 import threading
@@ -17,10 +18,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog.types import FileRole, Model, ModelFile, ScanResult
+from .catalog.types import FileRole, ModelFile, ScanResult
 from .errors import Failed
 from .paths import check_rel, is_within
 from .roots import Entry, Root, ensure_trusted_dir
+
+log = logging.getLogger(__name__)
 
 MARKER = ".speedloader-models-dir"
 LINK_TMP_MARKER = ".sl-link-"
@@ -47,12 +50,21 @@ class Where:
     exists: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """An entry a sync left as it is: a file it did not make is in the way, or a descriptor
+    could not be copied. Logged, and a Health finding until a sync no longer meets it."""
+
+    rel: str
+    problem: str  # a sentence that says what is wrong and what to do
+
+
 @dataclass(slots=True)
 class SyncReport:
     created: int = 0
     repointed_to_cold: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
 
 
 class ModelsDir:
@@ -66,6 +78,7 @@ class ModelsDir:
         # link (40,000 fsyncs took 15 s for 10,000 models). Per thread, so a promote's swap
         # running meanwhile stays durable on its own.
         self._batch = threading.local()
+        self.conflicts: list[Conflict] = []  # those of the last sync, for Health
 
     def _durable(self) -> bool:
         return not getattr(self._batch, "on", False)
@@ -190,10 +203,16 @@ class ModelsDir:
         self.ensure()
         self._batch.on = True
         try:
-            return self._sync(scan, mounted_pools)
+            report = self._sync(scan, mounted_pools)
         finally:
             self._batch.on = False
             self.tree.syncfs()
+        known = set(self.conflicts)
+        for c in report.conflicts:
+            if c not in known:  # once, not at every rescan while it lasts
+                log.warning("models dir: %s: %s", self.root / c.rel, c.problem)
+        self.conflicts = report.conflicts
+        return report
 
     def _sync(self, scan: ScanResult, mounted_pools: Iterable[str]) -> SyncReport:
         report = SyncReport()
@@ -211,7 +230,8 @@ class ModelsDir:
                         self._write_meta(f)
                     except (OSError, Failed) as err:
                         why = err.strerror if isinstance(err, OSError) else str(err)
-                        report.conflicts.append(f"{f.rel}: cannot copy descriptor: {why}")
+                        problem = f"cannot copy the descriptor from cold storage ({why})"
+                        report.conflicts.append(Conflict(f.rel, problem))
                 elif f.role is FileRole.LINK:
                     if self._ensure_link(f.rel, f.link_target or ""):
                         report.created += 1
@@ -227,7 +247,11 @@ class ModelsDir:
             report.created += 1
             return
         if not stat.S_ISLNK(st.st_mode):
-            report.conflicts.append(f"{rel}: a regular file is in the way; left as it is")
+            problem = (
+                "something speedloader did not make (not a link) is where the model's link "
+                "belongs; it is left as it is: move it away, then rescan"
+            )
+            report.conflicts.append(Conflict(rel, problem))
             return
         w = self.where(rel)
         if w.tier == COLD and w.exists:
@@ -260,7 +284,7 @@ class ModelsDir:
             elif rel in previous_meta or META_TMP_MARKER in name:
                 self.tree.unlink(rel)
                 report.removed.append(rel)
-        self._prune_empty_dirs()
+        self.tree.prune_empty()
         if meta_rels != previous_meta:
             self.tree.write_file(
                 MANAGED_META,
@@ -273,10 +297,6 @@ class ModelsDir:
         """Every non-directory entry below the root, links not followed, but our own two."""
         return [e for e in self.tree.walk() if e.rel not in (MARKER, MANAGED_META)]
 
-    def _prune_empty_dirs(self) -> None:
-        for d in self.tree.directories():
-            self.tree.rmdir(d)
-
     def remove_temp_links(self) -> list[str]:
         """Crash leftovers: symlinks/descriptors half-written under a temporary name."""
         removed = []
@@ -286,7 +306,3 @@ class ModelsDir:
                 self.tree.unlink(e.rel)
                 removed.append(e.rel)
         return removed
-
-
-def model_tiers(models_dir: ModelsDir, model: Model) -> dict[str, Where]:
-    return {f.rel: models_dir.where(f.rel) for f in model.data_files}

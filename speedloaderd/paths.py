@@ -30,25 +30,11 @@ def check_rel(rel: str) -> str:
     return rel
 
 
-def under(root: Path, rel: str) -> Path:
-    """``root/rel`` after checking ``rel`` lexically (no filesystem access)."""
-    return root / check_rel(rel)
-
-
 def is_within(root: Path, path: str | Path) -> bool:
     """True if the absolute ``path`` is ``root`` or lies below it, lexically."""
     root_s = os.path.normpath(str(root))
     path_s = os.path.normpath(str(path))
     return path_s == root_s or path_s.startswith(root_s.rstrip("/") + "/")
-
-
-def resolve_within(root: Path, rel: str) -> Path:
-    """Resolve ``root/rel`` following symlinks; refuse if the result escapes ``root``."""
-    real_root = Path(os.path.realpath(root))
-    resolved = Path(os.path.realpath(under(root, rel)))
-    if not is_within(real_root, resolved):
-        raise InvalidArgument(f"{rel!r} resolves to {resolved}, outside {root}")
-    return resolved
 
 
 def check_model_name(name: str) -> str:

@@ -48,7 +48,8 @@ DEFAULT_TMPFS_SPEED = 100
 MAX_POOL_SIZE = 1 << 60
 SOURCE_PREFIX = "speedloader-"
 # nosuid,nodev: a pool holds model data, never setuid programs or device nodes.
-# huge=within_size: ~3x faster promotes and ~10x faster mmap loads (shared/notes/copy-limits.md).
+# huge=within_size: measured on 4 GiB, promotes from a warm source 6.1 GB/s against 2.3 and
+# mmap loads touching every page 18.7 GB/s against 1.7 on a plain tmpfs.
 _TMPFS_OPTIONS = ("mode=0755", "nosuid", "nodev", "huge=within_size")
 _HUGE = "within_size"
 

@@ -29,9 +29,10 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -533,6 +534,13 @@ class Root:
         while rel_dir and self.rmdir(rel_dir):
             rel_dir = rel_dir.rpartition("/")[0]
 
+    def prune_empty(self, keep: Container[str] = ()) -> None:
+        """Remove every empty directory below the root, deepest first, but those under a
+        top-level name in ``keep`` (a pool's ``lost+found``)."""
+        for d in self.directories():
+            if d.split("/", 1)[0] not in keep:
+                self.rmdir(d)
+
     def symlink(
         self,
         rel: str,
@@ -561,24 +569,7 @@ class Root:
     ) -> None:
         """Replace ``rel`` atomically with a regular file holding ``content``."""
         with self.parent(rel, create=True, like=like) as (dfd, name):
-            fd = os.open(
-                tmp_name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=dfd,
-            )
-            try:
-                os.write(fd, content)
-                _own(fd, owner, mode)
-                if durable:
-                    os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):  # the first error is the one to report
-                    os.unlink(tmp_name, dir_fd=dfd)
-                raise
-            os.close(fd)
-            _replace(dfd, tmp_name, name, durable)
+            write_atomically(dfd, name, content, tmp_name, mode=mode, owner=owner, durable=durable)
 
     def read_own(self, rel: str, limit: int) -> bytes | None:
         """A small regular file of the daemon's own (state, descriptors); None if absent."""
@@ -607,6 +598,59 @@ class Root:
             if _libc.syncfs(fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), str(self.path))
+
+
+def write_atomically(
+    dfd: int,
+    name: str,
+    content: bytes,
+    tmp_name: str,
+    *,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = (0, 0),
+    durable: bool = True,
+) -> None:
+    """The one atomic write of a small file, relative to the directory ``dfd``: ``content``
+    goes to a new ``tmp_name`` (``O_EXCL | O_NOFOLLOW``: nothing there is followed or
+    reused), gets ``owner`` (None: the caller's) and ``mode``, is fsync'ed, renamed over
+    ``name``, and the directory is fsync'ed, so after a crash ``name`` holds the old content
+    or the new, never a part. A failure removes the temp file. ``durable=False`` skips both
+    fsyncs, for a caller that syncs the whole filesystem at the end (the models dir's sync)."""
+    fd = os.open(
+        tmp_name,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dfd,
+    )
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        if owner is not None:
+            _own(fd, owner, mode)
+        else:
+            os.fchmod(fd, mode)  # whatever the umask
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            os.unlink(tmp_name, dir_fd=dfd)
+        raise
+    os.close(fd)
+    _replace(dfd, tmp_name, name, durable)
+
+
+def replace_file(path: Path, content: bytes, *, mode: int = 0o644) -> None:
+    """:func:`write_atomically` for a file an admin names by path (the config file), not one
+    under a root: its directory is made if missing and opened once, the file written in it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        write_atomically(dfd, path.name, content, tmp, mode=mode, owner=None)
+    finally:
+        os.close(dfd)
 
 
 def _replace(dfd: int, tmp_name: str, name: str, durable: bool) -> None:

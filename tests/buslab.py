@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from speedloader_client.client import Client
+from speedloader_lab.modelgen import OLLAMA_LAYER_TYPES, Blob, make_ollama_model
+from speedloader_lab.sandbox import REPO, Sandbox
 from speedloaderd.config import save_config
-from speedloaderd.sandbox import REPO, Sandbox
 
 from .lab import Lab
-from .modelgen import OLLAMA_LAYER_TYPES, Blob, make_ollama_model
 
 T = TypeVar("T")
 MiB = 1 << 20

@@ -57,7 +57,7 @@ def lab(workdir):
 def sandbox():
     """A private system bus with the project's D-Bus policy and a real polkitd with the
     project's actions and rules (plus one test-only rule), and the test users."""
-    from speedloaderd.sandbox import REPO, Sandbox
+    from speedloader_lab.sandbox import REPO, Sandbox
 
     from .buslab import ASKER_RULE, check_user_can_run_python, ensure_users
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from speedloader_lab.modelgen import tree_fingerprint
 from speedloaderd.config import Config, parse_config
 from speedloaderd.engine import Engine
-
-from .modelgen import tree_fingerprint
 
 MiB = 1 << 20
 T = TypeVar("T")

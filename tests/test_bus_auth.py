@@ -259,7 +259,7 @@ def test_only_root_may_own_the_name(daemon):
 
 def test_polkitd_absent_means_denied(workdir):
     """With no polkitd on the bus even root is refused: the daemon never fails open."""
-    from speedloaderd.sandbox import Sandbox
+    from speedloader_lab.sandbox import Sandbox
 
     from .buslab import DaemonLab
 

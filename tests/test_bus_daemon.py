@@ -14,7 +14,7 @@ import pytest
 from dbus_fast import Message
 
 from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 from .buslab import MiB, run
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from speedloaderd.catalog import BACKENDS, FileRole, Model, ModelFormat, scan
-from speedloaderd.errors import InvalidArgument
-
-from .modelgen import (
+from speedloader_lab.modelgen import (
     KiB,
     git_blob_sha1,
     make_gguf,
@@ -31,6 +27,8 @@ from .modelgen import (
     make_split_gguf,
     tree_fingerprint,
 )
+from speedloaderd.catalog import BACKENDS, FileRole, Model, ModelFormat, scan
+from speedloaderd.errors import InvalidArgument
 
 
 @pytest.fixture
@@ -631,8 +629,7 @@ def test_scan_does_not_move_access_times(cold: Path) -> None:
 
 
 def test_bench_scan_finds_a_whole_library() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from scan import bench_scan
+    from bench.scan import bench_scan
 
     figures = bench_scan(n=300, runs=1)
 

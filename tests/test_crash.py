@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd.config import dump_config
 from speedloaderd.modelsdir import LINK_TMP_MARKER, META_TMP_MARKER
 from speedloaderd.transfer import is_partial
 
 from .lab import MiB, run
-from .modelgen import make_ollama_model
 
 REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = int(os.environ.get("SPEEDLOADER_CRASH_ITERATIONS", "40"))

@@ -16,6 +16,13 @@ import gguf
 import pytest
 from safetensors import safe_open
 
+from speedloader_lab.modelgen import (
+    make_gguf,
+    make_hf_hub_repo,
+    make_ollama_model,
+    make_safetensors_dir,
+    make_split_gguf,
+)
 from speedloaderd.errors import (
     Busy,
     Cancelled,
@@ -31,13 +38,6 @@ from speedloaderd.journal import Entry
 from speedloaderd.modelsdir import MARKER
 
 from .lab import MiB, run
-from .modelgen import (
-    make_gguf,
-    make_hf_hub_repo,
-    make_ollama_model,
-    make_safetensors_dir,
-    make_split_gguf,
-)
 
 
 def sha(path: Path) -> str:
@@ -622,6 +622,45 @@ def test_health_finds_and_repairs_damage(lab):
         assert_links(lab, [other.layers[0].rel], "cold")
         assert "orphan.bin" not in lab.pool_files("local")
         assert (await engine.health(verify_digests=True)).ok
+
+    run(scenario())
+
+
+def test_a_file_in_a_links_place_is_logged_and_reported_never_repaired_over(lab, caplog):
+    """A sync leaves a file it did not make where a link belongs (SyncReport.conflicts): the
+    daemon's log names its path once, Health reports it as a warning, and no repair replaces
+    the file with a link. Once it is moved away, a rescan makes the link and the warning goes."""
+    m = make_ollama_model(lab.cold, "m:1", [4096])
+    lab.seal()
+    rel = m.layers[0].rel
+
+    async def scenario():
+        engine = await lab.engine()
+        os.unlink(lab.models / rel)
+        (lab.models / rel).write_bytes(b"someone else's file")
+        with caplog.at_level("WARNING", logger="speedloaderd.modelsdir"):
+            await engine.rescan()
+            await engine.rescan()  # still there: not logged again
+        logged = [r.getMessage() for r in caplog.records if r.name == "speedloaderd.modelsdir"]
+        assert len(logged) == 1 and str(lab.models / rel) in logged[0], logged
+        assert "move it away, then rescan" in logged[0]
+
+        for repair in (False, True):
+            report = await engine.health(repair=repair)
+            (finding,) = [f for f in report.findings if f.subject == rel]
+            assert (finding.check, finding.status, finding.repaired) == (
+                "models-dir",
+                "warning",
+                False,
+            )
+            assert str(lab.models / rel) in finding.message
+            assert (lab.models / rel).read_bytes() == b"someone else's file"
+
+        os.unlink(lab.models / rel)
+        await engine.rescan()
+        assert_links(lab, [rel], "cold")
+        report = await engine.health()
+        assert report.ok and not [f for f in report.findings if f.subject == rel], report
 
     run(scenario())
 

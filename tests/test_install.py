@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from speedloader_lab.sandbox import REPO, Sandbox, SandboxError
 from speedloaderd.config import parse_config
-from speedloaderd.sandbox import REPO, Sandbox, SandboxError
 
 SLCTL = str(Path(sys.executable).with_name("slctl"))
 # The venv's slctl imports the editable install's checkout (maybe another worktree):

@@ -21,8 +21,8 @@ from speedloader_client.records import (
     Record,
     job_id,
 )
+from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import JOB_IFACE, MANAGER_IFACE, MODEL_IFACE, POOL_IFACE
-from speedloaderd.sandbox import REPO
 
 
 def published() -> dict[str, dict[str, str]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd.config import RemoteHostConfig, parse_config
 from speedloaderd.errors import Busy, Failed, InvalidArgument
 from speedloaderd.pools import PoolState
@@ -26,7 +27,6 @@ from speedloaderd.remote.pool import RemotePool
 from speedloaderd.remote.runners import RemoteUnreachable
 
 from .lab import MiB, run
-from .modelgen import make_ollama_model
 from .test_nvmeof_plan import HOSTNQN, RecordingRunner
 
 CLIENT = "gpu1"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import (
     ACTION_ADMINISTER,
     ACTION_CONFIGURE,
@@ -19,7 +20,6 @@ from speedloaderd.bus.names import (
     ACTION_PROMOTE,
     BUS_NAME,
 )
-from speedloaderd.sandbox import REPO
 
 MEMBER_ACTIONS = [ACTION_PROMOTE, ACTION_DEMOTE, ACTION_PIN, ACTION_MANAGE_POOLS, ACTION_CONFIGURE]
 # The admin action asks every time: no "keep" window in which a hijacked session of an

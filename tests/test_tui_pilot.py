@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 from speedloader_client.client import MODEL, POOL
+from speedloader_lab.sandbox import REPO
 from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.screens.dialogs import ConfirmScreen, PickPoolScreen
-from speedloaderd.sandbox import REPO
 
 from .buslab import GUEST, as_user, run
 from .tui_helpers import SIZE, loaded, mask, notifications, rows, transfer_rows, wait

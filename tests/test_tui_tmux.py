@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 TMUX = shutil.which("tmux")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 from .tui_web import ARTIFACTS, WebServer, free_port, processes_in_group
 

@@ -26,10 +26,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from speedloader_lab.modelgen import make_gguf
 from speedloaderd.remote.runners import SshRunner
 from speedloaderd.remote.values import SshTarget
 
-from .modelgen import make_gguf
 from .test_vm_nvmeof import _loud_skip, _ok, _report
 from .vm import nfs
 from .vm.guests import (

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from speedloader_lab.modelgen import make_gguf
 from speedloaderd.config import RemoteHostConfig
 from speedloaderd.errors import NoSpace
 from speedloaderd.remote.auth import FabricAuth, local_host_id, new_key
@@ -45,7 +46,6 @@ from speedloaderd.remote.runners import HostKeyError, SshRunner
 from speedloaderd.remote.sysfs import controllers_of
 from speedloaderd.remote.values import SshTarget, fabric_address
 
-from .modelgen import make_gguf
 from .vm.guests import FABRIC, CannotBoot, DaemonAgent, Pair, booted_pair, share_host
 
 pytestmark = pytest.mark.vm
@@ -151,7 +151,7 @@ def leftovers(runners) -> list[str]:
 
 @pytest.fixture
 def rxe(runners) -> Iterator[None]:
-    """Soft-RoCE on the fabric NIC of both guests (crc32_generic: see vmlab NOTES)."""
+    """Soft-RoCE on the fabric NIC of both guests (crc32_generic: see MODULES in vmlab/build)."""
     for r in runners.values():
         res = r.run(["modprobe", "-a", "crc32_generic", "rdma_rxe"])
         assert res.returncode == 0, res.stderr
@@ -360,7 +360,7 @@ def test_connect_asking_more_ram_than_the_remote_has_is_refused_and_leaves_nothi
     remote = runners["remote"]
     assert remote.listdir("/sys/kernel/config/nvmet/subsystems") == []
     assert remote.run(["losetup", "--list", "--noheadings"]).stdout.strip() == ""
-    assert not remote.is_dir(link.spec.ram_dir)  # no RAM directory, so no tmpfs either
+    assert remote.run(["test", "-d", link.spec.ram_dir]).returncode != 0  # nor its tmpfs
     _report(request, f"oversized connect refused: {msg}")
 
 

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 from .buslab import ADMIN, as_user
 

@@ -12,6 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
+from speedloader_client.client import fastest_first
 from speedloader_client.records import Job, Model, Pool
 
 from .. import fmt
@@ -187,7 +188,7 @@ class ModelsPane(Vertical):
 
     def redraw_pools(self, state: DaemonState) -> None:
         """The pool strip: also at the transfers' pace, as it shows the copies under way."""
-        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(state.pools.values())
         if pools:
             lines = (pool_line(p, 24, self.show_path, pool_jobs(state, p)) for p in pools)
             self._set("#pool-strip", Text("\n").join(lines))
@@ -317,7 +318,7 @@ class ModelsPane(Vertical):
             self.post_message(Unpin(model.name))
 
     def _pick_pool(self, question: str, then: Callable[[str], object]) -> None:
-        pools = sorted(self.state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(self.state.pools.values())
         if not pools:
             self.notify("There is no pool to choose.", severity="warning")
             return

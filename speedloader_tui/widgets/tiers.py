@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Static
 
+from speedloader_client.client import fastest_first
 from speedloader_client.records import Job, Pool
 
 from .. import fmt
@@ -142,7 +143,7 @@ class TiersPane(VerticalScroll):
     def redraw(self, state: DaemonState) -> None:
         self.state = state
         box = self.query_one("#pool-cards", Vertical)
-        pools = sorted(state.pools.values(), key=lambda p: (-p.speed, p.name))
+        pools = fastest_first(state.pools.values())
         cards = {c.pool.path: c for c in box.query(PoolCard)}
         if [p.path for p in pools] != list(cards):
             box.remove_children()

@@ -31,21 +31,6 @@ def escape(name: str) -> str:
     )
 
 
-def unescape(element: str) -> str:
-    if element == "_":
-        return ""
-    out = bytearray()
-    i = 0
-    while i < len(element):
-        if element[i] == "_":
-            out.append(int(element[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(element[i]))
-            i += 1
-    return out.decode()
-
-
 def model_path(name: str) -> str:
     return f"{ROOT}/models/{escape(name)}"
 

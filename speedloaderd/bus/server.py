@@ -332,7 +332,6 @@ class Server:
         self._dirty: set[tuple[str, str]] = set()
         self._flush_handle: asyncio.TimerHandle | None = None
         self._resync_all = False
-        self._disconnected = asyncio.Event()
         self._model_order: list[str] | None = None  # sorted names, for ListModels
 
     # --- start and stop ----------------------------------------------------------------

@@ -109,6 +109,7 @@ def judge(seen: ColdLook | str, last: ColdRecord | None, expected: int, *, adopt
             "was removed on purpose, leave an empty directory in it and rescan"
         )
     if other_fs and not adopt:
+        assert last is not None  # other_fs says so
         return (
             f"is on another filesystem (device {_dev(seen.dev)}) than at the last scan "
             f"(device {_dev(last.dev)}); rescan to adopt it if cold storage really moved"

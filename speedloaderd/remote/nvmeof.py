@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..config import RemoteHostConfig
 from ..errors import InvalidArgument
+from ..paths import check_pool_name
 from .auth import DHCHAP_DHGROUP, DHCHAP_HASH, FabricAuth
 from .plan import (
     Action,
@@ -31,6 +32,7 @@ from .plan import (
     ControllerAttr,
     DetachLoop,
     Disconnect,
+    Host,
     Plan,
     Ref,
     RemoveIfUnused,
@@ -45,7 +47,6 @@ from .values import (
     SshTarget,
     Transport,
     check_nqn,
-    check_pool_name,
     check_ram_size,
     fabric_address,
     parse_ssh_target,
@@ -166,7 +167,7 @@ def _test(*args: str) -> Command:
     return cmd("test", *args)
 
 
-def _steps_on(host: str) -> Callable[..., Step]:
+def _steps_on(host: Host) -> Callable[..., Step]:
     """A Step maker for one host: name, action, then optionally its undo, the check that
     says whether the undo is needed, and the name to capture the output under."""
 

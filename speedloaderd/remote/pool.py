@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import RemoteHostConfig
 from ..errors import Busy, Failed, InvalidArgument
+from ..paths import check_pool_name
 from ..pools import PoolState, PoolUsage, statvfs_usage
 from ..roots import ensure_trusted_dir
 from ..sizes import format_size
@@ -38,7 +39,7 @@ from .plan import Plan, Runner, StepHook, cmd, execute, execute_teardown
 from .probe import Probe, mounted_source, probe
 from .runners import KNOWN_HOSTS, LocalRunner, SshRunner
 from .sysfs import controllers_of
-from .values import check_nqn, check_pool_name, check_ram_size, parse_ssh_target
+from .values import check_nqn, check_ram_size, parse_ssh_target
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import base64
 import hashlib
 import os
 import shlex
-import stat
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,9 +209,3 @@ class SshRunner:
             return self._sftp_client().listdir(path)
         except FileNotFoundError:
             return []
-
-    def is_dir(self, path: str) -> bool:
-        try:
-            return stat.S_ISDIR(self._sftp_client().stat(path).st_mode or 0)
-        except FileNotFoundError:
-            return False

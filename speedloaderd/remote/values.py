@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import InvalidArgument
-from ..paths import check_pool_name as _check_pool_name
 
 __all__ = [
     "MAX_RAM_SIZE",
@@ -21,7 +20,6 @@ __all__ = [
     "SshTarget",
     "Transport",
     "check_nqn",
-    "check_pool_name",
     "check_ram_size",
     "fabric_address",
     "parse_ssh_target",
@@ -49,17 +47,6 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
-
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,62}")
-
-
-def check_pool_name(name: str) -> str:
-    """paths.check_pool_name, plus fullmatch: its ``$`` lets a trailing newline through."""
-    _check_pool_name(name)
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidArgument(f"{name!r} is not a valid pool name (it ends with a newline)")
-    return name
 
 
 class Transport(str, Enum):

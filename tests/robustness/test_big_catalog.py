@@ -27,6 +27,7 @@ from dbus_fast import Message, Variant
 
 from bench.scan import make_gguf_tree
 from speedloader_client.client import OBJECT_MANAGER, ROOT, Client, ClientError
+from speedloader_lab.sandbox import Sandbox
 from speedloader_tui.link import DaemonLink
 from speedloader_tui.state import DaemonState
 from speedloaderd.bus.names import model_path
@@ -41,7 +42,6 @@ from speedloaderd.bus.server import (
 from speedloaderd.config import save_config
 from speedloaderd.engine import ModelStatus
 from speedloaderd.health import Finding, Status
-from speedloaderd.sandbox import Sandbox
 
 from ..buslab import GUEST, as_user, ensure_users
 from ..conftest import unmount_below

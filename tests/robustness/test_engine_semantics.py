@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from speedloader_client.client import MANAGER, POOL, ROOT
+from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd import health
 from speedloaderd.errors import Failed
 from speedloaderd.modelsdir import MARKER
 from speedloaderd.sizes import parse_size
 
 from ..lab import MiB, run
-from ..modelgen import make_ollama_model
 
 WAIT = 60.0  # seconds a condition may take before the test gives up (never a threshold)
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 
 from speedloader_client.client import JOB, MANAGER, MODEL, ROOT, Client, ClientError
+from speedloader_lab.modelgen import make_ollama_model
+from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import parse_config, save_config
 from speedloaderd.engine import COPY_WORKERS
 from speedloaderd.pools import mount_at
-from speedloaderd.sandbox import REPO
 
 from ..buslab import MiB, run
-from ..modelgen import make_ollama_model
 
 STOP_TIMEOUT = 30  # the unit's TimeoutStopSec
 

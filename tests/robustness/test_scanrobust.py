@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from speedloader_client.client import MANAGER, MODEL, ROOT, Client, ClientError
+from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import save_config
 
 from ..buslab import MiB, run
-from ..modelgen import make_ollama_model
 from ..test_cli import slctl
 
 LONG_GGUF = "m" * 245 + ".gguf"  # 250 characters: the old temp names passed NAME_MAX

@@ -21,14 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from speedloaderd.catalog import FileRole, ScanResult, scan
-from speedloaderd.catalog.coldfs import MAX_DEPTH
-from speedloaderd.catalog.hf import REF_LIMIT
-from speedloaderd.catalog.ollama import MANIFEST_LIMIT
-from speedloaderd.modelsdir import ModelsDir
-from speedloaderd.roots import Identity
-
-from ..modelgen import (
+from speedloader_lab.modelgen import (
     KiB,
     git_blob_sha1,
     make_gguf,
@@ -37,6 +30,12 @@ from ..modelgen import (
     make_safetensors_dir,
     tree_fingerprint,
 )
+from speedloaderd.catalog import FileRole, ScanResult, scan
+from speedloaderd.catalog.coldfs import MAX_DEPTH
+from speedloaderd.catalog.hf import REF_LIMIT
+from speedloaderd.catalog.ollama import MANIFEST_LIMIT
+from speedloaderd.modelsdir import ModelsDir
+from speedloaderd.roots import Identity
 
 SECRET = b"root-only secret 6c1f0e: must never reach a model\n"
 SCAN_TIMEOUT_S = 60.0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 SLCTL = str(Path(sys.executable).with_name("slctl"))
 # The venv's slctl imports the editable install's checkout; this one must run.

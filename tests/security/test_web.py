@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from speedloaderd.sandbox import REPO
+from speedloader_lab.sandbox import REPO
 
 from ..buslab import ADMIN
 from ..test_tui_web import CHROMIUM, CHROMIUM_FLAGS, _need_chromium

@@ -1,7 +1,7 @@
 """The whole daemon, run inside the "local" guest and driven by the VM tests over SSH.
 
 ``python -m tests.vm.daemon_agent CONFIG`` starts a private system bus with the project's
-policy, a real polkitd with the project's actions and rules (speedloaderd.sandbox) and
+policy, a real polkitd with the project's actions and rules (speedloader_lab.sandbox) and
 ``speedloaderd --config CONFIG`` on it, then answers one JSON request per stdin line with
 one JSON line on stdout, each made of D-Bus calls and signals, as slctl would:
 
@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from speedloader_client.client import JOB, MANAGER, MODEL, POOL, Client, ClientError, unwrap
+from speedloader_lab.sandbox import Sandbox
 from speedloaderd.bus.names import ROOT, pool_path
 from speedloaderd.config import Config, load_config
-from speedloaderd.sandbox import Sandbox
 
 JOB_TIMEOUT = 600.0
 

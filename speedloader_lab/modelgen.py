@@ -1,10 +1,11 @@
 """Builders of REAL model files for tests and benchmarks, in every layout the catalog knows.
 
-Plain functions, no pytest: import them (``from modelgen import make_gguf``; pytest puts
-``tests/`` on ``sys.path``). Each writes into the directory it is given and returns a small
-frozen record of what it made. Content is pseudo-random but deterministic (seeded by the
-model name and file), so two calls with the same arguments make identical bytes, and
-different models never share content by accident; share on purpose by passing a
+Plain functions, no pytest: import them (``from speedloader_lab.modelgen import make_gguf``;
+the tests, the demo and the benchmarks run with the repository root on the module path).
+Each writes into the directory it is given and returns a small frozen record of what it
+made. Content is pseudo-random but deterministic (seeded by the model name and file), so two
+calls with the same arguments make identical bytes, and different models never share content
+by accident; share on purpose by passing a
 :class:`Blob` back in.
 
 Sizes are bytes and may range from a few KiB to hundreds of MiB (content is made with
@@ -298,7 +299,7 @@ _CONFIG = {
     "num_hidden_layers": 2,
     "torch_dtype": "uint8",
 }
-_TOKENIZER = {
+_TOKENIZER: dict[str, object] = {
     "version": "1.0",
     "truncation": None,
     "padding": None,

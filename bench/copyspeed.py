@@ -2,7 +2,7 @@
 
 Run as root (it mounts tmpfs and drops the page cache)::
 
-    python3 -m bench.copy --size-gib 4 --rounds 5
+    python3 -m bench.copyspeed --size-gib 4 --rounds 5
 
 Everything is measured in the same run, interleaved round by round (this machine kind is
 shared and noisy, so methods are compared by ratio within a round, then the median is
@@ -16,35 +16,25 @@ and a plain tmpfs.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import json
 import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-if (
-    __name__ == "__main__"
-    and sys.path
-    and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__))
-):
-    # Run as a script: this file's directory is on sys.path, where "copy" would shadow the
-    # standard library module of that name. Put the repository root there instead.
-    sys.path[0] = os.path.dirname(sys.path[0])
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import ctypes  # noqa: E402
-import ctypes.util  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from speedloaderd.transfer import DEFAULT_CHUNK, copy_file  # noqa: E402
+from speedloaderd.transfer import DEFAULT_CHUNK, copy_file
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

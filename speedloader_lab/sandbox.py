@@ -121,9 +121,8 @@ async def wait_for_name(address: str, name: str, timeout: float, proc: subproces
         deadline = loop.time() + timeout
         while not owned.done():
             if proc.poll() is not None:
-                raise SandboxError(
-                    f"{proc.args[0]} exited with {proc.returncode} before owning {name}"
-                )
+                prog = os.fsdecode(proc.args[0]) if isinstance(proc.args, list) else "a process"
+                raise SandboxError(f"{prog} exited with {proc.returncode} before owning {name}")
             if loop.time() > deadline:
                 raise SandboxError(f"{name} did not appear on the bus within {timeout:.0f} s")
             # Wake up now and then only to notice a dead process; the signal ends the wait.
