@@ -55,9 +55,9 @@ from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
 from .promoted import Promoted
 from .remote.pool import RemotePool
-from .roots import Root, check_trusted_dir, ensure_trusted_dir
+from .roots import Root, check_trusted_dir, ensure_trusted_dir, is_partial
 from .sizes import format_size
-from .transfer import Progress, ProgressMeter, copy_into, is_partial
+from .transfer import Progress, ProgressMeter, copy_into
 
 log = logging.getLogger(__name__)
 

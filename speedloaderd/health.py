@@ -17,9 +17,8 @@ from . import holders
 from .catalog.types import FileRole
 from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
 from .pools import PoolState
-from .roots import Root
+from .roots import Root, is_partial
 from .sizes import format_size
-from .transfer import is_partial
 
 if TYPE_CHECKING:
     from .engine import Engine
