@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from . import errors
 from .errors import Cancelled, SpeedloaderError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class Job:
     state: JobState = JobState.RUNNING
     message: str = ""
     error: SpeedloaderError | None = None
+    # The D-Bus error name of ``error`` (errors.error_name), "" unless the job failed or was
+    # cancelled: an asynchronous NoSpace says NoSpace, not only "failed".
+    error_name: str = ""
     cancelable: bool = True
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
     # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
@@ -79,6 +83,7 @@ class Job:
 
     def _finish(self, state: JobState, message: str, error: SpeedloaderError | None) -> None:
         self.state, self.message, self.error = state, message, error
+        self.error_name = errors.error_name(error) if error is not None else ""
         self.eta = None
         self._done.set()
         self.notify()

@@ -16,7 +16,7 @@ from .. import __version__
 from ..config import PoolConfig, parse_config
 from ..errors import InvalidArgument
 from ..sizes import parse_size
-from .auth import caller_uid, exported, to_dbus_error
+from .auth import caller_uid, exported
 from .names import (
     ACTION_ADMINISTER,
     ACTION_CONFIGURE,
@@ -477,29 +477,27 @@ class JobInterface(Snapshot):
         return self.values.get("Message", "")
 
     @method()
+    @exported()
     async def Cancel(self):
         # Your own job (or, for root, any): the right to start this kind of operation.
         # Someone else's, root's and the daemon's own included: an admin's right.
-        try:
-            uid = await caller_uid(self.server.bus)
-            if uid in (0, self.job.started_by_uid):
-                action = _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
-                await self.server.polkit.check(action)
-            else:
-                await self.server.polkit.check(
-                    ACTION_ADMINISTER,
-                    f"cancelling job {self.job.id} needs an administrator "
-                    f"(uid {self.job.started_by_uid} started it, not you)",
-                )
-            if self.job.finished:
-                raise InvalidArgument(f"job {self.job.id} has already finished")
-            if not self.job.cancelable:
-                raise InvalidArgument(
-                    f"job {self.job.id} ({self.job.operation}) cannot be cancelled now"
-                )
-            self.job.cancel()
-        except Exception as err:
-            raise to_dbus_error(err) from None
+        uid = await caller_uid(self.server.bus)
+        if uid in (0, self.job.started_by_uid):
+            action = _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
+            await self.server.polkit.check(action)
+        else:
+            await self.server.polkit.check(
+                ACTION_ADMINISTER,
+                f"cancelling job {self.job.id} needs an administrator "
+                f"(uid {self.job.started_by_uid} started it, not you)",
+            )
+        if self.job.finished:
+            raise InvalidArgument(f"job {self.job.id} has already finished")
+        if not self.job.cancelable:
+            raise InvalidArgument(
+                f"job {self.job.id} ({self.job.operation}) cannot be cancelled now"
+            )
+        self.job.cancel()
 
     @signal()
     def Completed(self, success: bool, message: str) -> "bs":
