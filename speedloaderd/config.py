@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .paths import check_model_name, check_pool_name, overlapping
 from .placement import Strategy
 from .sizes import format_size_exact, parse_size
+from .tiers import check_not_reserved
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
 LOCAL_POOL_NAME = "local"  # the pool the legacy ``ramdisk`` key describes
@@ -133,7 +134,7 @@ class PoolConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_pool_name(v)
+        return check_not_reserved(check_pool_name(v))
 
 
 class RemoteHostConfig(_Model):
@@ -160,7 +161,7 @@ class RemoteTiersConfig(_Model):
     @classmethod
     def _names(cls, v: dict[str, RemoteHostConfig]) -> dict[str, RemoteHostConfig]:
         for name in v:
-            check_pool_name(name)
+            check_not_reserved(check_pool_name(name))
         return v
 
 

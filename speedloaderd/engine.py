@@ -50,13 +50,14 @@ from .errors import (
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
-from .modelsdir import COLD, ModelsDir, Where
+from .modelsdir import ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
 from .promoted import Promoted
 from .remote.pool import RemotePool
 from .roots import Root, check_trusted_dir, ensure_trusted_dir, is_partial
 from .sizes import format_size
+from .tiers import COLD, EventKind, ModelState
 from .transfer import Progress, ProgressMeter, copy_into
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,9 @@ class ModelStatus:
     name: str
     format: str
     size: int
-    tier: str  # "cold" or a pool name
+    tier: str  # COLD or a pool name
     pinned_pool: str  # "" when not pinned
-    state: str  # cold | hot | promoting | demoting | degraded
+    state: ModelState
     problems: tuple[str, ...]
 
 
@@ -104,8 +105,8 @@ class PoolStatus:
     problem: str = ""  # why the pool is degraded, in one sentence; "" when it is not
 
 
-Listener = Callable[[str, str], None]
-"""Called on the event loop with (kind, name): kind is model|pool|job|catalog."""
+Listener = Callable[[EventKind, str], None]
+"""Called on the event loop with (kind, name): a model's, a pool's or a job's (its id)."""
 
 
 class Engine:
@@ -364,9 +365,7 @@ class Engine:
         return {f.rel: self.models_dir.where(f.rel) for f in model.data_files}
 
     def _is_hot(self, where: dict[str, Where], mounted: set[str]) -> bool:
-        return bool(where) and all(
-            w.tier not in (None, COLD) and w.tier in mounted and w.exists for w in where.values()
-        )
+        return bool(where) and all(w.in_pool(mounted) for w in where.values())
 
     def _hot(self, name: str, mounted: set[str]) -> bool:
         model = self.catalog.models.get(name)
@@ -382,22 +381,19 @@ class Engine:
         mounted = self._mounted() if mounted is None else mounted
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
-        tier, state = COLD, "cold"
-        if any(
-            w.tier is None or not w.exists or (w.tier != COLD and w.tier not in mounted)
-            for w in where.values()
-        ):
-            state = "degraded"
+        tier, state = COLD, ModelState.COLD
+        if not all(w.valid(mounted) for w in where.values()):
+            state = ModelState.DEGRADED
         elif self._is_hot(where, mounted):
             by_pool: Counter[str] = Counter()
             for rel, w in where.items():
                 by_pool[w.tier or ""] += sizes[rel]
-            tier, state = by_pool.most_common(1)[0][0], "hot"
+            tier, state = by_pool.most_common(1)[0][0], ModelState.HOT
         if not model.ok:
-            state = "degraded"
+            state = ModelState.DEGRADED
         job = self._active.get(name)
         if job is not None:
-            state = "promoting" if job.operation == "promote" else "demoting"
+            state = ModelState.PROMOTING if job.operation == "promote" else ModelState.DEMOTING
         return ModelStatus(
             name=model.name,
             format=model.format.value,
@@ -419,10 +415,7 @@ class Engine:
         return [
             model.name
             for model in self.catalog.models.values()
-            if any(
-                w.tier not in (None, COLD) and w.tier in mounted and w.exists
-                for w in self._where(model).values()
-            )
+            if any(w.in_pool(mounted) for w in self._where(model).values())
         ]
 
     def pool_status(self, name: str) -> PoolStatus:
@@ -450,7 +443,7 @@ class Engine:
 
     # --- events ------------------------------------------------------------------------
 
-    def _emit(self, kind: str, name: str) -> None:
+    def _emit(self, kind: EventKind, name: str) -> None:
         for listener in list(self.listeners):
             try:
                 listener(kind, name)
@@ -462,7 +455,7 @@ class Engine:
         for rel in rels:
             names.update(self.users.get(rel, ()))
         for name in sorted(names):
-            self._emit("model", name)
+            self._emit(EventKind.MODEL, name)
 
     def _start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
         self.jobs[job.id] = job
@@ -473,18 +466,18 @@ class Engine:
             if j.finished:
                 if j.model is not None and self._active.get(j.model) is j:
                     del self._active[j.model]
-                    self._emit("model", j.model)
+                    self._emit(EventKind.MODEL, j.model)
                 if j.pool is not None and self._pool_jobs.get(j.pool) is j:
                     del self._pool_jobs[j.pool]
                 level = logging.INFO if j.state.value == "succeeded" else logging.WARNING
                 log.log(level, "job %d %s %s: %s", j.id, j.operation, j.state.value, j.message)
-            self._emit("job", str(j.id))
+            self._emit(EventKind.JOB, str(j.id))
 
         job.listeners.append(done)
         run_job(job, body)
-        self._emit("job", str(job.id))
+        self._emit(EventKind.JOB, str(job.id))
         if job.model is not None:
-            self._emit("model", job.model)
+            self._emit(EventKind.MODEL, job.model)
         return job
 
     async def shutdown(self, timeout: float = 20.0) -> None:
@@ -630,7 +623,7 @@ class Engine:
                     await asyncio.to_thread(self._gc_rels, target, rels)
                 await asyncio.to_thread(self.journal.remove, entry.id)
             self._emit_models(rels)
-            self._emit("pool", target)
+            self._emit(EventKind.POOL, target)
         secs = time.monotonic() - started
         return (
             f"promoted {model.name} to pool {target}: "
@@ -803,7 +796,7 @@ class Engine:
         async with self._lock:
             if pool in await asyncio.to_thread(self._mounted):
                 await asyncio.to_thread(self._gc_rels, pool, [rel])
-        self._emit("pool", pool)
+        self._emit(EventKind.POOL, pool)
 
     def _swap_to_pool(self, rels: Iterable[str], pool: str) -> None:
         old_pools = set()
@@ -846,7 +839,7 @@ class Engine:
             released, kept_for, also_cold = await asyncio.to_thread(self._release, model, None, job)
         self._emit_models(released, [model.name])
         for pool in self.pools:  # usage changed in whichever pools held the copies
-            self._emit("pool", pool)
+            self._emit(EventKind.POOL, pool)
         if not released and not was_hot:
             return f"{model.name} is already cold; nothing freed"
         if not released:
@@ -964,7 +957,7 @@ class Engine:
         pins[name] = pool
         await self._set_placement(pins)
         status = self.model_status(name)
-        if status.state == "hot" and status.tier != pool:
+        if status.state is ModelState.HOT and status.tier != pool:
             return self.promote(name, pool, started_by_uid)
         return None
 
@@ -988,11 +981,11 @@ class Engine:
         old_pins, self.config = self.config.model_placement.pinned, new
         for pool in self._remote_pools():
             pool.ssh_key_path = new.ssh_key_path
-        self._emit("config", "")
+        self._emit(EventKind.CONFIG, "")
         new_pins = new.model_placement.pinned
         for name in sorted(set(old_pins) | set(new_pins)):
             if old_pins.get(name) != new_pins.get(name) and name in self.catalog.models:
-                self._emit("model", name)
+                self._emit(EventKind.MODEL, name)
 
     # --- pools -------------------------------------------------------------------------
 
@@ -1048,7 +1041,7 @@ class Engine:
             job.steps_done, job.step = job.steps_total, ""
             async with self._lock:
                 await asyncio.to_thread(self._gc_pool, name)
-            self._emit("pool", name)
+            self._emit(EventKind.POOL, name)
             if isinstance(pool, RemotePool):
                 return (
                     f"pool {name} connected to {pool.cfg.ssh.split('@')[-1]} over "
@@ -1083,8 +1076,8 @@ class Engine:
                 touched, hot = await asyncio.to_thread(self._evacuate, name)
                 await asyncio.to_thread(pool.unmount)
             for model in touched:
-                self._emit("model", model)
-            self._emit("pool", name)
+                self._emit(EventKind.MODEL, model)
+            self._emit(EventKind.POOL, name)
             return f"pool {name} disconnected; {hot} model(s) now served from cold storage"
 
         return self._pool_job("pool-disconnect", name, body, started_by_uid)
@@ -1110,7 +1103,7 @@ class Engine:
                 tiers = _dump(self.config.remote_tiers)
                 tiers["hosts"][name]["ramdiskSize"] = pool.size
                 await self.set_config(with_changes(self.config, remote_tiers=tiers))
-                self._emit("pool", name)
+                self._emit(EventKind.POOL, name)
                 return f"pool {name} resized to {format_size(pool.size)}"
             cfgs = [
                 p if p.name != name else p.model_copy(update={"size": size})
@@ -1121,7 +1114,7 @@ class Engine:
                 await self.set_config(with_changes(self.config, ramdisk=ramdisk))
             elif any(p.name == name for p in self.config.pools):
                 await self.set_config(with_changes(self.config, pools=[_dump(p) for p in cfgs]))
-            self._emit("pool", name)
+            self._emit(EventKind.POOL, name)
             return f"pool {name} resized to {format_size(size)}"
 
         if size <= 0:
@@ -1156,7 +1149,7 @@ class Engine:
             del self.pool_roots[pc.name]
             await self.set_config(old)
             raise
-        self._emit("pool-added", pc.name)
+        self._emit(EventKind.POOL_ADDED, pc.name)
 
     async def remove_pool(self, name: str) -> None:
         pool = self.pool(name)
@@ -1178,7 +1171,7 @@ class Engine:
         await self.set_config(new)
         del self.pools[name]
         del self.pool_roots[name]
-        self._emit("pool-removed", name)
+        self._emit(EventKind.POOL_REMOVED, name)
 
     # --- pool usage watch --------------------------------------------------------------
 
@@ -1187,7 +1180,7 @@ class Engine:
             await asyncio.sleep(self.usage_interval)
             try:
                 for name in await asyncio.to_thread(self._usage_changes):
-                    self._emit("pool", name)
+                    self._emit(EventKind.POOL, name)
             except Exception:  # the watch must outlive any one bad statvfs
                 log.exception("pool usage watch failed")
 
@@ -1246,8 +1239,8 @@ class Engine:
             hot,
         )
         for model in touched:
-            self._emit("model", model)
-        self._emit("pool", pool.name)
+            self._emit(EventKind.MODEL, model)
+        self._emit(EventKind.POOL, pool.name)
 
     # --- health ------------------------------------------------------------------------
 
@@ -1261,7 +1254,7 @@ class Engine:
         async with self._lock:
             report = await asyncio.to_thread(health.check, self, repair, verify_digests)
         if repair and any(f.repaired for f in report.findings):
-            self._emit("catalog", "")
+            self._emit(EventKind.CATALOG, "")
         return report
 
     # --- rescan ------------------------------------------------------------------------
@@ -1276,7 +1269,7 @@ class Engine:
             async with self._lock:
                 await asyncio.to_thread(self._rescan_blocking, adopt)
         finally:
-            self._emit("catalog", "")  # the cold storage state may have changed either way
+            self._emit(EventKind.CATALOG, "")  # the cold storage state may have changed either way
             self._watch_cold_storage()
         return len(self.catalog.models)
 
@@ -1326,7 +1319,7 @@ class Engine:
             except Exception:  # the retry must outlive any one bad look
                 log.exception("cold storage retry failed")
             if self.cold_problem != before:
-                self._emit("catalog", "")
+                self._emit(EventKind.CATALOG, "")
 
 
 def check_config_paths(config: Config) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from . import holders
 from .catalog.types import FileRole
-from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
+from .modelsdir import LINK_TMP_MARKER, META_TMP_MARKER
 from .pools import PoolState
 from .roots import Root, is_partial
 from .sizes import format_size
@@ -92,8 +92,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     elif md.cold.stat_dir("") is None:
         add("cold-storage", Status.ERROR, str(cold), f"cold storage {cold} is not reachable")
     checked["cold-storage"] = 1
-    for problem in engine.catalog.problems:
-        add("catalog", Status.WARNING, problem.rel, problem.message)
+    for scan_problem in engine.catalog.problems:
+        add("catalog", Status.WARNING, scan_problem.rel, scan_problem.message)
 
     # The models dir itself: deleted under a running daemon, every link check below fails.
     if not md.tree.exists():
@@ -176,16 +176,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             if f.role is not FileRole.DATA:
                 continue
-            w = md.where(f.rel)
-            if w.tier is None and w.target is None:
-                problem = "is missing"
-            elif w.tier is None:
-                problem = f"points outside every configured root ({w.target})"
-            elif not w.exists:
-                problem = f"points at a missing file ({w.target})"
-            elif w.tier != COLD and w.tier not in mounted:
-                problem = f"points into pool {w.tier}, which is not mounted"
-            else:
+            problem = md.where(f.rel).problem(mounted)
+            if not problem:
                 continue
             fixable = repair and md.cold.stat_file(f.rel) is not None
             if fixable:

@@ -35,6 +35,7 @@ from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
 from ..errors import Busy, Failed, InvalidArgument, SpeedloaderError
 from ..jobs import Job
 from ..privilege import admin_changes
+from ..tiers import EventKind
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
 from .objects import (
@@ -72,6 +73,8 @@ RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
 # Filters ListModels accepts: key -> the model value it matches.
 _FILTER_KEYS = ("name", "state", "tier", "format", "after")
+# Engine events after which every object is read again (a job's or one object's do not).
+_RESYNC_EVENTS = {EventKind.CATALOG, EventKind.POOL_ADDED, EventKind.POOL_REMOVED, EventKind.CONFIG}
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
 # (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
@@ -708,11 +711,11 @@ class Server:
 
     # --- change propagation ---------------------------------------------------------------
 
-    def _on_engine_event(self, kind: str, name: str) -> None:
-        if kind in ("catalog", "pool-added", "pool-removed", "config"):
+    def _on_engine_event(self, kind: EventKind, name: str) -> None:
+        if kind in _RESYNC_EVENTS:
             self._resync_all = True
             self._schedule_flush()
-        elif kind == "job":
+        elif kind is EventKind.JOB:
             job = self.engine.jobs.get(int(name)) if self.engine else None
             if job is None:
                 return
