@@ -17,7 +17,6 @@ import functools
 import logging
 import secrets
 import stat
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -50,6 +49,7 @@ from .errors import (
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
+from .ledger import SpaceLedger
 from .modelsdir import ModelsDir, Where
 from .paths import check_model_name, check_pool_name, overlapping
 from .pools import Pool, PoolState, TmpfsPool
@@ -125,13 +125,7 @@ class Engine:
         self._active: dict[str, Job] = {}  # model name -> its running job
         self._pool_jobs: dict[str, Job] = {}  # pool name -> its running lifecycle job
         self._lock = asyncio.Lock()
-        self._reserved: Counter[tuple[str, str]] = Counter()
-        self._unstarted: dict[int, tuple[str, int]] = {}  # job id -> (pool, bytes not started)
-        self._holds: dict[int, tuple[str, tuple[str, ...]]] = {}  # job id -> (pool, rels reserved)
-        # Held while a copy preallocates its file and while placement reads free space, so
-        # placement sees a file either promised (in _unstarted) or taken (statvfs), once.
-        self._allocation_lock = threading.Lock()
-        self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self.ledger = SpaceLedger()  # room promised to promotes, copies under way
         self.copy_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
         )
@@ -541,16 +535,12 @@ class Engine:
         for name, pool in self.pools.items():
             online = name in mounted
             # Room already promised to promotes still copying into this pool is not free.
-            if online:
-                with self._allocation_lock:
-                    free = pool.usage().free - self._inflight_bytes(name)
-            else:
-                free = 0
+            free = self.ledger.free(pool) if online else 0
             tree = self.models_dir.pool(name)
             need = sum(
                 f.size
                 for f in _unique(model.data_files)
-                if tree.lstat(f.rel) is None and (name, f.rel) not in self._copies
+                if tree.lstat(f.rel) is None and (name, f.rel) not in self.ledger.copies
             )
             candidates.append(
                 placement.Candidate(
@@ -596,7 +586,7 @@ class Engine:
             # promote fails having reserved nothing, so placement still sees the room.
             await asyncio.to_thread(self.journal.write, entry)
             job.bytes_total = sum(f.size for f in to_copy)
-            self._reserve(job.id, target, rels, job.bytes_total)
+            self.ledger.reserve(job.id, target, rels, job.bytes_total)
         loop = asyncio.get_running_loop()
         meter = ProgressMeter(
             job.bytes_total,
@@ -617,8 +607,8 @@ class Engine:
                 # Before the journal entry goes: a crash here replays the promote, adding it.
                 await asyncio.to_thread(self.promoted.add, model.name)
         finally:
-            async with self._lock:  # placement iterates _unstarted under this lock
-                self._unreserve(job.id)
+            async with self._lock:  # placement reads the ledger under this lock
+                self.ledger.unreserve(job.id)
                 if not ok:
                     await asyncio.to_thread(self._gc_rels, target, rels)
                 await asyncio.to_thread(self.journal.remove, entry.id)
@@ -630,37 +620,11 @@ class Engine:
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
         )
 
-    def _reserve(self, job_id: int, pool: str, rels: tuple[str, ...], unstarted: int) -> None:
-        """Promise ``pool`` room for a promote: its files are not garbage, and the bytes it
-        has not started copying are not free. Under the engine lock."""
-        self._holds[job_id] = (pool, rels)
-        for rel in rels:
-            self._reserved[(pool, rel)] += 1
-        self._unstarted[job_id] = (pool, unstarted)
-
-    def _unreserve(self, job_id: int) -> None:
-        self._unstarted.pop(job_id, None)
-        pool, rels = self._holds.pop(job_id, ("", ()))
-        for rel in rels:
-            self._reserved[(pool, rel)] -= 1
-            if self._reserved[(pool, rel)] <= 0:
-                del self._reserved[(pool, rel)]
-
     def clear_stale_reservations(self) -> list[str]:
         """Drop reservations no running promote owns (a bug's leak must not hold a pool's
         room until restart). Under the engine lock; returns what was dropped."""
         running = {j.id for j in self.jobs.values() if j.operation == "promote" and not j.finished}
-        dropped = []
-        for job_id in sorted((set(self._holds) | set(self._unstarted)) - running):
-            pool = self._holds.get(job_id, self._unstarted.get(job_id, ("?", 0)))[0]
-            self._unreserve(job_id)
-            dropped.append(f"job {job_id} in pool {pool}")
-        # Whatever the counter holds beyond the running promotes' files is a stray too.
-        owned = Counter((pool, rel) for pool, rels in self._holds.values() for rel in rels)
-        strays = sorted(set(self._reserved) - set(owned))
-        dropped += [f"{rel} in pool {pool}" for pool, rel in strays]
-        self._reserved = owned
-        return dropped
+        return self.ledger.clear_stale(running)
 
     def _still_there(self, name: str) -> bool:
         """May a promote's links go to ``name`` now? A remote pool whose controller is
@@ -672,25 +636,11 @@ class Engine:
             return pool.connected and not pool.lost
         return pool.state() is PoolState.MOUNTED
 
-    def _allocated(self, job: Job, size: int) -> None:
-        """A file of ``job`` now takes its room in the pool (called from the copy thread
-        right after posix_fallocate, so placement never sees the room neither promised nor
-        taken)."""
-        entry = self._unstarted.get(job.id)
-        if entry is not None:
-            self._unstarted[job.id] = (entry[0], max(entry[1] - size, 0))
-
-    def _inflight_bytes(self, pool: str) -> int:
-        """Room promised to promotes into ``pool`` that their copies have not taken yet. A
-        copy preallocates its whole file when it starts (posix_fallocate), so from then on
-        statvfs already counts it: only files not started yet are promised."""
-        return sum(left for p, left in self._unstarted.values() if p == pool)
-
     async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
         """Copy one file into a pool, joining a copy of the same blob already under way."""
         key = (pool, f.rel)
         while True:
-            running = self._copies.get(key)
+            running = self.ledger.copies.get(key)
             if running is None:
                 break
             try:
@@ -699,17 +649,17 @@ class Engine:
                 if job.cancel_event.is_set():
                     raise
                 continue  # the other job was cancelled; copy it ourselves
-            self._allocated(job, f.size)  # the other job's copy holds the room
+            self.ledger.allocated(job.id, f.size)  # the other job's copy holds the room
             meter.add(f.size)
             return
         tree = self.models_dir.pool(pool)
         if tree.lstat(f.rel) is not None:
-            self._allocated(job, f.size)
+            self.ledger.allocated(job.id, f.size)
             meter.add(f.size)
             return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._copies[key] = future
+        self.ledger.copies[key] = future
         try:
             # On the copies' own executor: a copy that blocks must not take a thread
             # from the metadata steps (asyncio.to_thread), nor delay a cancel.
@@ -725,8 +675,8 @@ class Engine:
                 expected_size=f.size,
                 on_bytes=meter.add,
                 cancel=job.cancel_event,
-                on_allocated=lambda: self._allocated(job, f.size),
-                allocation_lock=self._allocation_lock,
+                on_allocated=lambda: self.ledger.allocated(job.id, f.size),
+                allocation_lock=self.ledger.lock,
             )
             await self._await_copy(work, job, pool, f.rel)
         except BaseException as err:
@@ -736,7 +686,7 @@ class Engine:
         else:
             future.set_result(None)
         finally:
-            del self._copies[key]
+            del self.ledger.copies[key]
 
     async def _await_copy(
         self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
@@ -918,7 +868,7 @@ class Engine:
         tree = self.models_dir.pool(pool)
         removed = []
         for rel in rels:
-            if (pool, rel) in self._reserved or (pool, rel) in self._copies:
+            if self.ledger.holds(pool, rel):
                 continue
             if self.models_dir.where(rel).target == str(root / rel):
                 continue
@@ -936,7 +886,7 @@ class Engine:
             if e.rel.split("/", 1)[0] in _POOL_SKIP:
                 continue
             if is_partial(e.rel.rpartition("/")[2]):
-                if any(key[0] == pool for key in self._copies):
+                if self.ledger.copying_into(pool):
                     continue  # a copy is running; its temp file is not an orphan
                 tree.unlink(e.rel)
                 removed.append(e.rel)

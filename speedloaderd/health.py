@@ -220,8 +220,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             referenced = md.where(rel).target == str(root / rel)
             if is_partial(fn) or not referenced:
-                copying = any(k[0] == name for k in tuple(engine._copies))
-                if (name, rel) in engine._reserved or copying:
+                if engine.ledger.holds(name, rel) or engine.ledger.copying_into(name):
                     continue
                 if repair:
                     tree.unlink(rel)
