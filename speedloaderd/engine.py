@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from . import health, placement
 from .catalog import availability, scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
@@ -33,9 +31,13 @@ from .config import (
     Config,
     PoolConfig,
     RemoteHostConfig,
-    parse_config,
+    remote_pool_path,
     save_config,
-    with_changes,
+    with_pin,
+    with_pool,
+    with_pool_size,
+    without_pin,
+    without_pool,
 )
 from .errors import (
     Busy,
@@ -903,9 +905,7 @@ class Engine:
         """Pin a model to a pool. If it is hot elsewhere, start moving it (returns that Job)."""
         self.model(name)
         self.pool(pool)
-        pins = dict(self.config.model_placement.pinned)
-        pins[name] = pool
-        await self._set_placement(pins)
+        await self.set_config(with_pin(self.config, name, pool))
         status = self.model_status(name)
         if status.state is ModelState.HOT and status.tier != pool:
             return self.promote(name, pool, started_by_uid)
@@ -913,16 +913,7 @@ class Engine:
 
     async def unpin(self, name: str) -> None:
         check_model_name(name)
-        pins = dict(self.config.model_placement.pinned)
-        if name not in pins:
-            raise InvalidArgument(f"model {name!r} is not pinned")
-        del pins[name]
-        await self._set_placement(pins)
-
-    async def _set_placement(self, pins: dict[str, str]) -> None:
-        placement_cfg = self.config.model_placement.model_copy(update={"pinned": pins})
-        placement_cfg.model_fields_set.add("pinned")
-        await self.set_config(with_changes(self.config, model_placement=placement_cfg))
+        await self.set_config(without_pin(self.config, name))
 
     async def set_config(self, new: Config) -> None:
         """Adopt a validated config for placement and pins; save it if we have a file."""
@@ -1049,48 +1040,17 @@ class Engine:
         async def body(job: Job) -> str:
             pool = self.pools[name]
             await asyncio.to_thread(pool.resize, size)
-            if isinstance(pool, RemotePool):
-                tiers = _dump(self.config.remote_tiers)
-                tiers["hosts"][name]["ramdiskSize"] = pool.size
-                await self.set_config(with_changes(self.config, remote_tiers=tiers))
-                self._emit(EventKind.POOL, name)
-                return f"pool {name} resized to {format_size(pool.size)}"
-            cfgs = [
-                p if p.name != name else p.model_copy(update={"size": size})
-                for p in self.config.pools
-            ]
-            if self.config.ramdisk is not None and name == "local":
-                ramdisk = self.config.ramdisk.model_copy(update={"size": size})
-                await self.set_config(with_changes(self.config, ramdisk=ramdisk))
-            elif any(p.name == name for p in self.config.pools):
-                await self.set_config(with_changes(self.config, pools=[_dump(p) for p in cfgs]))
+            await self.set_config(with_pool_size(self.config, name, pool.size))
             self._emit(EventKind.POOL, name)
-            return f"pool {name} resized to {format_size(size)}"
+            return f"pool {name} resized to {format_size(pool.size)}"
 
         if size <= 0:
             raise InvalidArgument(f"pool size must be positive, got {size}")
         return self._pool_job("pool-resize", name, body, started_by_uid)
 
     async def add_pool(self, pc: PoolConfig) -> None:
-        if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
-            raise InvalidArgument(f"a pool named {pc.name!r} already exists")
-        for remote in self._remote_pools():
-            if overlapping(pc.path, remote.path):
-                raise InvalidArgument(
-                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
-                    f"at {remote.path}; they must be separate"
-                )
-        # New pools go only where the admin said pools go: no root-only directory, no
-        # directory someone else made, no link elsewhere can be named here.
-        expected = self.config.pools_root / pc.name
-        if pc.path != expected:
-            raise InvalidArgument(
-                f"pool {pc.name!r} must be at {expected} (poolsRoot/<name>), not {pc.path}; "
-                "leave the path empty, or have an admin change poolsRoot in the configuration"
-            )
         old = self.config
-        new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
-        await self.set_config(new)
+        await self.set_config(with_pool(old, pc))
         pool = self._add_pool_object(pc)
         try:
             await asyncio.to_thread(pool.mount)  # an added pool is ready to use
@@ -1105,20 +1065,7 @@ class Engine:
         pool = self.pool(name)
         if pool.state() is PoolState.MOUNTED:
             raise Busy(f"pool {name!r} is connected; disconnect it first")
-        pinned = sorted(m for m, p in self.config.model_placement.pinned.items() if p == name)
-        if pinned:
-            raise Busy(f"models are pinned to pool {name!r} ({', '.join(pinned)}); unpin first")
-        if isinstance(pool, RemotePool):
-            tiers = _dump(self.config.remote_tiers)
-            del tiers["hosts"][name]
-            new = with_changes(self.config, remote_tiers=tiers)
-        elif name == "local" and self.config.ramdisk is not None:
-            new = parse_config({k: v for k, v in _dump(self.config).items() if k != "ramdisk"})
-        else:
-            new = with_changes(
-                self.config, pools=[_dump(p) for p in self.config.pools if p.name != name]
-            )
-        await self.set_config(new)
+        await self.set_config(without_pool(self.config, name))
         del self.pools[name]
         del self.pool_roots[name]
         self._emit(EventKind.POOL_REMOVED, name)
@@ -1281,8 +1228,8 @@ def check_config_paths(config: Config) -> None:
     check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
     for pc in config.local_pools():
         check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
-    for name, host in config.remote_tiers.hosts.items():
-        path = host.path or config.pools_root / name
+    for name in config.remote_tiers.hosts:
+        path = remote_pool_path(config, name)
         check_trusted_dir(path, f"pool {name!r} path", allow_missing=True)
 
 
@@ -1292,7 +1239,3 @@ def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:
         if f.role is FileRole.DATA:
             seen.setdefault(f.rel, f)
     return list(seen.values())
-
-
-def _dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
