@@ -30,33 +30,30 @@ from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
     Config,
     PoolConfig,
-    RemoteHostConfig,
     remote_pool_path,
     save_config,
     with_pin,
     with_pool,
-    with_pool_size,
     without_pin,
     without_pool,
 )
 from .errors import (
     Busy,
     Cancelled,
-    ConfigError,
     Failed,
-    InvalidArgument,
     NoSuchModel,
-    NoSuchPool,
 )
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
 from .ledger import SpaceLedger
 from .modelsdir import ModelsDir, Where
-from .paths import check_model_name, check_pool_name, overlapping
-from .pools import Pool, PoolState, TmpfsPool
+from .paths import check_model_name
+from .pool_jobs import PoolJobs
+from .pool_registry import PoolRegistry
+from .pools import PoolState
 from .promoted import Promoted
-from .remote.pool import RemotePool
+from .remote_watch import RemoteWatch
 from .roots import Root, check_trusted_dir, ensure_trusted_dir, is_partial
 from .sizes import format_size
 from .tiers import COLD, EventKind, ModelState
@@ -115,8 +112,8 @@ class Engine:
     def __init__(self, config: Config, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.pools: dict[str, Pool] = {}
-        self.pool_roots: dict[str, Path] = {}
+        self.pools = PoolRegistry(config)
+        self.pool_roots = self.pools.roots  # each pool's directory, by name
         self.catalog = ScanResult()
         self.users: dict[str, list[str]] = {}  # data rel -> names of models using it
         self.models_dir = ModelsDir(config.models_dir, config.storage.path, self.pool_roots)
@@ -125,8 +122,7 @@ class Engine:
         self.jobs: dict[int, Job] = {}
         self.listeners: list[Listener] = []
         self._active: dict[str, Job] = {}  # model name -> its running job
-        self._pool_jobs: dict[str, Job] = {}  # pool name -> its running lifecycle job
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self.ledger = SpaceLedger()  # room promised to promotes, copies under way
         self.copy_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
@@ -135,6 +131,8 @@ class Engine:
         self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
+        self.pool_jobs = PoolJobs(self)  # connect, disconnect, resize
+        self.remote_watch = RemoteWatch(self, self.pool_jobs)
         self.watch_interval = REMOTE_WATCH_INTERVAL
         self._watch: asyncio.Task[None] | None = None
         # Why cold storage is unavailable ("" when it is there): while it is, the catalog,
@@ -145,10 +143,6 @@ class Engine:
         self.usage_interval = USAGE_WATCH_INTERVAL
         self._usage_watch: asyncio.Task[None] | None = None
         self._used_seen: dict[str, int] = {}  # pool -> UsedBytes last read (and published)
-        for pc in config.local_pools():
-            self._add_pool_object(pc)
-        for name, host in config.remote_tiers.hosts.items():
-            self._add_remote_pool(name, host)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -160,9 +154,9 @@ class Engine:
         self._usage_watch = asyncio.get_running_loop().create_task(
             self._watch_usage(), name="pool-usage-watch"
         )
-        if any(p.kind == RemotePool.kind for p in self.pools.values()):
+        if self.pools.remote():
             self._watch = asyncio.get_running_loop().create_task(
-                self._watch_remote_pools(), name="remote-pool-watch"
+                self.remote_watch.run(self.watch_interval), name="remote-pool-watch"
             )
 
     def stop_watching(self) -> None:
@@ -205,15 +199,15 @@ class Engine:
     async def reassert(self) -> None:
         """After another engine's failed start touched shared paths (a pool remounted to
         its size, links synced to its catalog), make them this engine's again."""
-        async with self._lock:
+        async with self.lock:
             await asyncio.to_thread(self._reassert_blocking)
 
     def _reassert_blocking(self) -> None:
         self.models_dir.ensure()
-        for pool in self.pools.values():
-            if isinstance(pool, TmpfsPool) and pool.state() is PoolState.MOUNTED:
+        for pool in self.pools.tmpfs():
+            if pool.state() is PoolState.MOUNTED:
                 pool.mount()  # adopts our mount, remounting it to our size if it differs
-        self.models_dir.sync(self.catalog, self._mounted())
+        self.models_dir.sync(self.catalog, self.pools.mounted())
 
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
@@ -284,7 +278,7 @@ class Engine:
         (final names are only given to complete, verified copies), else roll back. Demote
         entries always roll forward: pointing at cold storage is always valid."""
         actions = [f"removed half-written link {r}" for r in self.models_dir.remove_temp_links()]
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         self.promoted.load(lambda: [n for n in self.catalog.models if self._hot(n, mounted)])
         for entry in self.journal.pending():
             actions.append(self._replay(entry, mounted))
@@ -297,7 +291,7 @@ class Engine:
             actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
             actions += [f"removed stale entry {rel}" for rel in report.removed]
             for name in mounted:
-                actions += [f"removed {p} from pool {name}" for p in self._gc_pool(name)]
+                actions += [f"removed {p} from pool {name}" for p in self.gc_pool(name)]
         for a in actions:
             log.info("recovery: %s", a)
         return actions
@@ -336,9 +330,6 @@ class Engine:
 
     # --- reading state -----------------------------------------------------------------
 
-    def _mounted(self) -> set[str]:
-        return {n for n, p in self.pools.items() if p.state() is PoolState.MOUNTED}
-
     def model(self, name: str) -> Model:
         check_model_name(name)
         try:
@@ -348,14 +339,6 @@ class Engine:
                 f"no model named {name!r} on cold storage {self.config.storage.path}; "
                 "run a rescan if it was just added"
             ) from None
-
-    def pool(self, name: str) -> Pool:
-        check_pool_name(name)
-        try:
-            return self.pools[name]
-        except KeyError:
-            known = ", ".join(sorted(self.pools)) or "none"
-            raise NoSuchPool(f"no pool named {name!r} (pools: {known})") from None
 
     def _where(self, model: Model) -> dict[str, Where]:
         return {f.rel: self.models_dir.where(f.rel) for f in model.data_files}
@@ -374,7 +357,7 @@ class Engine:
 
     def model_status(self, name: str, mounted: set[str] | None = None) -> ModelStatus:
         model = self.model(name)
-        mounted = self._mounted() if mounted is None else mounted
+        mounted = self.pools.mounted() if mounted is None else mounted
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
         tier, state = COLD, ModelState.COLD
@@ -401,13 +384,13 @@ class Engine:
         )
 
     def model_statuses(self) -> list[ModelStatus]:
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         return [self.model_status(n, mounted) for n in self.catalog.models]
 
     def models_in_ram(self) -> list[str]:
         """Models with any file served from a mounted pool, hot or partly so (a degraded
         model whose links point at cold storage or at a missing pool holds no RAM)."""
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         return [
             model.name
             for model in self.catalog.models.values()
@@ -415,7 +398,7 @@ class Engine:
         ]
 
     def pool_status(self, name: str) -> PoolStatus:
-        pool = self.pool(name)
+        pool = self.pools.lookup(name)
         state = pool.state()
         size, used, free = pool.size, 0, 0
         if state is PoolState.MOUNTED:
@@ -431,7 +414,7 @@ class Engine:
             used=used,
             free=free,
             speed=pool.speed,
-            problem=getattr(pool, "lost", "") if state is PoolState.DEGRADED else "",
+            problem=pool.problem if state is PoolState.DEGRADED else "",
         )
 
     def pool_statuses(self) -> list[PoolStatus]:
@@ -439,7 +422,7 @@ class Engine:
 
     # --- events ------------------------------------------------------------------------
 
-    def _emit(self, kind: EventKind, name: str) -> None:
+    def emit(self, kind: EventKind, name: str) -> None:
         for listener in list(self.listeners):
             try:
                 listener(kind, name)
@@ -451,9 +434,9 @@ class Engine:
         for rel in rels:
             names.update(self.users.get(rel, ()))
         for name in sorted(names):
-            self._emit(EventKind.MODEL, name)
+            self.emit(EventKind.MODEL, name)
 
-    def _start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
+    def start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
         self.jobs[job.id] = job
         if job.model is not None:
             self._active[job.model] = job
@@ -462,18 +445,16 @@ class Engine:
             if j.finished:
                 if j.model is not None and self._active.get(j.model) is j:
                     del self._active[j.model]
-                    self._emit(EventKind.MODEL, j.model)
-                if j.pool is not None and self._pool_jobs.get(j.pool) is j:
-                    del self._pool_jobs[j.pool]
+                    self.emit(EventKind.MODEL, j.model)
                 level = logging.INFO if j.state.value == "succeeded" else logging.WARNING
                 log.log(level, "job %d %s %s: %s", j.id, j.operation, j.state.value, j.message)
-            self._emit(EventKind.JOB, str(j.id))
+            self.emit(EventKind.JOB, str(j.id))
 
         job.listeners.append(done)
         run_job(job, body)
-        self._emit(EventKind.JOB, str(job.id))
+        self.emit(EventKind.JOB, str(job.id))
         if job.model is not None:
-            self._emit(EventKind.MODEL, job.model)
+            self.emit(EventKind.MODEL, job.model)
         return job
 
     async def shutdown(self, timeout: float = 20.0) -> None:
@@ -518,7 +499,7 @@ class Engine:
         A second request for a model already being promoted joins the running Job."""
         model = self.model(name)
         if pool:
-            self.pool(pool)
+            self.pools.lookup(pool)
         if not model.ok:
             raise Failed(f"model {name!r} cannot be promoted: {model.problems[0]}")
         active = self._active.get(name)
@@ -530,7 +511,7 @@ class Engine:
                 "wait for it or cancel it"
             )
         job = Job("promote", model=name, pool=pool or None, started_by_uid=started_by_uid)
-        return self._start_job(job, self._promote)
+        return self.start_job(job, self._promote)
 
     def _choose_pool(self, model: Model, requested: str | None, mounted: set[str]) -> str:
         candidates = []
@@ -564,8 +545,8 @@ class Engine:
         model = self.model(job.model)
         files = _unique(model.data_files)
         rels = tuple(f.rel for f in files)
-        async with self._lock:
-            mounted = await asyncio.to_thread(self._mounted)
+        async with self.lock:
+            mounted = await asyncio.to_thread(self.pools.mounted)
             where = self._where(model)
             pinned = self.config.model_placement.pinned.get(model.name)
             wanted = job.pool or pinned
@@ -590,18 +571,19 @@ class Engine:
             job.bytes_total = sum(f.size for f in to_copy)
             self.ledger.reserve(job.id, target, rels, job.bytes_total)
         loop = asyncio.get_running_loop()
-        meter = ProgressMeter(
-            job.bytes_total,
-            lambda p: loop.call_soon_threadsafe(self._progress, job, p),
-        )
+
+        def report(p: Progress) -> None:  # in a copy thread
+            loop.call_soon_threadsafe(self._progress, job, p)
+
+        meter = ProgressMeter(job.bytes_total, report)
         started = time.monotonic()
         ok = False
         try:
             for f in to_copy:
                 await self._copy_once(target, f, meter, job)
             meter.finish()
-            async with self._lock:
-                if not await asyncio.to_thread(self._still_there, target):
+            async with self.lock:
+                if not await asyncio.to_thread(self.pools[target].takes_links):
                     raise Failed(f"pool {target!r} went away during the promote of {model.name}")
                 job.cancelable = False  # past this point the swap is quick and must finish
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
@@ -609,13 +591,13 @@ class Engine:
                 # Before the journal entry goes: a crash here replays the promote, adding it.
                 await asyncio.to_thread(self.promoted.add, model.name)
         finally:
-            async with self._lock:  # placement reads the ledger under this lock
+            async with self.lock:  # placement reads the ledger under this lock
                 self.ledger.unreserve(job.id)
                 if not ok:
                     await asyncio.to_thread(self._gc_rels, target, rels)
                 await asyncio.to_thread(self.journal.remove, entry.id)
             self._emit_models(rels)
-            self._emit(EventKind.POOL, target)
+            self.emit(EventKind.POOL, target)
         secs = time.monotonic() - started
         return (
             f"promoted {model.name} to pool {target}: "
@@ -627,16 +609,6 @@ class Engine:
         room until restart). Under the engine lock; returns what was dropped."""
         running = {j.id for j in self.jobs.values() if j.operation == "promote" and not j.finished}
         return self.ledger.clear_stale(running)
-
-    def _still_there(self, name: str) -> bool:
-        """May a promote's links go to ``name`` now? A remote pool whose controller is
-        reconnecting at this instant (seen under TCG guests after a long copy) is still
-        there unless the remote watch gave it up: that watch is the one judge of loss, and it
-        repoints every link to cold, under the engine lock, when it does."""
-        pool = self.pools[name]
-        if isinstance(pool, RemotePool):
-            return pool.connected and not pool.lost
-        return pool.state() is PoolState.MOUNTED
 
     async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
         """Copy one file into a pool, joining a copy of the same blob already under way."""
@@ -745,10 +717,10 @@ class Engine:
             loop.call_soon_threadsafe(ended)
 
     async def _collect(self, pool: str, rel: str) -> None:
-        async with self._lock:
-            if pool in await asyncio.to_thread(self._mounted):
+        async with self.lock:
+            if pool in await asyncio.to_thread(self.pools.mounted):
                 await asyncio.to_thread(self._gc_rels, pool, [rel])
-        self._emit(EventKind.POOL, pool)
+        self.emit(EventKind.POOL, pool)
 
     def _swap_to_pool(self, rels: Iterable[str], pool: str) -> None:
         old_pools = set()
@@ -779,19 +751,19 @@ class Engine:
                 f"model {name!r} is being promoted (job {active.id}); "
                 "cancel that job first or wait for it"
             )
-        return self._start_job(
+        return self.start_job(
             Job("demote", model=name, started_by_uid=started_by_uid), self._demote
         )
 
     async def _demote(self, job: Job) -> str:
         assert job.model is not None
         model = self.model(job.model)
-        async with self._lock:
-            was_hot = await asyncio.to_thread(self._hot, model.name, self._mounted())
+        async with self.lock:
+            was_hot = await asyncio.to_thread(self._hot, model.name, self.pools.mounted())
             released, kept_for, also_cold = await asyncio.to_thread(self._release, model, None, job)
         self._emit_models(released, [model.name])
         for pool in self.pools:  # usage changed in whichever pools held the copies
-            self._emit(EventKind.POOL, pool)
+            self.emit(EventKind.POOL, pool)
         if not released and not was_hot:
             return f"{model.name} is already cold; nothing freed"
         if not released:
@@ -816,7 +788,7 @@ class Engine:
         promoted.py) and is hot; one hot only through another's blobs holds nothing.
         Returns (rels released, holders that kept blobs, other models made cold by it).
         Journaled; runs under the engine lock."""
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
         demoting = self._demoting()
@@ -879,7 +851,7 @@ class Engine:
                 tree.prune(rel.rpartition("/")[0])
         return removed
 
-    def _gc_pool(self, pool: str) -> list[str]:
+    def gc_pool(self, pool: str) -> list[str]:
         """Delete everything in a pool that no link points to: partial copies left by a
         crash, and complete copies whose promote was rolled back."""
         tree = self.models_dir.pool(pool)
@@ -904,7 +876,7 @@ class Engine:
     async def pin(self, name: str, pool: str, started_by_uid: int = 0) -> Job | None:
         """Pin a model to a pool. If it is hot elsewhere, start moving it (returns that Job)."""
         self.model(name)
-        self.pool(pool)
+        self.pools.lookup(pool)
         await self.set_config(with_pin(self.config, name, pool))
         status = self.model_status(name)
         if status.state is ModelState.HOT and status.tier != pool:
@@ -920,110 +892,26 @@ class Engine:
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
         old_pins, self.config = self.config.model_placement.pinned, new
-        for pool in self._remote_pools():
+        for pool in self.pools.remote():
             pool.ssh_key_path = new.ssh_key_path
-        self._emit(EventKind.CONFIG, "")
+        self.emit(EventKind.CONFIG, "")
         new_pins = new.model_placement.pinned
         for name in sorted(set(old_pins) | set(new_pins)):
             if old_pins.get(name) != new_pins.get(name) and name in self.catalog.models:
-                self._emit(EventKind.MODEL, name)
+                self.emit(EventKind.MODEL, name)
 
     # --- pools -------------------------------------------------------------------------
 
-    def _add_remote_pool(self, name: str, host: RemoteHostConfig) -> RemotePool:
-        if host.path is None:  # the legacy format names no mount point: poolsRoot's
-            host = host.model_copy(update={"path": self.config.pools_root / name})
-        try:
-            pool = RemotePool(name, host, self.config.ssh_key_path)
-        except InvalidArgument as err:
-            raise ConfigError(f"remote pool {name!r}: {err}") from None
-        roots = {"modelsDir": self.config.models_dir, "storage.path": self.config.storage.path}
-        roots |= {f"pool {n!r} path": r for n, r in self.pool_roots.items()}
-        for what, root in roots.items():
-            if overlapping(pool.path, root):
-                raise ConfigError(
-                    f"remoteTiers.hosts.{name}.path ({pool.path}) and {what} ({root}) "
-                    "overlap; they must be separate"
-                )
-        self.pools[name] = pool
-        self.pool_roots[name] = pool.path
-        return pool
-
-    def _remote_pools(self) -> list[RemotePool]:
-        return [p for p in self.pools.values() if isinstance(p, RemotePool)]
-
-    def _add_pool_object(self, pc: PoolConfig) -> TmpfsPool:
-        pool = TmpfsPool(pc.name, pc.path, pc.size, pc.speed)
-        self.pools[pc.name] = pool
-        self.pool_roots[pc.name] = pc.path
-        return pool
-
-    def _pool_job(
-        self,
-        operation: str,
-        name: str,
-        body: Callable[[Job], Awaitable[str]],
-        started_by_uid: int = 0,
-    ) -> Job:
-        self.pool(name)
-        active = self._pool_jobs.get(name)
-        if active is not None:
-            raise Busy(f"pool {name!r} is busy with {active.operation} (job {active.id})")
-        job = Job(operation, pool=name, cancelable=False, started_by_uid=started_by_uid)
-        self._pool_jobs[name] = job
-        return self._start_job(job, body)
-
     def connect_pool(self, name: str, started_by_uid: int = 0) -> Job:
-        """Mount a local pool; connect a remote one (its Job's Step names each step)."""
-
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            await asyncio.to_thread(pool.mount, self._step_reporter(job))
-            job.steps_done, job.step = job.steps_total, ""
-            async with self._lock:
-                await asyncio.to_thread(self._gc_pool, name)
-            self._emit(EventKind.POOL, name)
-            if isinstance(pool, RemotePool):
-                return (
-                    f"pool {name} connected to {pool.cfg.ssh.split('@')[-1]} over "
-                    f"{pool.cfg.transport} and mounted at {pool.path} ({format_size(pool.size)})"
-                )
-            return f"pool {name} mounted at {pool.path} ({format_size(pool.size)})"
-
-        return self._pool_job("pool-connect", name, body, started_by_uid)
-
-    def _step_reporter(self, job: Job) -> Callable[[int, int, str], None]:
-        """A progress hook a worker thread may call: (steps done, steps, step starting)."""
-        loop = asyncio.get_running_loop()
-
-        def on_step(done: int, total: int, step: str) -> None:
-            if not job.finished:
-                job.steps_done, job.steps_total, job.step = done, total, step
-                job.notify()
-
-        return lambda done, total, step: loop.call_soon_threadsafe(on_step, done, total, step)
+        return self.pool_jobs.connect(name, started_by_uid)
 
     def disconnect_pool(self, name: str, started_by_uid: int = 0) -> Job:
-        """Demote everything the pool holds (links back to cold first), then unmount."""
-        if self.cold_problem:  # its models would be left with links to nothing
-            raise Busy(
-                f"cannot disconnect pool {name!r}: {self.cold_problem}; its "
-                "models keep serving from RAM until cold storage is back"
-            )
+        return self.pool_jobs.disconnect(name, started_by_uid)
 
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            async with self._lock:
-                touched, hot = await asyncio.to_thread(self._evacuate, name)
-                await asyncio.to_thread(pool.unmount)
-            for model in touched:
-                self._emit(EventKind.MODEL, model)
-            self._emit(EventKind.POOL, name)
-            return f"pool {name} disconnected; {hot} model(s) now served from cold storage"
+    def resize_pool(self, name: str, size: int, started_by_uid: int = 0) -> Job:
+        return self.pool_jobs.resize(name, size, started_by_uid)
 
-        return self._pool_job("pool-disconnect", name, body, started_by_uid)
-
-    def _evacuate(self, pool: str) -> tuple[list[str], int]:
+    def evacuate(self, pool: str) -> tuple[list[str], int]:
         """Point every link into ``pool`` back at cold storage. Returns the models touched
         (their state may change) and how many of them were wholly hot there: a cold model
         that merely shares a blob with a hot one is touched, not moved."""
@@ -1036,39 +924,25 @@ class Engine:
             self._release(model, pool, None)
         return [m.name for m, _ in affected], sum(hot for _, hot in affected)
 
-    def resize_pool(self, name: str, size: int, started_by_uid: int = 0) -> Job:
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            await asyncio.to_thread(pool.resize, size)
-            await self.set_config(with_pool_size(self.config, name, pool.size))
-            self._emit(EventKind.POOL, name)
-            return f"pool {name} resized to {format_size(pool.size)}"
-
-        if size <= 0:
-            raise InvalidArgument(f"pool size must be positive, got {size}")
-        return self._pool_job("pool-resize", name, body, started_by_uid)
-
     async def add_pool(self, pc: PoolConfig) -> None:
         old = self.config
         await self.set_config(with_pool(old, pc))
-        pool = self._add_pool_object(pc)
+        pool = self.pools.add_tmpfs(pc)
         try:
             await asyncio.to_thread(pool.mount)  # an added pool is ready to use
         except Exception:
-            del self.pools[pc.name]
-            del self.pool_roots[pc.name]
+            self.pools.remove(pc.name)
             await self.set_config(old)
             raise
-        self._emit(EventKind.POOL_ADDED, pc.name)
+        self.emit(EventKind.POOL_ADDED, pc.name)
 
     async def remove_pool(self, name: str) -> None:
-        pool = self.pool(name)
+        pool = self.pools.lookup(name)
         if pool.state() is PoolState.MOUNTED:
             raise Busy(f"pool {name!r} is connected; disconnect it first")
         await self.set_config(without_pool(self.config, name))
-        del self.pools[name]
-        del self.pool_roots[name]
-        self._emit(EventKind.POOL_REMOVED, name)
+        self.pools.remove(name)
+        self.emit(EventKind.POOL_REMOVED, name)
 
     # --- pool usage watch --------------------------------------------------------------
 
@@ -1077,7 +951,7 @@ class Engine:
             await asyncio.sleep(self.usage_interval)
             try:
                 for name in await asyncio.to_thread(self._usage_changes):
-                    self._emit(EventKind.POOL, name)
+                    self.emit(EventKind.POOL, name)
             except Exception:  # the watch must outlive any one bad statvfs
                 log.exception("pool usage watch failed")
 
@@ -1085,9 +959,9 @@ class Engine:
         """Mounted pools whose used bytes changed since the last look (a statvfs each; a
         pool given up as lost is not asked: I/O to it may hang)."""
         changed = []
-        for name in sorted(self._mounted()):
+        for name in sorted(self.pools.mounted()):
             pool = self.pools.get(name)
-            if pool is None or getattr(pool, "lost", ""):
+            if pool is None or pool.problem:
                 continue
             try:
                 used = pool.usage().used
@@ -1098,47 +972,6 @@ class Engine:
             self._used_seen[name] = used
         return changed
 
-    # --- remote pool watch -------------------------------------------------------------
-
-    async def _watch_remote_pools(self) -> None:
-        while True:
-            try:
-                await self.check_remote_pools()
-            except Exception:  # the watch must outlive any one bad probe
-                log.exception("remote pool watch failed")
-            await asyncio.sleep(self.watch_interval)
-
-    async def check_remote_pools(self) -> list[str]:
-        """Probe every connected remote pool (sysfs, /proc/mounts: no I/O to the pool);
-        give up each one that is no longer usable. Returns the names given up."""
-        lost = []
-        for pool in self._remote_pools():
-            if not pool.connected or pool.lost or pool.name in self._pool_jobs:
-                continue  # not ours to watch, already given up, or being (dis)connected
-            found = await asyncio.to_thread(pool.probe)
-            if not found.usable and pool.connected and not pool.lost:
-                await self._lose_pool(pool, found.reason)
-                lost.append(pool.name)
-        return lost
-
-    async def _lose_pool(self, pool: RemotePool, reason: str) -> None:
-        """Serve everything in a lost pool from cold storage: repoint the links only. The
-        pool's files are never read, written or deleted (I/O to it fails or hangs); a later
-        Disconnect or Connect cleans up."""
-        pool.lost = reason or "not usable"
-        async with self._lock:
-            touched, hot = await asyncio.to_thread(self._evacuate, pool.name)
-        log.error(
-            "lost pool %s: %s; %d model(s) now served from cold storage; "
-            "Connect the pool again to restore it",
-            pool.name,
-            pool.lost,
-            hot,
-        )
-        for model in touched:
-            self._emit(EventKind.MODEL, model)
-        self._emit(EventKind.POOL, pool.name)
-
     # --- health ------------------------------------------------------------------------
 
     async def health(self, repair: bool = False, verify_digests: bool = False) -> HealthReport:
@@ -1148,10 +981,10 @@ class Engine:
         worth a report that reads state a running job may change the next instant anyway."""
         if not repair:
             return await asyncio.to_thread(health.check, self, False, verify_digests)
-        async with self._lock:
+        async with self.lock:
             report = await asyncio.to_thread(health.check, self, repair, verify_digests)
         if repair and any(f.repaired for f in report.findings):
-            self._emit(EventKind.CATALOG, "")
+            self.emit(EventKind.CATALOG, "")
         return report
 
     # --- rescan ------------------------------------------------------------------------
@@ -1163,10 +996,10 @@ class Engine:
         Raises Failed, changing nothing the bus shows, when cold storage is unavailable or
         the models dir cannot be synced; the previous catalog then stays."""
         try:
-            async with self._lock:
+            async with self.lock:
                 await asyncio.to_thread(self._rescan_blocking, adopt)
         finally:
-            self._emit(EventKind.CATALOG, "")  # the cold storage state may have changed either way
+            self.emit(EventKind.CATALOG, "")  # the cold storage state may have changed either way
             self._watch_cold_storage()
         return len(self.catalog.models)
 
@@ -1179,7 +1012,7 @@ class Engine:
             )
         catalog, seen = found
         try:
-            self.models_dir.sync(catalog, self._mounted())
+            self.models_dir.sync(catalog, self.pools.mounted())
         except OSError as err:  # e.g. the models dir is full: the old catalog stays
             raise Failed(
                 f"rescan could not update the models dir {self.config.models_dir} "
@@ -1208,7 +1041,7 @@ class Engine:
                 seen = await asyncio.to_thread(availability.look, self.config.storage.path)
                 if isinstance(seen, str) or seen.empty:
                     continue  # not back yet: not even worth the rescan's reasoning
-                async with self._lock:
+                async with self.lock:
                     await asyncio.to_thread(self._rescan_blocking, False)
                 log.info("cold storage %s is back; catalog rescanned", self.config.storage.path)
             except Failed:
@@ -1216,7 +1049,7 @@ class Engine:
             except Exception:  # the retry must outlive any one bad look
                 log.exception("cold storage retry failed")
             if self.cold_problem != before:
-                self._emit(EventKind.CATALOG, "")
+                self.emit(EventKind.CATALOG, "")
 
 
 def check_config_paths(config: Config) -> None:
