@@ -831,6 +831,12 @@ class Engine:
             job.bytes_done = job.bytes_total
         return release, kept_for, {o for o in hot_before if not self._hot(o, mounted)}
 
+    def jobs_running(self) -> bool:
+        """Is a promote or demote running? (Health leaves their temporary names alone.)"""
+        return bool(self._active) or any(
+            j.operation == "promote" and not j.finished for j in list(self.jobs.values())
+        )
+
     def _demoting(self) -> set[str]:
         return {n for n, j in self._active.items() if j.operation == "demote"}
 

@@ -9,19 +9,52 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
 from . import holders
-from .catalog.types import FileRole
-from .modelsdir import LINK_TMP_MARKER, META_TMP_MARKER
-from .pools import PoolState
+from .catalog.types import FileRole, ScanResult
+from .ledger import SpaceLedger
+from .modelsdir import LINK_TMP_MARKER, META_TMP_MARKER, ModelsDir
+from .pools import Pool, PoolState
 from .roots import Root, is_partial
 from .sizes import format_size
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class Checked(Protocol):
+    """What health reads of the engine (and a repair changes): the engine is one."""
+
+    @property
+    def catalog(self) -> ScanResult: ...
+
+    @property
+    def users(self) -> Mapping[str, list[str]]:
+        """Data rel -> the models using it."""
+        ...
+
+    @property
+    def models_dir(self) -> ModelsDir: ...
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def ledger(self) -> SpaceLedger: ...
+
+    @property
+    def cold_problem(self) -> str:
+        """Why cold storage is unavailable; "" when it is there."""
+        ...
+
+    def jobs_running(self) -> bool:
+        """Is a promote or demote running? (Its temporary names come and go.)"""
+        ...
+
+    def clear_stale_reservations(self) -> list[str]:
+        """Under the engine lock: drop what no running promote owns; say what."""
+        ...
 
 
 class Status(str, enum.Enum):
@@ -58,7 +91,7 @@ def _sha256(tree: Root, rel: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check(engine: Engine, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+def check(engine: Checked, repair: bool = False, verify_digests: bool = False) -> HealthReport:
     """Blocking: run in a worker thread; with ``repair``, while holding the engine lock.
 
     A look runs without the lock, beside promotes and demotes: it reads each shared
@@ -66,9 +99,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     not report as leftovers the temporary names a running job makes and renames away."""
     findings: list[Finding] = []
     catalog = engine.catalog  # a rescan replaces it whole; this one stays consistent
-    jobs_running = bool(engine._active) or any(
-        j.operation == "promote" and not j.finished for j in list(engine.jobs.values())
-    )
+    jobs_running = engine.jobs_running()
     checked: dict[str, int] = {}
 
     def add(check: str, status: Status, subject: str, message: str, repaired: bool = False):
@@ -78,7 +109,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Cold storage reachable.
     md = engine.models_dir
-    cold = engine.config.storage.path
+    cold = md.cold_root
     if engine.cold_problem:
         # Repairs would move links toward cold storage that is not there, or drop RAM
         # copies of models the (kept) catalog cannot vouch for: none while it is away.
@@ -212,7 +243,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Orphans in pools: partial copies and copies no link points to.
     for name in sorted(mounted):
-        root = engine.pool_roots[name]
+        root = md.pool_roots[name]
         tree = md.pool(name)
         for e in tree.walk():
             rel, fn = e.rel, e.rel.rpartition("/")[2]
@@ -238,7 +269,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # RAM held by copies already deleted: a process still maps them or has them open (an
     # inference server that loaded the model). The pool's usage counts them until it lets go.
-    held = holders.deleted_pool_files({n: engine.pool_roots[n] for n in sorted(mounted)})
+    held = holders.deleted_pool_files({n: md.pool_roots[n] for n in sorted(mounted)})
     for h in held:
         add(
             "held",
@@ -266,7 +297,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     return HealthReport(ok=report_ok, findings=findings, checked=checked)
 
 
-def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
+def _verify(engine: Checked, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
     digest = None
     models = engine.catalog.models
     for name in engine.users.get(rel, ()):
@@ -290,6 +321,6 @@ def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) 
     )
 
 
-def _resync(engine: Engine, mounted: set[str]) -> bool:
+def _resync(engine: Checked, mounted: set[str]) -> bool:
     engine.models_dir.sync(engine.catalog, mounted)
     return True
