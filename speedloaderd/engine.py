@@ -30,7 +30,6 @@ from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
     Config,
     PoolConfig,
-    remote_pool_path,
     save_config,
     with_pin,
     with_pool,
@@ -54,7 +53,7 @@ from .pool_registry import PoolRegistry
 from .pools import PoolState
 from .promoted import Promoted
 from .remote_watch import RemoteWatch
-from .roots import Root, check_trusted_dir, ensure_trusted_dir, is_partial
+from .roots import Root, ensure_trusted_dir, is_partial
 from .sizes import format_size
 from .tiers import COLD, EventKind, ModelState
 from .transfer import Progress, ProgressMeter, copy_into
@@ -1056,20 +1055,6 @@ class Engine:
                 log.exception("cold storage retry failed")
             if self.cold_problem != before:
                 self.emit(EventKind.CATALOG, "")
-
-
-def check_config_paths(config: Config) -> None:
-    """Refuse (UnsafePath, naming the component) a config whose models dir, state dir or
-    local pool paths someone other than root could change: the daemon writes there as root.
-    Paths that do not exist yet pass if their deepest existing directory does (they are made
-    at start). Cold storage is only read, through roots.Root, and may be anyone's."""
-    check_trusted_dir(config.models_dir, "modelsDir", allow_missing=True)
-    check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
-    for pc in config.local_pools():
-        check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
-    for name in config.remote_tiers.hosts:
-        path = remote_pool_path(config, name)
-        check_trusted_dir(path, f"pool {name!r} path", allow_missing=True)
 
 
 def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:

@@ -8,15 +8,20 @@ memory, not the filesystem.
 # No "from __future__ import annotations": dbus-fast reads D-Bus signatures from annotations.
 
 import json
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from .. import __version__
 from ..config import PoolConfig, parse_config
+from ..daemon import Daemon
+from ..engine import Engine
 from ..errors import InvalidArgument
+from ..jobs import Job
 from ..sizes import parse_size
-from .auth import caller_uid, exported
+from .auth import Polkit, caller_uid, exported
 from .names import (
     ACTION_ADMINISTER,
     ACTION_CONFIGURE,
@@ -33,11 +38,43 @@ from .names import (
     pool_path,
 )
 
-if TYPE_CHECKING:
-    from ..jobs import Job
-    from .server import Server
-
 READ = PropertyAccess.READ
+
+
+class ObjectHost(Protocol):
+    """What the exported objects use of the server (bus/server.py's Server is one): the
+    connection and polkit, the daemon, and the server's publishing. The objects import
+    nothing from the server, so it can import them."""
+
+    @property
+    def bus(self) -> MessageBus | None: ...
+
+    @property
+    def polkit(self) -> Polkit: ...
+
+    @property
+    def daemon(self) -> Daemon: ...
+
+    @property
+    def config_path(self) -> Path | None: ...
+
+    def require_engine(self) -> Engine: ...
+
+    async def settle(self) -> None:
+        """Publish pending property changes before a reply."""
+        ...
+
+    def job_object(self, job: Job) -> str:
+        """The object path of ``job``, exported if it was not yet."""
+        ...
+
+    def config_json(self) -> str: ...
+
+    def list_models(self, offset: int, limit: int, filters: dict[str, Any]) -> list[Any]: ...
+
+    def list_pools(self) -> list[Any]: ...
+
+    def list_jobs(self) -> list[Any]: ...
 
 
 def _size_arg(text: str) -> int:
@@ -53,7 +90,7 @@ def _size_arg(text: str) -> int:
 class Snapshot(ServiceInterface):
     """An interface whose properties come from a dict the server keeps current."""
 
-    def __init__(self, name: str, server: "Server"):
+    def __init__(self, name: str, server: ObjectHost):
         super().__init__(name)
         self.server = server
         self.values: dict[str, Any] = {}
@@ -66,7 +103,7 @@ class Snapshot(ServiceInterface):
 
 
 class ManagerInterface(Snapshot):
-    def __init__(self, server: "Server"):
+    def __init__(self, server: ObjectHost):
         super().__init__(MANAGER_IFACE, server)
 
     @property
@@ -236,14 +273,14 @@ class ManagerInterface(Snapshot):
                 "the configuration is nested too deeply to be read; send a flat JSON object"
             ) from None
         new = parse_config(data, "new configuration")
-        admin_keys = self.server.admin_changes(new)
+        admin_keys = self.server.daemon.admin_changes(new)
         if admin_keys:
             await self.server.polkit.check(
                 ACTION_ADMINISTER,
                 f"changing {', '.join(admin_keys)} needs an administrator "
                 "(a member may change only the strategy, pins and pool speeds)",
             )
-        await self.server.set_config(new)
+        await self.server.daemon.set_config(new)
 
     @method()
     @exported()
@@ -291,7 +328,7 @@ def _first_error(err: ValueError) -> str:
 
 
 class PoolInterface(Snapshot):
-    def __init__(self, server: "Server", name: str):
+    def __init__(self, server: ObjectHost, name: str):
         super().__init__(POOL_IFACE, server)
         self.pool_name = name
 
@@ -370,7 +407,7 @@ class PoolInterface(Snapshot):
 
 
 class ModelInterface(Snapshot):
-    def __init__(self, server: "Server", name: str):
+    def __init__(self, server: ObjectHost, name: str):
         super().__init__(MODEL_IFACE, server)
         self.model_name = name
 
@@ -410,7 +447,7 @@ _CANCEL_ACTION = {
 
 
 class JobInterface(Snapshot):
-    def __init__(self, server: "Server", job: "Job"):
+    def __init__(self, server: ObjectHost, job: Job):
         super().__init__(JOB_IFACE, server)
         self.job = job
 
@@ -504,7 +541,7 @@ class JobInterface(Snapshot):
         return [success, message]
 
 
-def job_values(job: "Job") -> dict[str, Any]:
+def job_values(job: Job) -> dict[str, Any]:
     objects = []
     if job.model:
         objects.append(model_path(job.model))

@@ -30,11 +30,11 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from ..config import Config, dump_config, save_config
-from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
-from ..errors import Busy, Failed, InvalidArgument, SpeedloaderError
+from ..config import Config, dump_config
+from ..daemon import Daemon
+from ..engine import Engine, ModelStatus, PoolStatus
+from ..errors import Failed, InvalidArgument
 from ..jobs import Job
-from ..privilege import admin_changes
 from ..tiers import EventKind
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
@@ -75,38 +75,6 @@ RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
 _FILTER_KEYS = ("name", "state", "tier", "format", "after")
 # Engine events after which every object is read again (a job's or one object's do not).
 _RESYNC_EVENTS = {EventKind.CATALOG, EventKind.POOL_ADDED, EventKind.POOL_REMOVED, EventKind.CONFIG}
-
-# Config keys a running engine can adopt without rebuilding its pools and models dir.
-# (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
-# backend.apiUrl is only shown to clients.
-_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "backend.apiUrl"}
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Top-level keys whose values differ between two dump_config() outputs; a backend that
-    differs only in its apiUrl is reported as ``backend.apiUrl``. Extension keys (``_``,
-    ``x-``) are left out: nothing reads them."""
-    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-    changed -= {k for k in changed if k.startswith(("_", "x-"))}
-    if "backend" in changed:
-        a, b = old.get("backend") or {}, new.get("backend") or {}
-        if isinstance(a, dict) and isinstance(b, dict):
-            strip = {"apiUrl"}
-            if {k: v for k, v in a.items() if k not in strip} == {
-                k: v for k, v in b.items() if k not in strip
-            }:
-                changed = (changed - {"backend"}) | {"backend.apiUrl"}
-    return changed
-
-
-def _reason(err: BaseException) -> str:
-    """One sentence for why an engine could not start (a bug says so)."""
-    if isinstance(err, SpeedloaderError):
-        return str(err)
-    if isinstance(err, OSError):
-        where = f" ({err.filename})" if err.filename else ""
-        return f"{err.strerror or err}{where}"
-    return f"internal error while starting: {err!r}"
 
 
 class _EagainSafeSocket:
@@ -316,13 +284,9 @@ def pool_values(st: PoolStatus) -> dict[str, Any]:
 
 class Server:
     def __init__(self, config: Config | None, config_path: Path | None, config_error: str = ""):
-        self.config_path = config_path
-        self.engine: Engine | None = Engine(config, config_path) if config else None
-        self.config_error = config_error
-        # A config that loaded but whose engine could not start: shown by GetConfig so it
-        # can be fixed and sent back.
-        self.unstarted_config: Config | None = None
-        self._reconfiguring = False  # a structural SetConfig is starting a new engine
+        # The domain: the engine, its config, and the rebuild-on-config policy.
+        self.daemon = Daemon(config, config_path, config_error)
+        self.daemon.listeners.append(self._on_engine_event)
         self.bus: SystemBus | None = None
         self.polkit: Polkit
         self.manager = ManagerInterface(self)
@@ -338,24 +302,7 @@ class Server:
     # --- start and stop ----------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.engine is not None:
-            engine = self.engine
-            engine.listeners.append(self._on_engine_event)
-            try:
-                await engine.start()
-            except Exception as err:
-                # Stay on the bus without an engine: the reason is in ConfigError and a
-                # SetConfig (or a fixed file and a restart) brings the engine up.
-                if not isinstance(err, (SpeedloaderError, OSError)):
-                    log.exception("engine start failed")
-                self.engine, self.config_error = None, _reason(err)
-                self.unstarted_config = engine.config
-                undone = await asyncio.to_thread(engine.abandon_start)
-                log.error(
-                    "configuration not usable: %s (pools unmounted again: %s)",
-                    self.config_error,
-                    ", ".join(undone) or "none",
-                )
+        await self.daemon.start()
         await self._connect(sync=True)
         log.info(
             "on the system bus as %s (%d models, %d pools)",
@@ -443,7 +390,7 @@ class Server:
     async def shutdown(self) -> None:
         """End running jobs (their Completed signals still go out), then leave the bus."""
         if self.engine is not None:
-            await self.engine.shutdown()
+            await self.daemon.shutdown()
             await self.settle()
         self.stop()
 
@@ -453,100 +400,22 @@ class Server:
 
     # --- engine access -----------------------------------------------------------------
 
+    @property
+    def engine(self) -> Engine | None:
+        return self.daemon.engine
+
+    @property
+    def config_path(self) -> Path | None:
+        return self.daemon.config_path
+
     def require_engine(self) -> Engine:
-        if self._reconfiguring:
-            raise Busy("a new configuration is being applied; try again when it is done")
-        if self.engine is None:
-            raise Failed(
-                f"speedloaderd has no valid configuration ({self.config_error}); "
-                "fix it with SetConfig (slctl config set) or edit the file and restart"
-            )
-        return self.engine
+        return self.daemon.require_engine()
 
     def config_json(self) -> str:
-        config = self.engine.config if self.engine is not None else self.unstarted_config
+        config = self.daemon.shown_config()
         if config is None:
             return "{}"
         return json.dumps(dump_config(config), indent=2)
-
-    def admin_changes(self, new: Config) -> list[str]:
-        """The keys ``new`` changes that need an admin (any, with no running config)."""
-        old = dump_config(self.engine.config) if self.engine is not None else {}
-        return admin_changes(old, dump_config(new))
-
-    async def set_config(self, new: Config) -> None:
-        """Adopt a validated config, all or nothing. Placement, pins, the SSH key and the
-        backend's apiUrl change live. Anything else starts a new engine first (refused while
-        models are in RAM or jobs run); only once it has started is the config saved and
-        the new engine put in charge. If either fails, what the new engine mounted is
-        unmounted, the file is untouched and the running engine goes on."""
-        if self._reconfiguring:
-            raise Busy("another configuration change is being applied; try again when it is done")
-        engine = self.engine
-        if engine is not None:
-            changed = changed_keys(dump_config(engine.config), dump_config(new))
-            if not changed - _LIVE_KEYS:
-                await engine.set_config(new)
-                return
-            busy = [j for j in engine.jobs.values() if not j.finished]
-            held = await asyncio.to_thread(engine.models_in_ram)
-            if busy or held:
-                what = []
-                if held:
-                    names = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
-                    what.append(f"demote the {len(held)} model(s) in RAM ({names})")
-                if busy:
-                    what.append(f"wait for the {len(busy)} running job(s)")
-                raise Busy(
-                    f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
-                    f"{' and '.join(what)} first"
-                )
-        self._reconfiguring = True
-        try:
-            replacement = await self._start_replacement(new, engine)
-        finally:
-            self._reconfiguring = False
-        replacement.listeners.append(self._on_engine_event)
-        if engine is not None:
-            engine.listeners.clear()
-            engine.close()
-        self.engine, self.config_error, self.unstarted_config = replacement, "", None
-        log.info("configuration replaced; engine restarted")
-        self._resync_all = True
-        self._schedule_flush()
-
-    async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
-        """Start an engine for ``new`` and save ``new``; on any failure undo both."""
-        # Paths checked before anything is made: a config the engine refuses (a remote
-        # pool's bad path, a models dir a member owns) creates nothing.
-        await asyncio.to_thread(check_config_paths, new)
-        replacement = Engine(new, self.config_path)
-        try:
-            await replacement.start()
-            if self.config_path is not None:
-                await asyncio.to_thread(save_config, new, self.config_path)
-        except BaseException as err:
-            keep = set(old.pool_roots.values()) if old is not None else set()
-            undone = await asyncio.to_thread(replacement.abandon_start, keep)
-            if old is not None:
-                try:
-                    await old.reassert()
-                except Exception:
-                    log.exception("the running engine could not take its paths back")
-            log.error(
-                "new configuration refused: %s (pools unmounted again: %s)",
-                _reason(err),
-                ", ".join(undone) or "none",
-            )
-            if isinstance(err, SpeedloaderError):
-                raise
-            if isinstance(err, Exception):
-                raise Failed(
-                    f"the new configuration could not be started ({_reason(err)}); "
-                    "the running configuration was kept"
-                ) from err
-            raise
-        return replacement
 
     # --- objects -----------------------------------------------------------------------
 
@@ -661,7 +530,7 @@ class Server:
         if self.engine is None:
             return {
                 "ConfigValid": False,
-                "ConfigError": self.config_error,
+                "ConfigError": self.daemon.config_error,
                 "ColdStorageProblem": "speedloaderd has no valid configuration",
             }
         c = self.engine.config
