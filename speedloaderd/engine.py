@@ -1,8 +1,13 @@
-"""The engine: promote, demote, pin, pools and recovery, with no D-Bus in sight.
+"""The engine: promote, demote, pin, rescan and recovery, with no D-Bus in sight.
 
 A promote reads as a straight line: validate -> placement -> journal -> copy (worker
 thread, verified, renamed into place) -> swap symlinks -> collect garbage -> forget the
 journal entry. Only the metadata steps hold the engine lock; copies run concurrently.
+
+The engine orchestrates; the pieces have their own modules: the room promised to running
+promotes (ledger.py), the pools (pool_registry.py), their connect, disconnect and resize
+jobs (pool_jobs.py), the remote pools' watch (remote_watch.py), the config's edits
+(config.py) and whether a new config is adopted live or rebuilds the engine (daemon.py).
 
 Where a model lives is read from the models dir symlinks, never stored elsewhere, so the
 state after any crash is whatever the links say, repaired by the journal.
@@ -11,9 +16,6 @@ state after any crash is whatever the links say, repaired by the journal.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import functools
 import logging
 import secrets
 import stat
@@ -22,7 +24,6 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import health, placement
 from .catalog import availability, scan
@@ -36,12 +37,8 @@ from .config import (
     without_pin,
     without_pool,
 )
-from .errors import (
-    Busy,
-    Cancelled,
-    Failed,
-    NoSuchModel,
-)
+from .copies import Copies
+from .errors import Busy, Failed, NoSuchModel
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
@@ -56,7 +53,7 @@ from .remote_watch import RemoteWatch
 from .roots import Root, ensure_trusted_dir, is_partial
 from .sizes import format_size
 from .tiers import COLD, EventKind, ModelState
-from .transfer import Progress, ProgressMeter, copy_into
+from .transfer import Progress, ProgressMeter
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +68,6 @@ COLD_RETRY_INTERVAL = 5.0
 # stays used while a process maps the deleted copy, and is freed when that process exits,
 # which no job of ours sees. One statvfs per pool: nothing else is read.
 USAGE_WATCH_INTERVAL = 5.0
-# Copy threads, apart from the metadata work (asyncio.to_thread): copies blocked in a read
-# that never returns (a hung NFS or FUSE source) must never starve the engine's own steps.
-COPY_WORKERS = 4
-# Seconds a cancelled copy gets to stop at its next chunk boundary before it is abandoned:
-# its job ends at once then, and the thread removes its partial file when the read returns.
-COPY_CANCEL_GRACE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +114,7 @@ class Engine:
         self._active: dict[str, Job] = {}  # model name -> its running job
         self.lock = asyncio.Lock()
         self.ledger = SpaceLedger()  # room promised to promotes, copies under way
-        self.copy_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
-        )
-        self._abandoned: set[concurrent.futures.Future[Any]] = set()  # copies given up on
+        self.copies = Copies(self.models_dir, self.ledger, self._collect)
         self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
@@ -174,7 +162,7 @@ class Engine:
         """This engine is done (stopped, or replaced): no more watching, no new copies.
         Copy threads still blocked are not waited for."""
         self.stop_watching()
-        self.copy_executor.shutdown(wait=False, cancel_futures=True)
+        self.copies.close()
 
     def abandon_start(self, keep: Iterable[Path] = ()) -> list[str]:
         """Undo what a failed or unwanted start did that matters: unmount the pools it
@@ -459,8 +447,8 @@ class Engine:
     async def shutdown(self, timeout: float = 20.0) -> None:
         """Cancel what can be cancelled and wait for every job to end, so a stop leaves no
         partial copy and no journal entry behind (a stop is not a crash). A copy blocked
-        in a read that never returns is abandoned after COPY_CANCEL_GRACE; its partial file
-        is removed by recovery at the next start."""
+        in a read that never returns is abandoned after copies.COPY_CANCEL_GRACE; its
+        partial file is removed by recovery at the next start."""
         self.stop_watching()
         running = [j for j in self.jobs.values() if not j.finished]
         for job in running:
@@ -476,11 +464,11 @@ class Engine:
                 log.warning(
                     "%d job(s) did not end in %.0f s; recovery finishes them", len(pending), timeout
                 )
-        if self._abandoned:
+        if self.copies.abandoned:
             log.warning(
                 "stopping with %d copy thread(s) still blocked reading cold storage; "
                 "recovery removes their partial files at the next start",
-                len(self._abandoned),
+                len(self.copies.abandoned),
             )
         self.close()
 
@@ -579,7 +567,7 @@ class Engine:
         ok = False
         try:
             for f in to_copy:
-                await self._copy_once(target, f, meter, job)
+                await self.copies.copy(target, f, meter, job)
             meter.finish()
             async with self.lock:
                 if not await asyncio.to_thread(self.pools[target].takes_links):
@@ -608,112 +596,6 @@ class Engine:
         room until restart). Under the engine lock; returns what was dropped."""
         running = {j.id for j in self.jobs.values() if j.operation == "promote" and not j.finished}
         return self.ledger.clear_stale(running)
-
-    async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
-        """Copy one file into a pool, joining a copy of the same blob already under way."""
-        key = (pool, f.rel)
-        while True:
-            running = self.ledger.copies.get(key)
-            if running is None:
-                break
-            try:
-                await asyncio.shield(running)
-            except Cancelled:
-                if job.cancel_event.is_set():
-                    raise
-                continue  # the other job was cancelled; copy it ourselves
-            self.ledger.allocated(job.id, f.size)  # the other job's copy holds the room
-            meter.add(f.size)
-            return
-        tree = self.models_dir.pool(pool)
-        if tree.lstat(f.rel) is not None:
-            self.ledger.allocated(job.id, f.size)
-            meter.add(f.size)
-            return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self.ledger.copies[key] = future
-        try:
-            # On the copies' own executor: a copy that blocks must not take a thread
-            # from the metadata steps (asyncio.to_thread), nor delay a cancel.
-            work = self.copy_executor.submit(
-                copy_into,
-                self.models_dir.cold,
-                f.rel,
-                tree,
-                f.rel,
-                expect=f.ident,
-                like=self.models_dir.cold,
-                digest=f.digest,
-                expected_size=f.size,
-                on_bytes=meter.add,
-                cancel=job.cancel_event,
-                on_allocated=lambda: self.ledger.allocated(job.id, f.size),
-                allocation_lock=self.ledger.lock,
-            )
-            await self._await_copy(work, job, pool, f.rel)
-        except BaseException as err:
-            future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
-            future.exception()  # mark retrieved: joiners may not exist
-            raise
-        else:
-            future.set_result(None)
-        finally:
-            del self.ledger.copies[key]
-
-    async def _await_copy(
-        self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
-    ) -> None:
-        """Wait for a copy thread. Once the job is cancelled the thread gets
-        COPY_CANCEL_GRACE to stop at a chunk boundary (then it has removed its partial file
-        itself); a thread still blocked after that is abandoned and the job ends now."""
-        copied = asyncio.wrap_future(work)
-        cancelled = asyncio.ensure_future(job.cancel_requested.wait())
-        try:
-            await asyncio.wait({copied, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            if not copied.done():
-                await asyncio.wait({copied}, timeout=COPY_CANCEL_GRACE)
-        finally:
-            cancelled.cancel()
-        if copied.done():
-            copied.result()  # the copy's own outcome (Cancelled included)
-            return
-        copied.cancel()  # a copy still queued never starts; a running one is abandoned
-        if not work.cancelled():
-            self._abandoned.add(work)
-            loop = asyncio.get_running_loop()
-            work.add_done_callback(functools.partial(self._abandoned_copy_ended, loop, pool, rel))
-            log.warning(
-                "copy of %s into pool %s abandoned: its read from cold storage has not "
-                "returned %.0f s after the cancel",
-                rel,
-                pool,
-                COPY_CANCEL_GRACE,
-            )
-        raise Cancelled(
-            f"promote of {job.model} cancelled; the read of {rel} from cold storage it was "
-            "blocked in has not returned (its partial copy is removed when it does)"
-        )
-
-    def _abandoned_copy_ended(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pool: str,
-        rel: str,
-        work: concurrent.futures.Future[Any],
-    ) -> None:
-        """In the copy thread, when an abandoned copy finally returns: it removed its
-        partial file itself; a copy that completed left a file no link points to, which
-        the engine collects."""
-
-        def ended() -> None:
-            self._abandoned.discard(work)
-            log.info("abandoned copy of %s into pool %s has returned", rel, pool)
-            if not work.cancelled() and work.exception() is None:
-                loop.create_task(self._collect(pool, rel))
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
-            loop.call_soon_threadsafe(ended)
 
     async def _collect(self, pool: str, rel: str) -> None:
         async with self.lock:

@@ -26,7 +26,7 @@ import pytest
 from speedloader_cli.client import JOB, MANAGER, MODEL, ROOT, Client, ClientError
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import parse_config, save_config
-from speedloaderd.engine import COPY_WORKERS
+from speedloaderd.copies import COPY_WORKERS
 from speedloaderd.pools import mount_at
 from speedloaderd.sandbox import REPO
 
