@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, dump_config, remote_pool_path, save_config
-from .engine import Engine, Listener
+from .engine import Engine
 from .errors import Busy, Failed, SpeedloaderError
+from .events import EventKind, Listener
 from .privilege import admin_changes
 from .roots import check_trusted_dir
-from .tiers import EventKind
 
 log = logging.getLogger(__name__)
 

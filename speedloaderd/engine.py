@@ -39,6 +39,7 @@ from .config import (
 )
 from .copies import Copies
 from .errors import Busy, Failed, NoSuchModel
+from .events import EventKind, Listener
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
@@ -52,7 +53,7 @@ from .promoted import Promoted
 from .remote_watch import RemoteWatch
 from .roots import Root, ensure_trusted_dir, is_partial
 from .sizes import format_size
-from .tiers import COLD, EventKind, ModelState
+from .tiers import COLD, ModelState
 from .transfer import Progress, ProgressMeter
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ class PoolStatus:
     free: int
     speed: int
     problem: str = ""  # why the pool is degraded, in one sentence; "" when it is not
-
-
-Listener = Callable[[EventKind, str], None]
-"""Called on the event loop with (kind, name): a model's, a pool's or a job's (its id)."""
 
 
 class Engine:

@@ -13,10 +13,10 @@ from typing import Protocol
 
 from .config import Config, with_pool_size
 from .errors import Busy, InvalidArgument
+from .events import EventKind
 from .jobs import Job
 from .pool_registry import PoolRegistry
 from .sizes import format_size
-from .tiers import EventKind
 
 
 class PoolHost(Protocol):

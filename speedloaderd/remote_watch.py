@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .events import EventKind
 from .pool_jobs import PoolHost, PoolJobs
 from .remote.pool import RemotePool
-from .tiers import EventKind
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The words the daemon's state is told in: tiers, model states, engine events.
+"""Tiers, and the states a model is in across them.
 
 A tier is where a file is served from: cold storage, or a pool by its name. Cold storage's
 tier is the reserved word ``cold``: no pool may be named so (the configuration refuses it,
@@ -38,15 +38,3 @@ class ModelState(enum.StrEnum):
     PROMOTING = "promoting"
     DEMOTING = "demoting"
     DEGRADED = "degraded"  # a link is broken, or the catalog found a problem
-
-
-class EventKind(enum.StrEnum):
-    """What an engine listener is told changed; the name is a model, pool or job id."""
-
-    MODEL = "model"
-    POOL = "pool"
-    JOB = "job"
-    CATALOG = "catalog"  # the catalog, cold storage's state or anything else: read it all
-    POOL_ADDED = "pool-added"
-    POOL_REMOVED = "pool-removed"
-    CONFIG = "config"

@@ -34,8 +34,8 @@ from ..config import Config, dump_config
 from ..daemon import Daemon
 from ..engine import Engine, ModelStatus, PoolStatus
 from ..errors import Failed, InvalidArgument
+from ..events import EventKind
 from ..jobs import Job
-from ..tiers import EventKind
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
 from .objects import (
