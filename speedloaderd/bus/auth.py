@@ -44,10 +44,12 @@ def caller() -> str:
     return msg.sender
 
 
-async def caller_uid(bus: MessageBus) -> int:
+async def caller_uid(bus: MessageBus | None) -> int:
     """The caller's uid, from the bus daemon itself (it saw the peer's credentials); a
     caller we cannot identify is refused, never taken for root."""
     sender = caller()
+    if bus is None:  # not connected (a call cannot arrive then; refuse all the same)
+        raise NotAuthorized("cannot tell who is calling")
     msg = Message(
         destination="org.freedesktop.DBus",
         path="/org/freedesktop/DBus",

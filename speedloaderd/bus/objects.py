@@ -201,7 +201,8 @@ class ManagerInterface(Snapshot):
         # An empty path means the one place a new pool may go: <poolsRoot>/<name>.
         where = path or str(self.engine.config.pools_root / name)
         try:
-            pc = PoolConfig(name=name, path=where, size=_size_arg(size), speed=speed)
+            fields = {"name": name, "path": where, "size": _size_arg(size), "speed": speed}
+            pc = PoolConfig.model_validate(fields)  # the path as given: the config checks it
         except ValueError as err:
             raise InvalidArgument(f"pool {name!r}: {_first_error(err)}") from None
         await self.engine.add_pool(pc)
