@@ -24,7 +24,7 @@ from textual.notifications import SeverityLevel
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static, TabbedContent, TabPane
 
-from speedloader_client.client import MANAGER, ROOT, Client, ClientError
+from speedloader_client.client import ERROR_PREFIX, MANAGER, ROOT, Client, ClientError
 from speedloader_client.records import Job, Manager
 
 from .errors import explain
@@ -244,7 +244,7 @@ class SpeedloaderApp(App[None]):
         what = f"{job.operation} {job.model or job.pool}".strip()
         if job.state == "succeeded":
             self.notify(job.message or f"{what}: done", title=f"Done: {what}", timeout=4)
-        elif job.state == "cancelled" or job.error_name == "Cancelled":
+        elif job.state == "cancelled" or job.error_name == ERROR_PREFIX + "Cancelled":
             self.notify(
                 job.message or f"{what}: cancelled", title=f"Cancelled: {what}", severity="warning"
             )

@@ -31,11 +31,12 @@ from pydantic import (
 
 from speedloader_client.records import DEFAULT_SPEED
 
-from .errors import ConfigError
+from .errors import Busy, ConfigError, InvalidArgument
 from .paths import check_model_name, check_pool_name, overlapping
 from .placement import Strategy
 from .roots import replace_file
 from .sizes import format_size_exact, parse_size
+from .tiers import check_not_reserved
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
 LOCAL_POOL_NAME = "local"  # the pool the legacy ``ramdisk`` key describes
@@ -134,7 +135,7 @@ class PoolConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_pool_name(v)
+        return check_not_reserved(check_pool_name(v))
 
 
 class RemoteHostConfig(_Model):
@@ -161,7 +162,7 @@ class RemoteTiersConfig(_Model):
     @classmethod
     def _names(cls, v: dict[str, RemoteHostConfig]) -> dict[str, RemoteHostConfig]:
         for name in v:
-            check_pool_name(name)
+            check_not_reserved(check_pool_name(name))
         return v
 
 
@@ -304,3 +305,88 @@ def with_changes(config: Config, **changes: Any) -> Config:
             else value
         )
     return parse_config(data)
+
+
+# --- config surgery: what pin, unpin and the pool methods change, as pure functions --------
+# Each returns a new, validated Config (ConfigError if the result does not validate) and
+# leaves its argument alone; the engine saves and adopts the result.
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def with_pins(config: Config, pins: dict[str, str]) -> Config:
+    """``config`` with exactly ``pins`` (model -> pool) as its pinned models."""
+    placement = config.model_placement.model_copy(update={"pinned": pins})
+    placement.model_fields_set.add("pinned")
+    return with_changes(config, model_placement=placement)
+
+
+def with_pin(config: Config, model: str, pool: str) -> Config:
+    return with_pins(config, {**config.model_placement.pinned, model: pool})
+
+
+def without_pin(config: Config, model: str) -> Config:
+    pins = dict(config.model_placement.pinned)
+    if model not in pins:
+        raise InvalidArgument(f"model {model!r} is not pinned")
+    del pins[model]
+    return with_pins(config, pins)
+
+
+def remote_pool_path(config: Config, name: str) -> Path:
+    """Where remote pool ``name`` mounts: its ``path``, or poolsRoot/<name> (the legacy
+    format names no mount point)."""
+    host = config.remote_tiers.hosts[name]
+    return host.path or config.pools_root / name
+
+
+def with_pool(config: Config, pc: PoolConfig) -> Config:
+    """``config`` with a new local pool, which must be at poolsRoot/<name>: no root-only
+    directory, no directory someone else made, no link elsewhere can be named for it."""
+    if pc.name in {p.name for p in config.local_pools()} | set(config.remote_tiers.hosts):
+        raise InvalidArgument(f"a pool named {pc.name!r} already exists")
+    for remote in config.remote_tiers.hosts:
+        path = remote_pool_path(config, remote)
+        if overlapping(pc.path, path):
+            raise InvalidArgument(
+                f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote!r} "
+                f"at {path}; they must be separate"
+            )
+    expected = config.pools_root / pc.name
+    if pc.path != expected:
+        raise InvalidArgument(
+            f"pool {pc.name!r} must be at {expected} (poolsRoot/<name>), not {pc.path}; "
+            "leave the path empty, or have an admin change poolsRoot in the configuration"
+        )
+    return with_changes(config, pools=[*(_dump(p) for p in config.pools), _dump(pc)])
+
+
+def without_pool(config: Config, name: str) -> Config:
+    """``config`` without pool ``name`` (a remote tier, the legacy ramdisk, or a pool);
+    refused while models are pinned to it."""
+    pinned = sorted(m for m, p in config.model_placement.pinned.items() if p == name)
+    if pinned:
+        raise Busy(f"models are pinned to pool {name!r} ({', '.join(pinned)}); unpin first")
+    if name in config.remote_tiers.hosts:
+        tiers = _dump(config.remote_tiers)
+        del tiers["hosts"][name]
+        return with_changes(config, remote_tiers=tiers)
+    if name == LOCAL_POOL_NAME and config.ramdisk is not None:
+        return parse_config({k: v for k, v in dump_config(config).items() if k != "ramdisk"})
+    return with_changes(config, pools=[_dump(p) for p in config.pools if p.name != name])
+
+
+def with_pool_size(config: Config, name: str, size: int) -> Config:
+    """``config`` with pool ``name`` sized ``size`` bytes (a remote tier's ramdiskSize)."""
+    if name in config.remote_tiers.hosts:
+        tiers = _dump(config.remote_tiers)
+        tiers["hosts"][name]["ramdiskSize"] = size
+        return with_changes(config, remote_tiers=tiers)
+    if name == LOCAL_POOL_NAME and config.ramdisk is not None:
+        return with_changes(config, ramdisk=config.ramdisk.model_copy(update={"size": size}))
+    if not any(p.name == name for p in config.pools):
+        return config
+    pools = [p if p.name != name else p.model_copy(update={"size": size}) for p in config.pools]
+    return with_changes(config, pools=[_dump(p) for p in pools])

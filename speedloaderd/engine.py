@@ -1,8 +1,13 @@
-"""The engine: promote, demote, pin, pools and recovery, with no D-Bus in sight.
+"""The engine: promote, demote, pin, rescan and recovery, with no D-Bus in sight.
 
 A promote reads as a straight line: validate -> placement -> journal -> copy (worker
 thread, verified, renamed into place) -> swap symlinks -> collect garbage -> forget the
 journal entry. Only the metadata steps hold the engine lock; copies run concurrently.
+
+The engine orchestrates; the pieces have their own modules: the room promised to running
+promotes (ledger.py), the pools (pool_registry.py), their connect, disconnect and resize
+jobs (pool_jobs.py), the remote pools' watch (remote_watch.py), the config's edits
+(config.py) and whether a new config is adopted live or rebuilds the engine (daemon.py).
 
 Where a model lives is read from the models dir symlinks, never stored elsewhere, so the
 state after any crash is whatever the links say, repaired by the journal.
@@ -11,21 +16,14 @@ state after any crash is whatever the links say, repaired by the journal.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import functools
 import logging
 import secrets
 import stat
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel
 
 from . import health, placement
 from .catalog import availability, scan
@@ -33,31 +31,30 @@ from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
     Config,
     PoolConfig,
-    RemoteHostConfig,
-    parse_config,
     save_config,
-    with_changes,
+    with_pin,
+    with_pool,
+    without_pin,
+    without_pool,
 )
-from .errors import (
-    Busy,
-    Cancelled,
-    ConfigError,
-    Failed,
-    InvalidArgument,
-    NoSuchModel,
-    NoSuchPool,
-)
+from .copies import Copies
+from .errors import Busy, Failed, NoSuchModel
+from .events import EventKind, Listener
 from .health import HealthReport
 from .jobs import Job, run_job
 from .journal import Entry, Journal
-from .modelsdir import COLD, ModelsDir, Where
-from .paths import check_model_name, check_pool_name, overlapping
-from .pools import Pool, PoolState, TmpfsPool
+from .ledger import SpaceLedger
+from .modelsdir import ModelsDir, Where
+from .paths import check_model_name
+from .pool_jobs import PoolJobs
+from .pool_registry import PoolRegistry
+from .pools import PoolState
 from .promoted import Promoted
-from .remote.pool import RemotePool
-from .roots import Root, check_trusted_dir, ensure_trusted_dir
+from .remote_watch import RemoteWatch
+from .roots import Root, ensure_trusted_dir, is_partial
 from .sizes import format_size
-from .transfer import Progress, ProgressMeter, copy_into, is_partial
+from .tiers import COLD, ModelState
+from .transfer import Progress, ProgressMeter
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +69,6 @@ COLD_RETRY_INTERVAL = 5.0
 # stays used while a process maps the deleted copy, and is freed when that process exits,
 # which no job of ours sees. One statvfs per pool: nothing else is read.
 USAGE_WATCH_INTERVAL = 5.0
-# Copy threads, apart from the metadata work (asyncio.to_thread): copies blocked in a read
-# that never returns (a hung NFS or FUSE source) must never starve the engine's own steps.
-COPY_WORKERS = 4
-# Seconds a cancelled copy gets to stop at its next chunk boundary before it is abandoned:
-# its job ends at once then, and the thread removes its partial file when the read returns.
-COPY_CANCEL_GRACE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +76,9 @@ class ModelStatus:
     name: str
     format: str
     size: int
-    tier: str  # "cold" or a pool name
+    tier: str  # COLD or a pool name
     pinned_pool: str  # "" when not pinned
-    state: str  # cold | hot | promoting | demoting | degraded
+    state: ModelState
     problems: tuple[str, ...]
 
 
@@ -104,16 +95,12 @@ class PoolStatus:
     problem: str = ""  # why the pool is degraded, in one sentence; "" when it is not
 
 
-Listener = Callable[[str, str], None]
-"""Called on the event loop with (kind, name): kind is model|pool|job|catalog."""
-
-
 class Engine:
     def __init__(self, config: Config, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.pools: dict[str, Pool] = {}
-        self.pool_roots: dict[str, Path] = {}
+        self.pools = PoolRegistry(config)
+        self.pool_roots = self.pools.roots  # each pool's directory, by name
         self.catalog = ScanResult()
         self.users: dict[str, list[str]] = {}  # data rel -> names of models using it
         self.models_dir = ModelsDir(config.models_dir, config.storage.path, self.pool_roots)
@@ -122,22 +109,14 @@ class Engine:
         self.jobs: dict[int, Job] = {}
         self.listeners: list[Listener] = []
         self._active: dict[str, Job] = {}  # model name -> its running job
-        self._pool_jobs: dict[str, Job] = {}  # pool name -> its running lifecycle job
-        self._lock = asyncio.Lock()
-        self._reserved: Counter[tuple[str, str]] = Counter()
-        self._unstarted: dict[int, tuple[str, int]] = {}  # job id -> (pool, bytes not started)
-        self._holds: dict[int, tuple[str, tuple[str, ...]]] = {}  # job id -> (pool, rels reserved)
-        # Held while a copy preallocates its file and while placement reads free space, so
-        # placement sees a file either promised (in _unstarted) or taken (statvfs), once.
-        self._allocation_lock = threading.Lock()
-        self._copies: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self.copy_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
-        )
-        self._abandoned: set[concurrent.futures.Future[Any]] = set()  # copies given up on
+        self.lock = asyncio.Lock()
+        self.ledger = SpaceLedger()  # room promised to promotes, copies under way
+        self.copies = Copies(self.models_dir, self.ledger, self._collect)
         self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []
+        self.pool_jobs = PoolJobs(self)  # connect, disconnect, resize
+        self.remote_watch = RemoteWatch(self, self.pool_jobs)
         self.watch_interval = REMOTE_WATCH_INTERVAL
         self._watch: asyncio.Task[None] | None = None
         # Why cold storage is unavailable ("" when it is there): while it is, the catalog,
@@ -148,10 +127,6 @@ class Engine:
         self.usage_interval = USAGE_WATCH_INTERVAL
         self._usage_watch: asyncio.Task[None] | None = None
         self._used_seen: dict[str, int] = {}  # pool -> UsedBytes last read (and published)
-        for pc in config.local_pools():
-            self._add_pool_object(pc)
-        for name, host in config.remote_tiers.hosts.items():
-            self._add_remote_pool(name, host)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -163,9 +138,9 @@ class Engine:
         self._usage_watch = asyncio.get_running_loop().create_task(
             self._watch_usage(), name="pool-usage-watch"
         )
-        if any(p.kind == RemotePool.kind for p in self.pools.values()):
+        if self.pools.remote():
             self._watch = asyncio.get_running_loop().create_task(
-                self._watch_remote_pools(), name="remote-pool-watch"
+                self.remote_watch.run(self.watch_interval), name="remote-pool-watch"
             )
 
     def stop_watching(self) -> None:
@@ -184,7 +159,7 @@ class Engine:
         """This engine is done (stopped, or replaced): no more watching, no new copies.
         Copy threads still blocked are not waited for."""
         self.stop_watching()
-        self.copy_executor.shutdown(wait=False, cancel_futures=True)
+        self.copies.close()
 
     def abandon_start(self, keep: Iterable[Path] = ()) -> list[str]:
         """Undo what a failed or unwanted start did that matters: unmount the pools it
@@ -208,15 +183,15 @@ class Engine:
     async def reassert(self) -> None:
         """After another engine's failed start touched shared paths (a pool remounted to
         its size, links synced to its catalog), make them this engine's again."""
-        async with self._lock:
+        async with self.lock:
             await asyncio.to_thread(self._reassert_blocking)
 
     def _reassert_blocking(self) -> None:
         self.models_dir.ensure()
-        for pool in self.pools.values():
-            if isinstance(pool, TmpfsPool) and pool.state() is PoolState.MOUNTED:
+        for pool in self.pools.tmpfs():
+            if pool.state() is PoolState.MOUNTED:
                 pool.mount()  # adopts our mount, remounting it to our size if it differs
-        self.models_dir.sync(self.catalog, self._mounted())
+        self.models_dir.sync(self.catalog, self.pools.mounted())
 
     def _start_blocking(self) -> None:
         ensure_trusted_dir(self.config.state_dir, "stateDir")
@@ -287,7 +262,7 @@ class Engine:
         (final names are only given to complete, verified copies), else roll back. Demote
         entries always roll forward: pointing at cold storage is always valid."""
         actions = [f"removed half-written link {r}" for r in self.models_dir.remove_temp_links()]
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         self.promoted.load(lambda: [n for n in self.catalog.models if self._hot(n, mounted)])
         for entry in self.journal.pending():
             actions.append(self._replay(entry, mounted))
@@ -300,7 +275,7 @@ class Engine:
             actions += [f"repointed {rel} to cold storage" for rel in report.repointed_to_cold]
             actions += [f"removed stale entry {rel}" for rel in report.removed]
             for name in mounted:
-                actions += [f"removed {p} from pool {name}" for p in self._gc_pool(name)]
+                actions += [f"removed {p} from pool {name}" for p in self.gc_pool(name)]
         for a in actions:
             log.info("recovery: %s", a)
         return actions
@@ -339,9 +314,6 @@ class Engine:
 
     # --- reading state -----------------------------------------------------------------
 
-    def _mounted(self) -> set[str]:
-        return {n for n, p in self.pools.items() if p.state() is PoolState.MOUNTED}
-
     def model(self, name: str) -> Model:
         check_model_name(name)
         try:
@@ -352,21 +324,11 @@ class Engine:
                 "run a rescan if it was just added"
             ) from None
 
-    def pool(self, name: str) -> Pool:
-        check_pool_name(name)
-        try:
-            return self.pools[name]
-        except KeyError:
-            known = ", ".join(sorted(self.pools)) or "none"
-            raise NoSuchPool(f"no pool named {name!r} (pools: {known})") from None
-
     def _where(self, model: Model) -> dict[str, Where]:
         return {f.rel: self.models_dir.where(f.rel) for f in model.data_files}
 
     def _is_hot(self, where: dict[str, Where], mounted: set[str]) -> bool:
-        return bool(where) and all(
-            w.tier not in (None, COLD) and w.tier in mounted and w.exists for w in where.values()
-        )
+        return bool(where) and all(w.in_pool(mounted) for w in where.values())
 
     def _hot(self, name: str, mounted: set[str]) -> bool:
         model = self.catalog.models.get(name)
@@ -379,25 +341,22 @@ class Engine:
 
     def model_status(self, name: str, mounted: set[str] | None = None) -> ModelStatus:
         model = self.model(name)
-        mounted = self._mounted() if mounted is None else mounted
+        mounted = self.pools.mounted() if mounted is None else mounted
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
-        tier, state = COLD, "cold"
-        if any(
-            w.tier is None or not w.exists or (w.tier != COLD and w.tier not in mounted)
-            for w in where.values()
-        ):
-            state = "degraded"
+        tier, state = COLD, ModelState.COLD
+        if not all(w.valid(mounted) for w in where.values()):
+            state = ModelState.DEGRADED
         elif self._is_hot(where, mounted):
             by_pool: Counter[str] = Counter()
             for rel, w in where.items():
                 by_pool[w.tier or ""] += sizes[rel]
-            tier, state = by_pool.most_common(1)[0][0], "hot"
+            tier, state = by_pool.most_common(1)[0][0], ModelState.HOT
         if not model.ok:
-            state = "degraded"
+            state = ModelState.DEGRADED
         job = self._active.get(name)
         if job is not None:
-            state = "promoting" if job.operation == "promote" else "demoting"
+            state = ModelState.PROMOTING if job.operation == "promote" else ModelState.DEMOTING
         return ModelStatus(
             name=model.name,
             format=model.format.value,
@@ -409,24 +368,21 @@ class Engine:
         )
 
     def model_statuses(self) -> list[ModelStatus]:
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         return [self.model_status(n, mounted) for n in self.catalog.models]
 
     def models_in_ram(self) -> list[str]:
         """Models with any file served from a mounted pool, hot or partly so (a degraded
         model whose links point at cold storage or at a missing pool holds no RAM)."""
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         return [
             model.name
             for model in self.catalog.models.values()
-            if any(
-                w.tier not in (None, COLD) and w.tier in mounted and w.exists
-                for w in self._where(model).values()
-            )
+            if any(w.in_pool(mounted) for w in self._where(model).values())
         ]
 
     def pool_status(self, name: str) -> PoolStatus:
-        pool = self.pool(name)
+        pool = self.pools.lookup(name)
         state = pool.state()
         size, used, free = pool.size, 0, 0
         if state is PoolState.MOUNTED:
@@ -442,7 +398,7 @@ class Engine:
             used=used,
             free=free,
             speed=pool.speed,
-            problem=getattr(pool, "lost", "") if state is PoolState.DEGRADED else "",
+            problem=pool.problem if state is PoolState.DEGRADED else "",
         )
 
     def pool_statuses(self) -> list[PoolStatus]:
@@ -450,7 +406,7 @@ class Engine:
 
     # --- events ------------------------------------------------------------------------
 
-    def _emit(self, kind: str, name: str) -> None:
+    def emit(self, kind: EventKind, name: str) -> None:
         for listener in list(self.listeners):
             try:
                 listener(kind, name)
@@ -462,9 +418,9 @@ class Engine:
         for rel in rels:
             names.update(self.users.get(rel, ()))
         for name in sorted(names):
-            self._emit("model", name)
+            self.emit(EventKind.MODEL, name)
 
-    def _start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
+    def start_job(self, job: Job, body: Callable[[Job], Awaitable[str]]) -> Job:
         self.jobs[job.id] = job
         if job.model is not None:
             self._active[job.model] = job
@@ -473,25 +429,23 @@ class Engine:
             if j.finished:
                 if j.model is not None and self._active.get(j.model) is j:
                     del self._active[j.model]
-                    self._emit("model", j.model)
-                if j.pool is not None and self._pool_jobs.get(j.pool) is j:
-                    del self._pool_jobs[j.pool]
+                    self.emit(EventKind.MODEL, j.model)
                 level = logging.INFO if j.state.value == "succeeded" else logging.WARNING
                 log.log(level, "job %d %s %s: %s", j.id, j.operation, j.state.value, j.message)
-            self._emit("job", str(j.id))
+            self.emit(EventKind.JOB, str(j.id))
 
         job.listeners.append(done)
         run_job(job, body)
-        self._emit("job", str(job.id))
+        self.emit(EventKind.JOB, str(job.id))
         if job.model is not None:
-            self._emit("model", job.model)
+            self.emit(EventKind.MODEL, job.model)
         return job
 
     async def shutdown(self, timeout: float = 20.0) -> None:
         """Cancel what can be cancelled and wait for every job to end, so a stop leaves no
         partial copy and no journal entry behind (a stop is not a crash). A copy blocked
-        in a read that never returns is abandoned after COPY_CANCEL_GRACE; its partial file
-        is removed by recovery at the next start."""
+        in a read that never returns is abandoned after copies.COPY_CANCEL_GRACE; its
+        partial file is removed by recovery at the next start."""
         self.stop_watching()
         running = [j for j in self.jobs.values() if not j.finished]
         for job in running:
@@ -507,11 +461,11 @@ class Engine:
                 log.warning(
                     "%d job(s) did not end in %.0f s; recovery finishes them", len(pending), timeout
                 )
-        if self._abandoned:
+        if self.copies.abandoned:
             log.warning(
                 "stopping with %d copy thread(s) still blocked reading cold storage; "
                 "recovery removes their partial files at the next start",
-                len(self._abandoned),
+                len(self.copies.abandoned),
             )
         self.close()
 
@@ -529,7 +483,7 @@ class Engine:
         A second request for a model already being promoted joins the running Job."""
         model = self.model(name)
         if pool:
-            self.pool(pool)
+            self.pools.lookup(pool)
         if not model.ok:
             raise Failed(f"model {name!r} cannot be promoted: {model.problems[0]}")
         active = self._active.get(name)
@@ -541,23 +495,19 @@ class Engine:
                 "wait for it or cancel it"
             )
         job = Job("promote", model=name, pool=pool or None, started_by_uid=started_by_uid)
-        return self._start_job(job, self._promote)
+        return self.start_job(job, self._promote)
 
     def _choose_pool(self, model: Model, requested: str | None, mounted: set[str]) -> str:
         candidates = []
         for name, pool in self.pools.items():
             online = name in mounted
             # Room already promised to promotes still copying into this pool is not free.
-            if online:
-                with self._allocation_lock:
-                    free = pool.usage().free - self._inflight_bytes(name)
-            else:
-                free = 0
+            free = self.ledger.free(pool) if online else 0
             tree = self.models_dir.pool(name)
             need = sum(
                 f.size
                 for f in _unique(model.data_files)
-                if tree.lstat(f.rel) is None and (name, f.rel) not in self._copies
+                if tree.lstat(f.rel) is None and (name, f.rel) not in self.ledger.copies
             )
             candidates.append(
                 placement.Candidate(
@@ -579,8 +529,8 @@ class Engine:
         model = self.model(job.model)
         files = _unique(model.data_files)
         rels = tuple(f.rel for f in files)
-        async with self._lock:
-            mounted = await asyncio.to_thread(self._mounted)
+        async with self.lock:
+            mounted = await asyncio.to_thread(self.pools.mounted)
             where = self._where(model)
             pinned = self.config.model_placement.pinned.get(model.name)
             wanted = job.pool or pinned
@@ -603,20 +553,21 @@ class Engine:
             # promote fails having reserved nothing, so placement still sees the room.
             await asyncio.to_thread(self.journal.write, entry)
             job.bytes_total = sum(f.size for f in to_copy)
-            self._reserve(job.id, target, rels, job.bytes_total)
+            self.ledger.reserve(job.id, target, rels, job.bytes_total)
         loop = asyncio.get_running_loop()
-        meter = ProgressMeter(
-            job.bytes_total,
-            lambda p: loop.call_soon_threadsafe(self._progress, job, p),
-        )
+
+        def report(p: Progress) -> None:  # in a copy thread
+            loop.call_soon_threadsafe(self._progress, job, p)
+
+        meter = ProgressMeter(job.bytes_total, report)
         started = time.monotonic()
         ok = False
         try:
             for f in to_copy:
-                await self._copy_once(target, f, meter, job)
+                await self.copies.copy(target, f, meter, job)
             meter.finish()
-            async with self._lock:
-                if not await asyncio.to_thread(self._still_there, target):
+            async with self.lock:
+                if not await asyncio.to_thread(self.pools[target].takes_links):
                     raise Failed(f"pool {target!r} went away during the promote of {model.name}")
                 job.cancelable = False  # past this point the swap is quick and must finish
                 await asyncio.to_thread(self._swap_to_pool, rels, target)
@@ -624,186 +575,30 @@ class Engine:
                 # Before the journal entry goes: a crash here replays the promote, adding it.
                 await asyncio.to_thread(self.promoted.add, model.name)
         finally:
-            async with self._lock:  # placement iterates _unstarted under this lock
-                self._unreserve(job.id)
+            async with self.lock:  # placement reads the ledger under this lock
+                self.ledger.unreserve(job.id)
                 if not ok:
                     await asyncio.to_thread(self._gc_rels, target, rels)
                 await asyncio.to_thread(self.journal.remove, entry.id)
             self._emit_models(rels)
-            self._emit("pool", target)
+            self.emit(EventKind.POOL, target)
         secs = time.monotonic() - started
         return (
             f"promoted {model.name} to pool {target}: "
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s"
         )
 
-    def _reserve(self, job_id: int, pool: str, rels: tuple[str, ...], unstarted: int) -> None:
-        """Promise ``pool`` room for a promote: its files are not garbage, and the bytes it
-        has not started copying are not free. Under the engine lock."""
-        self._holds[job_id] = (pool, rels)
-        for rel in rels:
-            self._reserved[(pool, rel)] += 1
-        self._unstarted[job_id] = (pool, unstarted)
-
-    def _unreserve(self, job_id: int) -> None:
-        self._unstarted.pop(job_id, None)
-        pool, rels = self._holds.pop(job_id, ("", ()))
-        for rel in rels:
-            self._reserved[(pool, rel)] -= 1
-            if self._reserved[(pool, rel)] <= 0:
-                del self._reserved[(pool, rel)]
-
     def clear_stale_reservations(self) -> list[str]:
         """Drop reservations no running promote owns (a bug's leak must not hold a pool's
         room until restart). Under the engine lock; returns what was dropped."""
         running = {j.id for j in self.jobs.values() if j.operation == "promote" and not j.finished}
-        dropped = []
-        for job_id in sorted((set(self._holds) | set(self._unstarted)) - running):
-            pool = self._holds.get(job_id, self._unstarted.get(job_id, ("?", 0)))[0]
-            self._unreserve(job_id)
-            dropped.append(f"job {job_id} in pool {pool}")
-        # Whatever the counter holds beyond the running promotes' files is a stray too.
-        owned = Counter((pool, rel) for pool, rels in self._holds.values() for rel in rels)
-        strays = sorted(set(self._reserved) - set(owned))
-        dropped += [f"{rel} in pool {pool}" for pool, rel in strays]
-        self._reserved = owned
-        return dropped
-
-    def _still_there(self, name: str) -> bool:
-        """May a promote's links go to ``name`` now? A remote pool whose controller is
-        reconnecting at this instant (seen under TCG guests after a long copy) is still
-        there unless the remote watch gave it up: that watch is the one judge of loss, and it
-        repoints every link to cold, under the engine lock, when it does."""
-        pool = self.pools[name]
-        if isinstance(pool, RemotePool):
-            return pool.connected and not pool.lost
-        return pool.state() is PoolState.MOUNTED
-
-    def _allocated(self, job: Job, size: int) -> None:
-        """A file of ``job`` now takes its room in the pool (called from the copy thread
-        right after posix_fallocate, so placement never sees the room neither promised nor
-        taken)."""
-        entry = self._unstarted.get(job.id)
-        if entry is not None:
-            self._unstarted[job.id] = (entry[0], max(entry[1] - size, 0))
-
-    def _inflight_bytes(self, pool: str) -> int:
-        """Room promised to promotes into ``pool`` that their copies have not taken yet. A
-        copy preallocates its whole file when it starts (posix_fallocate), so from then on
-        statvfs already counts it: only files not started yet are promised."""
-        return sum(left for p, left in self._unstarted.values() if p == pool)
-
-    async def _copy_once(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
-        """Copy one file into a pool, joining a copy of the same blob already under way."""
-        key = (pool, f.rel)
-        while True:
-            running = self._copies.get(key)
-            if running is None:
-                break
-            try:
-                await asyncio.shield(running)
-            except Cancelled:
-                if job.cancel_event.is_set():
-                    raise
-                continue  # the other job was cancelled; copy it ourselves
-            self._allocated(job, f.size)  # the other job's copy holds the room
-            meter.add(f.size)
-            return
-        tree = self.models_dir.pool(pool)
-        if tree.lstat(f.rel) is not None:
-            self._allocated(job, f.size)
-            meter.add(f.size)
-            return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._copies[key] = future
-        try:
-            # On the copies' own executor: a copy that blocks must not take a thread
-            # from the metadata steps (asyncio.to_thread), nor delay a cancel.
-            work = self.copy_executor.submit(
-                copy_into,
-                self.models_dir.cold,
-                f.rel,
-                tree,
-                f.rel,
-                expect=f.ident,
-                like=self.models_dir.cold,
-                digest=f.digest,
-                expected_size=f.size,
-                on_bytes=meter.add,
-                cancel=job.cancel_event,
-                on_allocated=lambda: self._allocated(job, f.size),
-                allocation_lock=self._allocation_lock,
-            )
-            await self._await_copy(work, job, pool, f.rel)
-        except BaseException as err:
-            future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
-            future.exception()  # mark retrieved: joiners may not exist
-            raise
-        else:
-            future.set_result(None)
-        finally:
-            del self._copies[key]
-
-    async def _await_copy(
-        self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
-    ) -> None:
-        """Wait for a copy thread. Once the job is cancelled the thread gets
-        COPY_CANCEL_GRACE to stop at a chunk boundary (then it has removed its partial file
-        itself); a thread still blocked after that is abandoned and the job ends now."""
-        copied = asyncio.wrap_future(work)
-        cancelled = asyncio.ensure_future(job.cancel_requested.wait())
-        try:
-            await asyncio.wait({copied, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            if not copied.done():
-                await asyncio.wait({copied}, timeout=COPY_CANCEL_GRACE)
-        finally:
-            cancelled.cancel()
-        if copied.done():
-            copied.result()  # the copy's own outcome (Cancelled included)
-            return
-        copied.cancel()  # a copy still queued never starts; a running one is abandoned
-        if not work.cancelled():
-            self._abandoned.add(work)
-            loop = asyncio.get_running_loop()
-            work.add_done_callback(functools.partial(self._abandoned_copy_ended, loop, pool, rel))
-            log.warning(
-                "copy of %s into pool %s abandoned: its read from cold storage has not "
-                "returned %.0f s after the cancel",
-                rel,
-                pool,
-                COPY_CANCEL_GRACE,
-            )
-        raise Cancelled(
-            f"promote of {job.model} cancelled; the read of {rel} from cold storage it was "
-            "blocked in has not returned (its partial copy is removed when it does)"
-        )
-
-    def _abandoned_copy_ended(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pool: str,
-        rel: str,
-        work: concurrent.futures.Future[Any],
-    ) -> None:
-        """In the copy thread, when an abandoned copy finally returns: it removed its
-        partial file itself; a copy that completed left a file no link points to, which
-        the engine collects."""
-
-        def ended() -> None:
-            self._abandoned.discard(work)
-            log.info("abandoned copy of %s into pool %s has returned", rel, pool)
-            if not work.cancelled() and work.exception() is None:
-                loop.create_task(self._collect(pool, rel))
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
-            loop.call_soon_threadsafe(ended)
+        return self.ledger.clear_stale(running)
 
     async def _collect(self, pool: str, rel: str) -> None:
-        async with self._lock:
-            if pool in await asyncio.to_thread(self._mounted):
+        async with self.lock:
+            if pool in await asyncio.to_thread(self.pools.mounted):
                 await asyncio.to_thread(self._gc_rels, pool, [rel])
-        self._emit("pool", pool)
+        self.emit(EventKind.POOL, pool)
 
     def _swap_to_pool(self, rels: Iterable[str], pool: str) -> None:
         old_pools = set()
@@ -834,19 +629,19 @@ class Engine:
                 f"model {name!r} is being promoted (job {active.id}); "
                 "cancel that job first or wait for it"
             )
-        return self._start_job(
+        return self.start_job(
             Job("demote", model=name, started_by_uid=started_by_uid), self._demote
         )
 
     async def _demote(self, job: Job) -> str:
         assert job.model is not None
         model = self.model(job.model)
-        async with self._lock:
-            was_hot = await asyncio.to_thread(self._hot, model.name, self._mounted())
+        async with self.lock:
+            was_hot = await asyncio.to_thread(self._hot, model.name, self.pools.mounted())
             released, kept_for, also_cold = await asyncio.to_thread(self._release, model, None, job)
         self._emit_models(released, [model.name])
         for pool in self.pools:  # usage changed in whichever pools held the copies
-            self._emit("pool", pool)
+            self.emit(EventKind.POOL, pool)
         if not released and not was_hot:
             return f"{model.name} is already cold; nothing freed"
         if not released:
@@ -871,7 +666,7 @@ class Engine:
         promoted.py) and is hot; one hot only through another's blobs holds nothing.
         Returns (rels released, holders that kept blobs, other models made cold by it).
         Journaled; runs under the engine lock."""
-        mounted = self._mounted()
+        mounted = self.pools.mounted()
         where = self._where(model)
         sizes = {f.rel: f.size for f in model.data_files}
         demoting = self._demoting()
@@ -914,6 +709,12 @@ class Engine:
             job.bytes_done = job.bytes_total
         return release, kept_for, {o for o in hot_before if not self._hot(o, mounted)}
 
+    def jobs_running(self) -> bool:
+        """Is a promote or demote running? (Health leaves their temporary names alone.)"""
+        return bool(self._active) or any(
+            j.operation == "promote" and not j.finished for j in list(self.jobs.values())
+        )
+
     def _demoting(self) -> set[str]:
         return {n for n, j in self._active.items() if j.operation == "demote"}
 
@@ -925,7 +726,7 @@ class Engine:
         tree = self.models_dir.pool(pool)
         removed = []
         for rel in rels:
-            if (pool, rel) in self._reserved or (pool, rel) in self._copies:
+            if self.ledger.holds(pool, rel):
                 continue
             if self.models_dir.where(rel).target == str(root / rel):
                 continue
@@ -934,7 +735,7 @@ class Engine:
                 tree.prune(rel.rpartition("/")[0])
         return removed
 
-    def _gc_pool(self, pool: str) -> list[str]:
+    def gc_pool(self, pool: str) -> list[str]:
         """Delete everything in a pool that no link points to: partial copies left by a
         crash, and complete copies whose promote was rolled back."""
         tree = self.models_dir.pool(pool)
@@ -943,7 +744,7 @@ class Engine:
             if e.rel.split("/", 1)[0] in _POOL_SKIP:
                 continue
             if is_partial(e.rel.rpartition("/")[2]):
-                if any(key[0] == pool for key in self._copies):
+                if self.ledger.copying_into(pool):
                     continue  # a copy is running; its temp file is not an orphan
                 tree.unlink(e.rel)
                 removed.append(e.rel)
@@ -957,137 +758,42 @@ class Engine:
     async def pin(self, name: str, pool: str, started_by_uid: int = 0) -> Job | None:
         """Pin a model to a pool. If it is hot elsewhere, start moving it (returns that Job)."""
         self.model(name)
-        self.pool(pool)
-        pins = dict(self.config.model_placement.pinned)
-        pins[name] = pool
-        await self._set_placement(pins)
+        self.pools.lookup(pool)
+        await self.set_config(with_pin(self.config, name, pool))
         status = self.model_status(name)
-        if status.state == "hot" and status.tier != pool:
+        if status.state is ModelState.HOT and status.tier != pool:
             return self.promote(name, pool, started_by_uid)
         return None
 
     async def unpin(self, name: str) -> None:
         check_model_name(name)
-        pins = dict(self.config.model_placement.pinned)
-        if name not in pins:
-            raise InvalidArgument(f"model {name!r} is not pinned")
-        del pins[name]
-        await self._set_placement(pins)
-
-    async def _set_placement(self, pins: dict[str, str]) -> None:
-        placement_cfg = self.config.model_placement.model_copy(update={"pinned": pins})
-        placement_cfg.model_fields_set.add("pinned")
-        await self.set_config(with_changes(self.config, model_placement=placement_cfg))
+        await self.set_config(without_pin(self.config, name))
 
     async def set_config(self, new: Config) -> None:
         """Adopt a validated config for placement and pins; save it if we have a file."""
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
         old_pins, self.config = self.config.model_placement.pinned, new
-        for pool in self._remote_pools():
+        for pool in self.pools.remote():
             pool.ssh_key_path = new.ssh_key_path
-        self._emit("config", "")
+        self.emit(EventKind.CONFIG, "")
         new_pins = new.model_placement.pinned
         for name in sorted(set(old_pins) | set(new_pins)):
             if old_pins.get(name) != new_pins.get(name) and name in self.catalog.models:
-                self._emit("model", name)
+                self.emit(EventKind.MODEL, name)
 
     # --- pools -------------------------------------------------------------------------
 
-    def _add_remote_pool(self, name: str, host: RemoteHostConfig) -> RemotePool:
-        if host.path is None:  # the legacy format names no mount point: poolsRoot's
-            host = host.model_copy(update={"path": self.config.pools_root / name})
-        try:
-            pool = RemotePool(name, host, self.config.ssh_key_path)
-        except InvalidArgument as err:
-            raise ConfigError(f"remote pool {name!r}: {err}") from None
-        roots = {"modelsDir": self.config.models_dir, "storage.path": self.config.storage.path}
-        roots |= {f"pool {n!r} path": r for n, r in self.pool_roots.items()}
-        for what, root in roots.items():
-            if overlapping(pool.path, root):
-                raise ConfigError(
-                    f"remoteTiers.hosts.{name}.path ({pool.path}) and {what} ({root}) "
-                    "overlap; they must be separate"
-                )
-        self.pools[name] = pool
-        self.pool_roots[name] = pool.path
-        return pool
-
-    def _remote_pools(self) -> list[RemotePool]:
-        return [p for p in self.pools.values() if isinstance(p, RemotePool)]
-
-    def _add_pool_object(self, pc: PoolConfig) -> TmpfsPool:
-        pool = TmpfsPool(pc.name, pc.path, pc.size, pc.speed)
-        self.pools[pc.name] = pool
-        self.pool_roots[pc.name] = pc.path
-        return pool
-
-    def _pool_job(
-        self,
-        operation: str,
-        name: str,
-        body: Callable[[Job], Awaitable[str]],
-        started_by_uid: int = 0,
-    ) -> Job:
-        self.pool(name)
-        active = self._pool_jobs.get(name)
-        if active is not None:
-            raise Busy(f"pool {name!r} is busy with {active.operation} (job {active.id})")
-        job = Job(operation, pool=name, cancelable=False, started_by_uid=started_by_uid)
-        self._pool_jobs[name] = job
-        return self._start_job(job, body)
-
     def connect_pool(self, name: str, started_by_uid: int = 0) -> Job:
-        """Mount a local pool; connect a remote one (its Job's Step names each step)."""
-
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            await asyncio.to_thread(pool.mount, self._step_reporter(job))
-            job.steps_done, job.step = job.steps_total, ""
-            async with self._lock:
-                await asyncio.to_thread(self._gc_pool, name)
-            self._emit("pool", name)
-            if isinstance(pool, RemotePool):
-                return (
-                    f"pool {name} connected to {pool.cfg.ssh.split('@')[-1]} over "
-                    f"{pool.cfg.transport} and mounted at {pool.path} ({format_size(pool.size)})"
-                )
-            return f"pool {name} mounted at {pool.path} ({format_size(pool.size)})"
-
-        return self._pool_job("pool-connect", name, body, started_by_uid)
-
-    def _step_reporter(self, job: Job) -> Callable[[int, int, str], None]:
-        """A progress hook a worker thread may call: (steps done, steps, step starting)."""
-        loop = asyncio.get_running_loop()
-
-        def on_step(done: int, total: int, step: str) -> None:
-            if not job.finished:
-                job.steps_done, job.steps_total, job.step = done, total, step
-                job.notify()
-
-        return lambda done, total, step: loop.call_soon_threadsafe(on_step, done, total, step)
+        return self.pool_jobs.connect(name, started_by_uid)
 
     def disconnect_pool(self, name: str, started_by_uid: int = 0) -> Job:
-        """Demote everything the pool holds (links back to cold first), then unmount."""
-        if self.cold_problem:  # its models would be left with links to nothing
-            raise Busy(
-                f"cannot disconnect pool {name!r}: {self.cold_problem}; its "
-                "models keep serving from RAM until cold storage is back"
-            )
+        return self.pool_jobs.disconnect(name, started_by_uid)
 
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            async with self._lock:
-                touched, hot = await asyncio.to_thread(self._evacuate, name)
-                await asyncio.to_thread(pool.unmount)
-            for model in touched:
-                self._emit("model", model)
-            self._emit("pool", name)
-            return f"pool {name} disconnected; {hot} model(s) now served from cold storage"
+    def resize_pool(self, name: str, size: int, started_by_uid: int = 0) -> Job:
+        return self.pool_jobs.resize(name, size, started_by_uid)
 
-        return self._pool_job("pool-disconnect", name, body, started_by_uid)
-
-    def _evacuate(self, pool: str) -> tuple[list[str], int]:
+    def evacuate(self, pool: str) -> tuple[list[str], int]:
         """Point every link into ``pool`` back at cold storage. Returns the models touched
         (their state may change) and how many of them were wholly hot there: a cold model
         that merely shares a blob with a hot one is touched, not moved."""
@@ -1100,83 +806,25 @@ class Engine:
             self._release(model, pool, None)
         return [m.name for m, _ in affected], sum(hot for _, hot in affected)
 
-    def resize_pool(self, name: str, size: int, started_by_uid: int = 0) -> Job:
-        async def body(job: Job) -> str:
-            pool = self.pools[name]
-            await asyncio.to_thread(pool.resize, size)
-            if isinstance(pool, RemotePool):
-                tiers = _dump(self.config.remote_tiers)
-                tiers["hosts"][name]["ramdiskSize"] = pool.size
-                await self.set_config(with_changes(self.config, remote_tiers=tiers))
-                self._emit("pool", name)
-                return f"pool {name} resized to {format_size(pool.size)}"
-            cfgs = [
-                p if p.name != name else p.model_copy(update={"size": size})
-                for p in self.config.pools
-            ]
-            if self.config.ramdisk is not None and name == "local":
-                ramdisk = self.config.ramdisk.model_copy(update={"size": size})
-                await self.set_config(with_changes(self.config, ramdisk=ramdisk))
-            elif any(p.name == name for p in self.config.pools):
-                await self.set_config(with_changes(self.config, pools=[_dump(p) for p in cfgs]))
-            self._emit("pool", name)
-            return f"pool {name} resized to {format_size(size)}"
-
-        if size <= 0:
-            raise InvalidArgument(f"pool size must be positive, got {size}")
-        return self._pool_job("pool-resize", name, body, started_by_uid)
-
     async def add_pool(self, pc: PoolConfig) -> None:
-        if pc.name in self.pools or pc.name in self.config.remote_tiers.hosts:
-            raise InvalidArgument(f"a pool named {pc.name!r} already exists")
-        for remote in self._remote_pools():
-            if overlapping(pc.path, remote.path):
-                raise InvalidArgument(
-                    f"pool {pc.name!r} path {pc.path} overlaps remote pool {remote.name!r} "
-                    f"at {remote.path}; they must be separate"
-                )
-        # New pools go only where the admin said pools go: no root-only directory, no
-        # directory someone else made, no link elsewhere can be named here.
-        expected = self.config.pools_root / pc.name
-        if pc.path != expected:
-            raise InvalidArgument(
-                f"pool {pc.name!r} must be at {expected} (poolsRoot/<name>), not {pc.path}; "
-                "leave the path empty, or have an admin change poolsRoot in the configuration"
-            )
         old = self.config
-        new = with_changes(old, pools=[*(_dump(p) for p in old.pools), _dump(pc)])
-        await self.set_config(new)
-        pool = self._add_pool_object(pc)
+        await self.set_config(with_pool(old, pc))
+        pool = self.pools.add_tmpfs(pc)
         try:
             await asyncio.to_thread(pool.mount)  # an added pool is ready to use
         except Exception:
-            del self.pools[pc.name]
-            del self.pool_roots[pc.name]
+            self.pools.remove(pc.name)
             await self.set_config(old)
             raise
-        self._emit("pool-added", pc.name)
+        self.emit(EventKind.POOL_ADDED, pc.name)
 
     async def remove_pool(self, name: str) -> None:
-        pool = self.pool(name)
+        pool = self.pools.lookup(name)
         if pool.state() is PoolState.MOUNTED:
             raise Busy(f"pool {name!r} is connected; disconnect it first")
-        pinned = sorted(m for m, p in self.config.model_placement.pinned.items() if p == name)
-        if pinned:
-            raise Busy(f"models are pinned to pool {name!r} ({', '.join(pinned)}); unpin first")
-        if isinstance(pool, RemotePool):
-            tiers = _dump(self.config.remote_tiers)
-            del tiers["hosts"][name]
-            new = with_changes(self.config, remote_tiers=tiers)
-        elif name == "local" and self.config.ramdisk is not None:
-            new = parse_config({k: v for k, v in _dump(self.config).items() if k != "ramdisk"})
-        else:
-            new = with_changes(
-                self.config, pools=[_dump(p) for p in self.config.pools if p.name != name]
-            )
-        await self.set_config(new)
-        del self.pools[name]
-        del self.pool_roots[name]
-        self._emit("pool-removed", name)
+        await self.set_config(without_pool(self.config, name))
+        self.pools.remove(name)
+        self.emit(EventKind.POOL_REMOVED, name)
 
     # --- pool usage watch --------------------------------------------------------------
 
@@ -1185,7 +833,7 @@ class Engine:
             await asyncio.sleep(self.usage_interval)
             try:
                 for name in await asyncio.to_thread(self._usage_changes):
-                    self._emit("pool", name)
+                    self.emit(EventKind.POOL, name)
             except Exception:  # the watch must outlive any one bad statvfs
                 log.exception("pool usage watch failed")
 
@@ -1193,9 +841,9 @@ class Engine:
         """Mounted pools whose used bytes changed since the last look (a statvfs each; a
         pool given up as lost is not asked: I/O to it may hang)."""
         changed = []
-        for name in sorted(self._mounted()):
+        for name in sorted(self.pools.mounted()):
             pool = self.pools.get(name)
-            if pool is None or getattr(pool, "lost", ""):
+            if pool is None or pool.problem:
                 continue
             try:
                 used = pool.usage().used
@@ -1206,47 +854,6 @@ class Engine:
             self._used_seen[name] = used
         return changed
 
-    # --- remote pool watch -------------------------------------------------------------
-
-    async def _watch_remote_pools(self) -> None:
-        while True:
-            try:
-                await self.check_remote_pools()
-            except Exception:  # the watch must outlive any one bad probe
-                log.exception("remote pool watch failed")
-            await asyncio.sleep(self.watch_interval)
-
-    async def check_remote_pools(self) -> list[str]:
-        """Probe every connected remote pool (sysfs, /proc/mounts: no I/O to the pool);
-        give up each one that is no longer usable. Returns the names given up."""
-        lost = []
-        for pool in self._remote_pools():
-            if not pool.connected or pool.lost or pool.name in self._pool_jobs:
-                continue  # not ours to watch, already given up, or being (dis)connected
-            found = await asyncio.to_thread(pool.probe)
-            if not found.usable and pool.connected and not pool.lost:
-                await self._lose_pool(pool, found.reason)
-                lost.append(pool.name)
-        return lost
-
-    async def _lose_pool(self, pool: RemotePool, reason: str) -> None:
-        """Serve everything in a lost pool from cold storage: repoint the links only. The
-        pool's files are never read, written or deleted (I/O to it fails or hangs); a later
-        Disconnect or Connect cleans up."""
-        pool.lost = reason or "not usable"
-        async with self._lock:
-            touched, hot = await asyncio.to_thread(self._evacuate, pool.name)
-        log.error(
-            "lost pool %s: %s; %d model(s) now served from cold storage; "
-            "Connect the pool again to restore it",
-            pool.name,
-            pool.lost,
-            hot,
-        )
-        for model in touched:
-            self._emit("model", model)
-        self._emit("pool", pool.name)
-
     # --- health ------------------------------------------------------------------------
 
     async def health(self, repair: bool = False, verify_digests: bool = False) -> HealthReport:
@@ -1256,10 +863,10 @@ class Engine:
         worth a report that reads state a running job may change the next instant anyway."""
         if not repair:
             return await asyncio.to_thread(health.check, self, False, verify_digests)
-        async with self._lock:
+        async with self.lock:
             report = await asyncio.to_thread(health.check, self, repair, verify_digests)
         if repair and any(f.repaired for f in report.findings):
-            self._emit("catalog", "")
+            self.emit(EventKind.CATALOG, "")
         return report
 
     # --- rescan ------------------------------------------------------------------------
@@ -1271,10 +878,10 @@ class Engine:
         Raises Failed, changing nothing the bus shows, when cold storage is unavailable or
         the models dir cannot be synced; the previous catalog then stays."""
         try:
-            async with self._lock:
+            async with self.lock:
                 await asyncio.to_thread(self._rescan_blocking, adopt)
         finally:
-            self._emit("catalog", "")  # the cold storage state may have changed either way
+            self.emit(EventKind.CATALOG, "")  # the cold storage state may have changed either way
             self._watch_cold_storage()
         return len(self.catalog.models)
 
@@ -1287,7 +894,7 @@ class Engine:
             )
         catalog, seen = found
         try:
-            self.models_dir.sync(catalog, self._mounted())
+            self.models_dir.sync(catalog, self.pools.mounted())
         except OSError as err:  # e.g. the models dir is full: the old catalog stays
             raise Failed(
                 f"rescan could not update the models dir {self.config.models_dir} "
@@ -1316,7 +923,7 @@ class Engine:
                 seen = await asyncio.to_thread(availability.look, self.config.storage.path)
                 if isinstance(seen, str) or seen.empty:
                     continue  # not back yet: not even worth the rescan's reasoning
-                async with self._lock:
+                async with self.lock:
                     await asyncio.to_thread(self._rescan_blocking, False)
                 log.info("cold storage %s is back; catalog rescanned", self.config.storage.path)
             except Failed:
@@ -1324,21 +931,7 @@ class Engine:
             except Exception:  # the retry must outlive any one bad look
                 log.exception("cold storage retry failed")
             if self.cold_problem != before:
-                self._emit("catalog", "")
-
-
-def check_config_paths(config: Config) -> None:
-    """Refuse (UnsafePath, naming the component) a config whose models dir, state dir or
-    local pool paths someone other than root could change: the daemon writes there as root.
-    Paths that do not exist yet pass if their deepest existing directory does (they are made
-    at start). Cold storage is only read, through roots.Root, and may be anyone's."""
-    check_trusted_dir(config.models_dir, "modelsDir", allow_missing=True)
-    check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
-    for pc in config.local_pools():
-        check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
-    for name, host in config.remote_tiers.hosts.items():
-        path = host.path or config.pools_root / name
-        check_trusted_dir(path, f"pool {name!r} path", allow_missing=True)
+                self.emit(EventKind.CATALOG, "")
 
 
 def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:
@@ -1347,7 +940,3 @@ def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:
         if f.role is FileRole.DATA:
             seen.setdefault(f.rel, f)
     return list(seen.values())
-
-
-def _dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)

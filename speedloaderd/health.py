@@ -9,20 +9,52 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
 from . import holders
-from .catalog.types import FileRole
-from .modelsdir import COLD, LINK_TMP_MARKER, META_TMP_MARKER
-from .pools import PoolState
-from .roots import Root
+from .catalog.types import FileRole, ScanResult
+from .ledger import SpaceLedger
+from .modelsdir import LINK_TMP_MARKER, META_TMP_MARKER, ModelsDir
+from .pools import Pool, PoolState
+from .roots import Root, is_partial
 from .sizes import format_size
-from .transfer import is_partial
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class Checked(Protocol):
+    """What health reads of the engine (and a repair changes): the engine is one."""
+
+    @property
+    def catalog(self) -> ScanResult: ...
+
+    @property
+    def users(self) -> Mapping[str, list[str]]:
+        """Data rel -> the models using it."""
+        ...
+
+    @property
+    def models_dir(self) -> ModelsDir: ...
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def ledger(self) -> SpaceLedger: ...
+
+    @property
+    def cold_problem(self) -> str:
+        """Why cold storage is unavailable; "" when it is there."""
+        ...
+
+    def jobs_running(self) -> bool:
+        """Is a promote or demote running? (Its temporary names come and go.)"""
+        ...
+
+    def clear_stale_reservations(self) -> list[str]:
+        """Under the engine lock: drop what no running promote owns; say what."""
+        ...
 
 
 class Status(str, enum.Enum):
@@ -59,7 +91,7 @@ def _sha256(tree: Root, rel: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check(engine: Engine, repair: bool = False, verify_digests: bool = False) -> HealthReport:
+def check(engine: Checked, repair: bool = False, verify_digests: bool = False) -> HealthReport:
     """Blocking: run in a worker thread; with ``repair``, while holding the engine lock.
 
     A look runs without the lock, beside promotes and demotes: it reads each shared
@@ -67,9 +99,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     not report as leftovers the temporary names a running job makes and renames away."""
     findings: list[Finding] = []
     catalog = engine.catalog  # a rescan replaces it whole; this one stays consistent
-    jobs_running = bool(engine._active) or any(
-        j.operation == "promote" and not j.finished for j in list(engine.jobs.values())
-    )
+    jobs_running = engine.jobs_running()
     checked: dict[str, int] = {}
 
     def add(check: str, status: Status, subject: str, message: str, repaired: bool = False):
@@ -79,7 +109,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Cold storage reachable.
     md = engine.models_dir
-    cold = engine.config.storage.path
+    cold = md.cold_root
     if engine.cold_problem:
         # Repairs would move links toward cold storage that is not there, or drop RAM
         # copies of models the (kept) catalog cannot vouch for: none while it is away.
@@ -93,8 +123,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     elif md.cold.stat_dir("") is None:
         add("cold-storage", Status.ERROR, str(cold), f"cold storage {cold} is not reachable")
     checked["cold-storage"] = 1
-    for problem in engine.catalog.problems:
-        add("catalog", Status.WARNING, problem.rel, problem.message)
+    for scan_problem in engine.catalog.problems:
+        add("catalog", Status.WARNING, scan_problem.rel, scan_problem.message)
 
     # The models dir itself: deleted under a running daemon, every link check below fails.
     if not md.tree.exists():
@@ -178,16 +208,8 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             if f.role is not FileRole.DATA or f.rel in conflicted:
                 continue  # a conflict is reported below, and never repaired over
-            w = md.where(f.rel)
-            if w.tier is None and w.target is None:
-                problem = "is missing"
-            elif w.tier is None:
-                problem = f"points outside every configured root ({w.target})"
-            elif not w.exists:
-                problem = f"points at a missing file ({w.target})"
-            elif w.tier != COLD and w.tier not in mounted:
-                problem = f"points into pool {w.tier}, which is not mounted"
-            else:
+            problem = md.where(f.rel).problem(mounted)
+            if not problem:
                 continue
             fixable = repair and md.cold.stat_file(f.rel) is not None
             if fixable:
@@ -226,7 +248,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # Orphans in pools: partial copies and copies no link points to.
     for name in sorted(mounted):
-        root = engine.pool_roots[name]
+        root = md.pool_roots[name]
         tree = md.pool(name)
         for e in tree.walk():
             rel, fn = e.rel, e.rel.rpartition("/")[2]
@@ -234,8 +256,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
                 continue
             referenced = md.where(rel).target == str(root / rel)
             if is_partial(fn) or not referenced:
-                copying = any(k[0] == name for k in tuple(engine._copies))
-                if (name, rel) in engine._reserved or copying:
+                if engine.ledger.holds(name, rel) or engine.ledger.copying_into(name):
                     continue
                 if repair:
                     tree.unlink(rel)
@@ -253,7 +274,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
 
     # RAM held by copies already deleted: a process still maps them or has them open (an
     # inference server that loaded the model). The pool's usage counts them until it lets go.
-    held = holders.deleted_pool_files({n: engine.pool_roots[n] for n in sorted(mounted)})
+    held = holders.deleted_pool_files({n: md.pool_roots[n] for n in sorted(mounted)})
     for h in held:
         add(
             "held",
@@ -281,7 +302,7 @@ def check(engine: Engine, repair: bool = False, verify_digests: bool = False) ->
     return HealthReport(ok=report_ok, findings=findings, checked=checked)
 
 
-def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
+def _verify(engine: Checked, pool: str, rel: str, tree: Root, repair: bool, add) -> None:
     digest = None
     models = engine.catalog.models
     for name in engine.users.get(rel, ()):
@@ -305,6 +326,6 @@ def _verify(engine: Engine, pool: str, rel: str, tree: Root, repair: bool, add) 
     )
 
 
-def _resync(engine: Engine, mounted: set[str]) -> bool:
+def _resync(engine: Checked, mounted: set[str]) -> bool:
     engine.models_dir.sync(engine.catalog, mounted)
     return True

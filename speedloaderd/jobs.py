@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from . import errors
 from .errors import Cancelled, SpeedloaderError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class Job:
     state: JobState = JobState.RUNNING
     message: str = ""
     error: SpeedloaderError | None = None
-    # The D-Bus name of the error it failed with (NoSpace, Cancelled...): Job.ErrorName.
+    # The D-Bus error name of ``error`` (errors.error_name), "" unless the job failed or was
+    # cancelled: an asynchronous NoSpace says NoSpace, not only "failed".
     error_name: str = ""
     cancelable: bool = True
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
@@ -81,7 +83,7 @@ class Job:
 
     def _finish(self, state: JobState, message: str, error: SpeedloaderError | None) -> None:
         self.state, self.message, self.error = state, message, error
-        self.error_name = error.dbus_name if error is not None else ""
+        self.error_name = errors.error_name(error) if error is not None else ""
         self.eta = None
         self._done.set()
         self.notify()

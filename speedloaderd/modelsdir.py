@@ -14,7 +14,7 @@ import logging
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from .catalog.types import FileRole, ModelFile, ScanResult
 from .errors import Failed
 from .paths import check_rel, is_within
 from .roots import Entry, Root, ensure_trusted_dir
+from .tiers import COLD
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ MARKER = ".speedloader-models-dir"
 LINK_TMP_MARKER = ".sl-link-"
 META_TMP_MARKER = ".sl-meta-"
 MANAGED_META = ".speedloader-meta.json"
-COLD = "cold"
 _MANAGED_LIMIT = 64 << 20  # the list of descriptors we wrote: ~100 bytes per model
 
 
@@ -48,6 +48,27 @@ class Where:
     tier: str | None
     target: str | None
     exists: bool
+
+    def problem(self, mounted: Collection[str]) -> str:
+        """Why this link does not serve its file, as the end of a sentence that starts
+        "link <rel> "; "" when it does. The one rule of a valid link: it points at exactly
+        ``<root>/<rel>`` of cold storage or of a mounted pool, and the file is there."""
+        if self.tier is None and self.target is None:
+            return "is missing"
+        if self.tier is None:
+            return f"points outside every configured root ({self.target})"
+        if not self.exists:
+            return f"points at a missing file ({self.target})"
+        if self.tier != COLD and self.tier not in mounted:
+            return f"points into pool {self.tier}, which is not mounted"
+        return ""
+
+    def valid(self, mounted: Collection[str]) -> bool:
+        return not self.problem(mounted)
+
+    def in_pool(self, mounted: Collection[str]) -> bool:
+        """A valid link into a pool: the file is served from RAM."""
+        return self.tier != COLD and self.valid(mounted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +274,7 @@ class ModelsDir:
             )
             report.conflicts.append(Conflict(rel, problem))
             return
-        w = self.where(rel)
-        if w.tier == COLD and w.exists:
-            return
-        if w.tier not in (None, COLD) and w.tier in mounted and w.exists:
+        if self.where(rel).valid(mounted):
             return
         self.point_cold(rel)
         report.repointed_to_cold.append(rel)

@@ -260,6 +260,20 @@ class Pool(Protocol):
 
     def state(self) -> PoolState: ...
 
+    @property
+    def problem(self) -> str:
+        """Why the pool is degraded, in one sentence ("" when nothing is known against it).
+        A pool with a problem is not read from: I/O to it may hang."""
+        ...
+
+    def takes_links(self) -> bool:
+        """May a promote's links go to the pool now? Cheap, and no I/O to the pool."""
+        ...
+
+    def describe(self) -> str:
+        """Where the pool is, for a person: "mounted at /run/... (64.0M)"."""
+        ...
+
     def usage(self) -> PoolUsage: ...
 
     def startup(self) -> None:
@@ -333,6 +347,16 @@ class TmpfsPool:
         if not self._is_ours(info) or not self._readable():
             return PoolState.DEGRADED
         return PoolState.MOUNTED
+
+    @property
+    def problem(self) -> str:
+        return ""  # a tmpfs that is not ours or not readable says so in its state
+
+    def takes_links(self) -> bool:
+        return self.state() is PoolState.MOUNTED
+
+    def describe(self) -> str:
+        return f"mounted at {self.path} ({format_size(self.size)})"
 
     def usage(self) -> PoolUsage:
         """Size, used and free bytes of the mounted pool (statvfs)."""

@@ -38,6 +38,24 @@ from pathlib import Path
 
 from .errors import Failed, InvalidArgument
 
+PARTIAL_MARKER = ".sl-partial-"
+"""Infix of every partial copy's name; recovery removes files carrying it."""
+
+
+def is_partial(name: str) -> bool:
+    """True if ``name`` (a file name, not a path) is one of our partial copies."""
+    return name.startswith(".") and PARTIAL_MARKER in name
+
+
+def partial_name(final_name: str) -> str:
+    """A fresh temporary name for a copy that will become ``final_name``."""
+    # Only the marker and random hex: ``.<final_name>...`` would pass NAME_MAX (255 bytes)
+    # for a final name of 240 or more, and one long name on cold storage must not make
+    # every promote of its model fail. ``final_name`` stays in the signature for callers.
+    del final_name
+    return f"{PARTIAL_MARKER}{secrets.token_hex(8)}"
+
+
 # linux/openat2.h
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -485,8 +503,6 @@ class Root:
     def create_temp(self, rel: str, *, like: Root | None = None) -> tuple[int, str]:
         """Create a new, empty file beside ``rel`` under a fresh temporary name, mode 0600,
         opened read-write. Returns (fd, temporary name's rel)."""
-        from .transfer import partial_name  # the one spelling of a partial copy's name
-
         with self.parent(rel, create=True, like=like) as (dfd, name):
             tmp = partial_name(name)
             fd = os.open(

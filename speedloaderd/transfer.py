@@ -40,7 +40,6 @@ import ctypes.util
 import errno
 import hashlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -51,9 +50,6 @@ from typing import Any, Literal
 from .errors import Cancelled, Failed, InvalidArgument, NoSpace, VerificationFailed
 from .roots import ChangedFile, Identity, Root, own_like
 from .sizes import format_size
-
-PARTIAL_MARKER = ".sl-partial-"
-"""Infix of every partial copy's name; recovery removes files carrying it."""
 
 DEFAULT_CHUNK = 64 << 20
 """64 MiB: large enough for in-kernel copies to run at full speed, small enough that a
@@ -84,20 +80,6 @@ class CopyResult:
     """The copy method that moved the data (the last one used, after any fallback)."""
     verified: bool
     """True when a digest was given and the destination's content matched it."""
-
-
-def is_partial(name: str) -> bool:
-    """True if ``name`` (a file name, not a path) is one of our partial copies."""
-    return name.startswith(".") and PARTIAL_MARKER in name
-
-
-def partial_name(final_name: str) -> str:
-    """A fresh temporary name for a copy that will become ``final_name``."""
-    # Only the marker and random hex: ``.<final_name>...`` would pass NAME_MAX (255 bytes)
-    # for a final name of 240 or more, and one long name on cold storage must not make
-    # every promote of its model fail. ``final_name`` stays in the signature for callers.
-    del final_name
-    return f"{PARTIAL_MARKER}{secrets.token_hex(8)}"
 
 
 def forget_refused_pairs() -> None:

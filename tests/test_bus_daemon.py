@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message
 
-from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT, Client, ClientError
+from speedloader_client.client import (
+    ERROR_PREFIX,
+    JOB,
+    MANAGER,
+    MODEL,
+    POOL,
+    ROOT,
+    Client,
+    ClientError,
+)
 from speedloader_lab.sandbox import REPO
 
 from .buslab import MiB, run
@@ -122,7 +131,7 @@ def test_cancelled_promote_leaves_no_trace(daemon_factory):
     result = run(scenario())
     assert not result.success and "cancel" in result.message.lower()
     assert result.properties["State"] == "cancelled"
-    assert result.properties["ErrorName"] == "Cancelled", "the error's name, not only 'failed'"
+    assert result.properties["ErrorName"] == ERROR_PREFIX + "Cancelled", "not only 'failed'"
     after = dl.state()
     assert after["links"] == before["links"] and after["pool_files"] == []
     assert_consistent(dl)

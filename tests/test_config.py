@@ -10,14 +10,21 @@ import pytest
 
 from speedloaderd.config import (
     BackendType,
+    PoolConfig,
     Strategy,
     dump_config,
     load_config,
     parse_config,
     save_config,
     with_changes,
+    with_pin,
+    with_pins,
+    with_pool,
+    with_pool_size,
+    without_pin,
+    without_pool,
 )
-from speedloaderd.errors import ConfigError
+from speedloaderd.errors import Busy, ConfigError, InvalidArgument
 from speedloaderd.sizes import format_size, parse_size
 
 # The format of the tool Speedloader replaces, key for key.
@@ -195,3 +202,78 @@ def test_format_size():
     assert format_size(200 << 30) == "200G"
     assert format_size(1536 << 20) == "1.5G"
     assert format_size(10) == "10B"
+
+
+# --- config surgery: pure functions, the argument never changed -----------------------------
+
+
+def surgery_base():
+    return parse_config(
+        {
+            **LEGACY,
+            "poolsRoot": "/run/speedloader/pools",
+            "pools": [{"name": "fast", "path": "/run/speedloader/pools/fast", "size": "8G"}],
+            "_comment": "kept through every change",
+        }
+    )
+
+
+def test_pin_and_unpin_change_only_the_pins():
+    base = surgery_base()
+    before = dump_config(base)
+    pinned = with_pin(base, "qwen:7b", "gpu-node-2")
+    assert pinned.model_placement.pinned == {"llama3:70b": "local", "qwen:7b": "gpu-node-2"}
+    unpinned = without_pin(pinned, "llama3:70b")
+    assert unpinned.model_placement.pinned == {"qwen:7b": "gpu-node-2"}
+    rest = {k: v for k, v in dump_config(unpinned).items() if k != "modelPlacement"}
+    assert rest == {k: v for k, v in before.items() if k != "modelPlacement"}
+    assert dump_config(unpinned)["modelPlacement"]["defaultStrategy"] == "fastest-fit"
+    assert dump_config(base) == before  # the argument is left alone
+    with pytest.raises(InvalidArgument, match="'nope:1' is not pinned"):
+        without_pin(base, "nope:1")
+    with pytest.raises(ConfigError, match="not defined"):
+        with_pin(base, "qwen:7b", "nowhere")
+    assert with_pins(base, {}).model_placement.pinned == {}
+
+
+def test_with_pool_adds_a_pool_only_under_pools_root():
+    base = surgery_base()
+    before = dump_config(base)
+    where = Path("/run/speedloader/pools/extra")
+    added = with_pool(base, PoolConfig(name="extra", path=where, size=1 << 30))
+    assert [p.name for p in added.local_pools()] == ["local", "fast", "extra"]
+    assert dump_config(added)["pools"][-1] == {"name": "extra", "path": str(where), "size": "1G"}
+    assert dump_config(added)["_comment"] == "kept through every change"
+    assert dump_config(base) == before
+    for pc, needle in [
+        (PoolConfig(name="fast", path=where, size=1 << 30), "already exists"),
+        (PoolConfig(name="gpu-node-2", path=where, size=1 << 30), "already exists"),
+        (PoolConfig(name="x", path=Path("/srv/x"), size=1 << 30), "must be at"),
+        (PoolConfig(name="gpu", path=Path("/run/speedloader/pools/gpu-node-2/in"), size=1),
+         "overlaps remote pool 'gpu-node-2'"),
+    ]:  # fmt: skip
+        with pytest.raises(InvalidArgument, match=needle):
+            with_pool(base, pc)
+
+
+def test_without_pool_removes_each_kind_and_refuses_a_pinned_one():
+    base = surgery_base()
+    before = dump_config(base)
+    with pytest.raises(Busy, match="pinned to pool 'local' \\(llama3:70b\\)"):
+        without_pool(base, "local")
+    unpinned = without_pin(base, "llama3:70b")
+    assert "ramdisk" not in dump_config(without_pool(unpinned, "local"))
+    assert without_pool(base, "gpu-node-2").remote_tiers.hosts == {}
+    assert [p.name for p in without_pool(base, "fast").local_pools()] == ["local"]
+    assert dump_config(base) == before
+
+
+def test_with_pool_size_sizes_each_kind():
+    base = surgery_base()
+    before = dump_config(base)
+    assert with_pool_size(base, "local", 1 << 30).ramdisk.size == 1 << 30
+    assert with_pool_size(base, "fast", 2 << 30).pools[0].size == 2 << 30
+    remote = with_pool_size(base, "gpu-node-2", 64 << 30)
+    assert remote.remote_tiers.hosts["gpu-node-2"].ramdisk_size == 64 << 30
+    assert with_pool_size(base, "nowhere", 1) is base  # nothing of it to change
+    assert dump_config(base) == before

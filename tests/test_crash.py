@@ -22,7 +22,7 @@ from pathlib import Path
 from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd.config import dump_config
 from speedloaderd.modelsdir import LINK_TMP_MARKER, META_TMP_MARKER
-from speedloaderd.transfer import is_partial
+from speedloaderd.roots import is_partial
 
 from .lab import MiB, run
 

@@ -275,6 +275,44 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(lab):
     run(scenario())
 
 
+def test_a_failed_job_keeps_its_error_name(lab):
+    """An asynchronous NoSpace says NoSpace on the job, not only "failed"; a job that
+    succeeds has no error name."""
+    make_ollama_model(lab.cold, "big:1", [12 * MiB])
+    make_ollama_model(lab.cold, "small:1", [MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=(("local", 8 * MiB, 100),)))
+        job = engine.promote("big:1")  # accepted at once: the room is only known later
+        assert job.error_name == ""
+        with pytest.raises(NoSpace):
+            await job.wait()
+        assert job.state is JobState.FAILED
+        assert job.error_name == "org.speedloader.Speedloader1.Error.NoSpace"
+        ok = engine.promote("small:1")
+        await ok.wait()
+        assert (ok.state, ok.error_name) == (JobState.SUCCEEDED, "")
+
+    run(scenario())
+
+
+def test_a_job_that_fails_on_a_bug_is_named_failed():
+    from speedloaderd.jobs import Job, run_job
+
+    async def scenario():
+        async def body(job):
+            raise RuntimeError("a bug")
+
+        job = Job("promote", model="m:1")
+        run_job(job, body)
+        with pytest.raises(Exception, match="internal error during promote: a bug"):
+            await job.wait()
+        assert job.error_name == "org.speedloader.Speedloader1.Error.Failed"
+
+    run(scenario())
+
+
 def test_demote_while_promoting_is_busy(lab):
     make_ollama_model(lab.cold, "m:1", [32 * MiB])
     lab.seal()
@@ -303,6 +341,7 @@ def test_cancel_leaves_no_trace(lab):
         with pytest.raises(Cancelled):
             await job.wait()
         assert job.state is JobState.CANCELLED
+        assert job.error_name == "org.speedloader.Speedloader1.Error.Cancelled"
         assert lab.pool_files("local") == []
         assert_links(lab, [x.rel for x in m.blobs], "cold")
         assert os.listdir(lab.state / "journal") == []

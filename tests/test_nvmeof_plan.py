@@ -21,6 +21,7 @@ from speedloaderd.config import RemoteHostConfig
 from speedloaderd.errors import Failed, InvalidArgument, NoSpace
 from speedloaderd.remote.auth import FabricAuth, check_key, keys_for, new_key
 from speedloaderd.remote.capacity import parse_meminfo
+from speedloaderd.remote.command import Completed
 from speedloaderd.remote.nvmeof import (
     RemotePoolSpec,
     connect_plan,
@@ -30,7 +31,6 @@ from speedloaderd.remote.nvmeof import (
 )
 from speedloaderd.remote.plan import (
     Command,
-    Completed,
     ControllerAttr,
     Plan,
     PlanFailed,

@@ -173,7 +173,7 @@ def test_daemon_value_maps_produce_exactly_the_properties(lab):
     server, _ = _interfaces()
     # Without a configuration the Manager says why, and keeps the rest as it was.
     assert set(server._manager_values()) < _keys(Manager)
-    server.engine = Engine(lab.config(), None)  # not started: its config is all it reads
+    server.daemon.engine = Engine(lab.config(), None)  # not started: its config is all it reads
     assert set(server._manager_values()) == _keys(Manager)
 
 
@@ -181,7 +181,7 @@ def test_job_error_name_is_served_from_the_job():
     import asyncio
 
     from speedloaderd.bus.objects import job_values
-    from speedloaderd.errors import NoSpace
+    from speedloaderd.errors import ERROR_PREFIX, NoSpace
     from speedloaderd.jobs import Job as DaemonJob
     from speedloaderd.jobs import run_job
 
@@ -194,4 +194,4 @@ def test_job_error_name_is_served_from_the_job():
         await run_job(job, fail)
         return running, job_values(job)["ErrorName"]
 
-    assert asyncio.run(scenario()) == ("", "NoSpace")
+    assert asyncio.run(scenario()) == ("", ERROR_PREFIX + "NoSpace")  # as a failed call's

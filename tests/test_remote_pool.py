@@ -280,8 +280,8 @@ def test_lost_pool_serves_models_from_cold_untouched_and_connect_restores(lab, t
 
         fake.set("connecting", mounted=True)  # the fabric is gone
         with caplog.at_level(logging.ERROR, logger="speedloaderd.engine"):
-            assert await engine.check_remote_pools() == ["far"]
-            assert await engine.check_remote_pools() == []  # given up once, said once
+            assert await engine.remote_watch.check() == ["far"]
+            assert await engine.remote_watch.check() == []  # given up once, said once
         lost = [r.getMessage() for r in caplog.records if "lost pool far:" in r.getMessage()]
         assert len(lost) == 1
         assert "1 model(s) now served from cold storage" in lost[0]

@@ -24,15 +24,13 @@ import pytest
 
 from bench.copyspeed import page_cache_resident
 from speedloaderd.errors import Cancelled, Failed, InvalidArgument, NoSpace, VerificationFailed
+from speedloaderd.roots import PARTIAL_MARKER, is_partial, partial_name
 from speedloaderd.transfer import (
-    PARTIAL_MARKER,
     CopyResult,
     Progress,
     ProgressMeter,
     copy_file,
     forget_refused_pairs,
-    is_partial,
-    partial_name,
 )
 
 MiB = 1 << 20

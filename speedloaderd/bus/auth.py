@@ -17,8 +17,8 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..errors import SpeedloaderError
-from .names import ACTION_ADMINISTER, ERROR_PREFIX
+from ..errors import AuthenticationRequired, NotAuthorized, SpeedloaderError, error_name
+from .names import ACTION_ADMINISTER
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,6 @@ current_call: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
 )
 
 _ALLOW_USER_INTERACTION = 1
-
-
-class NotAuthorized(SpeedloaderError):
-    dbus_name = "NotAuthorized"
-
-
-class AuthenticationRequired(SpeedloaderError):
-    dbus_name = "AuthenticationRequired"
 
 
 def remember_caller(msg: Message) -> bool:
@@ -52,10 +44,12 @@ def caller() -> str:
     return msg.sender
 
 
-async def caller_uid(bus: MessageBus) -> int:
+async def caller_uid(bus: MessageBus | None) -> int:
     """The caller's uid, from the bus daemon itself (it saw the peer's credentials); a
     caller we cannot identify is refused, never taken for root."""
     sender = caller()
+    if bus is None:  # not connected (a call cannot arrive then; refuse all the same)
+        raise NotAuthorized("cannot tell who is calling")
     msg = Message(
         destination="org.freedesktop.DBus",
         path="/org/freedesktop/DBus",
@@ -126,9 +120,9 @@ def to_dbus_error(err: BaseException) -> DBusError:
     if isinstance(err, DBusError):
         return err
     if isinstance(err, SpeedloaderError):
-        return DBusError(ERROR_PREFIX + err.dbus_name, str(err))
+        return DBusError(error_name(err), str(err))
     log.error("internal error", exc_info=err)
-    return DBusError(ERROR_PREFIX + "Failed", f"internal error: {type(err).__name__}: {err}")
+    return DBusError(error_name(err), f"internal error: {type(err).__name__}: {err}")
 
 
 def exported(action: str | None = None, what: str = "") -> Callable:

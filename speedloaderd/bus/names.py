@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ..errors import ERROR_PREFIX as ERROR_PREFIX  # with the errors: a job keeps its name
+
 BUS_NAME = "org.speedloader.Speedloader1"
 ROOT = "/org/speedloader/Speedloader1"
 MANAGER_IFACE = "org.speedloader.Speedloader1.Manager"
 POOL_IFACE = "org.speedloader.Speedloader1.Pool"
 MODEL_IFACE = "org.speedloader.Speedloader1.Model"
 JOB_IFACE = "org.speedloader.Speedloader1.Job"
-ERROR_PREFIX = "org.speedloader.Speedloader1.Error."
 NO_OBJECT = "/"  # UDisks2's convention for "no object" in an 'o' value
 
 ACTION_PROMOTE = "org.speedloader.promote"

@@ -8,17 +8,22 @@ memory, not the filesystem.
 # No "from __future__ import annotations": dbus-fast reads D-Bus signatures from annotations.
 
 import json
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from speedloader_client.records import RECORDS
 
 from .. import __version__
 from ..config import PoolConfig, parse_config
+from ..daemon import Daemon
+from ..engine import Engine
 from ..errors import InvalidArgument
+from ..jobs import Job
 from ..sizes import parse_size
-from .auth import caller_uid, exported, to_dbus_error
+from .auth import Polkit, caller_uid, exported
 from .names import (
     ACTION_ADMINISTER,
     ACTION_CONFIGURE,
@@ -35,11 +40,43 @@ from .names import (
     pool_path,
 )
 
-if TYPE_CHECKING:
-    from ..jobs import Job
-    from .server import Server
-
 READ = PropertyAccess.READ
+
+
+class ObjectHost(Protocol):
+    """What the exported objects use of the server (bus/server.py's Server is one): the
+    connection and polkit, the daemon, and the server's publishing. The objects import
+    nothing from the server, so it can import them."""
+
+    @property
+    def bus(self) -> MessageBus | None: ...
+
+    @property
+    def polkit(self) -> Polkit: ...
+
+    @property
+    def daemon(self) -> Daemon: ...
+
+    @property
+    def config_path(self) -> Path | None: ...
+
+    def require_engine(self) -> Engine: ...
+
+    async def settle(self) -> None:
+        """Publish pending property changes before a reply."""
+        ...
+
+    def job_object(self, job: Job) -> str:
+        """The object path of ``job``, exported if it was not yet."""
+        ...
+
+    def config_json(self) -> str: ...
+
+    def list_models(self, offset: int, limit: int, filters: dict[str, Any]) -> list[Any]: ...
+
+    def list_pools(self) -> list[Any]: ...
+
+    def list_jobs(self) -> list[Any]: ...
 
 
 def _size_arg(text: str) -> int:
@@ -60,7 +97,7 @@ class Snapshot(ServiceInterface):
     client assumes, and a value map naming a property the table does not have is a bug.
     """
 
-    def __init__(self, name: str, server: "Server"):
+    def __init__(self, name: str, server: ObjectHost):
         super().__init__(name)
         self.server = server
         self.values: dict[str, Any] = RECORDS[name].defaults()
@@ -76,7 +113,7 @@ class Snapshot(ServiceInterface):
 
 
 class ManagerInterface(Snapshot):
-    def __init__(self, server: "Server"):
+    def __init__(self, server: ObjectHost):
         super().__init__(MANAGER_IFACE, server)
 
     @property
@@ -174,7 +211,8 @@ class ManagerInterface(Snapshot):
         # An empty path means the one place a new pool may go: <poolsRoot>/<name>.
         where = path or str(self.engine.config.pools_root / name)
         try:
-            pc = PoolConfig(name=name, path=where, size=_size_arg(size), speed=speed)
+            fields = {"name": name, "path": where, "size": _size_arg(size), "speed": speed}
+            pc = PoolConfig.model_validate(fields)  # the path as given: the config checks it
         except ValueError as err:
             raise InvalidArgument(f"pool {name!r}: {_first_error(err)}") from None
         await self.engine.add_pool(pc)
@@ -246,14 +284,14 @@ class ManagerInterface(Snapshot):
                 "the configuration is nested too deeply to be read; send a flat JSON object"
             ) from None
         new = parse_config(data, "new configuration")
-        admin_keys = self.server.admin_changes(new)
+        admin_keys = self.server.daemon.admin_changes(new)
         if admin_keys:
             await self.server.polkit.check(
                 ACTION_ADMINISTER,
                 f"changing {', '.join(admin_keys)} needs an administrator "
                 "(a member may change only the strategy, pins and pool speeds)",
             )
-        await self.server.set_config(new)
+        await self.server.daemon.set_config(new)
 
     @method()
     @exported()
@@ -301,7 +339,7 @@ def _first_error(err: ValueError) -> str:
 
 
 class PoolInterface(Snapshot):
-    def __init__(self, server: "Server", name: str):
+    def __init__(self, server: ObjectHost, name: str):
         super().__init__(POOL_IFACE, server)
         self.pool_name = name
         self.values["Name"] = name
@@ -381,7 +419,7 @@ class PoolInterface(Snapshot):
 
 
 class ModelInterface(Snapshot):
-    def __init__(self, server: "Server", name: str):
+    def __init__(self, server: ObjectHost, name: str):
         super().__init__(MODEL_IFACE, server)
         self.model_name = name
         self.values["Name"] = name
@@ -422,7 +460,7 @@ _CANCEL_ACTION = {
 
 
 class JobInterface(Snapshot):
-    def __init__(self, server: "Server", job: "Job"):
+    def __init__(self, server: ObjectHost, job: Job):
         super().__init__(JOB_IFACE, server)
         self.job = job
 
@@ -495,36 +533,34 @@ class JobInterface(Snapshot):
         return self.values["ErrorName"]
 
     @method()
+    @exported()
     async def Cancel(self):
         # Your own job (or, for root, any): the right to start this kind of operation.
         # Someone else's, root's and the daemon's own included: an admin's right.
-        try:
-            uid = await caller_uid(self.server.bus)
-            if uid in (0, self.job.started_by_uid):
-                action = _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
-                await self.server.polkit.check(action)
-            else:
-                await self.server.polkit.check(
-                    ACTION_ADMINISTER,
-                    f"cancelling job {self.job.id} needs an administrator "
-                    f"(uid {self.job.started_by_uid} started it, not you)",
-                )
-            if self.job.finished:
-                raise InvalidArgument(f"job {self.job.id} has already finished")
-            if not self.job.cancelable:
-                raise InvalidArgument(
-                    f"job {self.job.id} ({self.job.operation}) cannot be cancelled now"
-                )
-            self.job.cancel()
-        except Exception as err:
-            raise to_dbus_error(err) from None
+        uid = await caller_uid(self.server.bus)
+        if uid in (0, self.job.started_by_uid):
+            action = _CANCEL_ACTION.get(self.job.operation, ACTION_MANAGE_POOLS)
+            await self.server.polkit.check(action)
+        else:
+            await self.server.polkit.check(
+                ACTION_ADMINISTER,
+                f"cancelling job {self.job.id} needs an administrator "
+                f"(uid {self.job.started_by_uid} started it, not you)",
+            )
+        if self.job.finished:
+            raise InvalidArgument(f"job {self.job.id} has already finished")
+        if not self.job.cancelable:
+            raise InvalidArgument(
+                f"job {self.job.id} ({self.job.operation}) cannot be cancelled now"
+            )
+        self.job.cancel()
 
     @signal()
     def Completed(self, success: bool, message: str) -> "bs":
         return [success, message]
 
 
-def job_values(job: "Job") -> dict[str, Any]:
+def job_values(job: Job) -> dict[str, Any]:
     objects = []
     if job.model:
         objects.append(model_path(job.model))

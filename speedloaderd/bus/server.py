@@ -21,7 +21,7 @@ import bisect
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from copy import copy
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,12 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
 from .. import __version__
-from ..config import Config, dump_config, save_config
-from ..engine import Engine, ModelStatus, PoolStatus, check_config_paths
-from ..errors import Busy, Failed, InvalidArgument, SpeedloaderError
+from ..config import Config, dump_config
+from ..daemon import Daemon
+from ..engine import Engine, ModelStatus, PoolStatus
+from ..errors import Failed, InvalidArgument
+from ..events import EventKind
 from ..jobs import Job
-from ..privilege import admin_changes
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
 from .objects import (
@@ -73,38 +74,8 @@ RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
 # Filters ListModels accepts: key -> the model value it matches.
 _FILTER_KEYS = ("name", "state", "tier", "format", "after")
-
-# Config keys a running engine can adopt without rebuilding its pools and models dir.
-# (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
-# backend.apiUrl is only shown to clients.
-_LIVE_KEYS = {"modelPlacement", "sshKeyPath", "backend.apiUrl"}
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Top-level keys whose values differ between two dump_config() outputs; a backend that
-    differs only in its apiUrl is reported as ``backend.apiUrl``. Extension keys (``_``,
-    ``x-``) are left out: nothing reads them."""
-    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-    changed -= {k for k in changed if k.startswith(("_", "x-"))}
-    if "backend" in changed:
-        a, b = old.get("backend") or {}, new.get("backend") or {}
-        if isinstance(a, dict) and isinstance(b, dict):
-            strip = {"apiUrl"}
-            if {k: v for k, v in a.items() if k not in strip} == {
-                k: v for k, v in b.items() if k not in strip
-            }:
-                changed = (changed - {"backend"}) | {"backend.apiUrl"}
-    return changed
-
-
-def _reason(err: BaseException) -> str:
-    """One sentence for why an engine could not start (a bug says so)."""
-    if isinstance(err, SpeedloaderError):
-        return str(err)
-    if isinstance(err, OSError):
-        where = f" ({err.filename})" if err.filename else ""
-        return f"{err.strerror or err}{where}"
-    return f"internal error while starting: {err!r}"
+# Engine events after which every object is read again (a job's or one object's do not).
+_RESYNC_EVENTS = {EventKind.CATALOG, EventKind.POOL_ADDED, EventKind.POOL_REMOVED, EventKind.CONFIG}
 
 
 class _EagainSafeSocket:
@@ -143,8 +114,11 @@ class SystemBus(MessageBus):
 
     async def connect(self) -> SystemBus:
         await super().connect()
-        self._writer.sock = _EagainSafeSocket(self._writer.sock)
-        self._writer.buffer_message = self._buffer_bounded
+        writer = self._writer
+        assert writer is not None, "dbus-fast sets its writer in connect()"
+        writer.sock = _EagainSafeSocket(writer.sock)  # type: ignore[assignment]  # a wrapper
+        # dbus-fast's writer has no hook for this: patched, hence the pinned dbus-fast.
+        writer.buffer_message = self._buffer_bounded  # type: ignore[method-assign]
         return self
 
     def _buffer_bounded(self, msg: Message, future: asyncio.Future | None = None) -> None:
@@ -152,6 +126,7 @@ class SystemBus(MessageBus):
         MAX_MESSAGE_BYTES: a reply becomes the error TooLarge, a signal is dropped (logged).
         Same queue entry as dbus-fast's own (marshalled bytes, unix fds, future)."""
         writer = self._writer
+        assert writer is not None, "connected"
         data = msg._marshall(writer.negotiate_unix_fd)
         if len(data) > MAX_MESSAGE_BYTES:
             replacement = _oversized(msg, len(data))
@@ -316,13 +291,9 @@ def pool_values(st: PoolStatus) -> dict[str, Any]:
 
 class Server:
     def __init__(self, config: Config | None, config_path: Path | None, config_error: str = ""):
-        self.config_path = config_path
-        self.engine: Engine | None = Engine(config, config_path) if config else None
-        self.config_error = config_error
-        # A config that loaded but whose engine could not start: shown by GetConfig so it
-        # can be fixed and sent back.
-        self.unstarted_config: Config | None = None
-        self._reconfiguring = False  # a structural SetConfig is starting a new engine
+        # The domain: the engine, its config, and the rebuild-on-config policy.
+        self.daemon = Daemon(config, config_path, config_error)
+        self.daemon.listeners.append(self._on_engine_event)
         self.bus: SystemBus | None = None
         self.polkit: Polkit
         self.manager = ManagerInterface(self)
@@ -337,24 +308,7 @@ class Server:
     # --- start and stop ----------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.engine is not None:
-            engine = self.engine
-            engine.listeners.append(self._on_engine_event)
-            try:
-                await engine.start()
-            except Exception as err:
-                # Stay on the bus without an engine: the reason is in ConfigError and a
-                # SetConfig (or a fixed file and a restart) brings the engine up.
-                if not isinstance(err, (SpeedloaderError, OSError)):
-                    log.exception("engine start failed")
-                self.engine, self.config_error = None, _reason(err)
-                self.unstarted_config = engine.config
-                undone = await asyncio.to_thread(engine.abandon_start)
-                log.error(
-                    "configuration not usable: %s (pools unmounted again: %s)",
-                    self.config_error,
-                    ", ".join(undone) or "none",
-                )
+        await self.daemon.start()
         await self._connect(sync=True)
         log.info(
             "on the system bus as %s (%d models, %d pools)",
@@ -442,7 +396,7 @@ class Server:
     async def shutdown(self) -> None:
         """End running jobs (their Completed signals still go out), then leave the bus."""
         if self.engine is not None:
-            await self.engine.shutdown()
+            await self.daemon.shutdown()
             await self.settle()
         self.stop()
 
@@ -452,100 +406,22 @@ class Server:
 
     # --- engine access -----------------------------------------------------------------
 
+    @property
+    def engine(self) -> Engine | None:
+        return self.daemon.engine
+
+    @property
+    def config_path(self) -> Path | None:
+        return self.daemon.config_path
+
     def require_engine(self) -> Engine:
-        if self._reconfiguring:
-            raise Busy("a new configuration is being applied; try again when it is done")
-        if self.engine is None:
-            raise Failed(
-                f"speedloaderd has no valid configuration ({self.config_error}); "
-                "fix it with SetConfig (slctl config set) or edit the file and restart"
-            )
-        return self.engine
+        return self.daemon.require_engine()
 
     def config_json(self) -> str:
-        config = self.engine.config if self.engine is not None else self.unstarted_config
+        config = self.daemon.shown_config()
         if config is None:
             return "{}"
         return json.dumps(dump_config(config), indent=2)
-
-    def admin_changes(self, new: Config) -> list[str]:
-        """The keys ``new`` changes that need an admin (any, with no running config)."""
-        old = dump_config(self.engine.config) if self.engine is not None else {}
-        return admin_changes(old, dump_config(new))
-
-    async def set_config(self, new: Config) -> None:
-        """Adopt a validated config, all or nothing. Placement, pins, the SSH key and the
-        backend's apiUrl change live. Anything else starts a new engine first (refused while
-        models are in RAM or jobs run); only once it has started is the config saved and
-        the new engine put in charge. If either fails, what the new engine mounted is
-        unmounted, the file is untouched and the running engine goes on."""
-        if self._reconfiguring:
-            raise Busy("another configuration change is being applied; try again when it is done")
-        engine = self.engine
-        if engine is not None:
-            changed = changed_keys(dump_config(engine.config), dump_config(new))
-            if not changed - _LIVE_KEYS:
-                await engine.set_config(new)
-                return
-            busy = [j for j in engine.jobs.values() if not j.finished]
-            held = await asyncio.to_thread(engine.models_in_ram)
-            if busy or held:
-                what = []
-                if held:
-                    names = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
-                    what.append(f"demote the {len(held)} model(s) in RAM ({names})")
-                if busy:
-                    what.append(f"wait for the {len(busy)} running job(s)")
-                raise Busy(
-                    f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
-                    f"{' and '.join(what)} first"
-                )
-        self._reconfiguring = True
-        try:
-            replacement = await self._start_replacement(new, engine)
-        finally:
-            self._reconfiguring = False
-        replacement.listeners.append(self._on_engine_event)
-        if engine is not None:
-            engine.listeners.clear()
-            engine.close()
-        self.engine, self.config_error, self.unstarted_config = replacement, "", None
-        log.info("configuration replaced; engine restarted")
-        self._resync_all = True
-        self._schedule_flush()
-
-    async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
-        """Start an engine for ``new`` and save ``new``; on any failure undo both."""
-        # Paths checked before anything is made: a config the engine refuses (a remote
-        # pool's bad path, a models dir a member owns) creates nothing.
-        await asyncio.to_thread(check_config_paths, new)
-        replacement = Engine(new, self.config_path)
-        try:
-            await replacement.start()
-            if self.config_path is not None:
-                await asyncio.to_thread(save_config, new, self.config_path)
-        except BaseException as err:
-            keep = set(old.pool_roots.values()) if old is not None else set()
-            undone = await asyncio.to_thread(replacement.abandon_start, keep)
-            if old is not None:
-                try:
-                    await old.reassert()
-                except Exception:
-                    log.exception("the running engine could not take its paths back")
-            log.error(
-                "new configuration refused: %s (pools unmounted again: %s)",
-                _reason(err),
-                ", ".join(undone) or "none",
-            )
-            if isinstance(err, SpeedloaderError):
-                raise
-            if isinstance(err, Exception):
-                raise Failed(
-                    f"the new configuration could not be started ({_reason(err)}); "
-                    "the running configuration was kept"
-                ) from err
-            raise
-        return replacement
 
     # --- objects -----------------------------------------------------------------------
 
@@ -582,16 +458,16 @@ class Server:
                 self._unexport(model_path(name))
         self._emit_changed(self.manager, self.manager.update({"ModelCount": len(self.models)}))
         seen = set()
-        for st in pools:
-            seen.add(st.name)
-            piface = self.pools.get(st.name)
+        for pst in pools:
+            seen.add(pst.name)
+            piface = self.pools.get(pst.name)
             if piface is None:
-                piface = PoolInterface(self, st.name)
-                piface.update(pool_values(st))
-                self.pools[st.name] = piface
-                self._export(pool_path(st.name), piface)
+                piface = PoolInterface(self, pst.name)
+                piface.update(pool_values(pst))
+                self.pools[pst.name] = piface
+                self._export(pool_path(pst.name), piface)
             else:
-                self._emit_changed(piface, piface.update(pool_values(st)))
+                self._emit_changed(piface, piface.update(pool_values(pst)))
         for name in list(self.pools):
             if name not in seen:
                 del self.pools[name]
@@ -628,7 +504,7 @@ class Server:
 
         if needle or checks:
             total = sum(1 for name in order if matches(name))
-            window = (name for name in order[start:] if matches(name))
+            window: Iterator[str] = (name for name in order[start:] if matches(name))
         else:  # the common case, a client reading everything: no pass over the catalog
             total = len(order)
             window = iter(order[start : start + offset + limit])
@@ -665,7 +541,7 @@ class Server:
         if self.engine is None:
             return always | {
                 "ConfigValid": False,
-                "ConfigError": self.config_error,
+                "ConfigError": self.daemon.config_error,
                 "ColdStorageProblem": "speedloaderd has no valid configuration",
             }
         c = self.engine.config
@@ -715,11 +591,11 @@ class Server:
 
     # --- change propagation ---------------------------------------------------------------
 
-    def _on_engine_event(self, kind: str, name: str) -> None:
-        if kind in ("catalog", "pool-added", "pool-removed", "config"):
+    def _on_engine_event(self, kind: EventKind, name: str) -> None:
+        if kind in _RESYNC_EVENTS:
             self._resync_all = True
             self._schedule_flush()
-        elif kind == "job":
+        elif kind is EventKind.JOB:
             job = self.engine.jobs.get(int(name)) if self.engine else None
             if job is None:
                 return
@@ -730,11 +606,15 @@ class Server:
                 # may start in the meantime, and clients must see this one end first. The
                 # models' new state goes out before it (its own, and those a pool job
                 # moved), so a client woken by Completed reads them as the job left them.
-                models = {n for k, n in self._dirty if k == "model"} | {job.model} - {None}
+                models = {n for k, n in self._dirty if k == "model"}
+                if job.model is not None:
+                    models.add(job.model)
                 for model in sorted(models):
                     self._dirty.discard(("model", model))
                     self._refresh_model(model)
-                pools = {n for k, n in self._dirty if k == "pool"} | {job.pool} - {None}
+                pools = {n for k, n in self._dirty if k == "pool"}
+                if job.pool is not None:
+                    pools.add(job.pool)
                 for pool in sorted(pools):  # mountinfo and statvfs of a few pools: quick
                     self._dirty.discard(("pool", pool))
                     self._refresh_pool(pool)

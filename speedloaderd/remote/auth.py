@@ -39,7 +39,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..errors import Failed
-from .plan import Runner
+from .command import Runner
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import Failed, NoSpace
 from ..sizes import format_size
-from .plan import Runner
+from .command import Runner
 
 MEMINFO = "/proc/meminfo"
 MARGIN_FRACTION = 10  # keep MemTotal / 10 ...

@@ -17,38 +17,16 @@ import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from ..errors import Failed
+from .command import Runner
 from .sysfs import controllers_of, find_namespace_device
 from .uevents import wait_for
 
 log = logging.getLogger(__name__)
 
 Host = Literal["remote", "local"]
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Runner(Protocol):
-    """Runs argv lists on one host and reads small files there (sysfs, configfs)."""
-
-    name: str  # for messages: "local", "root@10.0.0.2:22"
-
-    def run(self, argv: Sequence[str], stdin: str | None = None) -> Completed: ...
-
-    def read_text(self, path: str) -> str | None:
-        """The file's text, or None if it does not exist."""
-        ...
-
-    def listdir(self, path: str) -> list[str]:
-        """Entry names, or [] if the directory does not exist."""
-        ...
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,22 @@ class RemotePool:
             return PoolState.DEGRADED
         return PoolState.UNMOUNTED
 
+    @property
+    def problem(self) -> str:
+        return self.lost
+
+    def takes_links(self) -> bool:
+        """A controller reconnecting at this instant (seen under TCG guests after a long
+        copy) does not stop a promote's swap: the remote watch is the one judge of loss, and
+        it repoints every link to cold, under the engine lock, when it gives a pool up."""
+        return self.connected and not self.lost
+
+    def describe(self) -> str:
+        return (
+            f"connected to {self.cfg.ssh.split('@')[-1]} over {self.cfg.transport} and "
+            f"mounted at {self.path} ({format_size(self.size)})"
+        )
+
     def usage(self) -> PoolUsage:
         """Size, used and free bytes of the mounted filesystem (statvfs: no I/O to the disk)."""
         with self._lock:

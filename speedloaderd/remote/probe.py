@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .command import Runner
 from .nvmeof import RemotePoolSpec
-from .plan import Runner
 from .sysfs import SYS_NVME, controllers_of
 
 

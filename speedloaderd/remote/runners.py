@@ -26,7 +26,7 @@ from pathlib import Path
 import paramiko
 
 from ..errors import Failed
-from .plan import Completed
+from .command import Completed
 from .values import SshTarget
 
 KNOWN_HOSTS = (

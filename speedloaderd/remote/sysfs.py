@@ -9,10 +9,8 @@ block device is the head ``/dev/nvmeSnY``, never the path name, which has no dev
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .plan import Runner
+from .command import Runner
 
 _CTRL_RE = re.compile(r"^nvme\d+$")
 _NS_RE = re.compile(r"^nvme(\d+)(?:c\d+)?n(\d+)$")

@@ -147,7 +147,7 @@ def test_a_journal_write_failure_does_not_leak_the_promotes_reservation(lab):
         _fill(lab.state)
         with pytest.raises(Failed, match="cannot write the journal"):
             await engine.promote("big:1").wait()
-        assert engine._reserved == {} and engine._unstarted == {}
+        assert engine.ledger.empty()
         assert engine.model_status("big:1").state == "cold"
         assert lab.pool_files("local") == []
         # With room in the state dir again, placement sees the whole pool: 6 MiB of 8 fits.
@@ -165,12 +165,11 @@ def test_health_repair_clears_stale_reservations(lab):
     async def scenario():
         engine = await lab.engine(lab.config(pools=(("local", 8 * MiB, 100),)))
         # What a leak leaves: a reservation of a job that is no longer running.
-        engine._reserved[("local", m.layers[0].rel)] += 1
-        engine._unstarted[999] = ("local", 6 * MiB)
+        engine.ledger.reserve(999, "local", [m.layers[0].rel], 6 * MiB)
         report = await engine.health()  # a look changes nothing
-        assert engine._unstarted and engine._reserved
+        assert not engine.ledger.empty()
         report = await engine.health(repair=True)
-        assert engine._reserved == {} and engine._unstarted == {}
+        assert engine.ledger.empty()
         assert any(f.check == "reservations" and f.repaired for f in report.findings), report
         await engine.promote("big:1").wait()
         assert engine.model_status("big:1").state == "hot"

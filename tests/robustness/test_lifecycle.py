@@ -28,7 +28,7 @@ from speedloader_lab.modelgen import make_ollama_model
 from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import model_path
 from speedloaderd.config import parse_config, save_config
-from speedloaderd.engine import COPY_WORKERS
+from speedloaderd.copies import COPY_WORKERS
 from speedloaderd.pools import mount_at
 
 from ..buslab import MiB, run

@@ -1,0 +1,164 @@
+"""Copies into the pools, as a promote runs them: on their own threads, one per blob.
+
+A copy runs on the copies' own executor (``COPY_WORKERS`` threads), apart from the
+metadata steps (asyncio.to_thread): copies blocked in a read that never returns (a hung NFS
+or FUSE source) must never starve the engine's own steps, nor delay a cancel. A promote
+needing a blob another promote is copying into the same pool joins that copy. A cancelled
+copy gets ``COPY_CANCEL_GRACE`` to stop at its next chunk; one still blocked then is
+abandoned: its job ends now, and when its read returns it removes its partial file (or, had
+it completed, the engine collects the copy no link points to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .catalog.types import ModelFile
+from .errors import Cancelled
+from .jobs import Job
+from .ledger import SpaceLedger
+from .modelsdir import ModelsDir
+from .transfer import ProgressMeter, copy_into
+
+log = logging.getLogger(__name__)
+
+# Copy threads, apart from the metadata work (asyncio.to_thread): copies blocked in a read
+# that never returns (a hung NFS or FUSE source) must never starve the engine's own steps.
+COPY_WORKERS = 4
+# Seconds a cancelled copy gets to stop at its next chunk boundary before it is abandoned:
+# its job ends at once then, and the thread removes its partial file when the read returns.
+COPY_CANCEL_GRACE = 3.0
+
+
+class Copies:
+    def __init__(
+        self,
+        models_dir: ModelsDir,
+        ledger: SpaceLedger,
+        collect: Callable[[str, str], Coroutine[Any, Any, None]],
+    ):
+        """``collect(pool, rel)``: remove a copy an abandoned thread completed after all
+        (no link points to it; the engine decides under its lock)."""
+        self.models_dir = models_dir
+        self.ledger = ledger
+        self._collect = collect
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
+        )
+        self.abandoned: set[concurrent.futures.Future[Any]] = set()  # copies given up on
+
+    def close(self) -> None:
+        """No new copies; threads still blocked are not waited for."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def copy(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
+        """Copy one file into a pool, joining a copy of the same blob already under way."""
+        key = (pool, f.rel)
+        while True:
+            running = self.ledger.copies.get(key)
+            if running is None:
+                break
+            try:
+                await asyncio.shield(running)
+            except Cancelled:
+                if job.cancel_event.is_set():
+                    raise
+                continue  # the other job was cancelled; copy it ourselves
+            self.ledger.allocated(job.id, f.size)  # the other job's copy holds the room
+            meter.add(f.size)
+            return
+        tree = self.models_dir.pool(pool)
+        if tree.lstat(f.rel) is not None:
+            self.ledger.allocated(job.id, f.size)
+            meter.add(f.size)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self.ledger.copies[key] = future
+        try:
+            # On the copies' own executor: a copy that blocks must not take a thread
+            # from the metadata steps (asyncio.to_thread), nor delay a cancel.
+            work = self.executor.submit(
+                copy_into,
+                self.models_dir.cold,
+                f.rel,
+                tree,
+                f.rel,
+                expect=f.ident,
+                like=self.models_dir.cold,
+                digest=f.digest,
+                expected_size=f.size,
+                on_bytes=meter.add,
+                cancel=job.cancel_event,
+                on_allocated=lambda: self.ledger.allocated(job.id, f.size),
+                allocation_lock=self.ledger.lock,
+            )
+            await self._await_copy(work, job, pool, f.rel)
+        except BaseException as err:
+            future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
+            future.exception()  # mark retrieved: joiners may not exist
+            raise
+        else:
+            future.set_result(None)
+        finally:
+            del self.ledger.copies[key]
+
+    async def _await_copy(
+        self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
+    ) -> None:
+        """Wait for a copy thread. Once the job is cancelled the thread gets
+        COPY_CANCEL_GRACE to stop at a chunk boundary (then it has removed its partial file
+        itself); a thread still blocked after that is abandoned and the job ends now."""
+        copied = asyncio.wrap_future(work)
+        cancelled = asyncio.ensure_future(job.cancel_requested.wait())
+        try:
+            await asyncio.wait({copied, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not copied.done():
+                await asyncio.wait({copied}, timeout=COPY_CANCEL_GRACE)
+        finally:
+            cancelled.cancel()
+        if copied.done():
+            copied.result()  # the copy's own outcome (Cancelled included)
+            return
+        copied.cancel()  # a copy still queued never starts; a running one is abandoned
+        if not work.cancelled():
+            self.abandoned.add(work)
+            loop = asyncio.get_running_loop()
+            work.add_done_callback(functools.partial(self._abandoned_copy_ended, loop, pool, rel))
+            log.warning(
+                "copy of %s into pool %s abandoned: its read from cold storage has not "
+                "returned %.0f s after the cancel",
+                rel,
+                pool,
+                COPY_CANCEL_GRACE,
+            )
+        raise Cancelled(
+            f"promote of {job.model} cancelled; the read of {rel} from cold storage it was "
+            "blocked in has not returned (its partial copy is removed when it does)"
+        )
+
+    def _abandoned_copy_ended(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: str,
+        rel: str,
+        work: concurrent.futures.Future[Any],
+    ) -> None:
+        """In the copy thread, when an abandoned copy finally returns: it removed its
+        partial file itself; a copy that completed left a file no link points to, which
+        the engine collects."""
+
+        def ended() -> None:
+            self.abandoned.discard(work)
+            log.info("abandoned copy of %s into pool %s has returned", rel, pool)
+            if not work.cancelled() and work.exception() is None:
+                loop.create_task(self._collect(pool, rel))
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
+            loop.call_soon_threadsafe(ended)

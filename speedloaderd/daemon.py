@@ -1,0 +1,214 @@
+"""The daemon's domain side: which engine runs, under which config, and how a new config is
+adopted. The bus layer (bus/server.py) is a view over it, as firewalld's server is over its
+core: it exports what this holds and calls it, and decides nothing.
+
+A config that changes only what a running engine can adopt (``LIVE_KEYS``) is handed to it.
+Any other change rebuilds: a new engine is started for the new config (refused while models
+are in RAM or jobs run), and only once it has started is the config saved and the new
+engine put in charge; if either fails, what the new engine mounted is unmounted, the file is
+untouched and the running engine goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import Config, dump_config, remote_pool_path, save_config
+from .engine import Engine
+from .errors import Busy, Failed, SpeedloaderError
+from .events import EventKind, Listener
+from .privilege import admin_changes
+from .roots import check_trusted_dir
+
+log = logging.getLogger(__name__)
+
+# Config keys a running engine can adopt without rebuilding its pools and models dir.
+# (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
+# backend.apiUrl is only shown to clients.
+LIVE_KEYS = {"modelPlacement", "sshKeyPath", "backend.apiUrl"}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Top-level keys whose values differ between two dump_config() outputs; a backend that
+    differs only in its apiUrl is reported as ``backend.apiUrl``. Extension keys (``_``,
+    ``x-``) are left out: nothing reads them."""
+    changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    changed -= {k for k in changed if k.startswith(("_", "x-"))}
+    if "backend" in changed:
+        a, b = old.get("backend") or {}, new.get("backend") or {}
+        if isinstance(a, dict) and isinstance(b, dict):
+            strip = {"apiUrl"}
+            if {k: v for k, v in a.items() if k not in strip} == {
+                k: v for k, v in b.items() if k not in strip
+            }:
+                changed = (changed - {"backend"}) | {"backend.apiUrl"}
+    return changed
+
+
+def start_failure(err: BaseException) -> str:
+    """One sentence for why an engine could not start (a bug says so)."""
+    if isinstance(err, SpeedloaderError):
+        return str(err)
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    return f"internal error while starting: {err!r}"
+
+
+def check_config_paths(config: Config) -> None:
+    """Refuse (UnsafePath, naming the component) a config whose models dir, state dir or
+    local pool paths someone other than root could change: the daemon writes there as root.
+    Paths that do not exist yet pass if their deepest existing directory does (they are made
+    at start). Cold storage is only read, through roots.Root, and may be anyone's."""
+    check_trusted_dir(config.models_dir, "modelsDir", allow_missing=True)
+    check_trusted_dir(config.state_dir, "stateDir", allow_missing=True)
+    for pc in config.local_pools():
+        check_trusted_dir(pc.path, f"pool {pc.name!r} path", allow_missing=True)
+    for name in config.remote_tiers.hosts:
+        path = remote_pool_path(config, name)
+        check_trusted_dir(path, f"pool {name!r} path", allow_missing=True)
+
+
+class Daemon:
+    """The running engine (None while no config is usable) and the config it runs.
+
+    ``listeners`` hear every event of whichever engine is in charge, and ``EventKind.CONFIG``
+    when a new engine takes over (everything may have changed)."""
+
+    def __init__(self, config: Config | None, config_path: Path | None, config_error: str = ""):
+        self.config_path = config_path
+        self.engine: Engine | None = None
+        self.config_error = config_error
+        # A config that loaded but whose engine could not start: shown by GetConfig so it
+        # can be fixed and sent back.
+        self.unstarted_config: Config | None = None
+        self.reconfiguring = False  # a structural set_config is starting a new engine
+        self.listeners: list[Listener] = []
+        if config is not None:
+            self.engine = self._attach(Engine(config, config_path))
+
+    def _attach(self, engine: Engine) -> Engine:
+        engine.listeners.append(self._emit)
+        return engine
+
+    def _emit(self, kind: EventKind, name: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, name)
+            except Exception:
+                log.exception("daemon listener failed")
+
+    async def start(self) -> None:
+        """Start the engine. If it cannot start, stay without one: the reason is in
+        ``config_error`` and a set_config (or a fixed file and a restart) brings one up."""
+        engine = self.engine
+        if engine is None:
+            return
+        try:
+            await engine.start()
+        except Exception as err:
+            if not isinstance(err, (SpeedloaderError, OSError)):
+                log.exception("engine start failed")
+            self.engine, self.config_error = None, start_failure(err)
+            self.unstarted_config = engine.config
+            undone = await asyncio.to_thread(engine.abandon_start)
+            log.error(
+                "configuration not usable: %s (pools unmounted again: %s)",
+                self.config_error,
+                ", ".join(undone) or "none",
+            )
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    def require_engine(self) -> Engine:
+        if self.reconfiguring:
+            raise Busy("a new configuration is being applied; try again when it is done")
+        if self.engine is None:
+            raise Failed(
+                f"speedloaderd has no valid configuration ({self.config_error}); "
+                "fix it with SetConfig (slctl config set) or edit the file and restart"
+            )
+        return self.engine
+
+    def shown_config(self) -> Config | None:
+        """The config GetConfig shows: the running one, or the one that could not start."""
+        return self.engine.config if self.engine is not None else self.unstarted_config
+
+    def admin_changes(self, new: Config) -> list[str]:
+        """The keys ``new`` changes that need an admin (any, with no running config)."""
+        old = dump_config(self.engine.config) if self.engine is not None else {}
+        return admin_changes(old, dump_config(new))
+
+    async def set_config(self, new: Config) -> None:
+        """Adopt a validated config, all or nothing (see the module's docstring)."""
+        if self.reconfiguring:
+            raise Busy("another configuration change is being applied; try again when it is done")
+        engine = self.engine
+        if engine is not None:
+            changed = changed_keys(dump_config(engine.config), dump_config(new))
+            if not changed - LIVE_KEYS:
+                await engine.set_config(new)
+                return
+            busy = [j for j in engine.jobs.values() if not j.finished]
+            held = await asyncio.to_thread(engine.models_in_ram)
+            if busy or held:
+                what = []
+                if held:
+                    names = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+                    what.append(f"demote the {len(held)} model(s) in RAM ({names})")
+                if busy:
+                    what.append(f"wait for the {len(busy)} running job(s)")
+                raise Busy(
+                    f"changing {', '.join(sorted(changed))} rebuilds the pools and models dir; "
+                    f"{' and '.join(what)} first"
+                )
+        self.reconfiguring = True
+        try:
+            replacement = await self._start_replacement(new, engine)
+        finally:
+            self.reconfiguring = False
+        self._attach(replacement)
+        if engine is not None:
+            engine.listeners.clear()
+            engine.close()
+        self.engine, self.config_error, self.unstarted_config = replacement, "", None
+        log.info("configuration replaced; engine restarted")
+        self._emit(EventKind.CONFIG, "")
+
+    async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
+        """Start an engine for ``new`` and save ``new``; on any failure undo both."""
+        # Paths checked before anything is made: a config the engine refuses (a remote
+        # pool's bad path, a models dir a member owns) creates nothing.
+        await asyncio.to_thread(check_config_paths, new)
+        replacement = Engine(new, self.config_path)
+        try:
+            await replacement.start()
+            if self.config_path is not None:
+                await asyncio.to_thread(save_config, new, self.config_path)
+        except BaseException as err:
+            keep = set(old.pool_roots.values()) if old is not None else set()
+            undone = await asyncio.to_thread(replacement.abandon_start, keep)
+            if old is not None:
+                try:
+                    await old.reassert()
+                except Exception:
+                    log.exception("the running engine could not take its paths back")
+            log.error(
+                "new configuration refused: %s (pools unmounted again: %s)",
+                start_failure(err),
+                ", ".join(undone) or "none",
+            )
+            if isinstance(err, SpeedloaderError):
+                raise
+            if isinstance(err, Exception):
+                raise Failed(
+                    f"the new configuration could not be started ({start_failure(err)}); "
+                    "the running configuration was kept"
+                ) from err
+            raise
+        return replacement
