@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 import pytest
-from speedloader_cli.client import MANAGER, ROOT
 
+from speedloader_client.client import MANAGER, ROOT
 from speedloaderd.config import dump_config, parse_config
 from speedloaderd.errors import ConfigError
 
