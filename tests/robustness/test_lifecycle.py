@@ -225,14 +225,27 @@ class HangFS:
         )
         self.mountpoint = mountpoint
         self.parked = 0
+        self._pending = b""  # what hangfs printed that no _line() returned yet
         assert self._line(30) == "ready"
 
     def _line(self, timeout: float) -> str | None:
+        """The next line hangfs printed, or None if none came within ``timeout``.
+
+        Read with os.read and our own buffer: select() on the pipe plus a buffered
+        readline() would take several lines into Python's buffer and return one, and the
+        next select() would then wait for output that already came ("only 1 read(s)
+        hanging" when four "parked" lines had arrived together)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline().strip()
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                return None
+            data = os.read(self.proc.stdout.fileno(), 4096)
+            if not data:
+                return None  # hangfs exited
+            self._pending += data
+        raw, _, self._pending = self._pending.partition(b"\n")
+        line = raw.decode().strip()
         if line.startswith("parked "):
             self.parked = int(line.split()[1])
         return line
