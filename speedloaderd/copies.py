@@ -42,12 +42,16 @@ class Copies:
         models_dir: ModelsDir,
         ledger: SpaceLedger,
         collect: Callable[[str, str], Coroutine[Any, Any, None]],
+        room_taken: Callable[[str], None] = lambda pool: None,
     ):
         """``collect(pool, rel)``: remove a copy an abandoned thread completed after all
-        (no link points to it; the engine decides under its lock)."""
+        (no link points to it; the engine decides under its lock). ``room_taken(pool)``, on
+        the event loop: a copy has just preallocated its whole file there, so the pool's
+        usage changed at once (statvfs counts it), not only when the job ends."""
         self.models_dir = models_dir
         self.ledger = ledger
         self._collect = collect
+        self._room_taken = room_taken
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
         )
@@ -81,6 +85,11 @@ class Copies:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self.ledger.copies[key] = future
+
+        def allocated() -> None:  # on the copy thread, under the ledger's lock
+            self.ledger.allocated(job.id, f.size)
+            loop.call_soon_threadsafe(self._room_taken, pool)
+
         try:
             # On the copies' own executor: a copy that blocks must not take a thread
             # from the metadata steps (asyncio.to_thread), nor delay a cancel.
@@ -96,7 +105,7 @@ class Copies:
                 expected_size=f.size,
                 on_bytes=meter.add,
                 cancel=job.cancel_event,
-                on_allocated=lambda: self.ledger.allocated(job.id, f.size),
+                on_allocated=allocated,
                 allocation_lock=self.ledger.lock,
             )
             await self._await_copy(work, job, pool, f.rel)

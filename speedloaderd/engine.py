@@ -111,7 +111,15 @@ class Engine:
         self._active: dict[str, Job] = {}  # model name -> its running job
         self.lock = asyncio.Lock()
         self.ledger = SpaceLedger()  # room promised to promotes, copies under way
-        self.copies = Copies(self.models_dir, self.ledger, self._collect)
+        # A copy preallocates its whole file when it starts: the pool's usage is published
+        # then (the bus batches it), not at the usage watch's next look (measured before: a
+        # 3 GiB promote of 12.6 s showed Pool.UsedBytes move only 5.04 s in).
+        self.copies = Copies(
+            self.models_dir,
+            self.ledger,
+            self._collect,
+            lambda pool: self.emit(EventKind.POOL, pool),
+        )
         self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
         self.recovery_actions: list[str] = []

@@ -12,6 +12,7 @@ answering. The reader waits in the kernel; only its death (the kernel's INTERRUP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -224,14 +225,27 @@ class HangFS:
         )
         self.mountpoint = mountpoint
         self.parked = 0
+        self._pending = b""  # what hangfs printed that no _line() returned yet
         assert self._line(30) == "ready"
 
     def _line(self, timeout: float) -> str | None:
+        """The next line hangfs printed, or None if none came within ``timeout``.
+
+        Read with os.read and our own buffer: select() on the pipe plus a buffered
+        readline() would take several lines into Python's buffer and return one, and the
+        next select() would then wait for output that already came ("only 1 read(s)
+        hanging" when four "parked" lines had arrived together)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline().strip()
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                return None
+            data = os.read(self.proc.stdout.fileno(), 4096)
+            if not data:
+                return None  # hangfs exited
+            self._pending += data
+        raw, _, self._pending = self._pending.partition(b"\n")
+        line = raw.decode().strip()
         if line.startswith("parked "):
             self.parked = int(line.split()[1])
         return line
@@ -399,3 +413,50 @@ def _assert_restart_is_clean(dl, fs: HangFS, stuck: list[str]) -> None:
     for link, target in links.items():
         assert target.startswith(str(fs.mountpoint)), f"{link} -> {target}"
     assert result.success, result.message
+
+
+def test_a_copy_publishes_its_pools_usage_when_it_takes_the_room(lab, workdir):
+    """A copy preallocates its whole file before it reads a byte: the pool's usage changes
+    then, and the engine says so then (a pool event the bus turns into Pool.UsedBytes), not
+    only when the job ends or the usage watch next looks (every 5 s: a dashboard's bar
+    stayed at 0 through a copy shorter than that). Here the source read hangs, so the job
+    cannot end first, and the usage watch is stopped, so it cannot be what tells."""
+    from speedloaderd.config import dump_config
+    from speedloaderd.events import EventKind
+
+    m = make_ollama_model(lab.cold, "stuck:1b", (2 * MiB,))
+    lab.seal()
+    fs = HangFS(lab.cold, workdir / "coldfs", [m.layers[0].rel.rpartition("/")[2]])
+
+    async def scenario():
+        data = dump_config(lab.config())
+        data["storage"]["path"] = str(fs.mountpoint)
+        engine = await lab.engine(parse_config(data))
+        assert engine._usage_watch is not None
+        engine._usage_watch.cancel()
+        told = asyncio.Event()
+
+        def on_event(kind: EventKind, name: str) -> None:
+            if kind is EventKind.POOL and name == "local":
+                told.set()
+
+        engine.listeners.append(on_event)
+        job = engine.promote("stuck:1b")
+        try:
+            await asyncio.to_thread(fs.wait_parked, 1)
+            await asyncio.wait_for(told.wait(), 60)
+            seen = (job.finished, job.bytes_done, engine.pool_status("local").used)
+        finally:
+            job.cancel()
+            fs.command("release")  # the blocked read returns; the thread cleans up
+            with contextlib.suppress(Exception):
+                await job.wait()
+            await engine.shutdown()
+        return seen
+
+    try:
+        finished, done, used = run(scenario())
+    finally:
+        fs.close()
+    assert not finished, "the pool event came only with the job's end"
+    assert done < 2 * MiB and used >= 2 * MiB, (done, used)  # the room, before the bytes
