@@ -12,8 +12,9 @@ Field names are the snake_case of the D-Bus name (``PinnedPool`` is ``pinned_poo
 ``StartedByUID`` is ``started_by_uid``) with one exception: the Pool's ``Path`` (where it
 is mounted) is ``mount``, because ``path`` is the object's path on the bus.
 
-No D-Bus here, and nothing of the daemon but its bus names (``speedloaderd.bus.names``,
-constants only): the daemon imports this module.
+No D-Bus here, and nothing of the daemon but its bus names and tier words
+(``speedloaderd.bus.names``, ``speedloaderd.tiers``: constants only): the daemon imports
+this module.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from speedloaderd.bus.names import JOB_IFACE, MANAGER_IFACE, MODEL_IFACE, POOL_IFACE
+from speedloaderd.tiers import COLD as COLD  # a model's tier and state when no pool holds it
 
-COLD = "cold"  # a model's tier and state when no pool holds it
 RUNNING = "running"  # a job's state until it ends
 
 # The speed rating of a local pool whose configuration names none: speedloaderd/config.py's
