@@ -13,6 +13,7 @@ numpy's generator, about 1 GB/s; it is held in memory while written).
 
 - :func:`make_ollama_model` an Ollama models dir entry (manifest + blobs named by sha256)
 - :func:`make_gguf`, :func:`make_split_gguf` GGUF files ``gguf.GGUFReader`` opens
+- :func:`make_llama_gguf` a tiny llama-architecture GGUF that llama.cpp's llama-server runs
 - :func:`make_safetensors_dir` a transformers/vLLM model directory
 - :func:`make_hf_hub_repo` a hub cache repo (``models--org--name``)
 - :func:`tree_fingerprint` everything about a tree, to assert it did not change
@@ -43,6 +44,7 @@ __all__ = [
     "git_blob_sha1",
     "make_gguf",
     "make_hf_hub_repo",
+    "make_llama_gguf",
     "make_ollama_model",
     "make_safetensors_dir",
     "make_split_gguf",
@@ -288,6 +290,120 @@ def make_split_gguf(
         path = directory / f"{name}-{k + 1:05d}-of-{parts:05d}.gguf"
         made.append(_write_gguf(path, arch, kv, tensors))
     return made
+
+
+# --------------------------------------------------------------------------- llama.cpp runs it
+
+# SentencePiece's word-start marker (U+2581): llama.cpp's SPM tokenizer ("llama") turns spaces
+# into it and prefixes the text with one.
+SPM_SPACE = "\u2581"
+_WORDS = ("hello", "world", "the", "speed", "loader", "model", "pool", "ram", "cold", "hot")
+
+
+def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece-style vocabulary: control tokens, the 256 byte-fallback tokens,
+    single characters, and every prefix of a few words (the SPM tokenizer merges pairs of
+    pieces whose join is a token, best score first, so a word is reachable only through its
+    prefixes)."""
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+    chars = [SPM_SPACE, *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"]
+    pieces: list[str] = list(chars)
+    for word in _WORDS:
+        for end in range(1, len(word) + 1):
+            for piece in (word[:end], SPM_SPACE + word[:end]):
+                if piece not in pieces:
+                    pieces.append(piece)
+    tokens += pieces
+    types += [T.NORMAL] * len(pieces)
+    # Scores: control and byte tokens 0; a longer piece scores higher, so it wins the merge.
+    scores = [0.0] * (3 + 256) + [float(len(p)) for p in pieces]
+    return tokens, scores, [int(t) for t in types]
+
+
+def make_llama_gguf(
+    path: Path | str,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx: int = 256,
+    name: str | None = None,
+) -> GGUFFile:
+    """Write a llama-architecture GGUF that llama.cpp loads and generates from.
+
+    Random F32 weights (seeded by the path: the same call makes the same bytes), a
+    SentencePiece-style vocabulary of 403 tokens with byte fallback (so any text
+    tokenizes), grouped-query attention (``n_head_kv`` < ``n_head``), no ``output.weight``
+    (llama.cpp ties the output to ``token_embd``). The defaults make a 400 KiB file that
+    llama-server loads in well under a second; larger dims make it as large as wanted
+    (bytes ~ 4 * (n_vocab * n_embd + n_layer * (2 * n_embd**2 + 2 * n_embd * kv + 3 * n_embd
+    * n_ff)), kv = n_embd * n_head_kv / n_head).
+    """
+    path = Path(path)
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+    tokens, scores, types = _spm_vocab()
+    n_kv = n_embd // n_head * n_head_kv
+    key = int.from_bytes(hashlib.sha256(f"llama:{path}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(key)
+
+    def weight(*shape: int) -> np.ndarray:
+        # numpy's (rows, cols) is (out, in): GGUFWriter reverses it into ggml's ne order.
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.1).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    tensors: dict[str, np.ndarray] = {"token_embd.weight": weight(len(tokens), n_embd)}
+    for i in range(n_layer):
+        tensors |= {
+            f"blk.{i}.attn_norm.weight": ones(n_embd),
+            f"blk.{i}.attn_q.weight": weight(n_embd, n_embd),
+            f"blk.{i}.attn_k.weight": weight(n_kv, n_embd),
+            f"blk.{i}.attn_v.weight": weight(n_kv, n_embd),
+            f"blk.{i}.attn_output.weight": weight(n_embd, n_embd),
+            f"blk.{i}.ffn_norm.weight": ones(n_embd),
+            f"blk.{i}.ffn_gate.weight": weight(n_ff, n_embd),
+            f"blk.{i}.ffn_up.weight": weight(n_ff, n_embd),
+            f"blk.{i}.ffn_down.weight": weight(n_embd, n_ff),
+        }
+    tensors["output_norm.weight"] = ones(n_embd)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(name or path.stem)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(len(tokens))
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    for tname, array in tensors.items():
+        w.add_tensor(tname, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return GGUFFile(path, path.stat().st_size, tuple(tensors))
 
 
 # --------------------------------------------------------------------------- safetensors
