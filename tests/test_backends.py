@@ -166,6 +166,36 @@ def test_malformed_or_oversized_answers_give_a_clear_unknown_state(ollama, mode,
     assert says in state.reason
 
 
+def test_an_answer_past_the_limit_by_its_content_length_is_refused_unread(fakes, model_file):
+    """The llama.cpp fake sends Content-Length (the Ollama one chunks, as Go does)."""
+    fake = start(fakes, "fake_llamacpp", "--router", f"--model=tiny={model_file}")
+    fake.set_mode("huge")
+    state = run(LlamaCppBackend(fake.url, FAST).state())
+    assert state.status is Status.UNKNOWN
+    assert "GET /props answered more than 1048576 bytes" in state.reason
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "evil\x1b]0;pwned\x07:latest"},  # a terminal escape in a model name
+        {"name": "x" * 1025},
+        {"name": ""},
+        {"name": "ok:latest", "size": -1},
+    ],
+)
+def test_names_with_controls_and_absurd_fields_are_refused_at_the_edge(entry):
+    import json
+
+    from speedloaderd.backends.http import Reply
+    from speedloaderd.backends.ollama import _Ps
+
+    http = Http("http://127.0.0.1:1", 1.0, 1.0, 1 << 20)
+    reply = Reply(200, json.dumps({"models": [entry]}).encode())
+    with pytest.raises(HttpProblem, match="GET /api/ps answered JSON of another shape"):
+        http.validate(reply, "GET /api/ps", _Ps)
+
+
 def test_a_connection_closed_without_an_answer_is_down(ollama):
     backend = OllamaBackend(ollama.url, FAST)
     ollama.set_mode("drop")

@@ -22,9 +22,19 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import StringConstraints
 
 from .http import Http, HttpProblem
+
+# What a server may name a model or a file, checked at the edge: the names go on the bus
+# and into job steps, so no control characters (a terminal escape in a model name), and
+# bounded (a name is a few dozen characters; a path at most PATH_MAX).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+ServerName = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=_PRINTABLE)]
+ServerPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=_PRINTABLE)]
+ServerArg = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 class Status(str, Enum):

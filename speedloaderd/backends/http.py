@@ -91,22 +91,23 @@ class Http:
 
     async def get_json(self, path: str, model: type[M], *, ok: tuple[int, ...] = (200,)) -> M:
         reply = await self.request("GET", path, ok=ok)
-        return self.validate(reply, path, model)
+        return self.validate(reply, f"GET {path}", model)
 
     async def post_json(
         self, path: str, body: Any, *, ok: tuple[int, ...] = (200,), total: float | None = None
     ) -> Reply:
         return await self.request("POST", path, body, ok=ok, total=total)
 
-    def validate(self, reply: Reply, path: str, model: type[M]) -> M:
-        data = reply.json(f"GET {path}")
+    def validate(self, reply: Reply, what: str, model: type[M]) -> M:
+        """``reply``'s JSON as ``model``; ``what`` is the request ("GET /api/ps")."""
+        data = reply.json(what)
         try:
             return model.model_validate(data)
         except ValidationError as err:
             e = err.errors()[0]
             loc = ".".join(str(p) for p in e["loc"]) or "the answer"
             raise HttpProblem(
-                f"GET {path} answered JSON of another shape ({loc}: {e['msg']})"
+                f"{what} answered JSON of another shape ({loc}: {e['msg']})"
             ) from None
 
     async def request(

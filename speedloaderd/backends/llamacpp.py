@@ -30,35 +30,44 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Backend, BackendState, Capabilities, LoadedModel, Outcome, Status
+from .base import (
+    Backend,
+    BackendState,
+    Capabilities,
+    LoadedModel,
+    Outcome,
+    ServerArg,
+    ServerName,
+    ServerPath,
+    Status,
+)
 from .http import HttpProblem
 
 DEFAULT_URL = "http://127.0.0.1:8080"  # llama-server's --host/--port defaults
 _HOLDING = ("loaded", "loading")  # statuses whose child holds (or is mapping) the weights
 _FILE_ARGS = ("-m", "--model", "-mm", "--mmproj")
-_NAME = Field(min_length=1, max_length=1024)
 
 
 class _Props(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str = ""
-    model_path: str = Field(default="", max_length=4096)
-    model_alias: str = Field(default="", max_length=1024)
+    model_path: ServerPath | None = None
+    model_alias: ServerName | None = None
     is_sleeping: bool = False
 
 
 class _Status(BaseModel):
     model_config = ConfigDict(extra="ignore")
     value: str = Field(max_length=64)
-    args: list[str] = Field(default_factory=list, max_length=1000)
+    args: list[ServerArg] = Field(default_factory=list, max_length=1000)
     failed: bool = False
     exit_code: int | None = None
 
 
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str = _NAME
-    path: str | None = Field(default=None, max_length=4096)
+    id: ServerName
+    path: ServerPath | None = None
     status: _Status
 
 
@@ -76,7 +85,7 @@ def _files_in(args: list[str]) -> tuple[str, ...]:
         key, sep, value = arg.partition("=")
         if sep and key in _FILE_ARGS:
             files.append(value)
-    return tuple(files)
+    return tuple(f for f in files if f)
 
 
 class LlamaCppBackend(Backend):

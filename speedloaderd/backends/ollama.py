@@ -28,16 +28,23 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Backend, BackendState, Capabilities, LoadedModel, Outcome, Status
+from .base import (
+    Backend,
+    BackendState,
+    Capabilities,
+    LoadedModel,
+    Outcome,
+    ServerName,
+    Status,
+)
 from .http import HttpProblem
 
 DEFAULT_URL = "http://127.0.0.1:11434"  # Ollama's OLLAMA_HOST default (envconfig)
-_NAME = Field(min_length=1, max_length=1024)
 
 
 class _Running(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str = _NAME
+    name: ServerName
     model: str = ""
     size: int = Field(default=0, ge=0)
     digest: str = Field(default="", max_length=200)
@@ -89,7 +96,7 @@ class OllamaBackend(Backend):
             if problem.status == 404:
                 return Outcome(False, f"ollama at {self.url} does not know model {model!r}")
             raise
-        answer = self.http.validate(reply, "/api/generate", _Generated)
+        answer = self.http.validate(reply, "POST /api/generate", _Generated)
         if not answer.done:
             return Outcome(False, f"ollama answered the {want} of {model!r} with done=false")
         return None

@@ -29,7 +29,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Backend, BackendState, Capabilities, LoadedModel, Outcome, Status
+from .base import (
+    Backend,
+    BackendState,
+    Capabilities,
+    LoadedModel,
+    Outcome,
+    ServerName,
+    ServerPath,
+    Status,
+)
 from .http import HttpProblem
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # vllm serve's --port default
@@ -38,9 +47,9 @@ _SLEEP_LEVEL = 2  # level 1 would copy the weights into CPU RAM: the opposite of
 
 class _Card(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str = Field(min_length=1, max_length=1024)
-    root: str | None = Field(default=None, max_length=4096)
-    parent: str | None = Field(default=None, max_length=1024)
+    id: ServerName
+    root: ServerPath | None = None
+    parent: ServerName | None = None
 
 
 class _Models(BaseModel):
