@@ -356,3 +356,39 @@ def test_backend_for_follows_the_type_and_the_url():
         state.reason
     )
     assert not run(bad.unload("x")).ok
+
+
+# --- BackendState on the Manager (the real daemon on the test bus) --------------------
+
+
+async def _manager_until(dl, key: str, value: str, timeout: float = 60) -> dict:
+    from speedloader_client.client import MANAGER, ROOT
+
+    async with await dl.client() as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            props = await c.get_all(ROOT, MANAGER)
+            if props.get(key) == value:
+                return props
+            assert time.monotonic() < deadline, f"{key} stayed {props.get(key)!r}"
+            await asyncio.sleep(0.1)
+
+
+def test_manager_backend_state_follows_the_server(daemon_factory, fakes, model_file):
+    """Up from the first look (taken before the daemon is on the bus), down within a look
+    or two (every 15 s) after the server goes, with the URL and what failed."""
+    from speedloaderd.config import save_config, with_changes
+
+    fake = start(fakes, "fake_ollama", "--model", f"llama3:8b={model_file}")
+    dl = daemon_factory()
+    dl.config = with_changes(dl.config, backend={"type": "ollama", "apiUrl": fake.url})
+    save_config(dl.config, dl.lab.config_path)
+    dl.start()
+    m = run(_manager_until(dl, "BackendState", "up", timeout=0))  # the first read
+    assert m["BackendStateReason"] == f"ollama at {fake.url} has 0 model(s) loaded"
+    fake.stop()
+    m = run(_manager_until(dl, "BackendState", "down"))
+    assert (
+        f"ollama at {fake.url}: cannot connect to 127.0.0.1:{fake.port}"
+        in (m["BackendStateReason"])
+    )
