@@ -102,6 +102,9 @@ class Manager(Record):
     INTERFACE: ClassVar[str] = MANAGER_IFACE
     backend: str = prop("Backend", "s", "")
     backend_api_url: str = prop("BackendApiUrl", "s", "")
+    # up, down or unknown, with one sentence why (the daemon asks the server every 15 s).
+    backend_state: str = prop("BackendState", "s", "unknown")
+    backend_state_reason: str = prop("BackendStateReason", "s", "")
     cold_storage: str = prop("ColdStorage", "s", "")
     # Either available, or unavailable (missing, empty, another filesystem): then the
     # catalog, the links and the RAM copies are kept as they were, and retried.

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import Config, dump_config, remote_pool_path, save_config
+from .backends.watch import BackendWatch
+from .config import BackendConfig, Config, dump_config, remote_pool_path, save_config
 from .engine import Engine
 from .errors import Busy, Failed, SpeedloaderError
 from .events import EventKind, Listener
@@ -89,6 +90,13 @@ class Daemon:
         self.listeners: list[Listener] = []
         if config is not None:
             self.engine = self._attach(Engine(config, config_path))
+        self.backend_watch = BackendWatch(
+            self._backend_config, lambda: self._emit(EventKind.BACKEND, "")
+        )
+
+    def _backend_config(self) -> BackendConfig | None:
+        config = self.shown_config()
+        return config.backend if config is not None else None
 
     def _attach(self, engine: Engine) -> Engine:
         engine.listeners.append(self._emit)
@@ -103,7 +111,10 @@ class Daemon:
 
     async def start(self) -> None:
         """Start the engine. If it cannot start, stay without one: the reason is in
-        ``config_error`` and a set_config (or a fixed file and a restart) brings one up."""
+        ``config_error`` and a set_config (or a fixed file and a restart) brings one up.
+        The backend is asked once before (so the bus starts with its state), then every 15 s."""
+        await self.backend_watch.check()
+        self.backend_watch.start()
         engine = self.engine
         if engine is None:
             return
@@ -122,6 +133,7 @@ class Daemon:
             )
 
     async def shutdown(self) -> None:
+        await self.backend_watch.stop()
         if self.engine is not None:
             await self.engine.shutdown()
 

@@ -16,6 +16,7 @@ class EventKind(enum.StrEnum):
     POOL_ADDED = "pool-added"
     POOL_REMOVED = "pool-removed"
     CONFIG = "config"
+    BACKEND = "backend"  # the inference server's state (speedloaderd.backends.watch)
 
 
 Listener = Callable[[EventKind, str], None]

@@ -147,6 +147,17 @@ class ManagerInterface(Snapshot):
         return self.values["BackendApiUrl"]
 
     @dbus_property(access=READ)
+    def BackendState(self) -> "s":
+        """up, down (nothing answered at apiUrl) or unknown (no server to ask, or an answer
+        that could not be read); asked every 15 s."""
+        return self.values["BackendState"]
+
+    @dbus_property(access=READ)
+    def BackendStateReason(self) -> "s":
+        """BackendState's reason, one sentence naming the URL and what came back."""
+        return self.values["BackendStateReason"]
+
+    @dbus_property(access=READ)
     def ModelsDir(self) -> "s":
         return self.values["ModelsDir"]
 

@@ -533,10 +533,13 @@ class Server:
         return [[job_path(n), _properties(job_path(n), i)] for n, i in sorted(self.jobs.items())]
 
     def _manager_values(self) -> dict[str, Any]:
+        backend = self.daemon.backend_watch.state
         always = {
             "Version": __version__,
             "ConfigPath": str(self.config_path or ""),
             "ModelCount": len(self.models),
+            "BackendState": backend.status.value,
+            "BackendStateReason": backend.reason,
         }
         if self.engine is None:
             return always | {
@@ -621,6 +624,8 @@ class Server:
                 self._flush_job(iface)
             else:
                 self._mark("job", name)
+        elif kind is EventKind.BACKEND:
+            self._mark("manager", "")
         else:
             self._mark(kind, name)
 
@@ -652,7 +657,9 @@ class Server:
                 await self._sync_objects()
             engine = self.engine
             for kind, name in sorted(dirty):
-                if kind == "model":
+                if kind == "manager":
+                    self._emit_changed(self.manager, self.manager.update(self._manager_values()))
+                elif kind == "model":
                     self._refresh_model(name)
                 elif kind == "pool" and engine and name in self.pools:
                     st_p = await asyncio.to_thread(engine.pool_status, name)
