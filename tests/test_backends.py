@@ -392,3 +392,28 @@ def test_manager_backend_state_follows_the_server(daemon_factory, fakes, model_f
         f"ollama at {fake.url}: cannot connect to 127.0.0.1:{fake.port}"
         in (m["BackendStateReason"])
     )
+
+
+def test_the_watch_logs_a_change_once_not_every_look(caplog):
+    """journald gets one warning when the backend goes down, not one per look."""
+    import logging
+    import socket
+
+    from speedloaderd.backends.watch import BackendWatch
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = BackendConfig(type=BackendType.OLLAMA, api_url=f"http://127.0.0.1:{port}")
+    changes: list[str] = []
+    watch = BackendWatch(lambda: config, lambda: changes.append(str(watch.state)))
+
+    async def looks() -> None:
+        for _ in range(3):
+            await watch.check()
+
+    with caplog.at_level(logging.INFO, logger="speedloaderd.backends.watch"):
+        asyncio.run(looks())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(changes) == 1 and changes[0].startswith("down:"), changes
+    assert len(warnings) == 1 and f"127.0.0.1:{port}" in warnings[0], warnings

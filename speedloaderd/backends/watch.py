@@ -51,6 +51,10 @@ class BackendWatch:
             log.exception("asking the backend for its state failed")
             state = BackendState(Status.UNKNOWN, f"asking it failed: {type(err).__name__}")
         if state != self.state:
+            # Once per change, not per look: a backend down for a day is one warning.
+            level = logging.INFO if state.status is Status.UP else logging.WARNING
+            if self.state is not NOT_ASKED or state.status is not Status.UP:
+                log.log(level, "backend %s", state)
             self.state = state
             self._on_change()
         return state
