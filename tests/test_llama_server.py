@@ -202,3 +202,60 @@ def test_a_model_loaded_before_its_promote_keeps_mapping_the_cold_file(
         assert server.post("/completion", COMPLETION)["tokens_predicted"] == 4
 
     asyncio.run(scenario())
+
+
+def test_the_llamacpp_adapter_against_the_real_router(hot_model, servers, workdir):
+    """speedloaderd/backends/llamacpp.py, written from the README, against the real router:
+    it tells the router by /props, preloads and unloads through /models/load and /unload
+    (confirmed by the listing), and names the file the model's child maps (status.args)."""
+    from speedloaderd.backends import backend_for
+    from speedloaderd.backends.base import Status
+    from speedloaderd.config import BackendConfig, BackendType
+
+    router = start(servers, workdir, "--models-dir", str(hot_model.link.parent),
+                   "--no-models-autoload")  # fmt: skip
+    backend = backend_for(BackendConfig(type=BackendType.LLAMACPP, api_url=router.url))
+
+    async def scenario():
+        state = await backend.state()
+        caps = await backend.capabilities()
+        before = await backend.loaded()
+        preloaded = await backend.preload(MODEL)
+        during = await backend.loaded()
+        (child,) = child_pids(router.pid)
+        mapped = bool(mappings_of(child, hot_model.pool_file))
+        unloaded = await backend.unload(MODEL)
+        after = await backend.loaded()
+        return state, caps, before, preloaded, during, child, mapped, unloaded, after
+
+    state, caps, before, preloaded, during, child, mapped, unloaded, after = asyncio.run(scenario())
+    assert state.status is Status.UP, state
+    assert caps.can_unload and caps.can_preload, caps
+    assert before == [], before
+    assert preloaded.ok, preloaded
+    assert [m.name for m in during] == [MODEL] and mapped
+    assert during[0].paths == (str(hot_model.link),), during  # the link the child was given
+    assert unloaded.ok, unloaded
+    assert after == [], after
+    wait_for(lambda: child not in child_pids(router.pid), 10, "the model's child to exit")
+    assert mappings_of(child, hot_model.pool_file) == []
+
+
+def test_the_llamacpp_adapter_against_a_real_single_model_server(hot_model, servers, workdir):
+    """A single-model server: the adapter reports its one model (the -m path) and says it
+    cannot unload it, rather than pretending."""
+    from speedloaderd.backends import backend_for
+    from speedloaderd.backends.base import Status
+    from speedloaderd.config import BackendConfig, BackendType
+
+    server = start(servers, workdir, "-m", str(hot_model.link))
+    backend = backend_for(BackendConfig(type=BackendType.LLAMACPP, api_url=server.url))
+
+    async def scenario():
+        return await backend.state(), await backend.capabilities(), await backend.loaded()
+
+    state, caps, loaded = asyncio.run(scenario())
+    assert state.status is Status.UP, state
+    assert not caps.can_unload and caps.why_not, caps
+    assert [m.paths for m in loaded] == [(str(hot_model.link),)], loaded
+    assert mappings_of(server.pid, hot_model.pool_file)
