@@ -2,7 +2,7 @@
 
 A tmpfs pool's pages are shmem: /proc/meminfo counts them in ``Shmem`` and ``Cached`` but not
 in ``MemAvailable`` (without swap they cannot be reclaimed). Measured on the dev VM (kernel
-6.18, no swap), writing 2048 MiB into a tmpfs: Shmem +2048 MiB, Cached +2048 MiB,
+6.18, no swap), writing 2048 MiB into a tmpfs: Shmem +2048 MiB, Cached +2047 to +2095 MiB,
 MemAvailable - MemFree unchanged (0, 2 and 26 MiB in three runs): the pool's bytes come off
 MemAvailable one for one, as a process's anonymous memory would.
 
@@ -12,7 +12,9 @@ Ollama reads exactly that figure. ollama/ollama at fb30760996871fa9460115c753afd
 - discover/cpu_linux.go ``getCPUMem``: ``FreeMemory`` = ``MemAvailable`` (MemFree + Buffers
   + Cached only on a kernel without MemAvailable); ``getCPUMemByCgroups`` replaces it with
   memory.max - memory.current when Ollama runs in a cgroup namespace that has them.
-- server/sched.go ``disableMmapDefaultReason`` (lines 1158-1178): with no GPU, ``num_gpu``
+- server/sched.go ``applyLlamaServerMmapDefaults`` (lines 1138-1156, called at 572 before
+  each llama-server start) asks the two rules below.
+- server/sched.go ``disableMmapDefaultReason`` (lines 1158-1177): with no GPU, ``num_gpu``
   0 or only CPU devices, mmap is off for every load ("cpu"), whatever memory is free.
 - server/sched.go ``disableMmapForHostPressure`` (lines 1227-1241, headroom 1255-1260): on
   Linux, all GPUs discrete, the model predicted within 80% of free VRAM and ``use_mmap``
@@ -21,9 +23,10 @@ Ollama reads exactly that figure. ollama/ollama at fb30760996871fa9460115c753afd
   (GB = 10**9, format/bytes.go).
 - llm/llama_server.go ``appendLoadModeArgs`` (line 634): mmap off = ``--load-mode none``.
   llama.cpp (src/llama-model-loader.cpp ``load_all_data``, the llama-cpp-python 0.3.36
-  vendored tree) then ``read_raw``\\ s each host-resident tensor into an anonymous buffer
-  (beside the pool's shmem copy: that part takes RAM twice) and stages GPU tensors through a
-  temporary buffer into VRAM.
+  vendored tree, lines 1672-1745) then reads (``read_raw``) each host-resident tensor into
+  an anonymous buffer (beside the pool's shmem copy: that part takes RAM twice) and stages
+  GPU tensors through a temporary buffer into VRAM. With mmap (llama.cpp's ``auto``
+  default) only the tensors it repacks for the CPU (``CPU_REPACK`` buffers) are copies.
 
 So the pools can tip the host-pressure rule: this module computes when they do.
 """
