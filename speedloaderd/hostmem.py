@@ -27,6 +27,9 @@ Ollama reads exactly that figure. ollama/ollama at fb30760996871fa9460115c753afd
   an anonymous buffer (beside the pool's shmem copy: that part takes RAM twice) and stages
   GPU tensors through a temporary buffer into VRAM. With mmap (llama.cpp's ``auto``
   default) only the tensors it repacks for the CPU (``CPU_REPACK`` buffers) are copies.
+  Measured with the real llama-server on the CPU, a 289.6 MiB F32 GGUF in a tmpfs:
+  ``--load-mode auto`` RssShmem 289.6 MiB, RssAnon 9.2 MiB; ``--load-mode none`` RssShmem
+  0, RssAnon 298.8 MiB (the pool still holds its 289.6 MiB: RAM twice).
 
 So the pools can tip the host-pressure rule: this module computes when they do.
 """
