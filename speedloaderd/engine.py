@@ -41,6 +41,7 @@ from .copies import Copies
 from .errors import Busy, Failed, NoSuchModel
 from .events import EventKind, Listener
 from .health import HealthReport
+from .hostmem import MemInfo, read_meminfo
 from .jobs import Job, run_job
 from .journal import Entry, Journal
 from .ledger import SpaceLedger
@@ -110,6 +111,7 @@ class Engine:
         self.listeners: list[Listener] = []
         self._active: dict[str, Job] = {}  # model name -> its running job
         self.lock = asyncio.Lock()
+        self.meminfo: Callable[[], MemInfo] = read_meminfo  # Health's look at host RAM
         self.ledger = SpaceLedger()  # room promised to promotes, copies under way
         # A copy preallocates its whole file when it starts: the pool's usage is published
         # then (the bus batches it), not at the usage watch's next look (measured before: a

@@ -9,13 +9,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from . import holders
+from . import holders, hostmem
 from .catalog.types import FileRole, ScanResult
+from .config import BackendType, Config
 from .ledger import SpaceLedger
 from .modelsdir import LINK_TMP_MARKER, META_TMP_MARKER, ModelsDir
 from .pools import Pool, PoolState
@@ -42,6 +43,12 @@ class Checked(Protocol):
 
     @property
     def ledger(self) -> SpaceLedger: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    meminfo: Callable[[], hostmem.MemInfo]
+    """/proc/meminfo's figures (tests give their own numbers rather than fill the RAM)."""
 
     @property
     def cold_problem(self) -> str:
@@ -285,6 +292,11 @@ def check(engine: Checked, repair: bool = False, verify_digests: bool = False) -
         )
     checked["held"] = len(held)
 
+    # Ollama turns mmap off under host pressure, counting the pools' shmem as used RAM.
+    if engine.config.backend.type is BackendType.OLLAMA:
+        _ollama_memory(engine, catalog, mounted, add)
+        checked["ollama-memory"] = 1
+
     # Room promised to promotes that are no longer running (a leak would hold it until a
     # restart). Only a repair looks: it needs the engine lock, which a look does not take.
     if repair:
@@ -300,6 +312,28 @@ def check(engine: Checked, repair: bool = False, verify_digests: bool = False) -
 
     report_ok = not any(f.status is Status.ERROR and not f.repaired for f in findings)
     return HealthReport(ok=report_ok, findings=findings, checked=checked)
+
+
+def _ollama_memory(engine: Checked, catalog: ScanResult, mounted: set[str], add) -> None:
+    """Warn when the largest hot model would load with mmap off (hostmem.py has the rule)."""
+    pools = engine.pools
+    tmpfs = {n for n in mounted if pools[n].kind == "tmpfs"}  # a remote pool's RAM is not ours
+    if not tmpfs:
+        return
+    md = engine.models_dir
+    # Ollama stats the model's blob (sched.go modelFileSize): a model's largest data file.
+    hot: dict[str, int] = {}
+    for model in list(catalog.models.values()):
+        sizes = [f.size for f in model.data_files if md.where(f.rel).tier in tmpfs]
+        if sizes:
+            hot[model.name] = max(sizes)
+    if not hot:
+        return
+    name = max(hot, key=lambda n: (hot[n], n))
+    used = sum(pools[n].usage().used for n in tmpfs)
+    message = hostmem.ollama_mmap_warning(engine.meminfo(), used, name, hot[name])
+    if message:
+        add("ollama-memory", Status.WARNING, name, message)
 
 
 def _verify(engine: Checked, pool: str, rel: str, tree: Root, repair: bool, add) -> None:

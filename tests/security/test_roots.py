@@ -375,6 +375,7 @@ _ALLOWED = {
     ("speedloaderd/holders.py", "os.scandir"): "/proc",
     ("speedloaderd/holders.py", "os.listdir"): "/proc/<pid>/fd",
     ("speedloaderd/holders.py", "os.readlink"): "/proc/<pid>/fd/<n>",
+    ("speedloaderd/hostmem.py", "open"): "/proc/meminfo",
     ("speedloaderd/catalog/coldfs.py", ".is_dir"): "a DirEntry of that scandir",
     ("speedloaderd/catalog/coldfs.py", ".is_file"): "a DirEntry of that scandir",
     ("speedloaderd/catalog/coldfs.py", ".lstat"): "ColdRoot.root is a roots.Root",
