@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import health, placement
+from . import health, holders, placement
 from .catalog import availability, scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
@@ -388,6 +388,42 @@ class Engine:
             for model in self.catalog.models.values()
             if any(w.in_pool(mounted) for w in self._where(model).values())
         ]
+
+    def file_index(self) -> holders.FileIndex:
+        """The files whose holders the bus shows: every model's cold files (the scan's
+        device and inode), its pool copies (an fstat each, through the pool's root) and each
+        mounted pool's device. Pools given up as lost are left out: I/O there may hang."""
+        mounted = set()
+        for name in self.pools.mounted():
+            pool = self.pools.get(name)
+            if pool is not None and not pool.problem:
+                mounted.add(name)
+        pool_devices: dict[int, str] = {}
+        for name in sorted(mounted):
+            st = self.models_dir.pool(name).stat_dir("")
+            if st is not None:
+                pool_devices[st.st_dev] = name
+        files: dict[holders.FileKey, set[str]] = defaultdict(set)
+        paths: dict[str, set[str]] = defaultdict(set)
+        cold = self.config.storage.path
+        for model in self.catalog.models.values():
+            for f in model.data_files:
+                if f.ident is not None:
+                    files[(f.ident.dev, f.ident.ino)].add(model.name)
+                paths[model.name].update((str(self.models_dir.path(f.rel)), str(cold / f.rel)))
+                where = self.models_dir.where(f.rel)
+                if where.tier is None or where.tier not in mounted:
+                    continue
+                root = self.models_dir.pool(where.tier)
+                st = root.stat_file(f.rel)
+                if st is not None:
+                    files[(st.st_dev, st.st_ino)].add(model.name)
+                    paths[model.name].add(str(root.abs(f.rel)))
+        return holders.FileIndex(
+            {k: frozenset(v) for k, v in files.items()},
+            pool_devices,
+            {k: frozenset(v) for k, v in paths.items()},
+        )
 
     def pool_status(self, name: str) -> PoolStatus:
         pool = self.pools.lookup(name)
