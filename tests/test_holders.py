@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 
 from speedloader_client.client import MODEL, POOL, Client
+from speedloader_lab import llama
 from speedloader_lab.fake_backend import FakeProcess
+from speedloader_lab.llama import LlamaServer, child_pids
+from speedloader_lab.modelgen import make_llama_gguf
 from speedloaderd.backends.ollama import OllamaBackend
 from speedloaderd.bus.names import model_path, pool_path
 from speedloaderd.config import save_config
@@ -184,3 +187,54 @@ def test_loaded_follows_the_fake_ollama(daemon_factory, holders):
         run(scenario())
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def llama_binary() -> Path:
+    try:
+        return llama.build()  # cached under /var/cache/speedloader-llama after the first
+    except llama.CannotBuild as err:
+        banner = f"llama-server holder test not run: {err}"
+        if os.environ.get("SPEEDLOADER_LLAMA_REQUIRED") == "1":
+            pytest.fail(banner + " (SPEEDLOADER_LLAMA_REQUIRED=1)")
+        pytest.skip(banner)
+
+
+@pytest.mark.llama
+def test_real_llama_server_router_child_is_the_holder(daemon_factory, llama_binary, workdir):
+    dl = daemon_factory()
+    lab = dl.lab
+    make_llama_gguf(lab.cold / "tiny-llama.gguf")
+    lab.seal()  # cold storage now holds the GGUF too; it must stay as it is
+    router = LlamaServer(
+        ["--models-dir", str(lab.models), "--no-models-autoload", "-c", "256", "-np", "1",
+         "-t", "1"],
+        workdir / "llama-server.log",
+    )  # fmt: skip
+    dl.config = lab.config(backend="llamacpp", pools=(("local", dl.pool_size, 100),))
+    dl.config.backend.api_url = router.url
+    save_config(dl.config, lab.config_path)
+    dl.start()
+    try:
+
+        async def scenario() -> None:
+            async with await dl.client() as c:
+                await c.subscribe()
+                assert (await c.follow_job(await c.promote("tiny-llama"), timeout=60)).success
+                router.start()
+                assert router.post("/models/load", {"model": "tiny-llama"}) == {"success": True}
+                path = model_path("tiny-llama")
+                props = await until(
+                    c, path, MODEL, lambda p: p["Loaded"] and p["Holders"], "loaded and held"
+                )
+                ((pid, command),) = props["Holders"]
+                assert child_pids(router.pid) == [pid]  # the router's child maps the copy
+                assert command == "llama-server"
+                assert router.post("/models/unload", {"model": "tiny-llama"}) == {"success": True}
+                await until(
+                    c, path, MODEL, lambda p: not p["Loaded"] and not p["Holders"], "unloaded"
+                )
+
+        run(scenario())
+    finally:
+        router.stop()
