@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from speedloader_client.client import MODEL, POOL, Client
+from speedloader_client.fmt import held, model_use
 from speedloader_lab import llama
 from speedloader_lab.fake_backend import FakeProcess
 from speedloader_lab.llama import LlamaServer, child_pids
@@ -238,3 +239,22 @@ def test_real_llama_server_router_child_is_the_holder(daemon_factory, llama_bina
         run(scenario())
     finally:
         router.stop()
+
+
+def test_untrusted_command_names_are_escaped_and_bounded():
+    assert printable(b"python3\n") == "python3"
+    assert printable(b"\x1b]0;pwn\x07") == r"\x1b]0;pwn\x07"
+    assert printable(b"\xff\xfeab") == r"\xff\xfeab"  # not UTF-8: the bytes, escaped
+    assert printable("\u202etxt".encode()) == r"\x202etxt"  # a bidi override is not printable
+    assert len(printable(b"\x01" * 100)) == 64
+
+
+def test_who_uses_a_model_reads_as_the_issue_says():
+    assert (
+        model_use(True, [[812, "llama-server"]], "llamacpp") == "loaded in llama-server (pid 812)"
+    )
+    assert model_use(False, [[900, "python3"]], "ollama") == "held by python3 (pid 900)"
+    assert model_use(True, [], "ollama") == "loaded in ollama"
+    assert model_use(False, [], "ollama") == ""
+    assert model_use(False, [[1, "\x1b[2J"]], "") == r"held by \x1b[2J (pid 1)"
+    assert held(int(2.7 * (1 << 30))) == "2.7G held by deleted copies" and held(0) == ""
