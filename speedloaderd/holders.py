@@ -150,6 +150,9 @@ class HolderScan:
     """Deleted files on a pool's device still held, with the bytes they keep in the pool."""
     processes: int = 0
     seconds: float = 0.0
+    unreadable: int = 0
+    """Processes whose open files could not be read (their mappings were): without
+    CAP_SYS_PTRACE, root may read another uid's /proc/<pid>/maps but not its fdinfo."""
 
 
 EMPTY = HolderScan({}, {})
@@ -193,6 +196,10 @@ def _maps_entries(pid: str, devices: Container[int]) -> Iterable[tuple[FileKey, 
             yield (dev, ino), parts[0], line.endswith(_DELETED)
 
 
+class _Denied(Exception):
+    """/proc/<pid>/fdinfo refused: another uid's process, and no CAP_SYS_PTRACE."""
+
+
 def _fd_entries(
     pid: str, devices: Container[int], mounts: Mapping[str, int]
 ) -> Iterable[tuple[FileKey, str]]:
@@ -201,6 +208,8 @@ def _fd_entries(
     hung NFS cold storage cannot stall the scan."""
     try:
         fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except PermissionError:
+        raise _Denied from None
     except OSError:
         return
     for fd in fds:
@@ -243,14 +252,18 @@ def scan(
     deleted: dict[FileKey, int] = {}
     pids = list(_pids())
     own = str(os.getpid())
+    unreadable = 0
     for pid in pids:
         if pid == own:
             continue
         found: dict[FileKey, str] = {}  # key -> a /proc link to it, for a deleted one's size
         for key, where, _deleted in _maps_entries(pid, devices):
             found.setdefault(key, f"/proc/{pid}/map_files/{where}")
-        for key, fd in _fd_entries(pid, devices, mounts):
-            found.setdefault(key, f"/proc/{pid}/fd/{fd}")
+        try:
+            for key, fd in _fd_entries(pid, devices, mounts):
+                found.setdefault(key, f"/proc/{pid}/fd/{fd}")
+        except _Denied:
+            unreadable += 1
         if not found:
             continue
         who = Process(int(pid), _command(pid))
@@ -271,6 +284,7 @@ def scan(
         deleted,
         len(pids),
         time.monotonic() - started,
+        unreadable,
     )
 
 
@@ -340,18 +354,24 @@ class HolderWatch:
         self.held: Held = NOTHING_HELD
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._warned = False
 
     async def check(self) -> Held:
         try:
             index = await asyncio.to_thread(self._index)
-            held = (
-                NOTHING_HELD
-                if index is None
-                else Held.of(index, await asyncio.to_thread(index.scan))
-            )
+            found = EMPTY if index is None else await asyncio.to_thread(index.scan)
+            held = NOTHING_HELD if index is None else Held.of(index, found)
         except Exception:
             log.exception("looking at the holders of the models' files failed")
             return self.held
+        if found.unreadable and not self._warned:
+            self._warned = True  # once: it is how the daemon runs, not an event
+            log.warning(
+                "the open files of %d processes of other users cannot be read "
+                "(/proc/<pid>/fdinfo needs CAP_SYS_PTRACE): their mappings are seen, files "
+                "they only hold open are not",
+                found.unreadable,
+            )
         old, self.held = self.held, held
         if index is not None:
             self.index = index
