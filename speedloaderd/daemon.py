@@ -152,9 +152,12 @@ class Daemon:
         return engine
 
     def _emit(self, kind: EventKind, name: str) -> None:
-        if kind in (EventKind.CATALOG, EventKind.POOL_ADDED, EventKind.CONFIG) or (
-            kind is EventKind.JOB and self._job_ended(name)
-        ):
+        if kind in (
+            EventKind.CATALOG,
+            EventKind.POOL_ADDED,
+            EventKind.POOL_REMOVED,
+            EventKind.CONFIG,
+        ) or (kind is EventKind.JOB and self._job_ended(name)):
             # A job that ended (a demote deleted a copy), a rescan: the holders look again.
             self.holder_watch.poke()
         for listener in list(self.listeners):

@@ -355,10 +355,16 @@ class HolderWatch:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._warned = False
+        self._stale = True  # the index must be (re)built before the next scan
 
     async def check(self) -> Held:
         try:
-            index = await asyncio.to_thread(self._index)
+            index: FileIndex | None = self.index
+            if self._stale:
+                # Rebuilt only after a change (a link of 100,000 models is a readlink and a
+                # stat each): the scan itself runs against the index as it is.
+                index = await asyncio.to_thread(self._index)
+                self._stale = False
             found = EMPTY if index is None else await asyncio.to_thread(index.scan)
             held = NOTHING_HELD if index is None else Held.of(index, found)
         except Exception:
@@ -387,8 +393,10 @@ class HolderWatch:
             self._on_change(models, pools)
         return held
 
-    def poke(self) -> None:
-        """Look again soon (a job ended, a pool changed)."""
+    def poke(self, reindex: bool = True) -> None:
+        """Look again soon: a job ended, a pool or the catalog changed (``reindex``: the
+        files to look for may have changed too)."""
+        self._stale = self._stale or reindex
         self._wake.set()
 
     def start(self) -> None:
