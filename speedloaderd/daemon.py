@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .backends.base import LoadedModel
 from .backends.watch import BackendWatch
 from .config import BackendConfig, Config, dump_config, remote_pool_path, save_config
 from .engine import Engine
@@ -127,15 +126,16 @@ class Daemon:
     def loaded_models(self) -> set[str]:
         """The catalog's models the backend says it has loaded: by the server's name for
         it, or by a file it names (the models dir link, the cold file or the pool copy)."""
-        index = self.holder_watch.index
         engine = self.engine
-        names = set(engine.catalog.models) if engine is not None else set()
+        if engine is None:
+            return set()
         out: set[str] = set()
         for lm in self.backend_watch.loaded:
-            if lm.name in names:
+            if lm.name in engine.catalog.models:
                 out.add(lm.name)
-            out.update(_by_paths(lm, index))
-        return out & names
+            for path in lm.paths:
+                out.update(engine.models_of_path(path))
+        return out
 
     def holders_of(self, model: str) -> tuple[Process, ...]:
         return tuple(self.holder_watch.held.models.get(model, ()))
@@ -172,13 +172,18 @@ class Daemon:
         The backend is asked once before (so the bus starts with its state), then every 15 s."""
         await self.backend_watch.check()
         self.backend_watch.start()
-        self.holder_watch.start()
+        try:
+            await self._start_engine()
+        finally:
+            # After the engine's start: its first look indexes the started engine's files.
+            self.holder_watch.start()
+
+    async def _start_engine(self) -> None:
         engine = self.engine
         if engine is None:
             return
         try:
             await engine.start()
-            await self.holder_watch.check()
             self._loaded_changed()
         except Exception as err:
             if not isinstance(err, (SpeedloaderError, OSError)):
@@ -285,10 +290,3 @@ class Daemon:
                 ) from err
             raise
         return replacement
-
-
-def _by_paths(loaded: LoadedModel, index: FileIndex) -> set[str]:
-    if not loaded.paths:
-        return set()
-    said = set(loaded.paths)
-    return {name for name, paths in index.paths.items() if paths & said}

@@ -292,13 +292,10 @@ def scan(
 class FileIndex:
     """The files the holders scan looks for, built by the engine from its catalog and links."""
 
-    models: Mapping[FileKey, frozenset[str]]
+    models: Mapping[FileKey, tuple[str, ...]]
     """Each model's cold files and pool copies by (dev, ino): the names of the models using it."""
     pool_devices: Mapping[int, str]
     """Each mounted pool's st_dev: its own tmpfs (or remote) mount."""
-    paths: Mapping[str, frozenset[str]]
-    """Each model's files as a server may name them: the models dir link, the cold file,
-    the pool copy (for matching a backend's list of loaded files)."""
 
     def scan(self) -> HolderScan:
         devices = {dev for dev, _ in self.models} | set(self.pool_devices)
@@ -350,7 +347,7 @@ class HolderWatch:
     ) -> None:
         self._index = index
         self._on_change = on_change
-        self.index: FileIndex = FileIndex({}, {}, {})
+        self.index: FileIndex = FileIndex({}, {})
         self.held: Held = NOTHING_HELD
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -405,13 +402,13 @@ class HolderWatch:
 
     async def _run(self) -> None:
         while True:
-            every = HELD_EVERY if any(self.held.pools.values()) else EVERY
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), every)
             self._wake.clear()
             await self.check()
+            every = HELD_EVERY if any(self.held.pools.values()) else EVERY
             # However often it is poked (a burst of demotes ending), one scan per MIN_GAP.
             await asyncio.sleep(MIN_GAP)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), every - MIN_GAP)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
