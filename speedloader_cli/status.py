@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from speedloader_client import fmt
 from speedloader_client.client import Client
 from speedloader_client.records import COLD
 
@@ -60,12 +61,18 @@ def status(as_json: bool) -> None:
     for p in snap.pools:
         if p.problem:
             click.echo(f"pool {p.name} is {p.state}: {p.problem}")
+        if p.held_bytes:
+            click.echo(f"pool {p.name}: {fmt.held(p.held_bytes)} (in its usage until released)")
     click.echo()
     hot = [v for v in snap.models if v.tier != COLD or v.state != COLD]
     cold = [v for v in snap.models if v not in hot]
     headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE"]
     rows = model_rows(Snapshot(snap.manager, [], hot + cold, []))
     click.echo(table(headers, rows) if rows else "no models found on cold storage")
+    used = [(v.name, fmt.model_use(v.loaded, v.holders, m.backend)) for v in hot + cold]
+    for name, use in used:
+        if use:
+            click.echo(f"model {name}: {use}")
     problems = [f"model {v.name}: {'; '.join(v.problems)}" for v in snap.models if v.problems]
     problems += m.scan_problems
     if problems:

@@ -143,7 +143,11 @@ def _printable_props(props: dict[str, Variant]) -> dict[str, Any]:
         if isinstance(value, str):
             value = printable(value)
         elif isinstance(value, list):
-            value = [printable(v) if isinstance(v, str) else v for v in value]
+            # Holders is a list of (pid, command) structs: those are unwrapped too.
+            value = [
+                printable(v) if isinstance(v, str) else unwrap(v) if isinstance(v, list) else v
+                for v in value
+            ]
         out[key] = value
     return out
 

@@ -4,6 +4,8 @@ pool's state by the daemon's own word (``mounted``, as in the README)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from speedloaderd.sizes import format_size
 
 UNKNOWN = "-"
@@ -26,3 +28,24 @@ def eta(seconds: float | None) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def model_use(loaded: bool, holders: list[list[Any]], backend: str) -> str:
+    """Who uses a model, for slctl status and the dashboard: ``loaded in llama-server (pid
+    812)`` (the backend says loaded; its process, where one holds the files), ``held by
+    python3 (pid 900)`` for every other holder; "" when nobody does. Commands come escaped
+    from the daemon (any process names itself) and are escaped again here."""
+    from speedloader_client.client import printable
+
+    who = [f"{printable(str(cmd))} (pid {int(pid)})" for pid, cmd in holders]
+    parts = []
+    if loaded:
+        parts.append(f"loaded in {who.pop(0) if who else printable(backend) or 'the backend'}")
+    if who:
+        parts.append("held by " + ", ".join(who))
+    return "; ".join(parts)
+
+
+def held(held_bytes: int) -> str:
+    """A pool's RAM kept by deleted copies: ``2.7G held by deleted copies``; "" for none."""
+    return f"{format_size(held_bytes)} held by deleted copies" if held_bytes else ""

@@ -135,6 +135,9 @@ class Pool(Record):
     free_bytes: int = prop("FreeBytes", "t", 0)
     speed: int = prop("Speed", "u", 0)
     problem: str = prop("Problem", "s", "")  # why it is degraded; "" when it is not
+    # RAM of deleted copies that a process still maps or has open: part of used_bytes, freed
+    # when the last holder lets go (the daemon looks every second while any is held).
+    held_bytes: int = prop("HeldBytes", "t", 0)
 
     @property
     def mounted(self) -> bool:
@@ -155,6 +158,7 @@ class Pool(Record):
             "sizeBytes": self.size_bytes,
             "usedBytes": self.used_bytes,
             "speed": self.speed,
+            "heldBytes": self.held_bytes,
         }
 
 
@@ -168,6 +172,11 @@ class Model(Record):
     pinned_pool: str = prop("PinnedPool", "s", "")  # "" when not pinned
     state: str = prop("State", "s", COLD)  # cold | hot | promoting | demoting | degraded
     problems: list[str] = prop("Problems", "as", [])
+    # The backend (backend.type at backend.apiUrl) says it has the model loaded.
+    loaded: bool = prop("Loaded", "b", False)
+    # Processes that map or have open one of its files (cold file or pool copy): [pid,
+    # command], the command escaped (any process names itself).
+    holders: list[list[Any]] = prop("Holders", "a(us)", [])
 
     @property
     def hot(self) -> bool:
@@ -183,6 +192,8 @@ class Model(Record):
             "tier": self.tier,
             "pinnedPool": self.pinned_pool or None,
             "state": self.state,
+            "loaded": self.loaded,
+            "holders": [{"pid": int(pid), "command": str(cmd)} for pid, cmd in self.holders],
         }
 
 

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from speedloader_client.fmt import UNKNOWN, eta, rate, size
+from speedloader_client.fmt import UNKNOWN, eta, held, model_use, rate, size
 
-__all__ = ["STATE_STYLES", "UNKNOWN", "bar", "eta", "rate", "size", "state", "usage_style"]
+__all__ = [
+    "STATE_STYLES",
+    "UNKNOWN",
+    "bar",
+    "eta",
+    "held",
+    "model_use",
+    "rate",
+    "size",
+    "state",
+    "usage_style",
+]
 
 STATE_STYLES = {
     "hot": "bold green",

@@ -21,6 +21,7 @@ from .config import BackendConfig, Config, dump_config, remote_pool_path, save_c
 from .engine import Engine
 from .errors import Busy, Failed, SpeedloaderError
 from .events import EventKind, Listener
+from .holders import FileIndex, HolderWatch, Process
 from .privilege import admin_changes
 from .roots import check_trusted_dir
 
@@ -93,6 +94,54 @@ class Daemon:
         self.backend_watch = BackendWatch(
             self._backend_config, lambda: self._emit(EventKind.BACKEND, "")
         )
+        # Who holds each model's files, and the RAM deleted copies keep (speedloaderd.holders);
+        # a change of holders may be a load or unload: the backend is asked again at once.
+        self.holder_watch = HolderWatch(self._file_index, self._holders_changed)
+        self.backend_watch.on_loaded = self._loaded_changed
+        self.loaded_names: set[str] = set()  # loaded_models() as last computed
+
+    def _job_ended(self, name: str) -> bool:
+        job = self.engine.jobs.get(int(name)) if self.engine and name.isdigit() else None
+        return job is not None and job.finished
+
+    def _file_index(self) -> FileIndex | None:
+        return self.engine.file_index() if self.engine is not None else None
+
+    def _holders_changed(self, models: set[str], pools: set[str]) -> None:
+        if models and self.backend_watch.loaded:
+            self._loaded_changed()  # the files a server names may be other copies now
+        for name in sorted(models):
+            self._emit(EventKind.MODEL, name)
+        for name in sorted(pools):
+            self._emit(EventKind.POOL, name)
+        if models:
+            self.backend_watch.poke()
+
+    def _loaded_changed(self) -> None:
+        now = self.loaded_models()
+        changed, self.loaded_names = now ^ self.loaded_names, now
+        for name in sorted(changed):
+            self._emit(EventKind.MODEL, name)
+
+    def loaded_models(self) -> set[str]:
+        """The catalog's models the backend says it has loaded: by the server's name for
+        it, or by a file it names (the models dir link, the cold file or the pool copy)."""
+        engine = self.engine
+        if engine is None:
+            return set()
+        out: set[str] = set()
+        for lm in self.backend_watch.loaded:
+            if lm.name in engine.catalog.models:
+                out.add(lm.name)
+            for path in lm.paths:
+                out.update(engine.models_of_path(path))
+        return out
+
+    def holders_of(self, model: str) -> tuple[Process, ...]:
+        return tuple(self.holder_watch.held.models.get(model, ()))
+
+    def held_bytes(self, pool: str) -> int:
+        return self.holder_watch.held.pools.get(pool, 0)
 
     def _backend_config(self) -> BackendConfig | None:
         config = self.shown_config()
@@ -103,6 +152,14 @@ class Daemon:
         return engine
 
     def _emit(self, kind: EventKind, name: str) -> None:
+        if kind in (
+            EventKind.CATALOG,
+            EventKind.POOL_ADDED,
+            EventKind.POOL_REMOVED,
+            EventKind.CONFIG,
+        ) or (kind is EventKind.JOB and self._job_ended(name)):
+            # A job that ended (a demote deleted a copy), a rescan: the holders look again.
+            self.holder_watch.poke()
         for listener in list(self.listeners):
             try:
                 listener(kind, name)
@@ -115,11 +172,19 @@ class Daemon:
         The backend is asked once before (so the bus starts with its state), then every 15 s."""
         await self.backend_watch.check()
         self.backend_watch.start()
+        try:
+            await self._start_engine()
+        finally:
+            # After the engine's start: its first look indexes the started engine's files.
+            self.holder_watch.start()
+
+    async def _start_engine(self) -> None:
         engine = self.engine
         if engine is None:
             return
         try:
             await engine.start()
+            self._loaded_changed()
         except Exception as err:
             if not isinstance(err, (SpeedloaderError, OSError)):
                 log.exception("engine start failed")
@@ -134,6 +199,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.backend_watch.stop()
+        await self.holder_watch.stop()
         if self.engine is not None:
             await self.engine.shutdown()
 

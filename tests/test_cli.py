@@ -56,13 +56,20 @@ def test_status_json_contract(daemon):
     cold = {"path": str(daemon.lab.cold), "state": "available", "problem": None}
     assert data["coldStorage"] == cold and data["scanProblems"] == []
     [pool] = data["pools"]
-    assert set(pool) == {"name", "kind", "state", "path", "sizeBytes", "usedBytes", "speed"}
+    assert set(pool) == {
+        "name", "kind", "state", "path", "sizeBytes", "usedBytes", "speed", "heldBytes",
+    }  # fmt: skip
+    assert pool["heldBytes"] == 0
     assert pool["name"] == "local" and pool["kind"] == "tmpfs" and pool["state"] == "mounted"
     assert pool["path"] == str(daemon.lab.pool_path("local")) and pool["sizeBytes"] > 0
     names = {m["name"]: m for m in data["models"]}
     assert set(names) == {"tiny:1b", "small:3b", "team/coder:7b"}
     for m in data["models"]:
-        assert set(m) == {"name", "format", "sizeBytes", "tier", "pinnedPool", "state", "problems"}
+        assert set(m) == {
+            "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "problems",
+            "loaded", "holders",
+        }  # fmt: skip
+        assert m["loaded"] is False and m["holders"] == []
         assert m["problems"] == []
         assert m["tier"] == "cold" and m["state"] == "cold" and m["format"] == "ollama"
         assert m["sizeBytes"] > 0 and m["pinnedPool"] is None

@@ -58,7 +58,16 @@ def test_record_fields_are_the_published_properties(iface):
         assert p.field == renamed.get((iface, name), snake(name)), (iface, name)
 
 
-SIGNATURE_TYPES = {"s": str, "b": bool, "u": int, "t": int, "d": float, "as": list, "ao": list}
+SIGNATURE_TYPES = {
+    "s": str,
+    "b": bool,
+    "u": int,
+    "t": int,
+    "d": float,
+    "as": list,
+    "ao": list,
+    "a(us)": list,
+}
 
 
 @pytest.mark.parametrize("iface", sorted(RECORDS))
@@ -84,12 +93,16 @@ def test_to_json_keeps_the_documented_slctl_keys():
     """``slctl status --json``: a contract with scripts (README), add keys, never rename."""
     pool = Pool.from_props("/p", {"Name": "local", "Path": "/run/p", "SizeBytes": 2})
     assert list(pool.to_json()) == [
-        "name", "kind", "state", "path", "sizeBytes", "usedBytes", "speed",
+        "name", "kind", "state", "path", "sizeBytes", "usedBytes", "speed", "heldBytes",
     ]  # fmt: skip
     assert pool.to_json()["path"] == "/run/p"
     model = Model.from_props("/m", {"Name": "tiny:1b", "PinnedPool": ""})
-    assert list(model.to_json()) == ["name", "format", "sizeBytes", "tier", "pinnedPool", "state"]
+    assert list(model.to_json()) == [
+        "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "loaded", "holders",
+    ]  # fmt: skip
     assert model.to_json()["pinnedPool"] is None
+    model.update({"Holders": [[900, "python3"]]})
+    assert model.to_json()["holders"] == [{"pid": 900, "command": "python3"}]
     job = Job.from_props("/org/speedloader/Speedloader1/jobs/7", {"BytesTotal": 3})
     assert job.to_json() == {
         "id": 7, "operation": "", "model": None, "pool": None,

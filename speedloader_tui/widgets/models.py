@@ -55,11 +55,21 @@ def model_cells(m: Model, columns: Sequence[tuple[str, str]]) -> list[Any]:
         "tier": Text(m.tier),
         "format": Text(m.format),
         "pin": Text(m.pinned_pool or ""),
-        "state": fmt.state(m.state)
-        if not m.problems
-        else Text(f"{m.state}: {m.problems[0]}", style="bold red"),
+        "state": _state_cell(m),
     }
     return [cells[key] for key, _ in columns]
+
+
+def _state_cell(m: Model) -> Text:
+    """The state, or its first problem; then who uses the model (the backend, holders)."""
+    if m.problems:
+        cell = Text(f"{m.state}: {m.problems[0]}", style="bold red")
+    else:
+        cell = fmt.state(m.state)
+    use = fmt.model_use(m.loaded, m.holders, "")
+    if use:
+        cell.append(f"  {use}", style="cyan")
+    return cell
 
 
 def pool_line(

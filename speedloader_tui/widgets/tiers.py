@@ -100,6 +100,8 @@ class PoolCard(Vertical, can_focus=True):
                 f" {pool.fraction * 100:3.0f}%  {fmt.size(pool.used_bytes)} used of "
                 f"{fmt.size(pool.size_bytes)}, {fmt.size(pool.free_bytes)} free"
             )
+            if pool.held_bytes:  # counted in the usage: freed when the holder lets go
+                usage.append(f", {fmt.held(pool.held_bytes)}", style="bold yellow")
             usage.append_text(moving)
         else:
             usage.append("·" * 40, style="dim")

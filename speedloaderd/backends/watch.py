@@ -5,6 +5,8 @@ One cheap call per look (Ollama ``/api/ps``, llama.cpp ``/props`` + ``/models``,
 nothing and a server that went away shows within 15 s. The adapter is built afresh from the
 configuration at each look, so a live ``backend.apiUrl`` change is followed at the next one.
 ``on_change`` is called (on the event loop) only when the state or its reason changes.
+With the state, the server's list of loaded models is asked (``loaded``: the Model objects'
+``Loaded``), again at once when ``poke()`` says the holders of a model's files changed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 
 from ..config import BackendConfig
 from . import backend_for
-from .base import BackendState, Status, Timing
+from .base import BackendState, LoadedModel, Status, Timing
+from .http import HttpProblem
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,32 @@ class BackendWatch:
         self._on_change = on_change
         self.every = every
         self.state = NOT_ASKED
+        # What the server says it has loaded (asked with the state, one more cheap call);
+        # empty while it is not up. ``on_loaded`` hears a change of it.
+        self.loaded: tuple[LoadedModel, ...] = ()
+        self.on_loaded: Callable[[], None] | None = None
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def check(self) -> BackendState:
         """Ask once now; never raises (a bug in an adapter is logged and shown as unknown)."""
         config = self._config()
+        loaded: tuple[LoadedModel, ...] = ()
         try:
-            state = NO_CONFIG if config is None else await backend_for(config, PROBE).state()
+            backend = None if config is None else backend_for(config, PROBE)
+            state = NO_CONFIG if backend is None else await backend.state()
+            if backend is not None and state.status is Status.UP:
+                try:
+                    loaded = tuple(await backend.loaded())
+                except HttpProblem:
+                    loaded = ()  # the next look says why, in the state
         except Exception as err:
             log.exception("asking the backend for its state failed")
             state = BackendState(Status.UNKNOWN, f"asking it failed: {type(err).__name__}")
+        if loaded != self.loaded:
+            self.loaded = loaded
+            if self.on_loaded is not None:
+                self.on_loaded()
         if state != self.state:
             # Once per change, not per look: a backend down for a day is one warning.
             level = logging.INFO if state.status is Status.UP else logging.WARNING
@@ -63,9 +82,17 @@ class BackendWatch:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def poke(self) -> None:
+        """Ask again now, not at the next look (the holders of a model's files changed:
+        the server may have loaded or unloaded it)."""
+        if self._task is not None:
+            self._wake.set()
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.every)
+            self._wake.clear()
             await self.check()
 
     async def stop(self) -> None:

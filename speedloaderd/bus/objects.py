@@ -392,6 +392,11 @@ class PoolInterface(Snapshot):
         """Why the pool is degraded (e.g. the fabric was lost); empty when it is not."""
         return self.values["Problem"]
 
+    @dbus_property(access=READ)
+    def HeldBytes(self) -> "t":
+        """RAM of deleted copies a process still maps or has open (counted in UsedBytes)."""
+        return self.values["HeldBytes"]
+
     # Connecting a configured remote tier is operating a configured pool: the host, the
     # address and the size it uses were all set by an admin.
     @method()
@@ -462,6 +467,17 @@ class ModelInterface(Snapshot):
     @dbus_property(access=READ)
     def Problems(self) -> "as":
         return self.values["Problems"]
+
+    @dbus_property(access=READ)
+    def Loaded(self) -> "b":
+        """The backend says it has this model loaded (asked every 15 s, and at once when
+        the holders of its files change)."""
+        return self.values["Loaded"]
+
+    @dbus_property(access=READ)
+    def Holders(self) -> "a(us)":
+        """Processes mapping or holding open one of its files: (pid, command escaped)."""
+        return self.values["Holders"]
 
 
 _CANCEL_ACTION = {

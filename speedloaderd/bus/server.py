@@ -36,6 +36,7 @@ from ..daemon import Daemon
 from ..engine import Engine, ModelStatus, PoolStatus
 from ..errors import Failed, InvalidArgument
 from ..events import EventKind
+from ..holders import Process
 from ..jobs import Job
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
@@ -69,6 +70,9 @@ PAGE_BYTES = 4 << 20
 # could otherwise make one model's properties as large as it likes).
 MAX_PROBLEMS = 20
 PROBLEM_CHARS = 500
+# A model's Holders: at most this many processes (a fork bomb mapping one file must not make
+# the model's properties as large as it likes; health lists every one).
+MAX_HOLDERS = 50
 TOO_LARGE = ERROR_PREFIX + "TooLarge"
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
@@ -254,8 +258,12 @@ def _properties(path: str, interface: ServiceInterface) -> dict[str, Variant]:
     return props
 
 
-def model_values(st: ModelStatus) -> dict[str, Any]:
+def model_values(
+    st: ModelStatus, loaded: bool = False, holders: Iterable[Process] = ()
+) -> dict[str, Any]:
     return {
+        "Loaded": loaded,
+        "Holders": [[p.pid, p.command] for p in list(holders)[:MAX_HOLDERS]],
         "Name": st.name,
         "Format": st.format,
         "SizeBytes": st.size,
@@ -275,8 +283,9 @@ def bounded_problems(problems: Iterable[str]) -> list[str]:
     return out
 
 
-def pool_values(st: PoolStatus) -> dict[str, Any]:
+def pool_values(st: PoolStatus, held: int = 0) -> dict[str, Any]:
     return {
+        "HeldBytes": held,
         "Name": st.name,
         "Kind": st.kind,
         "State": st.state,
@@ -446,11 +455,11 @@ class Server:
             if iface is None:
                 self._model_order = None
                 iface = ModelInterface(self, st.name)
-                iface.update(model_values(st))
+                iface.update(self._model_values(st))
                 self.models[st.name] = iface
                 self._export(model_path(st.name), iface)
             else:
-                self._emit_changed(iface, iface.update(model_values(st)))
+                self._emit_changed(iface, iface.update(self._model_values(st)))
         for name in list(self.models):
             if name not in seen:
                 self._model_order = None
@@ -463,11 +472,11 @@ class Server:
             piface = self.pools.get(pst.name)
             if piface is None:
                 piface = PoolInterface(self, pst.name)
-                piface.update(pool_values(pst))
+                piface.update(self._pool_values(pst))
                 self.pools[pst.name] = piface
                 self._export(pool_path(pst.name), piface)
             else:
-                self._emit_changed(piface, piface.update(pool_values(pst)))
+                self._emit_changed(piface, piface.update(self._pool_values(pst)))
         for name in list(self.pools):
             if name not in seen:
                 del self.pools[name]
@@ -676,7 +685,9 @@ class Server:
     def _refresh_model(self, name: str) -> None:
         iface = self.models.get(name)
         if self.engine is not None and iface is not None:
-            self._emit_changed(iface, iface.update(model_values(self.engine.model_status(name))))
+            self._emit_changed(
+                iface, iface.update(self._model_values(self.engine.model_status(name)))
+            )
 
     def _refresh_pool(self, name: str) -> None:
         if self.engine is not None and name in self.pools:
@@ -685,7 +696,14 @@ class Server:
     def _publish_pool(self, name: str, st: PoolStatus) -> None:
         iface = self.pools.get(name)
         if iface is not None:
-            self._emit_changed(iface, iface.update(pool_values(st)))
+            self._emit_changed(iface, iface.update(self._pool_values(st)))
+
+    def _model_values(self, st: ModelStatus) -> dict[str, Any]:
+        loaded = st.name in self.daemon.loaded_names
+        return model_values(st, loaded, self.daemon.holders_of(st.name))
+
+    def _pool_values(self, st: PoolStatus) -> dict[str, Any]:
+        return pool_values(st, self.daemon.held_bytes(st.name))
 
     def _flush_job(self, iface: JobInterface) -> None:
         was_running = iface.values.get("State") == "running"

@@ -166,6 +166,8 @@ def test_status_json_returns_every_model_in_its_shape(big: Served):
         "pinnedPool",
         "state",
         "problems",
+        "loaded",
+        "holders",
     }
     assert [p["name"] for p in doc["pools"]] == ["local"]
     big.assert_alive()
