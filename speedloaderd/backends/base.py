@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -159,20 +160,16 @@ class Backend(ABC):
             return Outcome(False, f"{self.kind} at {self.url}: {problem.reason}")
         if refused is not None:
             return refused
-        deadline = time.monotonic() + self.timing.confirm_for
-        while True:
-            names = await self._listing()
-            if isinstance(names, Outcome):
-                return Outcome(False, f"unload of {model!r} asked, then {names.reason}")
-            if model not in names:
-                return Outcome(True, f"{self.kind} no longer lists {model!r} as loaded")
-            if time.monotonic() >= deadline:
-                return Outcome(
-                    False,
-                    f"{self.kind} at {self.url} still lists {model!r} as loaded "
-                    f"{self.timing.confirm_for:g} s after it was asked to unload it",
-                )
-            await asyncio.sleep(self.timing.confirm_every)
+        return await self._confirm(
+            model,
+            "unload",
+            lambda names: (
+                Outcome(True, f"{self.kind} no longer lists {model!r} as loaded")
+                if model not in names
+                else None
+            ),
+            "still lists {model!r} as loaded {secs:g} s after it was asked to unload it",
+        )
 
     async def preload(self, model: str) -> Outcome:
         """Have the server load ``model`` (so the next request is served at once)."""
@@ -185,20 +182,43 @@ class Backend(ABC):
             return Outcome(False, f"{self.kind} at {self.url}: {problem.reason}")
         if refused is not None:
             return refused
-        deadline = time.monotonic() + self.timing.confirm_for
-        while True:
-            names = await self._listing()
-            if isinstance(names, Outcome):
-                return Outcome(False, f"preload of {model!r} asked, then {names.reason}")
+
+        def loaded(names: dict[str, LoadedModel]) -> Outcome | None:
             if model in names and names[model].status == "loaded":
                 return Outcome(True, f"{self.kind} lists {model!r} as loaded")
             failure = self._load_failure(model)
             if failure is not None:
                 return Outcome(False, f"{self.kind} at {self.url} {failure}")
+            return None
+
+        return await self._confirm(
+            model,
+            "preload",
+            loaded,
+            "does not list {model!r} as loaded {secs:g} s after it was asked to load it",
+        )
+
+    async def _confirm(
+        self,
+        model: str,
+        asked: str,
+        outcome: Callable[[dict[str, LoadedModel]], Outcome | None],
+        late: str,
+    ) -> Outcome:
+        """Poll the listing until ``outcome(names)`` decides, or ``timing.confirm_for`` has
+        passed (then ``late``, formatted with model and secs, says what the server still
+        shows). What a server answers to the request is not trusted: its listing is."""
+        deadline = time.monotonic() + self.timing.confirm_for
+        while True:
+            names = await self._listing()
+            if isinstance(names, Outcome):
+                return Outcome(False, f"{asked} of {model!r} asked, then {names.reason}")
+            decided = outcome(names)
+            if decided is not None:
+                return decided
             if time.monotonic() >= deadline:
+                secs = self.timing.confirm_for
                 return Outcome(
-                    False,
-                    f"{self.kind} at {self.url} does not list {model!r} as loaded "
-                    f"{self.timing.confirm_for:g} s after it was asked to load it",
+                    False, f"{self.kind} at {self.url} " + late.format(model=model, secs=secs)
                 )
             await asyncio.sleep(self.timing.confirm_every)
