@@ -215,3 +215,13 @@ class DaemonLab:
             if p.is_symlink()
         }
         return seen
+
+
+def mounts_below(root: Path) -> list[str]:
+    """Mount points at or below ``root``, from the kernel's own table."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == str(root) or point.startswith(str(root) + "/"):
+            found.append(point)
+    return sorted(found)

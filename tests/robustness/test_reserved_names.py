@@ -21,22 +21,13 @@ from speedloader_client.client import MANAGER, ROOT
 from speedloaderd.config import dump_config, parse_config
 from speedloaderd.errors import ConfigError
 
-from ..buslab import run
+from ..buslab import mounts_below, run
 
 REASON = "is the tier name of cold storage"
 
 
 def call(member: str, sig: str = "", *args) -> dict:
     return {"path": ROOT, "iface": MANAGER, "member": member, "sig": sig, "args": list(args)}
-
-
-def mounts_below(root: Path) -> list[str]:
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point == str(root) or point.startswith(str(root) + "/"):
-            found.append(point)
-    return sorted(found)
 
 
 def tree(root: Path) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ import pytest
 from speedloader_client.client import JOB, MANAGER, MODEL, POOL, ROOT
 from speedloaderd.config import dump_config
 
-from ..buslab import ADMIN, MiB, run
+from ..buslab import ADMIN, MiB, mounts_below, run
 
 MEMBER = ADMIN  # sl-test-admin is the group member; "admin" in its name is historical
 FAR = f"{ROOT}/pools/far"
@@ -53,16 +53,6 @@ def make_victim(where: Path, name: str = "victim", text: str = "root's own file\
     victim.write_text(text)
     victim.chmod(0o600)
     return victim
-
-
-def mounts_below(root: Path) -> list[str]:
-    """Mount points at or below ``root``, from the kernel's own table."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point == str(root) or point.startswith(str(root) + "/"):
-            found.append(point)
-    return sorted(found)
 
 
 def config_with(dl, **changes) -> str:
