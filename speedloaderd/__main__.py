@@ -98,10 +98,15 @@ def run_daemon(config_path: Path) -> int:
         return rc
     finally:
         # Already stopping: a repeated SIGTERM (systemd's, a test's) must not kill the exit
-        # half-way. (remove_signal_handler restores the default; SIG_IGN follows at once.)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # half-way. remove_signal_handler restores the default action, so the signals are
+        # blocked while SIG_IGN replaces it: one sent in between stays pending and is then
+        # discarded, not acted on (a test's SIGTERM once landed there: exit status -15).
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        for sig in stop_signals:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         asyncio.set_event_loop(None)
         loop.close()  # asks the executors to shut down; does not wait for their threads
 
