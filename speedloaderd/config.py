@@ -121,9 +121,29 @@ class StorageConfig(_Model):
     type: StorageType = StorageType.LOCAL
 
 
+class DemotePolicy(str, Enum):
+    """What a demote does when a process still maps the pool copy after the backend was
+    asked to unload it (speedloaderd/freeing.py)."""
+
+    WAIT = "wait"  # up to demoteTimeout seconds; then Busy, nothing deleted
+    REFUSE = "refuse"  # Busy at once, naming the process; nothing deleted
+    FORCE = "force"  # delete now; the pool reports the RAM held until it is let go
+
+
+# Seconds a `wait` demote waits for the last holder: a 2.7 GiB llama.cpp model unloads in
+# well under a second (the router's child exits), a runner finishing a long answer may take
+# tens of seconds; a minute, then the job says who holds it.
+DEFAULT_DEMOTE_TIMEOUT = 60
+
+
 class BackendConfig(_Model):
     type: BackendType
     api_url: str | None = None
+    demote_policy: DemotePolicy = DemotePolicy.WAIT
+    demote_timeout: int = Field(default=DEFAULT_DEMOTE_TIMEOUT, ge=0, le=86_400)
+    # After a promote, a model the server had loaded from the cold files keeps reading
+    # them: unload and load it again (when it is idle) so it is served from the pool.
+    reload_after_promote: bool = False
 
 
 class PoolConfig(_Model):

@@ -29,24 +29,27 @@ log = logging.getLogger(__name__)
 
 # Config keys a running engine can adopt without rebuilding its pools and models dir.
 # (remoteTiers defines pools: changing it rebuilds them; connected remote pools are adopted.)
-# backend.apiUrl is only shown to clients.
-LIVE_KEYS = {"modelPlacement", "sshKeyPath", "backend.apiUrl"}
+# The backend keys are read afresh at each use (the backend watch's next look, the next
+# demote or promote): nothing is rebuilt for them.
+_BACKEND_LIVE = ("apiUrl", "demotePolicy", "demoteTimeout", "reloadAfterPromote")
+LIVE_KEYS = {"modelPlacement", "sshKeyPath", *(f"backend.{k}" for k in _BACKEND_LIVE)}
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
     """Top-level keys whose values differ between two dump_config() outputs; a backend that
-    differs only in its apiUrl is reported as ``backend.apiUrl``. Extension keys (``_``,
-    ``x-``) are left out: nothing reads them."""
+    differs only in keys read at each use (its apiUrl, demote policy...) is reported as
+    ``backend.<key>`` for each. Extension keys (``_``, ``x-``) are left out: nothing reads
+    them."""
     changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
     changed -= {k for k in changed if k.startswith(("_", "x-"))}
     if "backend" in changed:
         a, b = old.get("backend") or {}, new.get("backend") or {}
-        if isinstance(a, dict) and isinstance(b, dict):
-            strip = {"apiUrl"}
-            if {k: v for k, v in a.items() if k not in strip} == {
-                k: v for k, v in b.items() if k not in strip
-            }:
-                changed = (changed - {"backend"}) | {"backend.apiUrl"}
+        same_server = isinstance(a, dict) and isinstance(b, dict)
+        if same_server and {k: v for k, v in a.items() if k not in _BACKEND_LIVE} == {
+            k: v for k, v in b.items() if k not in _BACKEND_LIVE
+        }:
+            keys = {f"backend.{k}" for k in _BACKEND_LIVE if a.get(k) != b.get(k)}
+            changed = (changed - {"backend"}) | keys
     return changed
 
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import health, holders, placement
+from . import freeing, health, holders, placement
 from .catalog import availability, scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
@@ -687,6 +687,12 @@ class Engine:
     async def _demote(self, job: Job) -> str:
         assert job.model is not None
         model = self.model(job.model)
+        # Whoever maps a copy about to be deleted is asked to let go first (freeing.py):
+        # outside the engine lock, since that may take demoteTimeout seconds.
+        copies = await asyncio.to_thread(self._copies_to_free, model)
+        let_go = await freeing.let_go(
+            job, model.name, copies, self.config.backend, self.models_of_path
+        )
         async with self.lock:
             was_hot = await asyncio.to_thread(self._hot, model.name, self.pools.mounted())
             released, kept_for, also_cold = await asyncio.to_thread(self._release, model, None, job)
@@ -701,7 +707,19 @@ class Engine:
                 f"{model.name}: nothing freed; shared blobs stay in RAM for {held} "
                 f"(promoted), so {model.name} stays hot until that is demoted too"
             )
-        msg = f"demoted {model.name}: {format_size(job.bytes_total)} freed"
+        # RAM is freed only if nobody holds the deleted copy: looked at again, after the
+        # delete, so a holder that came while the lock was taken is not reported as freed.
+        gone = set(released)
+        still = await asyncio.to_thread(freeing.held, [c for c in copies if c.rel in gone])
+        held_bytes = freeing.held_bytes(still)
+        msg = f"demoted {model.name}: {format_size(job.bytes_total - held_bytes)} freed"
+        if let_go.unloaded:
+            msg += f" ({let_go.unloaded} unloaded it first)"
+        if still:
+            msg += (
+                f"; {format_size(held_bytes)} stays in use in the pool while "
+                f"{freeing.describe(still)} maps the deleted copy"
+            )
         if also_cold:
             verb = "is" if len(also_cold) == 1 else "are"
             msg += f"; {', '.join(sorted(also_cold))} shared those blobs and {verb} now cold too"
@@ -709,19 +727,33 @@ class Engine:
             msg += f"; shared blobs stay in RAM for {', '.join(sorted(kept_for))}"
         return msg
 
-    def _release(
-        self, model: Model, only_pool: str | None, job: Job | None
-    ) -> tuple[list[str], set[str], set[str]]:
-        """Point a model's links back to cold (those in ``only_pool``, if given) and delete
-        the pool copies no other model holds. A holder is a model that was promoted (see
+    def _copies_to_free(self, model: Model) -> list[freeing.Copy]:
+        """The pool copies a demote of ``model`` would delete now (a plan: _release decides
+        again under the lock), each fstat'ed through its pool's root for (dev, ino)."""
+        release, _ = self._plan_release(model, None)
+        sizes = {f.rel: f.size for f in model.data_files}
+        where = self._where(model)
+        mounted = self.pools.mounted()
+        out = []
+        for rel in release:
+            pool = where[rel].tier
+            if pool is None or pool == COLD or pool not in mounted:
+                continue
+            st = self.models_dir.pool(pool).stat_file(rel)
+            if st is not None:
+                out.append(freeing.Copy((st.st_dev, st.st_ino), pool, rel, sizes.get(rel, 0)))
+        return out
+
+    def _plan_release(self, model: Model, only_pool: str | None) -> tuple[list[str], set[str]]:
+        """Which of a model's pool copies a release would delete (those in ``only_pool``, if
+        given): the ones no other model holds. A holder is a model that was promoted (see
         promoted.py) and is hot; one hot only through another's blobs holds nothing.
-        Returns (rels released, holders that kept blobs, other models made cold by it).
-        Journaled; runs under the engine lock."""
+        Returns (rels to release, holders that keep blobs)."""
         mounted = self.pools.mounted()
         where = self._where(model)
-        sizes = {f.rel: f.size for f in model.data_files}
         demoting = self._demoting()
-        release, kept_for = [], set()
+        release: list[str] = []
+        kept_for: set[str] = set()
         for rel, w in where.items():
             if w.tier == COLD or (only_pool is not None and w.tier != only_pool):
                 continue
@@ -737,6 +769,19 @@ class Engine:
                 kept_for.update(holders)
             else:
                 release.append(rel)
+        return release, kept_for
+
+    def _release(
+        self, model: Model, only_pool: str | None, job: Job | None
+    ) -> tuple[list[str], set[str], set[str]]:
+        """Point a model's links back to cold (those in ``only_pool``, if given) and delete
+        the pool copies no other model holds (_plan_release). Returns (rels released,
+        holders that kept blobs, other models made cold by it). Journaled; runs under the
+        engine lock."""
+        mounted = self.pools.mounted()
+        where = self._where(model)
+        sizes = {f.rel: f.size for f in model.data_files}
+        release, kept_for = self._plan_release(model, only_pool)
         if not release:
             if only_pool is None:  # asked to demote: it no longer holds anything
                 self.promoted.discard([model.name])
