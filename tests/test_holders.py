@@ -23,7 +23,7 @@ from speedloader_lab.llama import LlamaServer, child_pids
 from speedloader_lab.modelgen import make_llama_gguf
 from speedloaderd.backends.ollama import OllamaBackend
 from speedloaderd.bus.names import model_path, pool_path
-from speedloaderd.config import save_config
+from speedloaderd.config import DemotePolicy, save_config
 from speedloaderd.holders import printable
 
 from .buslab import GUEST, as_user, run
@@ -86,9 +86,15 @@ def blob_of(lab: Any, size: int) -> str:
 LAYER = 256 * 1024
 
 
-def test_mapper_of_the_pool_copy_then_demote_holds_ram_until_it_exits(daemon, holders):
+def test_mapper_of_the_pool_copy_then_demote_holds_ram_until_it_exits(daemon_factory, holders):
+    daemon = daemon_factory()
     lab = daemon.lab
     rel = blob_of(lab, LAYER)
+    # force: the demote deletes the copy the mapper holds (wait and refuse are in
+    # tests/test_demote_policy.py); the RAM it keeps is what this test follows.
+    daemon.config.backend.demote_policy = DemotePolicy.FORCE
+    save_config(daemon.config, lab.config_path)
+    daemon.start()
 
     async def scenario() -> None:
         async with await daemon.client() as c:
@@ -231,10 +237,22 @@ def test_real_llama_server_router_child_is_the_holder(daemon_factory, llama_bina
                 ((pid, command),) = props["Holders"]
                 assert child_pids(router.pid) == [pid]  # the router's child maps the copy
                 assert command == "llama-server"
-                assert router.post("/models/unload", {"model": "tiny-llama"}) == {"success": True}
+                base = await c.get_all(pool_path("local"), POOL)
+                # A demote unloads it through the router's API, then deletes the copy.
+                done = await c.follow_job(await c.demote("tiny-llama"), timeout=60)
+                assert done.success, done.message
+                assert "(llama.cpp unloaded it first)" in done.message
+                assert "stays in use" not in done.message
                 await until(
                     c, path, MODEL, lambda p: not p["Loaded"] and not p["Holders"], "unloaded"
                 )
+                pool = await until(
+                    c, pool_path("local"), POOL,
+                    lambda p: p["UsedBytes"] < base["UsedBytes"], "the RAM back",
+                )  # fmt: skip
+                assert pool["HeldBytes"] == 0
+                st = os.statvfs(lab.pool_path("local"))
+                assert (st.f_blocks - st.f_bfree) * st.f_frsize == pool["UsedBytes"]  # as df
 
         run(scenario())
     finally:
