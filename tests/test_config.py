@@ -24,6 +24,7 @@ from speedloaderd.config import (
     without_pin,
     without_pool,
 )
+from speedloaderd.daemon import LIVE_KEYS, changed_keys
 from speedloaderd.errors import Busy, ConfigError, InvalidArgument
 from speedloaderd.sizes import format_size, parse_size
 
@@ -119,6 +120,11 @@ def test_unknown_keys_named():
             "pool 'nowhere', which is not defined",
         ),
         ({"modelPlacement": {"defaultStrategy": "random"}}, "defaultStrategy = 'random'"),
+        (
+            {"backend": {"type": "ollama", "demotePolicy": "kill"}},
+            "backend.demotePolicy = 'kill'",
+        ),
+        ({"backend": {"type": "ollama", "demoteTimeout": -1}}, "backend.demoteTimeout = -1"),
         ({"pools": [{"name": "../x", "path": "/p", "size": "1G"}]}, "not a valid pool name"),
         (
             {
@@ -277,3 +283,18 @@ def test_with_pool_size_sizes_each_kind():
     assert remote.remote_tiers.hosts["gpu-node-2"].ramdisk_size == 64 << 30
     assert with_pool_size(base, "nowhere", 1) is base  # nothing of it to change
     assert dump_config(base) == before
+
+
+def test_backend_demote_keys_default_round_trip_and_change_live(tmp_path):
+    c = parse_config(minimal())
+    assert c.backend.demote_policy.value == "wait" and c.backend.demote_timeout == 60
+    assert c.backend.reload_after_promote is False
+    assert "demotePolicy" not in dump_config(c)["backend"]  # defaults are not written
+    d = minimal(backend={"type": "llamacpp", "demotePolicy": "force", "demoteTimeout": 5})
+    assert dump_config(parse_config(d))["backend"] == d["backend"]
+    # Read at each demote: a change of them (or of apiUrl) is live; of the type, it is not.
+    old, new = dump_config(c), dump_config(parse_config(d))
+    assert changed_keys(old, new) == {"backend.demotePolicy", "backend.demoteTimeout"}
+    assert changed_keys(old, new) <= LIVE_KEYS
+    other = dump_config(parse_config(minimal(backend={"type": "ollama"})))
+    assert changed_keys(old, other) == {"backend"}
