@@ -56,20 +56,31 @@ def _start_and_follow(
     shell_complete=complete("pool"),
     help="Pool to use (default: placement decides; a pin always wins).",
 )
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Then have the backend load the model again, from the pool, if it had it loaded "
+    "from cold storage and is idle (backend.reloadAfterPromote does it always).",
+)
 @NO_WAIT
-def promote(models: tuple[str, ...], pool: str, no_wait: bool) -> None:
+def promote(models: tuple[str, ...], pool: str, reload: bool, no_wait: bool) -> None:
     """Copy MODELS into a RAM pool and point the models dir at the copy.
 
     Waits with a progress bar; Ctrl-C offers to cancel or to let it run on. A model
-    already hot is left as is.
+    already hot is left as is (with --reload, only the reload is done).
+
+    A server that loaded a model before its promote keeps reading the cold files until
+    it loads it again: --reload unloads and loads it through the backend's API when it is
+    idle; a busy one is left alone and the job's message says so.
 
     \b
     Examples:
       slctl promote llama3:8b
       slctl promote qwen2:7b mistral:7b --pool fast
+      slctl promote llama3:8b --reload        # served from RAM from its next request
       slctl promote llama3:70b --no-wait      # prints the job id
     """
-    _start_and_follow(lambda c, m: c.promote(m, pool), models, "promote", no_wait)
+    _start_and_follow(lambda c, m: c.promote(m, pool, reload), models, "promote", no_wait)
 
 
 @click.command(context_settings=CONTEXT)

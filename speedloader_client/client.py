@@ -349,7 +349,10 @@ class Client:
 
     # --- typed shortcuts ---------------------------------------------------------------
 
-    async def promote(self, model: str, pool: str = "") -> str:
+    async def promote(self, model: str, pool: str = "", reload: bool = False) -> str:
+        if reload:
+            options = {"reload": Variant("b", True)}
+            return await self.manager("PromoteWithOptions", "ssa{sv}", model, pool, options)
         return await self.manager("Promote", "ss", model, pool)
 
     async def demote(self, model: str) -> str:

@@ -16,6 +16,8 @@ control, no real server has it):
 - ``lying``: an unload answers success and the model leaves the listing, but its file
   stays mapped.
 - ``stuck``: an unload answers success, and the model stays listed and mapped.
+- busy (``POST /_fake/busy {"busy": true}``, apart from the modes): as if a request were
+  in flight; Ollama's fake defers an unload until it ends, as Ollama does.
 - ``garbage``: 200 with a body that is not JSON; ``shape``: JSON of another shape;
   ``huge``: 200 with 2 MiB of JSON; ``drop``: the connection closes with no answer.
 
@@ -61,10 +63,18 @@ class Mapped:
 
 
 class Reply:
-    def __init__(self, status: int, body: Any, *, raw: bytes | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: Any,
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/json; charset=utf-8",
+    ) -> None:
         self.status = status
         self.body = body
         self.raw = raw
+        self.content_type = content_type
 
 
 Route = Callable[["FakeServer", dict[str, list[str]], Any], Reply]
@@ -83,6 +93,11 @@ class FakeServer(ThreadingHTTPServer):
         self.slow = 30.0
         self.routes: dict[tuple[str, str], Route] = {}
         self.not_found: Reply = Reply(404, {"error": "not found"})
+        # Answering a request with its model now (``POST /_fake/busy {"busy": B}``): the
+        # servers that say so show it (llama.cpp's /slots, vLLM's /metrics); what a server
+        # defers until its requests end (Ollama's unload) waits in ``when_idle``.
+        self.busy = False
+        self.when_idle: list[Callable[[], None]] = []
 
     def route(self, method: str, path: str) -> Callable[[Route], Route]:
         def add(fn: Route) -> Route:
@@ -101,6 +116,15 @@ class FakeServer(ThreadingHTTPServer):
             held = self.mapped.pop(name, None)
         if held is not None:
             held.close()
+
+    def set_busy(self, busy: bool) -> None:
+        with self.lock:
+            self.busy = busy
+            deferred: list[Callable[[], None]] = []
+            if not busy:
+                deferred, self.when_idle = self.when_idle, []
+        for fn in deferred:
+            fn()
 
     def later(self, seconds: float, fn: Callable[[], None]) -> None:
         """Do ``fn`` after the answer, as the real servers unload after answering."""
@@ -130,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv.mode = body["mode"]
             srv.slow = float(body.get("slow", srv.slow))
             return self._send(Reply(200, {"mode": srv.mode}))
+        if parts.path == "/_fake/busy" and method == "POST" and isinstance(body, dict):
+            srv.set_busy(bool(body["busy"]))
+            return self._send(Reply(200, {"busy": srv.busy}))
         if srv.mode == "slow":
             time.sleep(srv.slow)
         if srv.mode == "drop":
@@ -150,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.raw is None and reply.body is not None:
             data = json.dumps(reply.body).encode()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", reply.content_type)
         chunked = self.server.chunk_large and len(data) > GO_CHUNK_THRESHOLD
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
@@ -218,6 +245,16 @@ class FakeProcess:
             body["slow"] = slow
         req = urllib.request.Request(
             f"{self.url}/_fake/mode", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+
+    def set_busy(self, busy: bool) -> None:
+        """As if a request were in flight (True) or had ended (False)."""
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.url}/_fake/busy", data=json.dumps({"busy": busy}).encode(), method="POST"
         )
         with urllib.request.urlopen(req, timeout=5) as r:
             r.read()

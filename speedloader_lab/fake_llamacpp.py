@@ -37,9 +37,17 @@ def build(models: dict[str, str], router: bool) -> FakeServer:
     def args_for(name: str) -> list[str]:
         return ["llama-server", "-m", models[name], "--port", "0"]
 
+    def slots() -> Reply:  # README "GET /slots": one object per slot (-np 1 here)
+        return Reply(200, [{"id": 0, "id_task": -1, "n_ctx": 4096, "speculative": False,
+                            "is_processing": srv.busy}])  # fmt: skip
+
     if not router:
         (name, path), *_ = models.items()
         srv.map(name)
+
+        @srv.route("GET", "/slots")
+        def single_slots(srv: FakeServer, q: Any, body: Any) -> Reply:
+            return slots()
 
         @srv.route("GET", "/props")
         def props(srv: FakeServer, q: Any, body: Any) -> Reply:
@@ -98,6 +106,15 @@ def build(models: dict[str, str], router: bool) -> FakeServer:
                 entry["path"] = listed_path[name]
             data.append(entry)
         return Reply(200, {"data": data, "object": "list"})
+
+    @srv.route("GET", "/slots")
+    def router_slots(srv: FakeServer, q: Any, body: Any) -> Reply:
+        name = q.get("model", [""])[0]
+        if not name:  # README: a GET in router mode needs ?model=
+            return _error(400, "model name is missing from the request", "invalid_request_error")
+        if status.get(name, {}).get("value") != "loaded":
+            return _error(400, "model is not loaded", "invalid_request_error")
+        return slots()
 
     @srv.route("POST", "/models/load")
     def load(srv: FakeServer, q: Any, body: Any) -> Reply:

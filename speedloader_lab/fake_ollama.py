@@ -87,6 +87,10 @@ def build(models: dict[str, str]) -> FakeServer:
                     srv.unmap(name)  # before it leaves the listing: gone means unmapped
                 listed.discard(name)
 
+            with srv.lock:
+                if srv.busy:  # expireRunner: refCount > 0, expired when the request ends
+                    srv.when_idle.append(lambda: srv.later(UNLOAD_AFTER, expire))
+                    return Reply(200, {**answer, "done_reason": "unload"})
             if srv.mode == "lying":
                 expire()
             else:

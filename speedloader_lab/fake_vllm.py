@@ -48,6 +48,27 @@ def build(models: dict[str, str], dev_mode: bool) -> FakeServer:
         ]
         return Reply(200, {"object": "list", "data": cards})
 
+    @srv.route("GET", "/metrics")
+    def metrics(srv: FakeServer, q: Any, body: Any) -> Reply:
+        # prometheus_client's text format, as vLLM v1 serves it (a few of its series).
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+        ]
+        for name in srv.models:
+            running = 1.0 if srv.busy else 0.0
+            lines.append(f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}')
+        lines += [
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+        ]
+        return Reply(
+            200,
+            None,
+            raw=("\n".join(lines) + "\n").encode(),
+            content_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
     @srv.route("GET", "/health")
     def health(srv: FakeServer, q: Any, body: Any) -> Reply:
         return Reply(200, None, raw=b"")

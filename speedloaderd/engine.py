@@ -51,6 +51,7 @@ from .pool_jobs import PoolJobs
 from .pool_registry import PoolRegistry
 from .pools import PoolState
 from .promoted import Promoted
+from .reload import reload_from_pool
 from .remote_watch import RemoteWatch
 from .roots import Root, ensure_trusted_dir, is_partial
 from .sizes import format_size
@@ -528,8 +529,12 @@ class Engine:
 
     # --- promote -----------------------------------------------------------------------
 
-    def promote(self, name: str, pool: str | None = None, started_by_uid: int = 0) -> Job:
-        """Start copying ``name`` into a RAM pool; returns its Job at once.
+    def promote(
+        self, name: str, pool: str | None = None, started_by_uid: int = 0, reload: bool = False
+    ) -> Job:
+        """Start copying ``name`` into a RAM pool; returns its Job at once. ``reload``: then
+        have the backend load it again from the pool if it had it loaded from cold storage
+        (also done when backend.reloadAfterPromote is set).
 
         A second request for a model already being promoted joins the running Job."""
         model = self.model(name)
@@ -545,7 +550,9 @@ class Engine:
                 f"model {name!r} is busy with {active.operation} (job {active.id}); "
                 "wait for it or cancel it"
             )
-        job = Job("promote", model=name, pool=pool or None, started_by_uid=started_by_uid)
+        job = Job(
+            "promote", model=name, pool=pool or None, started_by_uid=started_by_uid, reload=reload
+        )
         return self.start_job(job, self._promote)
 
     def _choose_pool(self, model: Model, requested: str | None, mounted: set[str]) -> str:
@@ -576,6 +583,40 @@ class Engine:
         return decision.pool
 
     async def _promote(self, job: Job) -> str:
+        message = await self._copy_in(job)
+        backend = self.config.backend
+        if job.reload or backend.reload_after_promote:
+            assert job.model is not None
+            model = self.model(job.model)
+            cold, copies = await asyncio.to_thread(self._cold_and_pool_files, model)
+            clause = await reload_from_pool(
+                job, model.name, cold, copies, backend, self.models_of_path, job.reload
+            )
+            if clause:
+                message += f"; {clause}"
+        return message
+
+    def _cold_and_pool_files(self, model: Model) -> tuple[list[freeing.Copy], list[freeing.Copy]]:
+        """A model's cold files (by the scan's device and inode) and its pool copies (an
+        fstat each through the pool's root), for who maps which."""
+        cold = [
+            freeing.Copy((f.ident.dev, f.ident.ino), COLD, f.rel, f.size)
+            for f in model.data_files
+            if f.ident is not None
+        ]
+        mounted = self.pools.mounted()
+        where = self._where(model)
+        copies = []
+        for f in model.data_files:
+            pool = where[f.rel].tier
+            if pool is None or pool == COLD or pool not in mounted:
+                continue
+            st = self.models_dir.pool(pool).stat_file(f.rel)
+            if st is not None:
+                copies.append(freeing.Copy((st.st_dev, st.st_ino), pool, f.rel, f.size))
+        return cold, copies
+
+    async def _copy_in(self, job: Job) -> str:
         assert job.model is not None
         model = self.model(job.model)
         files = _unique(model.data_files)

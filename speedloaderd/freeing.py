@@ -86,7 +86,7 @@ def held_bytes(who: Mapping[Copy, frozenset[Process]]) -> int:
     return sum(c.size for c in who)
 
 
-async def _or_cancel(job: Job, work: Awaitable[T], doing: str) -> T:
+async def or_cancel(job: Job, work: Awaitable[T], doing: str) -> T:
     """``work``, unless the job is cancelled first (then Cancelled, nothing deleted)."""
     task = asyncio.ensure_future(work)
     cancel = asyncio.ensure_future(job.cancel_requested.wait())
@@ -100,7 +100,7 @@ async def _or_cancel(job: Job, work: Awaitable[T], doing: str) -> T:
     return task.result()
 
 
-def _server_names(
+def server_names(
     loaded: Iterable[tuple[str, tuple[str, ...]]],
     model: str,
     models_of_path: Callable[[str], list[str]],
@@ -119,10 +119,10 @@ async def _unload(
     """Ask the server to unload ``model`` if it lists it: (whether it confirmed the unload,
     what it said: "" when it did not list the model)."""
     try:
-        listing = await _or_cancel(job, backend.loaded(), f"asking {backend.kind}")
+        listing = await or_cancel(job, backend.loaded(), f"asking {backend.kind}")
     except HttpProblem as problem:
         return False, f"{backend.kind} at {backend.url}: {problem.reason}"
-    names = _server_names(((m.name, m.paths) for m in listing), model, models_of_path)
+    names = server_names(((m.name, m.paths) for m in listing), model, models_of_path)
     said, confirmed = [], bool(names)
     for name in names:
         job.step = f"unloading {name} from {backend.kind}"
@@ -130,7 +130,7 @@ async def _unload(
         log.info(
             "demote of %s: asking %s at %s to unload %s", model, backend.kind, backend.url, name
         )
-        outcome: Outcome = await _or_cancel(job, backend.unload(name), job.step)
+        outcome: Outcome = await or_cancel(job, backend.unload(name), job.step)
         confirmed = confirmed and outcome.ok
         said.append(outcome.reason)
     return confirmed, "; ".join(said)
@@ -211,6 +211,6 @@ async def _wait(
             f"({now - began:.0f} s; gives up in {deadline - now:.0f} s)"
         )
         job.notify()
-        await _or_cancel(
+        await or_cancel(
             job, asyncio.sleep(min(POLL, deadline - now)), f"waiting for {describe(who)}"
         )

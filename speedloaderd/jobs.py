@@ -53,6 +53,9 @@ class Job:
     # cancelled: an asynchronous NoSpace says NoSpace, not only "failed".
     error_name: str = ""
     cancelable: bool = True
+    # A promote that ends by having the backend load the model again from the pool
+    # (reload.py): asked for (slctl promote --reload), or backend.reloadAfterPromote.
+    reload: bool = False
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
     # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
     started_by_uid: int = 0

@@ -107,6 +107,9 @@ class Backend(ABC):
     url: str
     timing: Timing = field(default_factory=Timing)
     kind: ClassVar[str] = "backend"
+    unload_waits_for_requests: ClassVar[bool] = False
+    """The server itself defers an unload until the model's requests in flight end (Ollama's
+    scheduler does), so unloading an in-use model never cuts an answer short."""
 
     def __post_init__(self) -> None:
         self.http = Http(self.url, self.timing.connect, self.timing.total, self.timing.max_bytes)
@@ -129,6 +132,12 @@ class Backend(ABC):
     @abstractmethod
     async def _request_preload(self, model: str) -> Outcome | None:
         """Ask the server to load ``model``; None when it accepted, else why not."""
+
+    async def busy(self, model: str) -> bool | None:
+        """Whether the server is answering a request with ``model`` now; None where it does
+        not say (or cannot be asked): a reload after a promote then leaves it alone, unless
+        the server defers unloads itself (``unload_waits_for_requests``)."""
+        return None
 
     def _load_failure(self, model: str) -> str | None:
         """Why the server gave up loading ``model``, where it says so (llama.cpp's router)."""

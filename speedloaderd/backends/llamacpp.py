@@ -19,6 +19,12 @@ Read from the llama.cpp that the llama-cpp-python 0.3.36 sdist vendors
   503 while it loads. The one model stays loaded until the process exits: no unload, no
   preload (``can_unload`` false: a demote waits for the process or refuses).
 
+Whether a model is busy: ``GET /slots`` (on by default, off with ``--no-slots``; in router
+mode ``?model=<id>``, routed to that model's child, README "Routing requests") answers one
+object per slot with ``is_processing``. The router's unload stops the child (``request_stop``
+in ``server-models.cpp``: exit sent, killed after ``stop_timeout``) whatever it is doing, so
+a reload after a promote asks first and leaves a busy (or unaskable) model alone.
+
 Where the router lists no ``path``, the model file is read from the child's arguments
 (``status.args``: ``-m``/``--model``, ``-mm``/``--mmproj``). llama.cpp reports no last-use
 time on the API (``last_used`` is internal to the router).
@@ -27,8 +33,9 @@ time on the API (``last_used`` is internal to the router).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from .base import (
     Backend,
@@ -74,6 +81,15 @@ class _Entry(BaseModel):
 class _Models(BaseModel):
     model_config = ConfigDict(extra="ignore")
     data: list[_Entry] = Field(max_length=10_000)
+
+
+class _Slot(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    is_processing: bool = False
+
+
+class _Slots(RootModel[list[_Slot]]):
+    root: list[_Slot] = Field(max_length=10_000)
 
 
 def _files_in(args: list[str]) -> tuple[str, ...]:
@@ -163,6 +179,15 @@ class LlamaCppBackend(Backend):
 
     def _load_failure(self, model: str) -> str | None:
         return self._failures.get(model)
+
+    async def busy(self, model: str) -> bool | None:
+        try:
+            props = await self._props()
+            path = f"/slots?model={quote(model, safe='')}" if props.role == "router" else "/slots"
+            slots = await self.http.get_json(path, _Slots)
+        except HttpProblem:
+            return None
+        return any(slot.is_processing for slot in slots.root)
 
     async def _post(self, path: str, model: str, total: float) -> Outcome | None:
         try:

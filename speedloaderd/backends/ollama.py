@@ -17,6 +17,11 @@ Read from ollama/ollama at fb3076099687 (v0.33.0-rc2, 2026-08-21):
   the unload is confirmed by polling ``/api/ps``. An unknown model is HTTP 404
   ``{"error": "model 'x' not found"}``. ``GET /`` answers "Ollama is running" (the state).
 
+An unload while the model answers a request is deferred by Ollama itself:
+``Scheduler.expireRunner`` (``server/sched.go``) sets the runner's session to 0 and expires
+it at once only when its ``refCount`` is 0, else when the last request ends
+(``unload_waits_for_requests``). ``/api/ps`` does not say whether a model is busy.
+
 ``/api/ps`` names no file: Ollama keeps the model in ``blobs/sha256-<hex>`` under its
 models dir, so ``paths`` stays empty and the file holders (``/proc``) say which blob is
 mapped. ``expires_at`` is the keep-alive deadline; Ollama reports no last-use time.
@@ -65,6 +70,7 @@ class _Generated(BaseModel):
 
 class OllamaBackend(Backend):
     kind = "ollama"
+    unload_waits_for_requests = True
 
     async def state(self) -> BackendState:
         try:

@@ -18,6 +18,11 @@ Read from vllm-project/vllm:
   ``/sleep`` and ``/wake_up`` answer an empty 200 in older versions and a small JSON object
   in newer ones: their body is not read, ``/is_sleeping`` and ``/v1/models`` confirm.
 
+Whether it is busy: ``GET /metrics`` (Prometheus text, on by default) has the gauge
+``vllm:num_requests_running`` (labelled ``model_name``, and ``engine`` in v1): any series
+above 0 is a request in flight (``vllm/v1/metrics/loggers.py``; the v0 engine's
+``vllm/engine/metrics.py`` has the same name).
+
 One server serves one model (plus its LoRA adapters): sleeping puts the whole engine to
 sleep, so ``unload(model)`` sleeps only when ``model`` is what the server serves. A
 sleeping engine holds no weights: ``loaded()`` is then empty. An ``apiUrl`` that ends in
@@ -62,6 +67,20 @@ class _Sleeping(BaseModel):
     is_sleeping: bool
 
 
+def _gauge(text: bytes, name: bytes) -> float | None:
+    """The sum of a gauge's series in Prometheus text, None when it is not there."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name) or line[len(name) : len(name) + 1] not in (b"{", b" "):
+            continue
+        try:
+            total += float(line.rsplit(maxsplit=1)[-1])
+        except ValueError:
+            continue
+        seen = True
+    return total if seen else None
+
+
 class VllmBackend(Backend):
     kind = "vllm"
 
@@ -96,6 +115,14 @@ class VllmBackend(Backend):
             LoadedModel(name=c.id, paths=(c.root,) if c.root and c.root.startswith("/") else ())
             for c in models.data
         ]
+
+    async def busy(self, model: str) -> bool | None:
+        try:
+            reply = await self.http.request("GET", "/metrics")
+        except HttpProblem:
+            return None
+        running = _gauge(reply.body, b"vllm:num_requests_running")
+        return None if running is None else running > 0
 
     async def capabilities(self) -> Capabilities:
         try:

@@ -43,6 +43,21 @@ from .names import (
 READ = PropertyAccess.READ
 
 
+def _promote_options(options: dict[str, Any]) -> bool:
+    """The ``reload`` flag of PromoteWithOptions' options; anything else is refused."""
+    unknown = sorted(set(options) - {"reload"})
+    if unknown:
+        raise InvalidArgument(f"unknown promote option {unknown[0]!r}; the one option is 'reload'")
+    value = options.get("reload")
+    if value is None:
+        return False
+    if value.signature != "b":
+        raise InvalidArgument(
+            f"promote option 'reload' must be a boolean (b), not {value.signature!r}"
+        )
+    return bool(value.value)
+
+
 class ObjectHost(Protocol):
     """What the exported objects use of the server (bus/server.py's Server is one): the
     connection and polkit, the daemon, and the server's publishing. The objects import
@@ -197,6 +212,16 @@ class ManagerInterface(Snapshot):
     async def Promote(self, model: "s", pool: "s") -> "o":
         uid = await caller_uid(self.server.bus)  # the Job's StartedByUID
         return self.server.job_object(self.engine.promote(model, pool or None, uid))
+
+    @method()
+    @exported(ACTION_PROMOTE)
+    async def PromoteWithOptions(self, model: "s", pool: "s", options: "a{sv}") -> "o":
+        """Promote, with options (UDisks2's a{sv} idiom, so more can come without a new
+        method): ``reload`` (b) has the backend load the model again from the pool when it
+        had it loaded from cold storage. An unknown option is InvalidArgument, not ignored."""
+        reload = _promote_options(options)
+        uid = await caller_uid(self.server.bus)
+        return self.server.job_object(self.engine.promote(model, pool or None, uid, reload))
 
     @method()
     @exported(ACTION_DEMOTE)
