@@ -417,3 +417,46 @@ def test_the_watch_logs_a_change_once_not_every_look(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(changes) == 1 and changes[0].startswith("down:"), changes
     assert len(warnings) == 1 and f"127.0.0.1:{port}" in warnings[0], warnings
+
+
+# --- busy: whether a reload after a promote may unload the model now ---------------------
+
+
+def test_busy_is_what_each_server_says_and_none_where_it_says_nothing(fakes, model_file):
+    router = start(fakes, "fake_llamacpp", "--router", f"--model=tiny={model_file}")
+    backend = LlamaCppBackend(router.url, FAST)
+    assert run(backend.busy("tiny")) is None  # not loaded: the router's /slots refuses
+    assert run(backend.preload("tiny")).ok
+    assert run(backend.busy("tiny")) is False
+    router.set_busy(True)
+    assert run(backend.busy("tiny")) is True
+    single = start(fakes, "fake_llamacpp", f"--model=tiny={model_file}")
+    single.set_busy(True)
+    assert run(LlamaCppBackend(single.url, FAST).busy("tiny")) is True
+    vllm = start(fakes, "fake_vllm", f"--model=tiny={model_file}")
+    assert run(VllmBackend(vllm.url, FAST).busy("tiny")) is False
+    vllm.set_busy(True)
+    assert run(VllmBackend(vllm.url, FAST).busy("tiny")) is True
+    ollama = start(fakes, "fake_ollama", f"--model=tiny={model_file}")
+    o = OllamaBackend(ollama.url, FAST)
+    assert run(o.busy("tiny")) is None and o.unload_waits_for_requests
+    router.stop()
+    assert run(backend.busy("tiny")) is None  # down: cannot say
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n', 2.0),
+        (b"vllm:num_requests_running 0\n", 0.0),
+        (b'vllm:num_requests_running{a="1"} 1\nvllm:num_requests_running{a="2"} 1.0\n', 2.0),
+        (b"vllm:num_requests_running_total 5\nvllm:num_requests_waiting 3\n", None),
+        (b"# TYPE vllm:num_requests_running gauge\n", None),
+        (b"vllm:num_requests_running{} NaNx\n", None),
+        (b"\x00\xff garbage", None),
+    ],
+)
+def test_vllm_metrics_gauge_is_read_strictly(text, value):
+    from speedloaderd.backends.vllm import _gauge
+
+    assert _gauge(text, b"vllm:num_requests_running") == value
