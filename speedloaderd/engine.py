@@ -588,7 +588,8 @@ class Engine:
         if job.reload or backend.reload_after_promote:
             assert job.model is not None
             model = self.model(job.model)
-            cold, copies = await asyncio.to_thread(self._cold_and_pool_files, model)
+            async with self.lock:
+                cold, copies = await asyncio.to_thread(self._cold_and_pool_files, model)
             clause = await reload_from_pool(
                 job, model.name, cold, copies, backend, self.models_of_path, job.reload
             )
@@ -730,7 +731,8 @@ class Engine:
         model = self.model(job.model)
         # Whoever maps a copy about to be deleted is asked to let go first (freeing.py):
         # outside the engine lock, since that may take demoteTimeout seconds.
-        copies = await asyncio.to_thread(self._copies_to_free, model)
+        async with self.lock:  # a look at the links and the users: quick, but consistent
+            copies = await asyncio.to_thread(self._copies_to_free, model)
         let_go = await freeing.let_go(
             job, model.name, copies, self.config.backend, self.models_of_path
         )
