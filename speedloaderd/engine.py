@@ -756,8 +756,9 @@ class Engine:
         still = await asyncio.to_thread(freeing.held, [c for c in copies if c.rel in gone])
         held_bytes = freeing.held_bytes(still)
         msg = f"demoted {model.name}: {format_size(job.bytes_total - held_bytes)} freed"
-        if let_go.unloaded:
-            msg += f" ({let_go.unloaded} unloaded it first)"
+        if let_go.unloaded:  # the server's word, believed only where /proc agrees
+            verb = "says it unloaded it" if still else "unloaded it first"
+            msg += f" ({let_go.unloaded} {verb})"
         if still:
             msg += (
                 f"; {format_size(held_bytes)} stays in use in the pool while "

@@ -453,6 +453,8 @@ def test_a_lying_server_of_each_kind_meets_each_policy(daemon_factory, fakes, ki
             if policy is DemotePolicy.FORCE:
                 assert done.success, done.message
                 assert f"stays in use in the pool while {comm} (pid {fake.pid})" in done.message
+                # The server's word is quoted, not believed: /proc says it still maps it.
+                assert "says it unloaded it)" in done.message, done.message
                 assert not copy.exists() and fake.maps_file(f"{copy} (deleted)")
                 pool = await until(
                     c, pool_path("local"), POOL, lambda p: p["HeldBytes"] >= BIG, "HeldBytes"
