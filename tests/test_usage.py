@@ -9,6 +9,8 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from speedloader_client import fmt
 from speedloader_client.client import MODEL, Client
 from speedloader_lab.fake_backend import FakeProcess
 from speedloaderd import usage as usage_mod
@@ -24,7 +27,9 @@ from speedloaderd.bus.names import model_path
 from speedloaderd.config import save_config
 from speedloaderd.usage import FILE, MAX_U32, Seen, Usage, micros
 
-from .buslab import run
+from .buslab import GUEST, as_user, run
+
+SLCTL = str(Path(sys.executable).with_name("slctl"))
 
 S = 1_000_000  # µs
 T0 = 1_764_648_000 * S
@@ -88,6 +93,17 @@ def test_counts_are_bounded_and_the_longest_unused_model_goes_first(tmp_path, mo
     u.observe({"x": Seen(True)}, T0 + 3 * S)  # "old" and "mid" are no longer listed
     u.observe({"x": Seen(True), "new": Seen(True)}, T0 + 4 * S)
     assert set(u.models) == {"mid", "x", "new"}  # x is loaded: kept whatever its age
+
+
+def test_usage_reads_as_a_person_says_it():
+    now = T0 / S
+    assert fmt.last_used(0, 0, now) == "-"
+    assert fmt.last_used(T0 - 20 * S, 1, now) == "just now, 1 load"  # looks are 15 s apart
+    assert fmt.last_used(T0 - 4 * 60 * S, 2, now) == "4 min ago, 2 loads"
+    assert fmt.last_used(T0 - 3 * 3600 * S, 2, now) == "3 h ago, 2 loads"
+    assert fmt.last_used(T0 - 9 * 86400 * S, 12, now) == "9 days ago, 12 loads"
+    assert fmt.last_used(T0 + 60 * S, 1, now) == "just now, 1 load"  # a clock behind ours
+    assert fmt.last_used(T0, 0, now) == "just now, 0 loads"  # used while loading, no load
 
 
 def test_micros_of_go_and_odd_times():
@@ -270,6 +286,17 @@ def test_loads_and_requests_on_the_bus_are_counted_and_kept_by_a_restart(daemon_
 
         props = run(second_run())
         assert props["LoadCount"] == 2 and props["LastUsed"] >= last
+        # slctl status, as anyone: the model's row says it; a model never used says "-".
+        r = subprocess.run(
+            as_user(GUEST, [SLCTL, "status"], dl.address),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        (header,) = [line for line in r.stdout.splitlines() if line.startswith("MODEL")]
+        assert header.split()[-2:] == ["LAST", "USED"]
+        (tiny,) = [line for line in r.stdout.splitlines() if line.startswith("tiny:1b ")]
+        (small,) = [line for line in r.stdout.splitlines() if line.startswith("small:3b ")]
+        assert tiny.endswith(", 2 loads") and small.endswith("  -")
     finally:
         fake.stop()
 
