@@ -29,7 +29,7 @@ from .events import EventKind, Listener
 from .holders import FileIndex, HolderWatch, Process
 from .privilege import admin_changes
 from .roots import check_trusted_dir
-from .usage import Seen, Usage, micros
+from .usage import Seen, Snapshot, Usage, micros
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,9 @@ class Daemon:
                 self._emit(EventKind.MODEL, name)
         now = time.monotonic()
         if usage is not None and self._usage_write is None and usage.due(now):
-            content = usage.serialize(self._catalog())
+            snapshot = usage.snapshot(self._catalog())
             self._usage_write = asyncio.get_running_loop().create_task(
-                self._write_usage(usage, content, now)
+                self._write_usage(usage, snapshot, now)
             )
 
     def _catalog(self) -> Container[str] | None:
@@ -187,9 +187,9 @@ class Daemon:
             return None
         return engine.catalog.models
 
-    async def _write_usage(self, usage: Usage, content: bytes, now: float) -> None:
+    async def _write_usage(self, usage: Usage, snapshot: Snapshot, now: float) -> None:
         try:
-            await asyncio.to_thread(usage.write, content, now)
+            await asyncio.to_thread(usage.write, snapshot, now)
         finally:
             self._usage_write = None
 
@@ -200,7 +200,7 @@ class Daemon:
                 await self._usage_write
         usage = self.usage
         if usage is not None and usage.dirty:
-            await self._write_usage(usage, usage.serialize(catalog), time.monotonic())
+            await self._write_usage(usage, usage.snapshot(catalog), time.monotonic())
 
     async def _follow_state_dir(self) -> None:
         """Keep the usage in the running engine's stateDir (read once that engine started:

@@ -119,6 +119,10 @@ class _File(BaseModel):
     models: dict[_Name, _Entry] = Field(max_length=MAX_MODELS)
 
 
+Snapshot = list[tuple[str, int, int, bool, int | None]]
+"""(name, last used, load count, loaded, expires at) of each model, as ``write`` takes it."""
+
+
 class Usage:
     """The usage of every model seen in use, and its file under the state dir."""
 
@@ -180,8 +184,11 @@ class Usage:
         self.models = {}
         why = self._read()
         if why:
-            log.warning("%s %s; starting with no usage (it is replaced at the next write)",
-                        self.tree.abs(FILE), why)  # fmt: skip
+            log.warning(
+                "%s %s; starting with no usage (it is replaced at the next write)",
+                self.tree.abs(FILE),
+                why,
+            )
             self.dirty = True
 
     def _read(self) -> str:
@@ -215,40 +222,39 @@ class Usage:
         }
         return ""
 
-    def serialize(self, catalog: Container[str] | None) -> bytes:
-        """The file's content; models not in ``catalog`` are dropped first (None: the
-        catalog is not believed now, cold storage being unavailable: nothing is dropped)."""
+    def snapshot(self, catalog: Container[str] | None) -> Snapshot:
+        """What to write, copied (cheap: the encoding is left to ``write``, in a thread);
+        models not in ``catalog`` are dropped first (None: the catalog is not believed now,
+        cold storage being unavailable: nothing is dropped)."""
         if catalog is not None:
             for name in [n for n in self.models if n not in catalog]:
                 del self.models[name]
-        models = {
-            name: {
-                "lastUsed": u.last_used,
-                "loadCount": u.load_count,
-                "loaded": u.loaded,
-                "expiresAt": u.expires_at,
-            }
-            for name, u in sorted(self.models.items())
-        }
         self.dirty = False
-        return json.dumps({"version": VERSION, "models": models}, separators=(",", ":")).encode()
+        return [
+            (n, u.last_used, u.load_count, u.loaded, u.expires_at) for n, u in self.models.items()
+        ]
 
     def due(self, now: float) -> bool:
         """Whether to write now (``now``: time.monotonic())."""
         return self.dirty and now - self.last_write >= WRITE_EVERY
 
-    def write(self, content: bytes, now: float) -> None:
-        """Replace the file with ``content`` (blocking: run it in a thread). A full or
-        read-only state dir does not stop the daemon: the usage stays in memory and the
-        next write tries again."""
+    def write(self, snapshot: Snapshot, now: float) -> None:
+        """Replace the file with ``snapshot`` (blocking: run it in a thread; 100,000 models
+        encode in ~0.25 s here, too long for the event loop). A full or read-only state dir
+        does not stop the daemon: the usage stays in memory and the next write tries again."""
         self.last_write = now
+        models = {
+            name: {"lastUsed": last, "loadCount": count, "loaded": loaded, "expiresAt": expires}
+            for name, last, count, loaded, expires in sorted(snapshot)
+        }
+        content = json.dumps({"version": VERSION, "models": models}, separators=(",", ":"))
         try:
             self.tree.unlink(_TMP)  # a temp left by a crash: the write makes it O_EXCL
-            self.tree.write_file(FILE, content, _TMP, mode=0o600)
+            self.tree.write_file(FILE, content.encode(), _TMP, mode=0o600)
         except OSError as err:
             self.dirty = True
-            log.warning("cannot save %s: %s; kept in memory", self.tree.abs(FILE),
-                        err.strerror or err)  # fmt: skip
+            why = err.strerror or str(err)
+            log.warning("cannot save %s: %s; kept in memory", self.tree.abs(FILE), why)
 
 
 def micros(t: datetime) -> int | None:

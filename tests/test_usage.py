@@ -80,6 +80,16 @@ def test_llamacpp_loading_then_loaded_is_one_load_and_loaded_is_in_use_at_each_l
     assert u.of("m") == (T0 + 60 * S, 1)
 
 
+def test_a_look_publishes_only_the_models_whose_usage_changed(tmp_path):
+    """100,000 models remembered, one loaded and used: one Model change, not 100,000."""
+    u = Usage(state_dir(tmp_path))
+    names = [f"m{i}" for i in range(100_000)]
+    u.observe({n: Seen(True, T0) for n in names}, T0)
+    assert u.observe({}, T0 + 15 * S) == set()  # all unloaded: LastUsed and LoadCount stay
+    assert u.observe({"m7": Seen(True, T0 + 300 * S)}, T0 + 30 * S) == {"m7"}
+    assert u.observe({"m7": Seen(True, T0 + 300 * S)}, T0 + 45 * S) == set()  # idle
+
+
 def test_counts_are_bounded_and_the_longest_unused_model_goes_first(tmp_path, monkeypatch):
     u = Usage(state_dir(tmp_path))
     u.observe({"x": Seen(True)}, T0)
@@ -120,11 +130,11 @@ def test_written_and_read_back_with_models_gone_from_the_catalog_dropped(tmp_pat
     u = Usage(d)
     u.observe({"a": Seen(True, T0 + 300 * S), "b": Seen(True)}, T0)
     assert u.due(0.0)  # the first write is not held back
-    u.write(u.serialize({"a"}), 0.0)  # b left the catalog
+    u.write(u.snapshot({"a"}), 0.0)  # b left the catalog
     assert not u.due(1.0) and (d / FILE).stat().st_mode & 0o777 == 0o600
     u.observe({"a": Seen(True, T0 + 400 * S)}, T0 + 15 * S)
     assert u.dirty and not u.due(1.0) and u.due(usage_mod.WRITE_EVERY)  # throttled
-    u.write(u.serialize(None), usage_mod.WRITE_EVERY)  # cold storage away: nothing dropped
+    u.write(u.snapshot(None), usage_mod.WRITE_EVERY)  # cold storage away: nothing dropped
     again = Usage(d)
     again.load()
     assert set(again.models) == {"a"} and again.of("a") == (T0 + 15 * S, 1)
@@ -133,7 +143,7 @@ def test_written_and_read_back_with_models_gone_from_the_catalog_dropped(tmp_pat
     assert again.observe({"a": Seen(True, T0 + 400 * S)}, T0 + 99 * S) == set()
     # ...and one loaded while the daemon was down counts once.
     again.observe({}, T0 + 100 * S)
-    again.write(again.serialize({"a"}), 0.0)
+    again.write(again.snapshot({"a"}), 0.0)
     third = Usage(d)
     third.load()
     assert third.observe({"a": Seen(True, T0 + 900 * S)}, T0 + 600 * S) == {"a"}
@@ -163,7 +173,7 @@ def test_a_bad_file_starts_empty_says_why_once_and_is_replaced(tmp_path, caplog,
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and why in lines[0] and "starting with no usage" in lines[0], lines
     assert u.models == {} and u.due(0.0)
-    u.write(u.serialize(None), 0.0)
+    u.write(u.snapshot(None), 0.0)
     assert json.loads((d / FILE).read_bytes()) == {"version": 1, "models": {}}
 
 
@@ -180,7 +190,7 @@ def test_a_symlinked_file_is_not_followed_and_its_target_is_untouched(tmp_path, 
         u.load()
     assert u.models == {} and "is a symlink (not followed)" in caplog.text
     u.observe({"b": Seen(True)}, T0)
-    u.write(u.serialize(None), 0.0)
+    u.write(u.snapshot(None), 0.0)
     assert target.read_bytes() == victim and target.stat().st_mode & 0o777 == 0o644
     assert not (d / FILE).is_symlink() and not (d / ".usage.json.tmp").exists()
     assert set(json.loads((d / FILE).read_bytes())["models"]) == {"b"}
@@ -192,7 +202,7 @@ def test_a_state_dir_that_cannot_be_written_keeps_the_usage_in_memory(tmp_path, 
     u = Usage(d)
     u.observe({"a": Seen(True)}, T0)
     with caplog.at_level(logging.WARNING, "speedloaderd.usage"):
-        u.write(u.serialize(None), 0.0)
+        u.write(u.snapshot(None), 0.0)
     assert "cannot save" in caplog.text and u.dirty and u.of("a") == (T0, 1)
 
 
