@@ -174,6 +174,8 @@ class Open:
     last: float
     """Wall-clock times (time.time()) of the first and the last of them, as read."""
     count: int
+    """Events read: the kernel merges an open into an identical event still queued, so a
+    process opening a file in a tight loop counts fewer than its opens (at least one)."""
 
     @property
     def key(self) -> FileKey:
@@ -189,8 +191,9 @@ def command_of(pid: int) -> str:
 
 
 class Coalescer:
-    """Pending opens of the current window, at most ``cap`` entries: once full, the window
-    is delivered early (``full``), so memory is bounded and nothing is dropped here."""
+    """Pending opens of the current window: once ``cap`` entries are pending (``full``) the
+    window is delivered early, so memory is bounded (by ``cap`` plus what one read or one
+    drain of the kernel's queue adds: 16,384 events at most) and nothing is dropped here."""
 
     def __init__(self, cap: int, command: Callable[[int], str] = command_of) -> None:
         self.cap = cap
@@ -274,6 +277,12 @@ class ColdFile:
     @property
     def key(self) -> FileKey:
         return (self.ident.dev, self.ident.ino)
+
+
+def own_mount(path: Path | str) -> bool:
+    """Whether ``path`` is a mount point: cold storage there is watched by a mount mark (pass
+    it in ``mounts``), anywhere else by inode marks on its model files (``files``)."""
+    return mount_at(path) is not None
 
 
 WINDOW = 1.0

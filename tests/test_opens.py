@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from speedloaderd.opens import Coalescer, ColdFile, Open, OpenWatch, by_model
+from speedloaderd.opens import Coalescer, ColdFile, Open, OpenWatch, by_model, own_mount
 from speedloaderd.roots import Identity, Root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -349,6 +349,30 @@ def test_unmarked_mounts_and_remarking(tmp_path, tmpfs, child):
     opens, watch = asyncio.run(go())
     assert sum(o.count for o in opens if o.key == key(fa)) == 1  # once, before its removal
     assert str(a) not in watch.unmarked
+    assert own_mount(a) and not own_mount(not_mounted)
+
+
+def test_a_full_window_is_delivered_early(tmpfs, child):
+    """max_pending bounds what waits: a window of 30 s is cut short once 10 are pending."""
+    pool = tmpfs("pool")
+    files = [pool / f"f{i}" for i in range(25)]
+    for f in files:
+        f.write_bytes(b"")
+
+    async def go() -> list[list[Open]]:
+        seen = Seen()
+        watch = OpenWatch([pool], seen, window=30.0, max_pending=10)
+        assert watch.start()
+        try:
+            for f in files:
+                child.open(f)
+            await seen.until(lambda o: len(o) >= 10)  # well before the 30 s window ends
+            return list(seen.batches)
+        finally:
+            watch.stop()
+
+    early = asyncio.run(go())
+    assert early and all(10 <= len(b) <= 10 + 2048 for b in early)
 
 
 def test_cold_files_on_a_shared_mount_are_watched_by_inode_marks(tmp_path, child):
