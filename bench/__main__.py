@@ -40,6 +40,12 @@ def print_promote(p: dict) -> None:
         f"{p['promote_verified_vs_cp']:5.2f}x   source left in page cache "
         f"{p['promote_verified_residue_pct']:5.1f} %"
     )
+    print(
+        f"  promote, verified before {p['promote_verified_again_GBps']:6.2f} GB/s  "
+        f"{p['promote_verified_again_vs_cp']:5.2f}x   source left in page cache "
+        f"{p['promote_verified_again_residue_pct']:5.1f} %   "
+        f"({p['promote_verified_again_vs_promote']:.2f}x the unverified promote)"
+    )
     print(f"  demote                   {p['demote_ms']:.1f} ms")
 
 
