@@ -69,13 +69,17 @@ def worlds(draw: st.DrawFn) -> tuple[Policy, list[Model], list[PoolRoom], float]
         )
     policy = Policy(S)
     for m in models:
+        if m.pool is None and draw(st.booleans()):
+            policy.evicted(m.name, draw(st.floats(NOW - 2 * S.min_residency, NOW)))
         for _ in range(draw(st.integers(0, 6))):
             when = draw(st.floats(NOW - 3 * 86_400, NOW, allow_nan=False))
             policy.record(Access(m.name, m.size, when, draw(st.sampled_from(["open", "load"]))))
     return policy, models, pools, NOW
 
 
-def apply(models: list[Model], pools: list[PoolRoom], actions: list, now: float) -> dict[str, int]:
+def apply(
+    policy: Policy, models: list[Model], pools: list[PoolRoom], actions: list, now: float
+) -> dict[str, int]:
     """Replay a plan against the pools' bytes, checking each step; returns used per pool."""
     by_name = {m.name: m for m in models}
     used = {p.name: p.used for p in pools}
@@ -95,6 +99,9 @@ def apply(models: list[Model], pools: list[PoolRoom], actions: list, now: float)
             assert isinstance(a, Promote)
             assert a.pool in room
             assert where[m.name] != a.pool, f"promotes {m.name} where it is"
+            uses = policy.history.models.get(m.name)
+            if uses and uses.evicted is not None and not a.reason.startswith("pinned"):
+                assert now - uses.evicted >= S.min_residency, f"promotes {m.name} back too soon"
             p = room[a.pool]
             assert used[a.pool] + m.size <= p.capacity, "a promote needs more room than exists"
             assert used[a.pool] + m.size <= p.capacity * p.high, "a promote passes the high mark"
@@ -108,7 +115,7 @@ def apply(models: list[Model], pools: list[PoolRoom], actions: list, now: float)
 def test_plan_keeps_its_promises(world) -> None:
     policy, models, pools, now = world
     actions = policy.plan(models, pools, now)
-    used = apply(models, pools, actions, now)
+    used = apply(policy, models, pools, actions, now)
     assert len({a.model for a in actions}) == len(actions), "a model gets two actions"
     for p in pools:
         if p.used > p.capacity * p.high:
@@ -186,6 +193,13 @@ def test_a_second_use_promotes_a_model_and_a_hot_one_displaces_a_cold_one() -> N
     # The same model, resident for a minute only: not evicted, so no promote either.
     young = Model("old", 40 * GB, "ram", resident_since=NOW - 60)
     assert policy.plan([young, new], [pool], NOW) == []
+    # Evicted a minute ago, "new" is not promoted again until min_residency has passed.
+    policy.evicted("new", NOW - 60)
+    empty = PoolRoom("ram", 50 * GB, 0, 0.95, 0.85, 100)
+    assert policy.plan([new], [empty], NOW) == []
+    later = NOW - 60 + S.min_residency
+    policy.record(Access("new", new.size, later, "load"))
+    assert [a.model for a in policy.plan([new], [empty], later)] == ["new"]
 
 
 def test_a_pin_goes_to_its_pool_first_and_the_fastest_pool_with_room_is_chosen() -> None:
@@ -264,10 +278,10 @@ def test_state_round_trip(world) -> None:
 
 
 def _state(**entry) -> str:
-    row = {"heat": 2.0, "at": 100.0, "last": 100.0, "count": 2, "first": 50.0}
+    row = {"heat": 2.0, "at": 100.0, "last": 100.0, "count": 2, "evicted": None}
     row.update(entry)
     recent = row.pop("recent", [50.0, 100.0])
-    values = [row["heat"], row["at"], row["last"], row["count"], row["first"], recent]
+    values = [row["heat"], row["at"], row["last"], row["count"], row["evicted"], recent]
     return json.dumps({"version": 1, "models": {"m": values}})
 
 
@@ -282,7 +296,7 @@ def _state(**entry) -> str:
         '{"version": 1}',
         '{"version": 1, "models": []}',
         '{"version": 1, "models": {"m": [1, 2, 3]}}',
-        '{"version": 1, "models": {"": [0, 0, 0, 0, 0, []]}}',
+        '{"version": 1, "models": {"": [0, 0, 0, 0, null, []]}}',
         _state(heat=-1.0),
         _state(heat=float("nan")),
         _state(at="soon"),
@@ -291,8 +305,9 @@ def _state(**entry) -> str:
         _state(count=1),  # two recent uses, one counted
         _state(recent=[100.0, 50.0]),
         _state(recent=[float(i) for i in range(RECENT + 1)], count=99),
-        _state(first=75.0),
-        json.dumps({"version": 1, "models": {f"m{i}": [0, 0, 0, 0, 0, []] for i in range(11)}}),
+        _state(last=75.0),
+        _state(evicted="yesterday"),
+        json.dumps({"version": 1, "models": {f"m{i}": [0, 0, 0, 0, None, []] for i in range(11)}}),
     ],
 )
 def test_a_corrupt_state_is_refused_in_one_sentence(text) -> None:

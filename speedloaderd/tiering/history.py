@@ -43,9 +43,9 @@ class Uses:
     """Time of the last use seen, counted or coalesced into the previous one."""
     count: int = 0
     """Counted uses since the history began."""
-    first: float = 0.0
-    """Time of the first counted use: how long this model has been watched (for the
-    dashboard; the value does not use it)."""
+    evicted: float | None = None
+    """When the engine last evicted it (``History.evicted``): the minimum residency holds
+    both ways, so it is not promoted again within ``min_residency`` of that."""
     recent: list[float] = field(default_factory=list)
     """The last RECENT counted uses, oldest first."""
 
@@ -78,9 +78,6 @@ class History:
         elif uses.count and abs(when - uses.recent[-1]) < self.coalesce:
             uses.last = max(uses.last, when)
             return False
-        if uses.count == 0:
-            uses.first = when
-        uses.first = min(uses.first, when)
         if when >= uses.at:
             uses.heat = uses.heat_at(when, self.half_life) + 1.0
             uses.at = when
@@ -92,6 +89,14 @@ class History:
         uses.recent.sort()
         del uses.recent[:-RECENT]
         return True
+
+    def evicted(self, model: str, when: float) -> None:
+        uses = self.models.get(model)
+        if uses is None:
+            if len(self.models) >= self.max_tracked:
+                self._drop_least_valuable(when)
+            uses = self.models[model] = Uses()
+        uses.evicted = when if uses.evicted is None else max(uses.evicted, when)
 
     def heat(self, model: str, now: float) -> float:
         uses = self.models.get(model)
@@ -108,7 +113,7 @@ class History:
             {
                 "version": STATE_VERSION,
                 "models": {
-                    name: [u.heat, u.at, u.last, u.count, u.first, u.recent]
+                    name: [u.heat, u.at, u.last, u.count, u.evicted, u.recent]
                     for name, u in sorted(self.models.items())
                 },
             },
@@ -151,9 +156,9 @@ def _uses(name: str, row: Any) -> Uses:
     if not name or len(name) > MAX_NAME or "\0" in name:
         raise bad("has an invalid model name")
     if not isinstance(row, list) or len(row) != 6:
-        raise bad("is not [heat, at, last, count, first, recent]")
-    heat, at, last, count, first, recent = row
-    numbers = [heat, at, last, first]
+        raise bad("is not [heat, at, last, count, evicted, recent]")
+    heat, at, last, count, evicted, recent = row
+    numbers = [heat, at, last] + ([] if evicted is None else [evicted])
     if not all(_finite(x) for x in numbers):
         raise bad("has a value that is not a finite number")
     if heat < 0:
@@ -169,10 +174,15 @@ def _uses(name: str, row: Any) -> Uses:
         or (count > 0) != bool(recent)
     ):
         raise bad("has a list of recent uses that cannot be")
-    if recent and (first > recent[0] or at < recent[0]):
+    if recent and (at < recent[0] or last < recent[-1]):
         raise bad("has times that are out of order")
     return Uses(
-        float(heat), float(at), float(last), count, float(first), [float(t) for t in recent]
+        float(heat),
+        float(at),
+        float(last),
+        count,
+        None if evicted is None else float(evicted),
+        [float(t) for t in recent],
     )
 
 
