@@ -251,6 +251,23 @@ def test_why_and_value_say_what_the_uses_were() -> None:
     assert policy.value("m", NOW + S.half_life) == pytest.approx(policy.value("m", NOW) / 2)
 
 
+@pytest.mark.parametrize(
+    "access",
+    [
+        Access("", GB, NOW),
+        Access("x" * 5000, GB, NOW),
+        Access("a\0b", GB, NOW),
+        Access("m", GB, math.nan),
+        Access("m", GB, NOW, "read"),
+    ],
+)
+def test_an_access_the_state_could_not_keep_is_refused(access: Access) -> None:
+    policy = Policy(S)
+    with pytest.raises(ValueError):
+        policy.record(access)
+    assert policy.history.models == {}
+
+
 def test_uses_close_together_count_once_and_history_is_bounded() -> None:
     policy = Policy(Settings(max_tracked=50))
     for i in range(5):  # a split GGUF's three files, then the backend's own report

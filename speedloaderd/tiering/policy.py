@@ -77,12 +77,13 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .history import RECENT, History, StateError, Uses
+from .history import MAX_NAME, RECENT, History, StateError, Uses
 from .settings import Settings
 
 __all__ = [
     "DISPLACE_MARGIN",
     "Access",
+    "Action",
     "Evict",
     "Model",
     "Policy",
@@ -94,7 +95,7 @@ __all__ = [
 DISPLACE_MARGIN = 1.5
 """A promote that evicts must bring this many times the value (uses per hour times bytes)
 it displaces, so two models of about the same worth do not swap places at each use. In the
-bench (fraction of the optimum, Zipf / shifting; thrash over the four traces): 1.0 gave
+bench (6 h half-life; fraction of the optimum, Zipf / shifting; thrash on the four traces): 1.0 gave
 0.895/0.826 and 26-44 thrash per trace, copying 6-9 TB; 1.25 0.901/0.829, 1-10; 1.5
 0.904/0.832, 0-2 (0 with the eviction stamp), 1.9-3.8 TB; 2.0 0.906/0.832 but 0.773 on the
 daily trace against 0.780."""
@@ -105,7 +106,7 @@ SOURCES = ("open", "load")
 @dataclass(frozen=True)
 class Access:
     model: str
-    size: int
+    size: int  # what the opener read, for the engine's metrics; the plan takes Model.size
     when: float
     source: str = "open"
 
@@ -172,6 +173,8 @@ class Policy:
             raise ValueError(f"an access's source is one of {SOURCES}, not {access.source!r}")
         if not math.isfinite(access.when):
             raise ValueError("an access's time must be a finite number")
+        if not 0 < len(access.model) <= MAX_NAME or "\0" in access.model:
+            raise ValueError("an access names no model, or one too long to keep")
         self.history.record(access.model, access.when)
 
     def evicted(self, model: str, when: float) -> None:
