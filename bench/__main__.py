@@ -20,6 +20,7 @@ from .bus import bench_bus, print_bus
 from .demote_loaded import bench_demote_loaded, print_demote_loaded
 from .promote import bench_promote
 from .scan import bench_scan
+from .tiering import bench_tiering, print_tiering
 
 
 def print_promote(p: dict) -> None:
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["promote", "scan", "bus", "demote-loaded"],
+        choices=["promote", "scan", "bus", "demote-loaded", "tiering"],
         help="run one part (default: all)",
     )
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and args.only != "tiering":  # tiering replays traces, no I/O
         print(
             "error: run as root: the benchmark mounts tmpfs and drops the page cache",
             file=sys.stderr,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             results["demote_loaded"] = bench_demote_loaded(args.rounds, log=log)
         except CannotBuild as err:  # no compiler here: the other parts still count
             not_run.append(f"demote-loaded not run: cannot build llama-server: {err}")
+    if args.only in (None, "tiering"):
+        results["tiering"] = bench_tiering(log=log)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print_bus(results["bus"])
     if "demote_loaded" in results:
         print_demote_loaded(results["demote_loaded"])
+    if "tiering" in results:
+        print_tiering(results["tiering"])
     print(f"all figures: {out / 'results.json'}")
     for line in not_run:
         print(f"error: {line}", file=sys.stderr)
