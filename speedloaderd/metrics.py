@@ -76,6 +76,7 @@ class Daemon(Protocol):
 
     def held_bytes(self, pool: str) -> int: ...
 
+
 # Hot models with a series of their own. A pool's RAM bounds the hot set already (a few
 # dozen models of GiBs); the cap is for a pool of many tiny models: 1,000 series of
 # ``speedloader_model_resident_bytes`` stay well inside what one Prometheus target is
