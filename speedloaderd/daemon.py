@@ -194,7 +194,7 @@ class Daemon:
             self.holder_watch.start()
             config = self.shown_config()
             if config is not None:
-                await self.metrics_export.apply(config.metrics)
+                await self._apply_metrics(config)
 
     async def _start_engine(self) -> None:
         engine = self.engine
@@ -214,6 +214,12 @@ class Daemon:
                 self.config_error,
                 ", ".join(undone) or "none",
             )
+
+    async def _apply_metrics(self, config: Config) -> None:
+        await self.metrics_export.apply(config.metrics)
+        self.metrics.exporting(
+            config.metrics.listen is not None or bool(config.metrics.textfile_dir)
+        )
 
     async def shutdown(self) -> None:
         await self.metrics_export.stop()
@@ -250,7 +256,7 @@ class Daemon:
             changed = changed_keys(dump_config(engine.config), dump_config(new))
             if not changed - LIVE_KEYS:
                 await engine.set_config(new)
-                await self.metrics_export.apply(new.metrics)
+                await self._apply_metrics(new)
                 return
             busy = [j for j in engine.jobs.values() if not j.finished]
             held = await asyncio.to_thread(engine.models_in_ram)
@@ -277,7 +283,7 @@ class Daemon:
         self.engine, self.config_error, self.unstarted_config = replacement, "", None
         log.info("configuration replaced; engine restarted")
         self._emit(EventKind.CONFIG, "")
-        await self.metrics_export.apply(new.metrics)
+        await self._apply_metrics(new)
 
     async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
         """Start an engine for ``new`` and save ``new``; on any failure undo both."""

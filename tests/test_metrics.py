@@ -19,7 +19,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -35,9 +37,11 @@ from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import model_path, pool_path
 from speedloaderd.config import dump_config, parse_listen, save_config, with_changes
 from speedloaderd.errors import ConfigError, Failed, NoSpace, VerificationFailed
+from speedloaderd.events import EventKind
 from speedloaderd.jobs import Job, JobState
-from speedloaderd.metrics import PROMOTE_BUCKETS, JobTally
+from speedloaderd.metrics import PROMOTE_BUCKETS, JobTally, ModelCensus
 from speedloaderd.privilege import admin_changes
+from speedloaderd.tiers import ModelState
 
 from .buslab import ADMIN, GROUP, GUEST, as_user, run
 
@@ -439,3 +443,34 @@ def test_job_ends_are_counted_once_by_operation_and_error():
             if s.name == "speedloader_promote_duration_seconds_bucket"}  # fmt: skip
     assert hist["2.5"] == 0 and hist["5.0"] == 1
     assert hist[repr(PROMOTE_BUCKETS[-1])] == 1 and hist["+Inf"] == 2
+
+
+class _SlowEngine:
+    """Enough of an Engine for the census: its whole-catalog read blocks until released."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.catalog = types.SimpleNamespace(models={"a:1b": None})
+        self.pools = types.SimpleNamespace(mounted=lambda: set())
+
+    def model_statuses(self) -> list:
+        self.started.set()
+        assert self.release.wait(60), "never released"
+        return [self.model_status("a:1b")]
+
+    def model_status(self, name: str, mounted: object = None) -> types.SimpleNamespace:
+        return types.SimpleNamespace(name=name, state=ModelState.HOT, tier="local", size=7)
+
+
+def test_a_census_under_way_neither_holds_the_event_loop_nor_a_scrape():
+    """A 100,000-model catalog takes ~20 s to read after a start or a rescan: meanwhile an
+    engine event (on the event loop) is marked at once, and a scrape answers without the
+    model families after its wait instead of queueing behind the read."""
+    census, engine = ModelCensus(), _SlowEngine()
+    census.warm(engine)  # type: ignore[arg-type]
+    assert engine.started.wait(30)
+    assert census.changed(EventKind.MODEL, "a:1b") is False  # would hang if it waited
+    assert census.refresh(engine, wait=0.05) is None  # type: ignore[arg-type]
+    engine.release.set()
+    models = census.refresh(engine)  # type: ignore[arg-type]
+    assert models is not None and models["a:1b"].state is ModelState.HOT
