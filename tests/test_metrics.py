@@ -9,10 +9,13 @@ it, with its service left disabled): without them these tests fail, saying so.""
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import http.client
 import json
+import logging
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -35,11 +38,18 @@ from speedloader_client.client import MODEL, POOL
 from speedloader_lab.modelgen import make_ollama_model
 from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import model_path, pool_path
-from speedloaderd.config import dump_config, parse_listen, save_config, with_changes
+from speedloaderd.config import (
+    MetricsConfig,
+    dump_config,
+    parse_listen,
+    save_config,
+    with_changes,
+)
 from speedloaderd.errors import ConfigError, Failed, NoSpace, VerificationFailed
 from speedloaderd.events import EventKind
 from speedloaderd.jobs import Job, JobState
 from speedloaderd.metrics import PROMOTE_BUCKETS, JobTally, ModelCensus
+from speedloaderd.metrics_export import MetricsExport
 from speedloaderd.privilege import admin_changes
 from speedloaderd.tiers import ModelState
 
@@ -474,3 +484,41 @@ def test_a_census_under_way_neither_holds_the_event_loop_nor_a_scrape():
     engine.release.set()
     models = census.refresh(engine)  # type: ignore[arg-type]
     assert models is not None and models["a:1b"].state is ModelState.HOT
+
+
+def test_a_wide_listen_address_is_warned_of_and_an_unsafe_textfile_dir_is_not_written(
+    workdir, caplog
+):
+    """In-process (no daemon): 0.0.0.0 is served with a warning naming what it exposes; a
+    textfile directory a group member owns is refused (root writes there), nothing
+    written, the exposition still served."""
+    member = pwd.getpwnam(ADMIN)
+    unsafe = workdir / "member-owned"
+    unsafe.mkdir()
+    os.chown(unsafe, member.pw_uid, member.pw_gid)
+    port = free_port()
+
+    async def scenario() -> None:
+        export = MetricsExport(lambda: b"# TYPE x gauge\nx 1\n")
+        config = MetricsConfig(listen=f"0.0.0.0:{port}", textfile_dir=unsafe, textfile_interval=1)
+        await export.apply(config)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not any("not written" in r.getMessage() for r in caplog.records):
+                assert loop.time() < deadline, "the unsafe textfile dir was not reported"
+                await asyncio.sleep(0.05)
+            r = await asyncio.to_thread(get, port, "/metrics", {"Host": f"gpu1.example:{port}"})
+            assert r.status == 200 and r.read() == b"# TYPE x gauge\nx 1\n"
+        finally:
+            await export.stop()
+
+    with caplog.at_level(logging.INFO, logger="speedloaderd.metrics_export"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "not loopback" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+    )
+    refused = next(m for m in messages if "not written" in m)
+    assert "not safe" in refused and str(unsafe) in refused, refused
+    assert list(unsafe.iterdir()) == []
