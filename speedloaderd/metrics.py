@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -418,6 +418,9 @@ class Metrics:
         self.census = ModelCensus()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SpeedloaderCollector(daemon, self.tally, self.census))
+        # The daemon's own CPU, memory and open fds (process_*: the client library's
+        # standard names, read from /proc/self at scrape time).
+        ProcessCollector(registry=self.registry)
         self._render_lock = threading.Lock()
         # Set while the metrics are served or written: the census is then read ahead.
         self.exported = False

@@ -171,6 +171,7 @@ def test_a_promote_shows_in_the_exposition_and_promtool_accepts_it(daemon_factor
     assert value(after, "speedloader_promote_duration_seconds_count") == 1
     assert value(after, "speedloader_pool_state", pool="local", kind="tmpfs", state="mounted") == 1
     assert value(after, "speedloader_cold_storage_available") == 1
+    assert value(after, "process_resident_memory_bytes") > 0  # the daemon's own
 
     check = subprocess.run(
         [tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
