@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -29,7 +30,7 @@ STATUS_PROBLEMS = 20
 @click.command(context_settings=CONTEXT)
 @JSON
 def status(as_json: bool) -> None:
-    """Show the backend, pools with their usage, hot and cold models, and running jobs.
+    """Show the backend, pools with their usage, models (hot, cold, last used), and jobs.
 
     \b
     Examples:
@@ -66,8 +67,11 @@ def status(as_json: bool) -> None:
     click.echo()
     hot = [v for v in snap.models if v.tier != COLD or v.state != COLD]
     cold = [v for v in snap.models if v not in hot]
-    headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE"]
+    headers = ["MODEL", "FORMAT", "SIZE", "TIER", "PINNED", "STATE", "LAST USED"]
     rows = model_rows(Snapshot(snap.manager, [], hot + cold, []))
+    now = time.time()
+    for row, v in zip(rows, hot + cold, strict=True):
+        row.append(fmt.last_used(v.last_used, v.load_count, now))
     click.echo(table(headers, rows) if rows else "no models found on cold storage")
     used = [(v.name, fmt.model_use(v.loaded, v.holders, m.backend)) for v in hot + cold]
     for name, use in used:

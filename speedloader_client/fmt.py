@@ -49,3 +49,24 @@ def model_use(loaded: bool, holders: list[list[Any]], backend: str) -> str:
 def held(held_bytes: int) -> str:
     """A pool's RAM kept by deleted copies: ``2.7G held by deleted copies``; "" for none."""
     return f"{format_size(held_bytes)} held by deleted copies" if held_bytes else ""
+
+
+def ago(seconds: float) -> str:
+    """How long ago, as a person says it: ``just now`` (under a minute: the daemon looks
+    every 15 s, seconds would be noise), ``4 min ago``, ``3 h ago``, ``2 days ago``."""
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return f"{int(seconds // 86400)} days ago"
+
+
+def last_used(last_used_us: int, load_count: int, now: float) -> str:
+    """A model's usage for slctl status: ``4 min ago, 2 loads``; ``-`` for a model the
+    backend was never seen using. ``now``: time.time()."""
+    if not last_used_us and not load_count:
+        return UNKNOWN
+    when = ago(now - last_used_us / 1_000_000) if last_used_us else "never"
+    return f"{when}, {load_count} load{'' if load_count == 1 else 's'}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Self
 
 from speedloaderd.bus.names import JOB_IFACE, MANAGER_IFACE, MODEL_IFACE, POOL_IFACE
@@ -177,6 +178,10 @@ class Model(Record):
     # Processes that map or have open one of its files (cold file or pool copy): [pid,
     # command], the command escaped (any process names itself).
     holders: list[list[Any]] = prop("Holders", "a(us)", [])
+    # When the backend was last seen using it (µs since the epoch; 0: never) and how many
+    # times it was seen loading it: the daemon's looks, every 15 s (speedloaderd/usage.py).
+    last_used: int = prop("LastUsed", "t", 0)
+    load_count: int = prop("LoadCount", "u", 0)
 
     @property
     def hot(self) -> bool:
@@ -194,6 +199,8 @@ class Model(Record):
             "state": self.state,
             "loaded": self.loaded,
             "holders": [{"pid": int(pid), "command": str(cmd)} for pid, cmd in self.holders],
+            "lastUsed": iso_utc(self.last_used),
+            "loadCount": self.load_count,
         }
 
 
@@ -249,6 +256,18 @@ RECORDS: dict[str, type[Record]] = {r.INTERFACE: r for r in (Manager, Pool, Mode
 _FIELDS: dict[type[Record], dict[str, str]] = {
     r: {name: p.field for name, p in r.properties().items()} for r in RECORDS.values()
 }
+
+
+def iso_utc(micros: int) -> str | None:
+    """µs since the epoch as ISO 8601 UTC (``2026-12-02T04:05:06.123456Z``); None for 0."""
+    if not micros:
+        return None
+    try:  # whole seconds and µs apart: a float of µs since 1970 rounds the last digit
+        t = datetime.fromtimestamp(micros // 1_000_000, UTC)
+        t += timedelta(microseconds=micros % 1_000_000)
+    except (OverflowError, OSError, ValueError):  # past year 9999: no daemon sends that
+        return None
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def job_id(path: str) -> int:

@@ -24,7 +24,8 @@ from .errors import Cancelled
 from .jobs import Job
 from .ledger import SpaceLedger
 from .modelsdir import ModelsDir
-from .transfer import ProgressMeter, copy_into
+from .transfer import CopyResult, ProgressMeter, copy_into
+from .verified import Verified
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,19 @@ class Copies:
         ledger: SpaceLedger,
         collect: Callable[[str, str], Coroutine[Any, Any, None]],
         room_taken: Callable[[str], None] = lambda pool: None,
+        verified: Verified | None = None,
     ):
         """``collect(pool, rel)``: remove a copy an abandoned thread completed after all
         (no link points to it; the engine decides under its lock). ``room_taken(pool)``, on
         the event loop: a copy has just preallocated its whole file there, so the pool's
-        usage changed at once (statvfs counts it), not only when the job ends."""
+        usage changed at once (statvfs counts it), not only when the job ends.
+        ``verified``: the blobs verified before, copied again without hashing while their
+        cold file is unchanged (verified.py)."""
         self.models_dir = models_dir
         self.ledger = ledger
         self._collect = collect
         self._room_taken = room_taken
+        self.verified = verified
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=COPY_WORKERS, thread_name_prefix="sl-copy"
         )
@@ -61,8 +66,11 @@ class Copies:
         """No new copies; threads still blocked are not waited for."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def copy(self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job) -> None:
-        """Copy one file into a pool, joining a copy of the same blob already under way."""
+    async def copy(
+        self, pool: str, f: ModelFile, meter: ProgressMeter, job: Job
+    ) -> CopyResult | None:
+        """Copy one file into a pool, joining a copy of the same blob already under way;
+        the copy's result, or None when another copy (or an earlier one) did it."""
         key = (pool, f.rel)
         while True:
             running = self.ledger.copies.get(key)
@@ -76,12 +84,12 @@ class Copies:
                 continue  # the other job was cancelled; copy it ourselves
             self.ledger.allocated(job.id, f.size)  # the other job's copy holds the room
             meter.add(f.size)
-            return
+            return None
         tree = self.models_dir.pool(pool)
         if tree.lstat(f.rel) is not None:
             self.ledger.allocated(job.id, f.size)
             meter.add(f.size)
-            return
+            return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self.ledger.copies[key] = future
@@ -107,20 +115,31 @@ class Copies:
                 cancel=job.cancel_event,
                 on_allocated=allocated,
                 allocation_lock=self.ledger.lock,
+                **self._verify_once(f.digest),
             )
-            await self._await_copy(work, job, pool, f.rel)
+            result = await self._await_copy(work, job, pool, f.rel)
         except BaseException as err:
             future.set_exception(err if isinstance(err, Exception) else Cancelled("cancelled"))
             future.exception()  # mark retrieved: joiners may not exist
             raise
         else:
             future.set_result(None)
+            return result
         finally:
             del self.ledger.copies[key]
 
+    def _verify_once(self, digest: str | None) -> dict[str, Any]:
+        v = self.verified
+        if digest is None or v is None:
+            return {}
+        return {
+            "known_good": lambda st: v.known(digest, st),
+            "on_verified": lambda st: v.add(digest, st),
+        }
+
     async def _await_copy(
         self, work: concurrent.futures.Future[Any], job: Job, pool: str, rel: str
-    ) -> None:
+    ) -> CopyResult:
         """Wait for a copy thread. Once the job is cancelled the thread gets
         COPY_CANCEL_GRACE to stop at a chunk boundary (then it has removed its partial file
         itself); a thread still blocked after that is abandoned and the job ends now."""
@@ -133,8 +152,7 @@ class Copies:
         finally:
             cancelled.cancel()
         if copied.done():
-            copied.result()  # the copy's own outcome (Cancelled included)
-            return
+            return copied.result()  # the copy's own outcome (Cancelled included)
         copied.cancel()  # a copy still queued never starts; a running one is abandoned
         if not work.cancelled():
             self.abandoned.add(work)

@@ -12,10 +12,15 @@ untouched and the running engine goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import defaultdict
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
+from .backends.base import LoadedModel
 from .backends.watch import BackendWatch
 from .config import BackendConfig, Config, dump_config, remote_pool_path, save_config
 from .engine import Engine
@@ -26,6 +31,7 @@ from .metrics import Metrics
 from .metrics_export import MetricsExport
 from .privilege import admin_changes
 from .roots import check_trusted_dir
+from .usage import Seen, Snapshot, Usage, micros
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,11 @@ class Daemon:
         self.holder_watch = HolderWatch(self._file_index, self._holders_changed)
         self.backend_watch.on_loaded = self._loaded_changed
         self.loaded_names: set[str] = set()  # loaded_models() as last computed
+        # Last use and load count per model (speedloaderd.usage), fed by every backend look,
+        # kept under the running engine's stateDir (None until an engine has started).
+        self.usage: Usage | None = None
+        self._usage_write: asyncio.Task[None] | None = None
+        self.backend_watch.on_look = self._looked
 
     def _job_ended(self, name: str) -> bool:
         job = self.engine.jobs.get(int(name)) if self.engine and name.isdigit() else None
@@ -141,16 +152,82 @@ class Daemon:
     def loaded_models(self) -> set[str]:
         """The catalog's models the backend says it has loaded: by the server's name for
         it, or by a file it names (the models dir link, the cold file or the pool copy)."""
+        return set(self._listed_by_model())
+
+    def _listed_by_model(self) -> dict[str, list[LoadedModel]]:
+        """What the server lists, by the catalog models it names (see loaded_models)."""
         engine = self.engine
+        out: dict[str, list[LoadedModel]] = defaultdict(list)
         if engine is None:
-            return set()
-        out: set[str] = set()
+            return out
         for lm in self.backend_watch.loaded:
-            if lm.name in engine.catalog.models:
-                out.add(lm.name)
+            names = {lm.name} if lm.name in engine.catalog.models else set()
             for path in lm.paths:
-                out.update(engine.models_of_path(path))
+                names.update(engine.models_of_path(path))
+            for name in names:
+                out[name].append(lm)
         return out
+
+    def usage_of(self, model: str) -> tuple[int, int]:
+        """(LastUsed µs since the epoch, 0: never; LoadCount) of ``model``."""
+        return self.usage.of(model) if self.usage is not None else (0, 0)
+
+    def _looked(self) -> None:
+        """After every backend look: count what it saw (one Model change per model whose
+        usage changed, none for the others), and write the usage if it is due."""
+        usage, engine = self.usage, self.engine
+        if usage is not None and engine is not None and self.backend_watch.listed:
+            seen = {}
+            for name, listed in self._listed_by_model().items():
+                expiries = [micros(lm.expires_at) for lm in listed if lm.expires_at is not None]
+                known = [e for e in expiries if e is not None]
+                seen[name] = Seen(
+                    loaded=any(lm.status == "loaded" for lm in listed),
+                    expires_at=max(known) if known else None,
+                )
+            for name in sorted(usage.observe(seen, time.time_ns() // 1000)):
+                self._emit(EventKind.MODEL, name)
+        now = time.monotonic()
+        if usage is not None and self._usage_write is None and usage.due(now):
+            snapshot = usage.snapshot(self._catalog())
+            self._usage_write = asyncio.get_running_loop().create_task(
+                self._write_usage(usage, snapshot, now)
+            )
+
+    def _catalog(self) -> Container[str] | None:
+        """The catalog's names, when it is believed (models gone from it are dropped from
+        the usage); None while cold storage is unavailable (then nothing is dropped)."""
+        engine = self.engine
+        if engine is None or engine.cold_problem:
+            return None
+        return engine.catalog.models
+
+    async def _write_usage(self, usage: Usage, snapshot: Snapshot, now: float) -> None:
+        try:
+            await asyncio.to_thread(usage.write, snapshot, now)
+        finally:
+            self._usage_write = None
+
+    async def _flush_usage(self, catalog: Container[str] | None) -> None:
+        """Write what is not written yet (at shutdown, before another stateDir is used)."""
+        if self._usage_write is not None:
+            with contextlib.suppress(Exception):
+                await self._usage_write
+        usage = self.usage
+        if usage is not None and usage.dirty:
+            await self._write_usage(usage, usage.snapshot(catalog), time.monotonic())
+
+    async def _follow_state_dir(self) -> None:
+        """Keep the usage in the running engine's stateDir (read once that engine started:
+        the dir is checked and made by then)."""
+        want = self.engine.config.state_dir if self.engine is not None else None
+        if self.usage is not None and self.usage.state_dir == want:
+            return
+        if self.usage is not None:
+            await self._flush_usage(None)  # the catalog it was kept for is gone
+        self.usage = Usage(want) if want is not None else None
+        if self.usage is not None:
+            await asyncio.to_thread(self.usage.load)
 
     def holders_of(self, model: str) -> tuple[Process, ...]:
         return tuple(self.holder_watch.held.models.get(model, ()))
@@ -189,6 +266,8 @@ class Daemon:
         self.backend_watch.start()
         try:
             await self._start_engine()
+            await self._follow_state_dir()
+            self._looked()  # the first look, counted against what the last run saw
         finally:
             # After the engine's start: its first look indexes the started engine's files.
             self.holder_watch.start()
@@ -225,6 +304,7 @@ class Daemon:
         await self.metrics_export.stop()
         await self.backend_watch.stop()
         await self.holder_watch.stop()
+        await self._flush_usage(self._catalog())
         if self.engine is not None:
             await self.engine.shutdown()
 
@@ -282,6 +362,7 @@ class Daemon:
             engine.close()
         self.engine, self.config_error, self.unstarted_config = replacement, "", None
         log.info("configuration replaced; engine restarted")
+        await self._follow_state_dir()
         self._emit(EventKind.CONFIG, "")
         await self._apply_metrics(new)
 

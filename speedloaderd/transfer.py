@@ -23,7 +23,11 @@ What a copy does, in order:
    filesystems), else ``preadv``/``pwrite``. After each chunk the source's pages are
    dropped from the page cache, so a promoted model is not held in RAM twice.
 4. With a digest, a second thread hashes the destination as it is written (trailing the
-   copy chunk by chunk), so verification costs little wall time.
+   copy chunk by chunk), so verification costs little wall time; unless ``known_good``
+   says that digest was verified from this very file as it is now (verified.py: device,
+   inode, size, mtime and ctime of the open source), when the copy then only checks that
+   none of those changed while it read. A hash that matched is reported to ``on_verified``
+   with the source's stamp.
 5. ``fsync`` the file, ``rename`` it onto the destination, ``fsync`` the directory.
 
 Any failure or cancel unlinks the partial file and closes every descriptor before the
@@ -80,6 +84,8 @@ class CopyResult:
     """The copy method that moved the data (the last one used, after any fallback)."""
     verified: bool
     """True when a digest was given and the destination's content matched it."""
+    trusted: bool = False
+    """True when the digest was not hashed again: ``known_good`` knew the source as it is."""
 
 
 def forget_refused_pairs() -> None:
@@ -118,6 +124,8 @@ def copy_into(
     chunk_size: int = DEFAULT_CHUNK,
     on_allocated: Callable[[], None] | None = None,
     allocation_lock: threading.Lock | None = None,
+    known_good: Callable[[os.stat_result], bool] | None = None,
+    on_verified: Callable[[os.stat_result], None] | None = None,
 ) -> CopyResult:
     """Copy ``src_rel`` under ``src_root`` (cold storage) to ``dst_rel`` under ``dst_root``
     (a pool), atomically; see the module docstring.
@@ -142,6 +150,7 @@ def copy_into(
     )
     job.expect, job.like = expect, like
     job.on_allocated, job.allocation_lock = on_allocated, allocation_lock
+    job.known_good, job.on_verified = known_good, on_verified
     try:
         return job.run()
     except ChangedFile as e:
@@ -203,6 +212,8 @@ class _CopyJob:
         self.verify_fd = -1
         self.tmp: str | None = None  # the partial copy's rel under dst_root
         self.hasher: _TrailingHasher | None = None
+        self.known_good: Callable[[os.stat_result], bool] | None = None
+        self.on_verified: Callable[[os.stat_result], None] | None = None
 
     def run(self) -> CopyResult:
         started = time.monotonic()
@@ -217,6 +228,9 @@ class _CopyJob:
                     f"{self.expected_size}; it was not copied"
                 )
             self._check_cancel()
+            trusted = self.want is not None and self.known_good is not None and self.known_good(st)
+            if trusted:
+                self.want = None  # verified from this very file before: not hashed again
 
             self.dst_fd, self.tmp = self.dst_root.create_temp(self.dst_rel, like=self.like)
             own_like(self.dst_fd, st)
@@ -257,7 +271,14 @@ class _CopyJob:
                     self.on_bytes(n)
 
             after = os.fstat(self.src_fd)
-            if after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
+            if (
+                after.st_size != size
+                or after.st_mtime_ns != st.st_mtime_ns
+                or (
+                    (trusted or self.on_verified is not None)
+                    and after.st_ctime_ns != st.st_ctime_ns
+                )
+            ):
                 raise Failed(
                     f"{self.src} changed while being copied (size {size} -> "
                     f"{after.st_size} bytes); the copy was abandoned"
@@ -278,6 +299,8 @@ class _CopyJob:
                         f"{algo}:{want_hex} was expected; the copy was discarded"
                     )
                 verified = True
+                if self.on_verified is not None:
+                    self.on_verified(st)
 
             self._check_cancel()
             os.fsync(self.dst_fd)
@@ -287,7 +310,8 @@ class _CopyJob:
                 bytes=off,
                 seconds=time.monotonic() - started,
                 method=copier.method,
-                verified=verified,
+                verified=verified or trusted,
+                trusted=trusted,
             )
         finally:
             self._cleanup(remove_partial=not renamed)

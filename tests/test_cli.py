@@ -67,9 +67,10 @@ def test_status_json_contract(daemon):
     for m in data["models"]:
         assert set(m) == {
             "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "problems",
-            "loaded", "holders",
+            "loaded", "holders", "lastUsed", "loadCount",
         }  # fmt: skip
         assert m["loaded"] is False and m["holders"] == []
+        assert m["lastUsed"] is None and m["loadCount"] == 0  # no backend answers here
         assert m["problems"] == []
         assert m["tier"] == "cold" and m["state"] == "cold" and m["format"] == "ollama"
         assert m["sizeBytes"] > 0 and m["pinnedPool"] is None

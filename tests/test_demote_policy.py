@@ -422,3 +422,48 @@ def test_llama_single_model_mode_cannot_unload_so_wait_or_refuse(daemon_factory,
             assert done.success and "stays in use" not in done.message, done.message
 
     run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["llamacpp-router", "vllm-sleep"])
+@pytest.mark.parametrize("policy", [DemotePolicy.WAIT, DemotePolicy.REFUSE, DemotePolicy.FORCE])
+def test_a_lying_server_of_each_kind_meets_each_policy(daemon_factory, fakes, kind, policy):
+    """Says it unloaded (llama.cpp: status unloaded; vLLM: asleep) and keeps the mapping:
+    wait and refuse delete nothing; force deletes and the RAM is reported held, not freed."""
+    dl = daemon_factory()
+    name = backend_lab(dl, kind)
+    configure(dl, dl.config.backend.type, "http://127.0.0.1:9", policy, 1)
+    dl.start()
+
+    async def scenario() -> None:
+        async with await dl.client() as c:
+            await c.subscribe()
+            assert (await c.follow_job(await c.promote(name), timeout=60)).success
+            rel = weights_rel(dl)
+            copy = dl.lab.pool_path("local") / rel
+            fake, load = fake_for(kind, name, dl.lab.models / rel)
+            fakes.append(fake)
+            await set_backend(c, apiUrl=fake.url)
+            if load:
+                config = dl.config.backend.model_copy(update={"api_url": fake.url})
+                assert (await backend_for(config).preload(name)).ok
+            fake.set_mode("lying")
+            before = snapshot(dl)
+            done = await demote(c, name)
+            comm = Path(f"/proc/{fake.pid}/comm").read_text().strip()
+            if policy is DemotePolicy.FORCE:
+                assert done.success, done.message
+                assert f"stays in use in the pool while {comm} (pid {fake.pid})" in done.message
+                # The server's word is quoted, not believed: /proc says it still maps it.
+                assert "says it unloaded it)" in done.message, done.message
+                assert not copy.exists() and fake.maps_file(f"{copy} (deleted)")
+                pool = await until(
+                    c, pool_path("local"), POOL, lambda p: p["HeldBytes"] >= BIG, "HeldBytes"
+                )
+                assert pool["UsedBytes"] >= BIG
+                return
+            assert not done.success and done.error_name.endswith(".Busy"), done.message
+            assert f"{comm} (pid {fake.pid}) still maps {name}'s RAM copy" in done.message
+            assert "nothing was deleted" in done.message
+            assert snapshot(dl) == before and copy.exists()
+
+    run(scenario())

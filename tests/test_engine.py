@@ -727,3 +727,99 @@ def test_a_running_copy_is_not_counted_twice_against_the_pool(lab):
         assert [engine.model_status(n).state for n in ("a:1", "b:1")] == ["hot", "hot"]
 
     run(scenario())
+
+
+# --- verify once (issue 15) ---------------------------------------------------------------
+
+
+def test_a_verified_blob_is_not_hashed_again_until_its_cold_file_changes(lab):
+    m = make_ollama_model(lab.cold, "m:1", [MiB, 300])
+    lab.seal()
+    blob = lab.cold / m.layers[0].rel
+
+    async def scenario():
+        engine = await lab.engine()
+        first = await engine.promote("m:1").wait()
+        assert "not hashed again" not in first  # hashed, and recorded
+        await engine.demote("m:1").wait()
+        again = await engine.promote("m:1").wait()
+        # Both layers and the config blob (each named by its digest): trusted as they are.
+        assert again.endswith("; 3 blobs verified before and unchanged, not hashed again"), again
+        await engine.demote("m:1").wait()
+        engine.close()
+        # A restart keeps the records (stateDir/verified.json).
+        engine = await lab.engine()
+        assert "3 blobs verified before" in await engine.promote("m:1").wait()
+        await engine.demote("m:1").wait()
+        # A cold-storage writer changes the blob (same size; its ctime moves, as any write
+        # moves it) and the catalog is rescanned: the record no longer fits, it is hashed,
+        # and the change is caught.
+        lab.sealed = None  # this test changes cold storage on purpose
+        data = bytearray(blob.read_bytes())
+        data[7] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        await engine.rescan()
+        with pytest.raises(VerificationFailed, match="sha256"):
+            await engine.promote("m:1").wait()
+        assert lab.link(m.layers[0].rel) == str(blob)
+        assert m.layers[0].rel not in lab.pool_files("local")
+        engine.close()
+
+    run(scenario())
+
+
+def test_health_verify_drops_every_record(lab):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+
+    async def scenario():
+        engine = await lab.engine()
+        await engine.promote("m:1").wait()
+        assert len(engine.verified) == 2
+        await engine.health(verify_digests=True)
+        assert len(engine.verified) == 0
+        await engine.demote("m:1").wait()
+        assert "not hashed again" not in await engine.promote("m:1").wait()
+        engine.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"version": 2, "blobs": {}}', b'{"version": 1, "blobs": {"sha256:zz": {}}}'],
+)
+def test_a_bad_verified_file_trusts_nothing_and_is_replaced(lab, content, caplog):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    lab.state.mkdir(parents=True, exist_ok=True)
+    (lab.state / "verified.json").write_bytes(content)
+
+    async def scenario():
+        engine = await lab.engine()
+        assert len(engine.verified) == 0
+        assert "not hashed again" not in await engine.promote("m:1").wait()
+        engine.close()
+
+    run(scenario())
+    assert "no blob is taken as verified" in caplog.text
+    assert json.loads((lab.state / "verified.json").read_text())["version"] == 1
+
+
+def test_a_symlinked_verified_file_is_not_followed(lab, tmp_path):
+    make_ollama_model(lab.cold, "m:1", [MiB])
+    lab.seal()
+    target = tmp_path / "elsewhere.json"
+    target.write_text("untouched")
+    lab.state.mkdir(parents=True, exist_ok=True)
+    (lab.state / "verified.json").symlink_to(target)
+
+    async def scenario():
+        engine = await lab.engine()
+        assert len(engine.verified) == 0
+        await engine.promote("m:1").wait()
+        engine.close()
+
+    run(scenario())
+    assert target.read_text() == "untouched"
+    assert not (lab.state / "verified.json").is_symlink()

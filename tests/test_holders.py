@@ -234,6 +234,9 @@ def test_real_llama_server_router_child_is_the_holder(daemon_factory, llama_bina
                 props = await until(
                     c, path, MODEL, lambda p: p["Loaded"] and p["Holders"], "loaded and held"
                 )
+                # The router's loading -> loaded is one load (speedloaderd/usage.py).
+                counted = await until(c, path, MODEL, lambda p: p["LoadCount"] == 1, "the load")
+                assert counted["LastUsed"] > 0
                 ((pid, command),) = props["Holders"]
                 assert child_pids(router.pid) == [pid]  # the router's child maps the copy
                 assert command == "llama-server"

@@ -99,10 +99,13 @@ def test_to_json_keeps_the_documented_slctl_keys():
     model = Model.from_props("/m", {"Name": "tiny:1b", "PinnedPool": ""})
     assert list(model.to_json()) == [
         "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "loaded", "holders",
+        "lastUsed", "loadCount",
     ]  # fmt: skip
     assert model.to_json()["pinnedPool"] is None
-    model.update({"Holders": [[900, "python3"]]})
+    assert (model.to_json()["lastUsed"], model.to_json()["loadCount"]) == (None, 0)  # never
+    model.update({"Holders": [[900, "python3"]], "LastUsed": 1_764_648_306_123_456})
     assert model.to_json()["holders"] == [{"pid": 900, "command": "python3"}]
+    assert model.to_json()["lastUsed"] == "2025-12-02T04:05:06.123456Z"  # µs, UTC
     job = Job.from_props("/org/speedloader/Speedloader1/jobs/7", {"BytesTotal": 3})
     assert job.to_json() == {
         "id": 7, "operation": "", "model": None, "pool": None,

@@ -86,14 +86,18 @@ class Capabilities:
 class Timing:
     """How long to wait for the server. A loopback answer of the fakes takes a few ms, so
     2 s to connect and 10 s in all only trip on a server that is stuck, not busy. An unload
-    (and a preload) is confirmed by polling the listing every 0.25 s for up to 30 s: Ollama
-    expires a runner after answering the request, llama.cpp's router stops its child
-    after answering."""
+    (and a preload) is confirmed by polling the listing for up to 30 s: Ollama expires a
+    runner after answering the request, llama.cpp's router stops its child after
+    answering. The first look comes confirm_first s after the request, each next one after
+    twice as long, up to confirm_every: the real router's child let go of a 2.2 GiB model
+    33 ms after the request (bench/demote_loaded.py), and a flat 0.25 s poll made that
+    demote take 314 ms, one whole interval more than the unload."""
 
     connect: float = 2.0
     total: float = 10.0
     confirm_for: float = 30.0
     confirm_every: float = 0.25
+    confirm_first: float = 0.02
     load: float = 300.0
     """A preload request answers once the model is in memory: minutes for a big one."""
     max_bytes: int = 1 << 20
@@ -218,6 +222,7 @@ class Backend(ABC):
         passed (then ``late``, formatted with model and secs, says what the server still
         shows). What a server answers to the request is not trusted: its listing is."""
         deadline = time.monotonic() + self.timing.confirm_for
+        pause = min(self.timing.confirm_first, self.timing.confirm_every)
         while True:
             names = await self._listing()
             if isinstance(names, Outcome):
@@ -230,4 +235,5 @@ class Backend(ABC):
                 return Outcome(
                     False, f"{self.kind} at {self.url} " + late.format(model=model, secs=secs)
                 )
-            await asyncio.sleep(self.timing.confirm_every)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.timing.confirm_every)

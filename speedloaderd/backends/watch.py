@@ -7,6 +7,8 @@ configuration at each look, so a live ``backend.apiUrl`` change is followed at t
 ``on_change`` is called (on the event loop) only when the state or its reason changes.
 With the state, the server's list of loaded models is asked (``loaded``: the Model objects'
 ``Loaded``), again at once when ``poke()`` says the holders of a model's files changed.
+``on_look`` hears every look (``listed``: whether it read the listing), for the usage
+telemetry (speedloaderd/usage.py), which counts per look, not per change.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class BackendWatch:
         # empty while it is not up. ``on_loaded`` hears a change of it.
         self.loaded: tuple[LoadedModel, ...] = ()
         self.on_loaded: Callable[[], None] | None = None
+        self.listed = False  # the last look read the server's listing (``loaded`` is its)
+        self.on_look: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -54,17 +58,20 @@ class BackendWatch:
         """Ask once now; never raises (a bug in an adapter is logged and shown as unknown)."""
         config = self._config()
         loaded: tuple[LoadedModel, ...] = ()
+        listed = False
         try:
             backend = None if config is None else backend_for(config, PROBE)
             state = NO_CONFIG if backend is None else await backend.state()
             if backend is not None and state.status is Status.UP:
                 try:
                     loaded = tuple(await backend.loaded())
+                    listed = True
                 except HttpProblem:
                     loaded = ()  # the next look says why, in the state
         except Exception as err:
             log.exception("asking the backend for its state failed")
             state = BackendState(Status.UNKNOWN, f"asking it failed: {type(err).__name__}")
+        self.listed = listed
         if loaded != self.loaded:
             self.loaded = loaded
             if self.on_loaded is not None:
@@ -76,6 +83,11 @@ class BackendWatch:
                 log.log(level, "backend %s", state)
             self.state = state
             self._on_change()
+        if self.on_look is not None:
+            try:
+                self.on_look()
+            except Exception:  # the looks go on: a bug here must not stop BackendState
+                log.exception("a backend look's listener failed")
         return state
 
     def start(self) -> None:

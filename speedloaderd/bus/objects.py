@@ -504,6 +504,18 @@ class ModelInterface(Snapshot):
         """Processes mapping or holding open one of its files: (pid, command escaped)."""
         return self.values["Holders"]
 
+    @dbus_property(access=READ)
+    def LastUsed(self) -> "t":
+        """When the backend was last seen using it, µs since the epoch; 0: never (a load,
+        an Ollama request, or loaded on a server that reports no requests: see
+        speedloaderd/usage.py for what counts and what a look cannot see)."""
+        return self.values["LastUsed"]
+
+    @dbus_property(access=READ)
+    def LoadCount(self) -> "u":
+        """How many times the backend was seen loading it (kept across restarts)."""
+        return self.values["LoadCount"]
+
 
 _CANCEL_ACTION = {
     "promote": ACTION_PROMOTE,

@@ -259,9 +259,14 @@ def _properties(path: str, interface: ServiceInterface) -> dict[str, Variant]:
 
 
 def model_values(
-    st: ModelStatus, loaded: bool = False, holders: Iterable[Process] = ()
+    st: ModelStatus,
+    loaded: bool = False,
+    holders: Iterable[Process] = (),
+    usage: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     return {
+        "LastUsed": usage[0],
+        "LoadCount": usage[1],
         "Loaded": loaded,
         "Holders": [[p.pid, p.command] for p in list(holders)[:MAX_HOLDERS]],
         "Name": st.name,
@@ -700,7 +705,9 @@ class Server:
 
     def _model_values(self, st: ModelStatus) -> dict[str, Any]:
         loaded = st.name in self.daemon.loaded_names
-        return model_values(st, loaded, self.daemon.holders_of(st.name))
+        return model_values(
+            st, loaded, self.daemon.holders_of(st.name), self.daemon.usage_of(st.name)
+        )
 
     def _pool_values(self, st: PoolStatus) -> dict[str, Any]:
         return pool_values(st, self.daemon.held_bytes(st.name))

@@ -168,6 +168,8 @@ def test_status_json_returns_every_model_in_its_shape(big: Served):
         "problems",
         "loaded",
         "holders",
+        "lastUsed",
+        "loadCount",
     }
     assert [p["name"] for p in doc["pools"]] == ["local"]
     big.assert_alive()

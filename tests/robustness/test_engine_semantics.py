@@ -279,10 +279,16 @@ sys.stdin.read()
 def test_pool_usage_drops_when_a_process_mapping_a_demoted_copy_exits(lab):
     m = make_ollama_model(lab.cold, "m:1", [8 * MiB])
     lab.seal()
+    from speedloaderd.config import DemotePolicy
     from speedloaderd.engine import Engine
 
+    config = lab.config()
+    # force: the demote deletes the mapped copy (wait and refuse: tests/test_demote_policy.py);
+    # what this follows is the RAM the mapping keeps, and its release.
+    config.backend.demote_policy = DemotePolicy.FORCE
+
     async def scenario():
-        engine = Engine(lab.config(), None)
+        engine = Engine(config, None)
         engine.usage_interval = 0.2
         await engine.start()
         await engine.promote("m:1").wait()

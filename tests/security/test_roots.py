@@ -376,6 +376,7 @@ _ALLOWED = {
     ("speedloaderd/holders.py", "os.listdir"): "/proc/<pid>/fd",
     ("speedloaderd/holders.py", "os.readlink"): "/proc/<pid>/fd/<n>",
     ("speedloaderd/hostmem.py", "open"): "/proc/meminfo",
+    ("speedloaderd/opens.py", "open"): "/proc/<pid>/comm of a process that opened a file",
     ("speedloaderd/catalog/coldfs.py", ".is_dir"): "a DirEntry of that scandir",
     ("speedloaderd/catalog/coldfs.py", ".is_file"): "a DirEntry of that scandir",
     ("speedloaderd/catalog/coldfs.py", ".lstat"): "ColdRoot.root is a roots.Root",
