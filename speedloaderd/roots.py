@@ -678,8 +678,9 @@ def bind_unix_socket(sock: socket.socket, path: Path, *, mode: int, gid: int) ->
                     "metrics.listen path"
                 )
             os.unlink(path.name, dir_fd=dfd)
-        # A new socket is 0777 & ~umask; nobody but root can reach it before the chmod:
-        # its directory is root's (checked above) and connect(2) needs write access.
+        # A new socket is 0777 & ~umask (the unit's UMask=0022: 0755), and connect(2) needs
+        # write access to it: between bind and chmod only root can connect. Under a umask
+        # of 0 (not the unit's) anyone could for that instant: the exposition, no more.
         sock.bind(f"/proc/self/fd/{dfd}/{path.name}")
         os.chown(path.name, 0, gid, dir_fd=dfd, follow_symlinks=False)
         os.chmod(path.name, mode, dir_fd=dfd)  # root's directory: the name is our socket
