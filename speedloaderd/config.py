@@ -12,6 +12,7 @@ ignored and kept when the file is saved. Saving writes back only what the file s
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from enum import Enum
@@ -199,6 +200,58 @@ class PlacementConfig(_Model):
         return v
 
 
+# Seconds between two writes of the node_exporter textfile: node_exporter's own scrape is
+# typically every 15 s, and a write is a render (~ms) plus a rename.
+DEFAULT_TEXTFILE_INTERVAL = 15
+
+
+class MetricsConfig(_Model):
+    """Prometheus exposition (speedloaderd/metrics_export.py); off unless a key is set.
+
+    ``listen``: ``"127.0.0.1:9477"`` (an IP address and a port: HTTP, GET /metrics only;
+    an address that is not loopback is logged as a warning) or ``"unix:/run/..."`` (HTTP on
+    a unix socket, mode 0660, group ``speedloader``). ``textfileDir``: node_exporter's
+    textfile directory, where ``speedloader.prom`` is replaced atomically every
+    ``textfileInterval`` seconds."""
+
+    listen: str | None = None
+    textfile_dir: AbsPath | None = None
+    textfile_interval: int = Field(default=DEFAULT_TEXTFILE_INTERVAL, ge=1, le=3600)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+
+def parse_listen(value: str) -> tuple[str, int] | Path:
+    """``"host:port"`` -> (ip, port), ``"[::1]:port"`` -> ("::1", port), ``"unix:/p"`` ->
+    Path; ValueError naming what is wrong. Only IP addresses: a host name would be looked
+    up in DNS at every start, and what it resolves to is not the admin's to see here."""
+    if value.startswith("unix:"):
+        path = _abs_path(value.removeprefix("unix:"))
+        if len(str(path).encode()) > 100:  # sun_path holds 108 bytes, with its NUL
+            raise ValueError(f"{value!r}: a unix socket path is at most 100 bytes")
+        return path
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(
+            f"{value!r} is not an address; use '127.0.0.1:9477', '[::1]:9477' or "
+            "'unix:/run/speedloader/metrics.sock'"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: {host!r} is not an IP address (write 127.0.0.1, not localhost)"
+        ) from None
+    return host, int(port_text)
+
+
 class Config(_Model):
     models_dir: AbsPath
     storage: StorageConfig
@@ -210,6 +263,7 @@ class Config(_Model):
     ssh_key_path: AbsPath | None = None
     state_dir: AbsPath = Path("/var/lib/speedloader")
     pools_root: AbsPath = DEFAULT_POOLS_ROOT
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

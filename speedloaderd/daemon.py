@@ -27,6 +27,8 @@ from .engine import Engine
 from .errors import Busy, Failed, SpeedloaderError
 from .events import EventKind, Listener
 from .holders import FileIndex, HolderWatch, Process
+from .metrics import Metrics
+from .metrics_export import MetricsExport
 from .privilege import admin_changes
 from .roots import check_trusted_dir
 from .usage import Seen, Snapshot, Usage, micros
@@ -38,7 +40,13 @@ log = logging.getLogger(__name__)
 # The backend keys are read afresh at each use (the backend watch's next look, the next
 # demote or promote): nothing is rebuilt for them.
 _BACKEND_LIVE = ("apiUrl", "demotePolicy", "demoteTimeout", "reloadAfterPromote")
-LIVE_KEYS = {"modelPlacement", "sshKeyPath", *(f"backend.{k}" for k in _BACKEND_LIVE)}
+# metrics: the exposition restarts on its own (metrics_export.py); no engine state depends on it.
+LIVE_KEYS = {
+    "modelPlacement",
+    "sshKeyPath",
+    "metrics",
+    *(f"backend.{k}" for k in _BACKEND_LIVE),
+}
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
@@ -97,7 +105,11 @@ class Daemon:
         # can be fixed and sent back.
         self.unstarted_config: Config | None = None
         self.reconfiguring = False  # a structural set_config is starting a new engine
-        self.listeners: list[Listener] = []
+        # Prometheus metrics (metrics.py): they hear every event first, and are served as the
+        # config's ``metrics`` key says (metrics_export.py), off by default.
+        self.metrics = Metrics(self)
+        self.metrics_export = MetricsExport(self.metrics.render)
+        self.listeners: list[Listener] = [self.metrics.on_event]
         if config is not None:
             self.engine = self._attach(Engine(config, config_path))
         self.backend_watch = BackendWatch(
@@ -259,6 +271,9 @@ class Daemon:
         finally:
             # After the engine's start: its first look indexes the started engine's files.
             self.holder_watch.start()
+            config = self.shown_config()
+            if config is not None:
+                await self._apply_metrics(config)
 
     async def _start_engine(self) -> None:
         engine = self.engine
@@ -279,7 +294,14 @@ class Daemon:
                 ", ".join(undone) or "none",
             )
 
+    async def _apply_metrics(self, config: Config) -> None:
+        await self.metrics_export.apply(config.metrics)
+        self.metrics.exporting(
+            config.metrics.listen is not None or bool(config.metrics.textfile_dir)
+        )
+
     async def shutdown(self) -> None:
+        await self.metrics_export.stop()
         await self.backend_watch.stop()
         await self.holder_watch.stop()
         await self._flush_usage(self._catalog())
@@ -314,6 +336,7 @@ class Daemon:
             changed = changed_keys(dump_config(engine.config), dump_config(new))
             if not changed - LIVE_KEYS:
                 await engine.set_config(new)
+                await self._apply_metrics(new)
                 return
             busy = [j for j in engine.jobs.values() if not j.finished]
             held = await asyncio.to_thread(engine.models_in_ram)
@@ -341,6 +364,7 @@ class Daemon:
         log.info("configuration replaced; engine restarted")
         await self._follow_state_dir()
         self._emit(EventKind.CONFIG, "")
+        await self._apply_metrics(new)
 
     async def _start_replacement(self, new: Config, old: Engine | None) -> Engine:
         """Start an engine for ``new`` and save ``new``; on any failure undo both."""

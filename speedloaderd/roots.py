@@ -30,6 +30,7 @@ import ctypes
 import errno
 import os
 import secrets
+import socket
 import stat
 import struct
 from collections.abc import Container, Iterator
@@ -655,6 +656,47 @@ def write_atomically(
         raise
     os.close(fd)
     _replace(dfd, tmp_name, name, durable)
+
+
+def bind_unix_socket(sock: socket.socket, path: Path, *, mode: int, gid: int) -> None:
+    """Bind ``sock`` at ``path`` (the metrics socket), owned by root and group ``gid`` with
+    ``mode``. The directory is made if missing and must be trusted (only root can change
+    it, so nothing can be swapped in between the calls below); a socket left there by an
+    earlier run is replaced, anything else there is refused. The bind goes through
+    /proc/self/fd of the directory's fd: the path is resolved once, by the open."""
+    ensure_trusted_dir(path.parent, "metrics socket directory")
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            st = os.lstat(path.name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise InvalidArgument(
+                    f"{path} exists and is not a socket; remove it or choose another "
+                    "metrics.listen path"
+                )
+            os.unlink(path.name, dir_fd=dfd)
+        # A new socket is 0777 & ~umask (the unit's UMask=0022: 0755), and connect(2) needs
+        # write access to it: between bind and chmod only root can connect. Under a umask
+        # of 0 (not the unit's) anyone could for that instant: the exposition, no more.
+        sock.bind(f"/proc/self/fd/{dfd}/{path.name}")
+        os.chown(path.name, 0, gid, dir_fd=dfd, follow_symlinks=False)
+        os.chmod(path.name, mode, dir_fd=dfd)  # root's directory: the name is our socket
+    finally:
+        os.close(dfd)
+
+
+def unlink_in_dir(path: Path) -> None:
+    """Remove ``path`` (the metrics socket at stop) relative to its directory's fd, without
+    following a link; nothing if it is gone."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.unlink(path.name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
 
 def replace_file(path: Path, content: bytes, *, mode: int = 0o644) -> None:
