@@ -25,6 +25,8 @@ from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .watching import woken
+
 log = logging.getLogger(__name__)
 
 _DELETED = " (deleted)"
@@ -353,6 +355,7 @@ class HolderWatch:
         self._wake = asyncio.Event()
         self._warned = False
         self._stale = True  # the index must be (re)built before the next scan
+        self._stopped = False
 
     async def check(self) -> Held:
         try:
@@ -398,21 +401,23 @@ class HolderWatch:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopped = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             self._wake.clear()
             await self.check()
             every = HELD_EVERY if any(self.held.pools.values()) else EVERY
             # However often it is poked (a burst of demotes ending), one scan per MIN_GAP.
             await asyncio.sleep(MIN_GAP)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), every - MIN_GAP)
+            await woken(self._wake, every - MIN_GAP)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
+            self._stopped = True  # ends the loop even if the cancel is swallowed (watching.py)
+            self._wake.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 
 from ..config import BackendConfig
+from ..watching import woken
 from . import backend_for
 from .base import BackendState, LoadedModel, Status, Timing
 from .http import HttpProblem
@@ -53,6 +54,7 @@ class BackendWatch:
         self.on_look: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def check(self) -> BackendState:
         """Ask once now; never raises (a bug in an adapter is logged and shown as unknown)."""
@@ -92,6 +94,7 @@ class BackendWatch:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopped = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def poke(self) -> None:
@@ -101,15 +104,18 @@ class BackendWatch:
             self._wake.set()
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.every)
+        while not self._stopped:
+            await woken(self._wake, self.every)
             self._wake.clear()
+            if self._stopped:
+                break
             await self.check()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
+            self._stopped = True  # ends the loop even if the cancel is swallowed (watching.py)
+            self._wake.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
