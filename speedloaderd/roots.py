@@ -605,6 +605,31 @@ class Root:
             os.close(fd)
         return data if len(data) <= limit else None
 
+    def read_state(self, rel: str, limit: int) -> tuple[bytes | None, str]:
+        """A state file of the daemon's own that is not trusted to be usable (usage.json,
+        verified.json): (its bytes, "") when read, (None, "") when absent, else (None, why
+        not) — a symlink is not followed, nor anything but a regular file read, nor more
+        than ``limit`` bytes."""
+        try:
+            st = self.lstat(rel)
+            if st is None:
+                return None, ""
+            if stat.S_ISLNK(st.st_mode):
+                return None, "is a symlink (not followed)"
+            if not stat.S_ISREG(st.st_mode):
+                return None, "is not a regular file"
+            if st.st_size > limit:
+                return None, f"is {st.st_size} bytes, more than {limit}"
+            return self.read_own(rel, limit), ""  # None: gone or grown since the lstat
+        except OSError as err:
+            return None, f"cannot be read ({err.strerror or err})"
+
+    def replace_state(self, rel: str, content: bytes, tmp_name: str) -> None:
+        """Replace a state file of the daemon's own (mode 0600), first removing a temp name
+        a crash left behind (the write makes it O_EXCL)."""
+        self.unlink(tmp_name)
+        self.write_file(rel, content, tmp_name, mode=0o600)
+
     def fsync(self, rel_dir: str = "") -> None:
         with self.directory(rel_dir) as fd:
             os.fsync(fd)

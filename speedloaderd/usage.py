@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import stat
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -193,21 +192,9 @@ class Usage:
 
     def _read(self) -> str:
         """Fill ``models`` from the file; "" when it is absent or read, else why not."""
-        try:
-            st = self.tree.lstat(FILE)
-            if st is None:
-                return ""
-            if stat.S_ISLNK(st.st_mode):
-                return "is a symlink (not followed)"
-            if not stat.S_ISREG(st.st_mode):
-                return "is not a regular file"
-            if st.st_size > LIMIT:
-                return f"is {st.st_size} bytes, more than {LIMIT}"
-            raw = self.tree.read_own(FILE, LIMIT)
-        except OSError as err:
-            return f"cannot be read ({err.strerror or err})"
+        raw, why = self.tree.read_state(FILE, LIMIT)
         if raw is None:
-            return ""  # gone (or grown past LIMIT) since the lstat: nothing to use
+            return why
         try:
             data = _File.model_validate_json(raw)
         except ValidationError as err:
@@ -249,8 +236,7 @@ class Usage:
         }
         content = json.dumps({"version": VERSION, "models": models}, separators=(",", ":"))
         try:
-            self.tree.unlink(_TMP)  # a temp left by a crash: the write makes it O_EXCL
-            self.tree.write_file(FILE, content.encode(), _TMP, mode=0o600)
+            self.tree.replace_state(FILE, content.encode(), _TMP)
         except OSError as err:
             self.dirty = True
             why = err.strerror or str(err)

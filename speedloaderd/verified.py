@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,27 +122,17 @@ class Verified:
             )
 
     def _read(self) -> str:
-        try:
-            st = self.tree.lstat(FILE)
-            if st is None:
-                return ""
-            if stat.S_ISLNK(st.st_mode):
-                return "is a symlink (not followed)"
-            if not stat.S_ISREG(st.st_mode):
-                return "is not a regular file"
-            if st.st_size > LIMIT:
-                return f"is {st.st_size} bytes, more than {LIMIT}"
-            raw = self.tree.read_own(FILE, LIMIT)
-        except OSError as err:
-            return f"cannot be read ({err.strerror or err})"
+        raw, why = self.tree.read_state(FILE, LIMIT)
         if raw is None:
-            return ""
+            return why
         try:
             data = _File.model_validate_json(raw)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "the file"
             return f"is not a verified-blobs file ({where}: {first['msg']})"
+        except RecursionError:
+            return "is not a verified-blobs file (nested too deep)"
         self._blobs = {
             d: Stamp(r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns) for d, r in data.blobs.items()
         }
@@ -157,8 +146,7 @@ class Verified:
         }  # fmt: skip
         content = json.dumps({"version": VERSION, "blobs": blobs}, separators=(",", ":"))
         try:
-            self.tree.unlink(_TMP)  # a temp left by a crash: the write makes it O_EXCL
-            self.tree.write_file(FILE, content.encode(), _TMP, mode=0o600)
+            self.tree.replace_state(FILE, content.encode(), _TMP)
         except OSError as err:
             # Not fatal: the record stays in memory; the blob is hashed again after a restart.
             log.warning("cannot save %s: %s", self.tree.abs(FILE), err.strerror or err)
