@@ -122,6 +122,16 @@ class Manager(Record):
     scan_problems: list[str] = prop("ScanProblems", "as", [])
     strategy: str = prop("Strategy", "s", "")
     version: str = prop("Version", "s", "")
+    # Automatic tiering (autoTiering.enabled): "on" or "off"; while on, why it does nothing
+    # now ("" when it acts), e.g. cold storage being unavailable.
+    tiering: str = prop("Tiering", "s", "off")
+    tiering_paused: str = prop("TieringPaused", "s", "")
+    # Whether the kernel's file opens of model files are seen (fanotify): watching,
+    # unavailable (then with why) or off; tiering then hears only of backend loads.
+    tiering_watch: str = prop("TieringWatch", "s", "off")
+    tiering_watch_reason: str = prop("TieringWatchReason", "s", "")
+    # The model an eviction would take next: "name from pool (why)"; "" when none may go.
+    tiering_next_eviction: str = prop("TieringNextEviction", "s", "")
 
 
 @dataclass
@@ -182,6 +192,13 @@ class Model(Record):
     # times it was seen loading it: the daemon's looks, every 15 s (speedloaderd/usage.py).
     last_used: int = prop("LastUsed", "t", 0)
     load_count: int = prop("LoadCount", "u", 0)
+    # Uses seen by automatic tiering (a process opening its files, a backend load; repeats
+    # within autoTiering.coalesce are one use), its value (estimated uses per hour, decayed;
+    # as of the model's last change) and why it is where it is ("pinned to fast", "in use
+    # (loaded)", "auto: used 14x in 1 h"; "" when nothing is known).
+    use_count: int = prop("UseCount", "u", 0)
+    value: float = prop("Value", "d", 0.0)
+    why: str = prop("Why", "s", "")
 
     @property
     def hot(self) -> bool:
@@ -201,6 +218,9 @@ class Model(Record):
             "holders": [{"pid": int(pid), "command": str(cmd)} for pid, cmd in self.holders],
             "lastUsed": iso_utc(self.last_used),
             "loadCount": self.load_count,
+            "useCount": self.use_count,
+            "value": self.value,
+            "why": self.why,
         }
 
 
@@ -228,6 +248,8 @@ class Job(Record):
     # The short name of the error a failed job ended with (NoSpace, Cancelled...);
     # "" while it runs and after it succeeded.
     error_name: str = prop("ErrorName", "s", "")
+    # Why the daemon started it itself (automatic tiering); "" for a caller's job.
+    reason: str = prop("Reason", "s", "")
 
     @property
     def id(self) -> int:
@@ -247,6 +269,7 @@ class Job(Record):
             "bytesTotal": self.bytes_total,
             "bytesDone": self.bytes_done,
             "state": self.state,
+            "reason": self.reason,
         }
 
 

@@ -37,6 +37,7 @@ from .paths import check_model_name, check_pool_name, overlapping
 from .placement import Strategy
 from .roots import replace_file
 from .sizes import format_size_exact, parse_size
+from .tiering.settings import Settings
 from .tiers import check_not_reserved
 
 SYSTEM_CONFIG = Path("/etc/speedloader/config.json")
@@ -226,6 +227,49 @@ class MetricsConfig(_Model):
         return v
 
 
+# Seconds between two plans of automatic tiering when nothing happens; opens seen plan
+# sooner (autotiering.py). A plan is a look at the pools (a statvfs each) and the models the
+# policy knows: ~ms for hundreds of models.
+DEFAULT_TIERING_INTERVAL = 30.0
+
+
+class AutoTieringConfig(_Model):
+    """Automatic tiering (speedloaderd/autotiering.py, policy in speedloaderd/tiering/):
+    off unless ``enabled``. The other keys are the policy's settings (tiering/settings.py
+    says why each default is what it is); ``interval`` the seconds between plans when no
+    use is seen."""
+
+    enabled: bool = False
+    policy: str = "gdsf"
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    min_residency: float = 600.0
+    half_life: float = 12 * 3600.0
+    admit_accesses: int = 2
+    coalesce: float = 60.0
+    interval: float = Field(default=DEFAULT_TIERING_INTERVAL, ge=1.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _valid_policy(self) -> AutoTieringConfig:
+        try:
+            self.settings()
+        except InvalidArgument as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def settings(self) -> Settings:
+        return Settings(
+            enabled=self.enabled,
+            policy=self.policy,
+            high_watermark=self.high_watermark,
+            low_watermark=self.low_watermark,
+            min_residency=self.min_residency,
+            half_life=self.half_life,
+            admit_accesses=self.admit_accesses,
+            coalesce=self.coalesce,
+        )
+
+
 def parse_listen(value: str) -> tuple[str, int] | Path:
     """``"host:port"`` -> (ip, port), ``"[::1]:port"`` -> ("::1", port), ``"unix:/p"`` ->
     Path; ValueError naming what is wrong. Only IP addresses: a host name would be looked
@@ -264,6 +308,7 @@ class Config(_Model):
     state_dir: AbsPath = Path("/var/lib/speedloader")
     pools_root: AbsPath = DEFAULT_POOLS_ROOT
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    auto_tiering: AutoTieringConfig = Field(default_factory=AutoTieringConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -20,6 +20,7 @@ from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
+from .autotiering import AutoTiering
 from .backends.base import LoadedModel
 from .backends.watch import BackendWatch
 from .config import BackendConfig, Config, dump_config, remote_pool_path, save_config
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 # demote or promote): nothing is rebuilt for them.
 _BACKEND_LIVE = ("apiUrl", "demotePolicy", "demoteTimeout", "reloadAfterPromote")
 # metrics: the exposition restarts on its own (metrics_export.py); no engine state depends on it.
+# autoTiering: the policy's settings are replaced, its history kept (autotiering.py).
 LIVE_KEYS = {
+    "autoTiering",
     "modelPlacement",
     "sshKeyPath",
     "metrics",
@@ -109,7 +112,9 @@ class Daemon:
         # config's ``metrics`` key says (metrics_export.py), off by default.
         self.metrics = Metrics(self)
         self.metrics_export = MetricsExport(self.metrics.render)
-        self.listeners: list[Listener] = [self.metrics.on_event]
+        # Automatic tiering (autotiering.py): hears every event after the metrics.
+        self.tiering = AutoTiering(self)
+        self.listeners: list[Listener] = [self.metrics.on_event, self.tiering.on_event]
         if config is not None:
             self.engine = self._attach(Engine(config, config_path))
         self.backend_watch = BackendWatch(
@@ -185,7 +190,11 @@ class Daemon:
                     loaded=any(lm.status == "loaded" for lm in listed),
                     expires_at=max(known) if known else None,
                 )
+            loads = {name: usage.of(name)[1] for name in seen}
             for name in sorted(usage.observe(seen, time.time_ns() // 1000)):
+                if usage.of(name)[1] > loads.get(name, 0):  # a load: a use, for tiering
+                    model = engine.catalog.models.get(name)
+                    self.tiering.loaded(name, model.size if model is not None else 0)
                 self._emit(EventKind.MODEL, name)
         now = time.monotonic()
         if usage is not None and self._usage_write is None and usage.due(now):
@@ -241,7 +250,16 @@ class Daemon:
 
     def _attach(self, engine: Engine) -> Engine:
         engine.listeners.append(self._emit)
+        self.tiering.attach(engine)
         return engine
+
+    def emit_tiering(self) -> None:
+        """Automatic tiering's state on the Manager changed."""
+        self._emit(EventKind.TIERING, "")
+
+    def emit_model(self, name: str) -> None:
+        """A model's bus properties changed outside the engine (its uses)."""
+        self._emit(EventKind.MODEL, name)
 
     def _emit(self, kind: EventKind, name: str) -> None:
         if kind in (
@@ -271,6 +289,7 @@ class Daemon:
         finally:
             # After the engine's start: its first look indexes the started engine's files.
             self.holder_watch.start()
+            await self.tiering.start()
             config = self.shown_config()
             if config is not None:
                 await self._apply_metrics(config)
@@ -302,6 +321,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.metrics_export.stop()
+        await self.tiering.stop()
         await self.backend_watch.stop()
         await self.holder_watch.stop()
         await self._flush_usage(self._catalog())
@@ -363,6 +383,7 @@ class Daemon:
         self.engine, self.config_error, self.unstarted_config = replacement, "", None
         log.info("configuration replaced; engine restarted")
         await self._follow_state_dir()
+        await self.tiering.follow()
         self._emit(EventKind.CONFIG, "")
         await self._apply_metrics(new)
 

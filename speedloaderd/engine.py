@@ -38,7 +38,7 @@ from .config import (
     without_pool,
 )
 from .copies import Copies
-from .errors import Busy, Failed, NoSuchModel
+from .errors import Busy, Failed, NoSpace, NoSuchModel
 from .events import EventKind, Listener
 from .health import HealthReport
 from .hostmem import MemInfo, read_meminfo
@@ -142,6 +142,13 @@ class Engine:
         self.usage_interval = USAGE_WATCH_INTERVAL
         self._usage_watch: asyncio.Task[None] | None = None
         self._used_seen: dict[str, int] = {}  # pool -> UsedBytes last read (and published)
+        # Called (blocking, in the unmounting thread) with a pool's path before it is
+        # unmounted: the open watch lets go of its mount first (opens.py: a queued event
+        # holds the mount, and umount would say it is busy).
+        self.before_unmount: list[Callable[[Path], None]] = []
+        # Automatic tiering, when on: before a promote copies, evict what must go to make
+        # room (autotiering.py); None: a promote that does not fit fails NoSpace.
+        self.make_room: Callable[[Job, Model], Awaitable[None]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -188,12 +195,21 @@ class Engine:
             if pool.path in keep:
                 continue
             try:
+                self.unmounting(pool.path)
                 pool.unmount()
                 undone.append(name)
             except Exception as err:  # report, and go on with the others
                 log.error("could not unmount pool %s after a failed start: %s", name, err)
         self._mounted_by_start.clear()
         return undone
+
+    def unmounting(self, path: Path) -> None:
+        """Tell the before_unmount hooks (blocking) that the pool at ``path`` goes now."""
+        for hook in list(self.before_unmount):
+            try:
+                hook(path)
+            except Exception:
+                log.exception("before-unmount hook failed")
 
     async def reassert(self) -> None:
         """After another engine's failed start touched shared paths (a pool remounted to
@@ -492,6 +508,8 @@ class Engine:
             self.emit(EventKind.JOB, str(j.id))
 
         job.listeners.append(done)
+        if job.reason:
+            log.info("job %d %s %s started: %s", job.id, job.operation, job.model, job.reason)
         run_job(job, body)
         self.emit(EventKind.JOB, str(job.id))
         if job.model is not None:
@@ -535,11 +553,17 @@ class Engine:
     # --- promote -----------------------------------------------------------------------
 
     def promote(
-        self, name: str, pool: str | None = None, started_by_uid: int = 0, reload: bool = False
+        self,
+        name: str,
+        pool: str | None = None,
+        started_by_uid: int = 0,
+        reload: bool = False,
+        reason: str = "",
     ) -> Job:
         """Start copying ``name`` into a RAM pool; returns its Job at once. ``reload``: then
         have the backend load it again from the pool if it had it loaded from cold storage
-        (also done when backend.reloadAfterPromote is set).
+        (also done when backend.reloadAfterPromote is set). ``reason``: why the daemon
+        started it itself (automatic tiering), logged and on the Job.
 
         A second request for a model already being promoted joins the running Job."""
         model = self.model(name)
@@ -556,7 +580,12 @@ class Engine:
                 "wait for it or cancel it"
             )
         job = Job(
-            "promote", model=name, pool=pool or None, started_by_uid=started_by_uid, reload=reload
+            "promote",
+            model=name,
+            pool=pool or None,
+            started_by_uid=started_by_uid,
+            reload=reload,
+            reason=reason,
         )
         return self.start_job(job, self._promote)
 
@@ -587,7 +616,32 @@ class Engine:
         self._rr_cursor = decision.rr_cursor
         return decision.pool
 
+    def fits(self, model: Model, requested: str | None) -> bool:
+        """Whether placement finds a pool with room for ``model`` now (blocking; chooses
+        nothing: the round-robin cursor is left as it was)."""
+        cursor = self._rr_cursor
+        try:
+            self._choose_pool(model, requested, self.pools.mounted())
+            return True
+        except NoSpace:
+            return False
+        finally:
+            self._rr_cursor = cursor
+
+    def bytes_to_copy(self, model: Model, pool: str) -> int:
+        """Bytes a promote of ``model`` into ``pool`` would copy (blobs already there are
+        not copied again). Blocking: an lstat per file."""
+        tree = self.models_dir.pool(pool)
+        return sum(f.size for f in _unique(model.data_files) if tree.lstat(f.rel) is None)
+
+    def active_models(self) -> set[str]:
+        """Models with a job running (promote or demote)."""
+        return set(self._active)
+
     async def _promote(self, job: Job) -> str:
+        if self.make_room is not None:  # automatic tiering, when on: evict what must go
+            assert job.model is not None
+            await self.make_room(job, self.model(job.model))
         message = await self._copy_in(job)
         backend = self.config.backend
         if job.reload or backend.reload_after_promote:
@@ -718,8 +772,9 @@ class Engine:
 
     # --- demote ------------------------------------------------------------------------
 
-    def demote(self, name: str, started_by_uid: int = 0) -> Job:
-        """Repoint ``name`` to cold storage and free its RAM; returns its Job at once."""
+    def demote(self, name: str, started_by_uid: int = 0, reason: str = "") -> Job:
+        """Repoint ``name`` to cold storage and free its RAM; returns its Job at once.
+        ``reason``: why the daemon started it itself (automatic tiering's eviction)."""
         self.model(name)
         if self.cold_problem:  # the links would point at files that are not there
             raise Failed(
@@ -734,7 +789,7 @@ class Engine:
                 "cancel that job first or wait for it"
             )
         return self.start_job(
-            Job("demote", model=name, started_by_uid=started_by_uid), self._demote
+            Job("demote", model=name, started_by_uid=started_by_uid, reason=reason), self._demote
         )
 
     async def _demote(self, job: Job) -> str:

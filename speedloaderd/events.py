@@ -17,6 +17,7 @@ class EventKind(enum.StrEnum):
     POOL_REMOVED = "pool-removed"
     CONFIG = "config"
     BACKEND = "backend"  # the inference server's state (speedloaderd.backends.watch)
+    TIERING = "tiering"  # automatic tiering's state on the Manager (speedloaderd.autotiering)
 
 
 Listener = Callable[[EventKind, str], None]

@@ -59,6 +59,9 @@ class Job:
     # Who asked for it (the bus caller's uid, as UDisks2's StartedByUID); 0 for root and
     # for jobs the daemon starts itself. Cancelling another uid's job is an admin's right.
     started_by_uid: int = 0
+    # Why the daemon started it, for the jobs it starts itself (automatic tiering: "auto:
+    # used 14x in 1 h", "pool fast above its high watermark..."); "" for a caller's job.
+    reason: str = ""
     cancel_event: threading.Event = field(default_factory=threading.Event)  # copy threads
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)  # the event loop
     listeners: list[Callable[[Job], None]] = field(default_factory=list)

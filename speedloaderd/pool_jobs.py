@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 from .config import Config, with_pool_size
@@ -34,6 +35,10 @@ class PoolHost(Protocol):
 
     def gc_pool(self, pool: str) -> list[str]:
         """Blocking, under the lock: delete what no link in ``pool`` points to."""
+        ...
+
+    def unmounting(self, path: Path) -> None:
+        """Blocking: the pool at ``path`` is about to be unmounted (watches let go)."""
         ...
 
     async def set_config(self, new: Config) -> None: ...
@@ -101,6 +106,7 @@ class PoolJobs:
             pool = host.pools[name]
             async with host.lock:
                 touched, hot = await asyncio.to_thread(host.evacuate, name)
+                await asyncio.to_thread(host.unmounting, pool.path)
                 await asyncio.to_thread(pool.unmount)
             for model in touched:
                 host.emit(EventKind.MODEL, model)

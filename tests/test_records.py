@@ -99,7 +99,7 @@ def test_to_json_keeps_the_documented_slctl_keys():
     model = Model.from_props("/m", {"Name": "tiny:1b", "PinnedPool": ""})
     assert list(model.to_json()) == [
         "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "loaded", "holders",
-        "lastUsed", "loadCount",
+        "lastUsed", "loadCount", "useCount", "value", "why",
     ]  # fmt: skip
     assert model.to_json()["pinnedPool"] is None
     assert (model.to_json()["lastUsed"], model.to_json()["loadCount"]) == (None, 0)  # never
@@ -109,7 +109,7 @@ def test_to_json_keeps_the_documented_slctl_keys():
     job = Job.from_props("/org/speedloader/Speedloader1/jobs/7", {"BytesTotal": 3})
     assert job.to_json() == {
         "id": 7, "operation": "", "model": None, "pool": None,
-        "bytesTotal": 3, "bytesDone": 0, "state": "running",
+        "bytesTotal": 3, "bytesDone": 0, "state": "running", "reason": "",
     }  # fmt: skip
 
 

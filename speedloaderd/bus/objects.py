@@ -93,6 +93,8 @@ class ObjectHost(Protocol):
 
     def list_jobs(self) -> list[Any]: ...
 
+    async def tiering_plan(self) -> list[Any]: ...
+
 
 def _size_arg(text: str) -> int:
     try:
@@ -205,6 +207,30 @@ class ManagerInterface(Snapshot):
         """How many Model objects there are; ListModels reads them in pages."""
         return self.values["ModelCount"]
 
+    @dbus_property(access=READ)
+    def Tiering(self) -> "s":
+        """Automatic tiering: "on" or "off" (autoTiering.enabled)."""
+        return self.values["Tiering"]
+
+    @dbus_property(access=READ)
+    def TieringPaused(self) -> "s":
+        """While tiering is on: why it does nothing now; "" when it acts."""
+        return self.values["TieringPaused"]
+
+    @dbus_property(access=READ)
+    def TieringWatch(self) -> "s":
+        """Whether file opens are seen: watching, unavailable or off."""
+        return self.values["TieringWatch"]
+
+    @dbus_property(access=READ)
+    def TieringWatchReason(self) -> "s":
+        return self.values["TieringWatchReason"]
+
+    @dbus_property(access=READ)
+    def TieringNextEviction(self) -> "s":
+        """The model the next eviction would take: "name from pool (why)"; "" if none."""
+        return self.values["TieringNextEviction"]
+
     # --- methods ---
 
     @method()
@@ -300,6 +326,14 @@ class ManagerInterface(Snapshot):
         """Every job still exported (running, or finished in the last minutes), with the
         Job interface's properties."""
         return self.server.list_jobs()
+
+    @method()
+    @exported()
+    async def TieringPlan(self) -> "a(ssss)":
+        """What automatic tiering would do now, in order, whether it is on or off (a dry
+        run: nothing moves): (action "promote" or "evict", model, pool, reason); an
+        eviction's pool is the one it leaves."""
+        return await self.server.tiering_plan()
 
     @method()
     @exported()
@@ -516,6 +550,24 @@ class ModelInterface(Snapshot):
         """How many times the backend was seen loading it (kept across restarts)."""
         return self.values["LoadCount"]
 
+    @dbus_property(access=READ)
+    def UseCount(self) -> "u":
+        """Uses automatic tiering has seen: a process opening its files, a backend load
+        (repeats within autoTiering.coalesce seconds are one use)."""
+        return self.values["UseCount"]
+
+    @dbus_property(access=READ)
+    def Value(self) -> "d":
+        """Its worth to tiering: estimated uses per hour, decayed by autoTiering.halfLife;
+        as of the model's last change, not recomputed as time passes."""
+        return self.values["Value"]
+
+    @dbus_property(access=READ)
+    def Why(self) -> "s":
+        """Why it is where it is: "pinned to fast", "in use (loaded)", "auto: used 14x in
+        1 h", its uses when cold; "" when nothing is known."""
+        return self.values["Why"]
+
 
 _CANCEL_ACTION = {
     "promote": ACTION_PROMOTE,
@@ -591,6 +643,11 @@ class JobInterface(Snapshot):
         return self.values["Message"]
 
     @dbus_property(access=READ)
+    def Reason(self) -> "s":
+        """Why the daemon started it itself (automatic tiering); "" for a caller's job."""
+        return self.values["Reason"]
+
+    @dbus_property(access=READ)
     def ErrorName(self) -> "s":
         """The short name of the error a failed job ended with (NoSpace, Cancelled...), as
         a failed call would have said it; "" while it runs and after it succeeded."""
@@ -654,4 +711,5 @@ def job_values(job: Job) -> dict[str, Any]:
         "Cancelable": job.cancelable and not job.finished,
         "State": job.state.value,
         "Message": job.message,
+        "Reason": job.reason,
     }

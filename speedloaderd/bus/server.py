@@ -31,6 +31,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
 from .. import __version__
+from ..autotiering import AutoTiering
 from ..config import Config, dump_config
 from ..daemon import Daemon
 from ..engine import Engine, ModelStatus, PoolStatus
@@ -38,6 +39,7 @@ from ..errors import Failed, InvalidArgument
 from ..events import EventKind
 from ..holders import Process
 from ..jobs import Job
+from ..tiering import Promote
 from .auth import Polkit, remember_caller
 from .names import BUS_NAME, ERROR_PREFIX, ROOT, job_path, model_path, pool_path
 from .objects import (
@@ -73,6 +75,7 @@ PROBLEM_CHARS = 500
 # A model's Holders: at most this many processes (a fork bomb mapping one file must not make
 # the model's properties as large as it likes; health lists every one).
 MAX_HOLDERS = 50
+MAX_U32 = (1 << 32) - 1
 TOO_LARGE = ERROR_PREFIX + "TooLarge"
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONNECT_GIVE_UP_S = 120.0  # then exit: under systemd, a restart tries afresh
@@ -263,10 +266,20 @@ def model_values(
     loaded: bool = False,
     holders: Iterable[Process] = (),
     usage: tuple[int, int] = (0, 0),
+    tiering: AutoTiering | None = None,
 ) -> dict[str, Any]:
+    last_used, uses, value, why = usage[0], 0, 0.0, ""
+    if tiering is not None:
+        last_used = max(last_used, tiering.last_used(st.name))
+        uses = min(tiering.use_count(st.name), MAX_U32)
+        value = tiering.value(st.name)
+        why = tiering.why(st.name, st.tier, st.pinned_pool)
     return {
-        "LastUsed": usage[0],
+        "LastUsed": last_used,
         "LoadCount": usage[1],
+        "UseCount": uses,
+        "Value": value,
+        "Why": why,
         "Loaded": loaded,
         "Holders": [[p.pid, p.command] for p in list(holders)[:MAX_HOLDERS]],
         "Name": st.name,
@@ -546,9 +559,29 @@ class Server:
     def list_jobs(self) -> list[Any]:
         return [[job_path(n), _properties(job_path(n), i)] for n, i in sorted(self.jobs.items())]
 
+    async def tiering_plan(self) -> list[Any]:
+        self.require_engine()
+        actions = await asyncio.to_thread(self.daemon.tiering.plan)
+        engine = self.require_engine()
+        out = []
+        for a in actions:
+            if isinstance(a, Promote):
+                out.append(["promote", a.model, a.pool, a.reason])
+            else:
+                tier = engine.model_status(a.model).tier if a.model in engine.catalog.models else ""
+                out.append(["evict", a.model, tier, a.reason])
+        return out
+
     def _manager_values(self) -> dict[str, Any]:
         backend = self.daemon.backend_watch.state
+        tiering = self.daemon.tiering
+        watch, watch_reason = tiering.watch_state()
         always = {
+            "Tiering": "on" if tiering.enabled else "off",
+            "TieringPaused": tiering.paused if tiering.enabled else "",
+            "TieringWatch": watch,
+            "TieringWatchReason": watch_reason,
+            "TieringNextEviction": tiering.next_evict,
             "Version": __version__,
             "ConfigPath": str(self.config_path or ""),
             "ModelCount": len(self.models),
@@ -638,7 +671,7 @@ class Server:
                 self._flush_job(iface)
             else:
                 self._mark("job", name)
-        elif kind is EventKind.BACKEND:
+        elif kind in (EventKind.BACKEND, EventKind.TIERING):
             self._mark("manager", "")
         else:
             self._mark(kind, name)
@@ -706,7 +739,11 @@ class Server:
     def _model_values(self, st: ModelStatus) -> dict[str, Any]:
         loaded = st.name in self.daemon.loaded_names
         return model_values(
-            st, loaded, self.daemon.holders_of(st.name), self.daemon.usage_of(st.name)
+            st,
+            loaded,
+            self.daemon.holders_of(st.name),
+            self.daemon.usage_of(st.name),
+            self.daemon.tiering,
         )
 
     def _pool_values(self, st: PoolStatus) -> dict[str, Any]:

@@ -251,7 +251,7 @@ class Policy:
         # more), then by name. Sorted once: a plan only ever removes from these lists.
         by_pool: dict[str, list[Model]] = {name: [] for name in rooms}
         for m in models:
-            if m.pool in by_pool and self._may_evict(m, now):
+            if m.pool in by_pool and self.may_evict(m, now):
                 by_pool[m.pool].append(m)
         for ok in by_pool.values():
             ok.sort(key=lambda m: (values[m.name], -m.size, m.name))
@@ -337,7 +337,7 @@ class Policy:
         without passing its high watermark; [] if they fit already, None if they cannot.
         For a manual promote when tiering is on: it makes room the way the plan does."""
         models = sorted(models, key=lambda m: m.name)
-        ok = [m for m in models if m.pool == pool.name and self._may_evict(m, now)]
+        ok = [m for m in models if m.pool == pool.name and self.may_evict(m, now)]
         ok.sort(key=lambda m: (self.value(m.name, now), -m.size, m.name))
         victims = self._victims(_Room(pool), ok, need)
         if victims is None:
@@ -349,7 +349,8 @@ class Policy:
         when = uses.evicted if uses else None
         return when is not None and now - when < self.settings.min_residency
 
-    def _may_evict(self, m: Model, now: float) -> bool:
+    def may_evict(self, m: Model, now: float) -> bool:
+        """Neither protected, pinned, nor resident for less than the minimum residency."""
         if m.protected or m.pinned_pool is not None:
             return False
         since = m.resident_since
