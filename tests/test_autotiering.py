@@ -10,30 +10,44 @@ watermark, 95 %, is 11.4 MiB; three would be 12 MiB and more)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import re
+import stat
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from speedloader_client.client import MANAGER, MODEL, Client
+from speedloader_client.client import JOB, MANAGER, MODEL, Client
+from speedloader_lab.fake_backend import FakeProcess
 from speedloader_lab.modelgen import OllamaModel, make_ollama_model
 from speedloaderd.bus.names import ROOT, model_path
 from speedloaderd.config import dump_config, parse_config, save_config
 
 from .buslab import DaemonLab, run
 from .lab import MiB
+from .test_demote_policy import fakes, snapshot
+from .test_holders import Holder, holders
+
+__all__ = ["fakes", "holders"]  # the fixtures
 
 WAIT = 60.0
 NAMES = ("a:1", "b:1", "c:1")
 POOL = 12 * MiB
 
 
-def tiering_lab(daemon_factory, enabled: bool = True, **tiering: Any) -> tuple[DaemonLab, dict]:
-    """A DaemonLab with three 4 MiB models more and automatic tiering as given (no minimum
-    residency, every window of opens a use, a plan every second unless told otherwise)."""
+def tiering_lab(
+    daemon_factory, enabled: bool = True, extra: int = 0, **tiering: Any
+) -> tuple[DaemonLab, dict[str, OllamaModel]]:
+    """A DaemonLab with three 4 MiB models more (and ``extra`` 1 MiB ones) and automatic
+    tiering as given (no minimum residency, every window of opens a use, a plan every
+    second unless told otherwise)."""
     dl = daemon_factory()
     models = {n: make_ollama_model(dl.lab.cold, n, (4 * MiB,)) for n in NAMES}
+    for i in range(extra):
+        models[f"scan{i}:1"] = make_ollama_model(dl.lab.cold, f"scan{i}:1", (1 * MiB,))
     dl.lab.seal()
     data = dump_config(dl.lab.config(pools=(("local", POOL, 100),)))
     data["autoTiering"] = {
@@ -171,3 +185,194 @@ def test_tiering_off_moves_nothing_though_it_sees_the_uses_and_has_a_plan(daemon
 
 async def _uses(c: Client, name: str, n: int) -> bool:
     return (await model(c, name))["UseCount"] >= n
+
+
+# --- what must never be evicted ------------------------------------------------------------
+
+
+def _post(url: str, body: dict[str, Any]) -> None:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+
+
+async def _nothing_moves(c: Client, seconds: float = 4.0) -> None:
+    """Several plan intervals (1 s) pass with the plan empty and no job started."""
+    before = len(await jobs(c))
+    await asyncio.sleep(seconds)
+    assert await c.manager("TieringPlan") == []
+    assert len(await jobs(c)) == before
+
+
+def test_pinned_loaded_and_held_models_are_never_evicted_and_go_once_let_go(
+    daemon_factory, fakes, holders
+):
+    dl, m = tiering_lab(daemon_factory)
+    b_link = dl.lab.models / m["b:1"].layers[0].rel
+    fake = FakeProcess("fake_ollama", "--model", f"b:1={b_link}")
+    fakes.append(fake)
+    data = dump_config(dl.config)
+    data["modelPlacement"]["pinned"] = {"a:1": "local"}
+    data["backend"]["apiUrl"] = fake.url
+    dl.config = parse_config(data)
+    save_config(dl.config, dl.lab.config_path)
+    dl.start()
+
+    async def go() -> None:
+        async with await dl.client() as c:
+            await c.subscribe()
+            # A pin is a promote into its pool, by the plan, with no use at all.
+            await until(c, "a:1 pinned in", lambda: _tier_is(c, "a:1", "local"))
+            assert (await model(c, "a:1"))["Why"] == "pinned to local"
+            pinned = [j for j in await jobs(c) if j["Model"] == "a:1"]
+            assert [j["Reason"] for j in pinned] == ["pinned to local"], pinned
+            use(dl, m["b:1"], 2)
+            await until(c, "b:1 hot", lambda: _tier_is(c, "b:1", "local"))
+            # The backend loads b:1 (the fake maps the pool copy through the link).
+            _post(f"{fake.url}/api/generate", {"model": "b:1"})
+            await until(c, "b:1 loaded", lambda: _prop(c, "b:1", "Loaded", True))
+            # c:1, used five times, is worth more than either; neither may go.
+            use(dl, m["c:1"], 5)
+            await until(c, "c:1's uses", lambda: _uses(c, "c:1", 5))
+            await _nothing_moves(c)
+            assert await tiers(c) == {"a:1": "local", "b:1": "local", "c:1": "cold"}
+            assert (await model(c, "b:1"))["Why"] == "in use (loaded)"
+            assert (await c.get_all(ROOT, MANAGER))["TieringNextEviction"] == ""
+            # Unloaded, but a process maps the copy: held, still not evicted.
+            holder = Holder("map", b_link, "hold-b")
+            holders.append(holder)
+            _post(f"{fake.url}/api/generate", {"model": "b:1", "keep_alive": 0})
+            await until(c, "b:1 unloaded", lambda: _prop(c, "b:1", "Loaded", False))
+            why = f"in use (held by hold-b (pid {holder.pid}))"
+            await until(c, "b:1 held", lambda: _prop(c, "b:1", "Why", why))
+            await _nothing_moves(c)
+            assert await tiers(c) == {"a:1": "local", "b:1": "local", "c:1": "cold"}
+            # Let go: b:1 is the least valuable evictable model, and c:1 takes its place once
+            # it is worth 1.5 times b:1 (whose loader and holder opened it too).
+            holder.stop()
+            await until(c, "b:1 let go", lambda: _prop(c, "b:1", "Holders", []))
+            b_uses = (await model(c, "b:1"))["UseCount"]
+            use(dl, m["c:1"], max(1, math.ceil(1.5 * b_uses) + 1 - 5))
+            await until(c, "c:1 hot", lambda: _tier_is(c, "c:1", "local"))
+            assert await tiers(c) == {"a:1": "local", "b:1": "cold", "c:1": "local"}
+            demotes = [j["Model"] for j in await jobs(c) if j["Operation"] == "demote"]
+            assert demotes == ["b:1"]
+
+    run(go())
+
+
+async def _prop(c: Client, name: str, key: str, want: Any) -> bool:
+    return (await model(c, name))[key] == want
+
+
+def test_a_one_off_scan_of_every_model_flushes_nothing(daemon_factory):
+    dl, m = tiering_lab(daemon_factory, extra=8)
+    dl.start()
+
+    async def go() -> None:
+        async with await dl.client() as c:
+            use(dl, m["a:1"], 2)
+            use(dl, m["b:1"], 2)
+            await until(c, "a:1 hot", lambda: _tier_is(c, "a:1", "local"))
+            await until(c, "b:1 hot", lambda: _tier_is(c, "b:1", "local"))
+            started = len(await jobs(c))
+            # A backup, a checksum run, an indexer: every other model opened once.
+            scanned = [n for n in m if n not in ("a:1", "b:1")]
+            for name in scanned:
+                use(dl, m[name])
+            for name in scanned:
+                await until(c, f"{name}'s use", lambda n=name: _uses(c, n, 1))
+            await _nothing_moves(c)
+            assert len(await jobs(c)) == started
+            assert {n: (await model(c, n))["Tier"] for n in m} == {
+                n: "local" if n in ("a:1", "b:1") else "cold" for n in m
+            }
+
+    run(go())
+
+
+# --- a manual promote when the pool is full --------------------------------------------------
+
+
+def test_a_manual_promote_makes_room_only_when_tiering_is_on(daemon_factory):
+    dl, m = tiering_lab(daemon_factory, enabled=False)
+    dl.start()
+
+    async def go() -> None:
+        async with await dl.client() as c:
+            await c.subscribe()
+            for name in ("a:1", "b:1"):
+                assert (await c.follow_job(await c.promote(name), timeout=WAIT)).success
+            use(dl, m["b:1"], 3)
+            await until(c, "b:1's uses", lambda: _uses(c, "b:1", 3))
+            before = snapshot(dl)
+            # Off: the promote fails as it always did, and nothing changed.
+            path = await c.promote("c:1")
+            done = await c.follow_job(path, timeout=WAIT)
+            assert not done.success and "pool has room" in done.message, done
+            assert (await c.get_all(path, JOB))["ErrorName"].endswith(".NoSpace")
+            assert snapshot(dl) == before
+            # On (SetConfig, live): the least valuable of the pool (a:1, never used) goes.
+            data = json.loads(await c.manager("GetConfig"))
+            data["autoTiering"]["enabled"] = True
+            await c.manager("SetConfig", "s", json.dumps(data))
+            steps: list[str] = []
+            path = await c.promote("c:1")
+            done = await c.follow_job(
+                path, on_update=lambda p: p.get("Step") and steps.append(p["Step"]), timeout=WAIT
+            )
+            assert done.success, done
+            assert "making room in local: demoting a:1" in steps, steps
+            assert await tiers(c) == {"a:1": "cold", "b:1": "local", "c:1": "local"}
+            demote = [j for j in await jobs(c) if j["Operation"] == "demote"]
+            assert [j["Reason"] for j in demote] == [
+                f"made room in local for c:1 (job {int(path.rsplit('/', 1)[1])})"
+            ]
+
+    run(go())
+
+
+# --- its memory: kept across a restart, and a bad file is not trusted ------------------------
+
+
+def test_the_history_survives_a_restart_and_a_bad_state_file_starts_it_afresh(daemon_factory):
+    dl, m = tiering_lab(daemon_factory, enabled=False)
+    dl.start()
+    state = dl.lab.state / "tiering.json"
+
+    async def uses_of(name: str) -> int:
+        async with await dl.client() as c:
+            return (await model(c, name))["UseCount"]
+
+    async def first() -> None:
+        async with await dl.client() as c:
+            use(dl, m["a:1"], 3)
+            await until(c, "a:1's uses", lambda: _uses(c, "a:1", 3))
+
+    run(first())
+    assert dl.stop() == 0
+    saved = json.loads(state.read_text())
+    assert saved["models"]["a:1"][3] == 3, saved  # history.py: [heat, at, last, count, ...]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    dl.start()
+    assert run(uses_of("a:1")) == 3
+    assert dl.stop() == 0
+    # A file of another shape: the daemon starts, says why once, forgets, and replaces it.
+    state.write_text('{"version": 1, "models": {"a:1": "many"}}')
+    dl.start()
+    assert run(uses_of("a:1")) == 0
+    assert "tiering starts without its history" in dl.log()
+    assert dl.stop() == 0
+    assert json.loads(state.read_text())["models"] == {}
+    # A symlink in its place is not followed, and its target is untouched.
+    target = dl.lab.root / "secret"
+    target.write_text("root's")
+    state.unlink()
+    state.symlink_to(target)
+    dl.start()
+    assert run(uses_of("a:1")) == 0
+    assert dl.stop() == 0
+    assert target.read_text() == "root's"
+    assert not state.is_symlink()
