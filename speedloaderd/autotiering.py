@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from .catalog.types import Model as CatalogModel
 from .config import AutoTieringConfig
 from .errors import Cancelled, NoSpace, SpeedloaderError
@@ -682,3 +685,69 @@ def describe_plan(actions: Iterable[Action], sizes: dict[str, int]) -> list[str]
         else:
             out.append(f"promote {a.model} ({size}) to {a.pool}: {a.reason}")
     return out
+
+
+class TieringCollector(Collector):
+    """Automatic tiering's own series (Metrics.register), read at scrape time. Pools are
+    labels (a few); models never are (a catalog of 100,000 models makes no series here)."""
+
+    def __init__(self, tiering: AutoTiering) -> None:
+        self.tiering = tiering
+
+    def collect(self) -> Iterable[Metric]:
+        t = self.tiering
+        c = t.counters
+        yield GaugeMetricFamily(
+            "speedloader_tier_enabled",
+            "1 while automatic tiering is on (autoTiering.enabled), else 0.",
+            value=1 if t.enabled else 0,
+        )
+        yield GaugeMetricFamily(
+            "speedloader_tier_opens_watched",
+            "1 while the kernel's opens of model files are seen (fanotify), else 0.",
+            value=1 if t.watch.state == "watching" else 0,
+        )
+        by_pool = (
+            ("speedloader_tier_hits", "Uses of a model (a process opening its files) served "
+             "wholly from a pool.", c.hits),
+            ("speedloader_tier_hit_bytes", "Bytes of the models used from a pool (a use "
+             "counts the whole model: opens are seen, not reads).", c.hit_bytes),
+            ("speedloader_tier_promotions", "Automatic promotes that ended successfully.",
+             c.promotions),
+            ("speedloader_tier_copied_bytes", "Bytes automatic promotes copied into pools.",
+             c.copied_bytes),
+            ("speedloader_tier_evictions", "Automatic evictions (demotes) that ended "
+             "successfully, by the pool they left.", c.evictions),
+            ("speedloader_tier_thrash", "Models evicted within autoTiering.minResidency of "
+             "their promote, or promoted again within it of their eviction.", c.thrash),
+        )  # fmt: skip
+        for name, doc, counts in by_pool:
+            family = CounterMetricFamily(name, doc, labels=("pool",))
+            for pool, n in sorted(counts.items()):
+                family.add_metric((pool,), n)
+            yield family
+        yield CounterMetricFamily(
+            "speedloader_tier_misses",
+            "Uses of a model served (wholly or partly) from cold storage.",
+            value=c.misses,
+        )
+        yield CounterMetricFamily(
+            "speedloader_tier_miss_bytes",
+            "Bytes of the models used from cold storage (a use counts the whole model).",
+            value=c.miss_bytes,
+        )
+        yield CounterMetricFamily(
+            "speedloader_tier_failures",
+            "Automatic actions that could not start or failed (the log says why).",
+            value=c.failures,
+        )
+        yield CounterMetricFamily(
+            "speedloader_tier_open_events",
+            "File open events of model files read from the kernel.",
+            value=t.watch.events,
+        )
+        yield CounterMetricFamily(
+            "speedloader_tier_open_overflows",
+            "Times the kernel's queue of open events overflowed (opens were not seen).",
+            value=t.watch.overflows,
+        )

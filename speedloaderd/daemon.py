@@ -20,7 +20,7 @@ from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
-from .autotiering import AutoTiering
+from .autotiering import AutoTiering, TieringCollector
 from .backends.base import LoadedModel
 from .backends.watch import BackendWatch
 from .config import BackendConfig, Config, dump_config, remote_pool_path, save_config
@@ -114,6 +114,7 @@ class Daemon:
         self.metrics_export = MetricsExport(self.metrics.render)
         # Automatic tiering (autotiering.py): hears every event after the metrics.
         self.tiering = AutoTiering(self)
+        self.metrics.register(TieringCollector(self.tiering))
         self.listeners: list[Listener] = [self.metrics.on_event, self.tiering.on_event]
         if config is not None:
             self.engine = self._attach(Engine(config, config_path))

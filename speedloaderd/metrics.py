@@ -432,15 +432,9 @@ class Metrics:
             self.census.warm(self.daemon.engine)
 
     def register(self, collector: Collector) -> None:
-        """Add another collector to what is exported: the hook for the tiering policy.
-
-        speedloaderd/tiering/ registers one collector reading its own counters at scrape
-        time, with these names (the dashboard's hit-ratio panels already query them):
-        ``speedloader_tier_hits_total{pool}`` (opens served from a pool),
-        ``speedloader_tier_misses_total`` (opens served from cold storage),
-        ``speedloader_tier_evictions_total{pool}`` (automatic demotes) and
-        ``speedloader_tier_thrash_total{pool}`` (models evicted and promoted again within
-        the policy's window)."""
+        """Add another collector to what is exported: automatic tiering registers its own
+        (speedloaderd/autotiering.py, TieringCollector: speedloader_tier_*), read at scrape
+        time; the dashboard's hit-ratio and eviction panels query it."""
         self.registry.register(collector)
 
     def on_event(self, kind: EventKind, name: str) -> None:

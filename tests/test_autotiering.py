@@ -15,6 +15,7 @@ import math
 import os
 import re
 import stat
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .buslab import DaemonLab, run
 from .lab import MiB
 from .test_demote_policy import fakes, snapshot
 from .test_holders import Holder, holders
+from .test_metrics import free_port, samples, scrape, tool, value, wait_for, with_metrics
 
 __all__ = ["fakes", "holders"]  # the fixtures
 
@@ -113,6 +115,8 @@ def test_used_models_are_promoted_and_the_least_valuable_evicted_for_a_hotter_on
     daemon_factory,
 ):
     dl, m = tiering_lab(daemon_factory)
+    port = free_port()
+    with_metrics(dl, listen=f"127.0.0.1:{port}")
     dl.start()
 
     async def go() -> None:
@@ -156,6 +160,41 @@ def test_used_models_are_promoted_and_the_least_valuable_evicted_for_a_hotter_on
     log = dl.log()
     assert "automatic tiering plan:" in log
     assert "demote a:1 started: made room for c:1" in log
+    # Its metrics: the opens from cold storage (misses: a:1 twice, b:1 twice, c:1 until its
+    # promote), the promotes and the eviction, by pool; promtool accepts the exposition.
+    use(dl, m["b:1"])  # from RAM now: a hit
+    text = wait_for(lambda: _with_hit(port), WAIT, "a hit counted")
+    found = samples(text)
+    assert value(found, "speedloader_tier_enabled") == 1
+    assert value(found, "speedloader_tier_opens_watched") == 1
+    assert value(found, "speedloader_tier_promotions_total", pool="local") == 3
+    assert value(found, "speedloader_tier_evictions_total", pool="local") == 1
+    assert value(found, "speedloader_tier_copied_bytes_total", pool="local") == 3 * m_size(m)
+    assert value(found, "speedloader_tier_misses_total") >= 7
+    assert value(found, "speedloader_tier_hits_total", pool="local") >= 1
+    hits, misses = (
+        value(found, "speedloader_tier_hit_bytes_total", pool="local"),
+        value(found, "speedloader_tier_miss_bytes_total"),
+    )
+    assert hits > 0 and misses >= 7 * m_size(m) and hits % m_size(m) == 0
+    assert not [k for k in found if k[0] == "speedloader_tier_thrash_total"]  # window 0
+    assert value(found, "speedloader_tier_open_events_total") >= 9
+    check = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+
+
+def m_size(models: dict[str, OllamaModel]) -> int:
+    """The size of each of a:1, b:1, c:1 (the same layout: one layer, one config)."""
+    sizes = {sum(b.size for b in models[n].blobs) for n in NAMES}
+    assert len(sizes) == 1
+    return sizes.pop()
+
+
+def _with_hit(port: int) -> str | None:
+    text = scrape(port)
+    return text if 'speedloader_tier_hits_total{pool="local"}' in text else None
 
 
 async def _tier_is(c: Client, name: str, tier: str) -> bool:
