@@ -1,5 +1,9 @@
 """A real speedloader engine process for the crash tests: start (recovery included), print
-READY, run one promote or demote, print DONE. The test SIGKILLs it at random instants."""
+READY, run one promote or demote, print DONE. The test SIGKILLs it at random instants.
+
+``auto``: the whole daemon instead (speedloaderd.daemon.Daemon, without the bus), with
+automatic tiering on: READY once started, DONE once the automatic jobs it started on the
+model (the promote or the eviction its plan made) have ended."""
 
 from __future__ import annotations
 
@@ -8,10 +12,28 @@ import sys
 from pathlib import Path
 
 from speedloaderd.config import load_config
+from speedloaderd.daemon import Daemon
 from speedloaderd.engine import Engine
 
 
+async def auto(config_path: str, model: str) -> None:
+    config, path = load_config(Path(config_path))
+    daemon = Daemon(config, path)
+    await daemon.start()
+    print("READY", flush=True)
+    while True:
+        engine = daemon.engine
+        assert engine is not None, daemon.config_error
+        mine = [j for j in engine.jobs.values() if j.model == model and j.reason]
+        if mine and all(j.finished for j in mine):
+            break
+        await asyncio.sleep(0.02)
+    print("DONE", flush=True)
+
+
 async def main(config_path: str, op: str, model: str) -> None:
+    if op == "auto":
+        return await auto(config_path, model)
     config, _ = load_config(Path(config_path))
     engine = Engine(config)
     await engine.start()

@@ -23,6 +23,7 @@ from speedloader_lab.modelgen import make_ollama_model
 from speedloaderd.config import dump_config
 from speedloaderd.modelsdir import LINK_TMP_MARKER, META_TMP_MARKER
 from speedloaderd.roots import is_partial
+from speedloaderd.tiering import Access, Policy, Settings
 
 from .lab import MiB, run
 
@@ -30,9 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = int(os.environ.get("SPEEDLOADER_CRASH_ITERATIONS", "40"))
 
 
-def spawn(lab, op: str, model: str) -> subprocess.Popen:
+def spawn(lab, op: str, model: str, config: Path | None = None) -> subprocess.Popen:
+    config = config or lab.config_path
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_worker", str(lab.config_path), op, model],
+        [sys.executable, "-m", "tests.crash_worker", str(config), op, model],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -46,10 +48,10 @@ def read_line(proc: subprocess.Popen, timeout: float = 60.0) -> str:
     return proc.stdout.readline().strip()
 
 
-def timed_run(lab, op: str, model: str) -> tuple[float, float]:
+def timed_run(lab, op: str, model: str, config: Path | None = None) -> tuple[float, float]:
     """Run one op to completion; return (start-up seconds, op seconds)."""
     t0 = time.monotonic()
-    proc = spawn(lab, op, model)
+    proc = spawn(lab, op, model, config)
     assert read_line(proc) == "READY"
     t1 = time.monotonic()
     assert read_line(proc) == "DONE"
@@ -147,3 +149,82 @@ def test_sigkill_at_random_points_of_promote_demote_and_startup(lab):
 
 def enough(outcomes: dict[str, int]) -> bool:
     return outcomes["interrupted"] >= ITERATIONS // 3 and outcomes["replayed"] >= 3
+
+
+# --- the same for automatic tiering's own promotes and evictions ------------------------------
+
+AUTO_ITERATIONS = int(os.environ.get("SPEEDLOADER_CRASH_AUTO_ITERATIONS", "12"))
+
+
+def seed_uses(lab, model: str) -> None:
+    """A tiering history in which ``model`` was used three times in the last seconds: the
+    daemon's first plan promotes it (tiering.json, as autotiering.py reads it)."""
+    policy = Policy(Settings(coalesce=0))
+    now = time.time()
+    for ago in (3, 2, 1):
+        policy.record(Access(model, 0, now - ago))
+    lab.state.mkdir(mode=0o755, exist_ok=True)
+    (lab.state / "tiering.json").write_text(policy.to_json())
+
+
+def test_sigkill_during_automatic_promotes_and_evictions(lab):
+    """The daemon (not only the engine) with tiering on, killed while its plan promotes a
+    model it saw used (config A) or evicts it from a pool above its high watermark (config
+    B, whose watermarks a 128 MiB model in a 256 MiB pool passes); restarts stay consistent
+    by the same invariants as above. other:1 is pinned: a pin is never evicted."""
+    other = make_ollama_model(lab.cold, "other:1", [4 * MiB])
+    big = make_ollama_model(lab.cold, "big:1", [other.layers[0], 96 * MiB, 32 * MiB, 2048])
+    lab.seal()
+    config = lab.config(pools=(("local", 256 * MiB, 100),), pinned={"other:1": "local"})
+    tiering = {"enabled": True, "minResidency": 0, "coalesce": 0, "interval": 1}
+    paths = {}
+    for op, marks in (("promote", {}), ("evict", {"highWatermark": 0.3, "lowWatermark": 0.2})):
+        data = dump_config(config) | {"autoTiering": tiering | marks}
+        paths[op] = lab.root / f"config-{op}.json"
+        paths[op].write_text(json.dumps(data))
+    blobs = [b.rel for b in big.blobs if b != other.layers[0]]
+
+    seed_uses(lab, "big:1")
+    start_s, promote_s = timed_run(lab, "auto", "big:1", paths["promote"])
+    _, evict_s = timed_run(lab, "auto", "big:1", paths["evict"])
+    assert run(_state_after_restart(lab, config, blobs)) == "cold"
+
+    rng = random.Random(int(os.environ.get("SPEEDLOADER_CRASH_SEED", "20261202")))
+    state = "cold"
+    outcomes = {"interrupted": 0, "replayed": 0, "finished": 0, "startup": 0}
+    for i in range(3 * AUTO_ITERATIONS):
+        if i >= AUTO_ITERATIONS and enough_auto(outcomes):
+            break
+        op = "promote" if state == "cold" else "evict"
+        if op == "promote":
+            seed_uses(lab, "big:1")
+        proc = spawn(lab, "auto", "big:1", paths[op])
+        if i % 4 == 3:  # every fourth kill lands in start-up (recovery, the first plan)
+            time.sleep(rng.uniform(0, start_s))
+            outcomes["startup"] += 1
+        else:
+            assert read_line(proc) == "READY"
+            time.sleep(rng.uniform(0, 1.3 * (promote_s if op == "promote" else evict_s)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read()
+        outcomes["finished" if "DONE" in rest else "interrupted"] += 1
+        pending = [n for n in os.listdir(lab.state / "journal") if n.endswith(".json")]
+        state = run(_state_after_restart(lab, config, blobs))
+        if pending:
+            outcomes["replayed"] += 1
+
+    print(f"automatic tiering crash outcomes over {i + 1} kills: {outcomes}")
+    assert enough_auto(outcomes), outcomes
+
+
+async def _state_after_restart(lab, config, blobs: list[str]) -> str:
+    engine = await lab.engine(config)
+    try:
+        return check_invariants(lab, engine, blobs)
+    finally:
+        engine.close()
+
+
+def enough_auto(outcomes: dict[str, int]) -> bool:
+    return outcomes["interrupted"] >= AUTO_ITERATIONS // 3 and outcomes["replayed"] >= 2
