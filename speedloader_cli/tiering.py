@@ -124,10 +124,11 @@ def _policy_line(s: dict[str, Any]) -> str:
         return _seconds(float(value)) if isinstance(value, (int, float)) else "?"
 
     return (
-        f"policy {s.get('policy')}: high watermark {pct('highWatermark')}, low "
-        f"{pct('lowWatermark')}; minimum residency {dur('minResidency')}; half-life "
-        f"{dur('halfLife')}; promote after {s.get('admitAccesses')} uses; opens within "
-        f"{dur('coalesce')} are one use; a plan every {dur('interval')}"
+        f"policy {s.get('policy')}: high watermark {pct('highWatermark')}, low watermark "
+        f"{pct('lowWatermark')}, minimum residency {dur('minResidency')}, half-life "
+        f"{dur('halfLife')}\n"
+        f"uses: promote after {s.get('admitAccesses')}; opens within {dur('coalesce')} are "
+        f"one use; a plan every {dur('interval')}"
     )
 
 
