@@ -170,6 +170,11 @@ def test_automatic_jobs_show_their_reason_in_slctl_jobs(daemon_factory):
 
             await until(c, "a:1 promoted by tiering", hot)
 
+            async def next_eviction() -> bool:  # set by the pass after the promote
+                return bool((await c.get_all(ROOT, MANAGER))["TieringNextEviction"])
+
+            await until(c, "the next eviction", next_eviction)
+
     run(promoted())
     r = slctl(dl, "jobs")
     assert r.returncode == 0, r.stderr
