@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import click
 
+from speedloader_client import fmt
 from speedloader_client.client import Client, ClientError
 from speedloader_client.records import Job
 
@@ -75,6 +76,17 @@ def model_rows(snap: Snapshot) -> list[list[str]]:
         [m.name, m.format, format_size(m.size_bytes), m.tier, m.pinned_pool or "-", m.state]
         for m in snap.models
     ]
+
+
+def job_reasons(jobs: list[Job]) -> list[str]:
+    """One line per job the daemon started itself (automatic tiering), saying why:
+    ``job 12: promote a:1 → local (auto: used 4x in 1 h)``; none for a caller's job."""
+    lines = []
+    for j in jobs:
+        said = fmt.job_reason(j.operation, j.model, j.pool, j.reason)
+        if said:
+            lines.append(f"job {j.id}: {said}")
+    return lines
 
 
 def job_rows(jobs: list[Job]) -> list[list[str]]:

@@ -7,12 +7,14 @@ import asyncio
 import click
 from dbus_fast import Message
 
+from speedloader_client import fmt
 from speedloader_client.client import JOB, Client, ClientError, job_path
 from speedloader_client.records import Job, job_id
 
 from .common import (
     CONTEXT,
     JSON,
+    job_reasons,
     job_rows,
     run,
 )
@@ -51,6 +53,8 @@ def jobs(ctx: click.Context, as_json: bool) -> None:
         if rows
         else "no jobs"
     )
+    for line in job_reasons(snap.jobs):
+        click.echo(line)
 
 
 @jobs.command("cancel", context_settings=CONTEXT)
@@ -90,8 +94,13 @@ def jobs_watch(until_idle: bool) -> None:
                 click.echo(f"job {job_id(path)}: {label}")
                 following[path] = asyncio.ensure_future(follow_all(client, [Followed(path, label)]))
 
+        def label(j: Job) -> str:  # an automatic job says why it runs
+            return fmt.job_reason(j.operation, j.model, j.pool, j.reason) or (
+                f"{j.operation} {j.model or j.pool}"
+            )
+
         for j in snap.running_jobs:
-            watch(j.path, f"{j.operation} {j.model or j.pool}")
+            watch(j.path, label(j))
         while True:
             if until_idle and all(t.done() for t in following.values()) and started.empty():
                 return
@@ -100,7 +109,7 @@ def jobs_watch(until_idle: bool) -> None:
             except TimeoutError:
                 continue
             j = Job.from_props(path, await client.get_all(path, JOB))
-            watch(path, f"{j.operation} {j.model or j.pool}")
+            watch(path, label(j))
 
     try:
         run(body)

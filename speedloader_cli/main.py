@@ -17,7 +17,7 @@ import click
 from speedloader_client.client import printable
 from speedloaderd import __version__
 
-from . import configuration, install, jobs, models, pools, status
+from . import configuration, install, jobs, models, pools, status, tiering
 from .common import CONTEXT
 from .errors import CliError, Exit
 
@@ -38,6 +38,7 @@ def cli() -> None:
       slctl demote llama3:8b           back to cold storage, freeing the RAM
       slctl pin llama3:70b local       always keep that model in pool 'local'
       slctl pool resize local 64G      grow or shrink a tmpfs pool live
+      slctl tiering status             what automatic tiering keeps in RAM, and why
 
     Exit codes: 0 done, 1 failed, 2 bad usage or argument, 3 daemon not reachable,
     4 not authorized.
@@ -74,6 +75,7 @@ for command in (
     pools.init,
     jobs.jobs,
     configuration.config,
+    tiering.tiering,
     install.install,
     install.uninstall,
 ):

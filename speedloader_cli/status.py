@@ -14,6 +14,7 @@ from speedloader_client.records import COLD
 from .common import (
     CONTEXT,
     JSON,
+    job_reasons,
     job_rows,
     model_rows,
     pool_rows,
@@ -94,6 +95,8 @@ def status(as_json: bool) -> None:
                 job_rows(snap.running_jobs),
             )
         )
+        for line in job_reasons(snap.running_jobs):
+            click.echo(line)
 
 
 @click.command(context_settings=CONTEXT)

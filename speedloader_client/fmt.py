@@ -70,3 +70,30 @@ def last_used(last_used_us: int, load_count: int, now: float) -> str:
         return UNKNOWN
     when = ago(now - last_used_us / 1_000_000) if last_used_us else "never"
     return f"{when}, {load_count} load{'' if load_count == 1 else 's'}"
+
+
+def tiering(state: str, paused: str) -> str:
+    """Automatic tiering as the Manager says it: ``on``, ``on, paused: <why>``, ``off``."""
+    if state != "on":
+        return "off"
+    return f"on, paused: {paused}" if paused else "on"
+
+
+def job_reason(operation: str, model: str, pool: str, reason: str) -> str:
+    """A job the daemon started itself, and why: ``promote a:1 → local (auto: used 4x in
+    1 h)``, ``demote a:1 from local (made room for c:1 ...)``; "" for a caller's job (it
+    has no reason)."""
+    if not reason:
+        return ""
+    what = f"{operation} {model}".strip()
+    if pool:
+        what += f" → {pool}" if operation == "promote" else f" from {pool}"
+    return f"{what} ({reason})"
+
+
+def plan_action(action: str, model: str, pool: str, reason: str) -> str:
+    """One action of Manager.TieringPlan: ``promote a:1 to local: used 2x in 1 h``, ``evict
+    b:1 from local: ...`` (an eviction's pool is the one it leaves)."""
+    if action == "evict":
+        return f"evict {model} from {pool}: {reason}"
+    return f"{action} {model} to {pool}: {reason}"

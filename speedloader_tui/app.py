@@ -163,6 +163,8 @@ class SpeedloaderApp(App[None]):
     def redraw(self, parts: set[str]) -> None:
         if MODELS in parts or POOLS in parts:
             self.ui.query_one(ModelsPane).redraw(self.state)
+        elif MANAGER_PART in parts:  # tiering on/off and the next eviction, under the pools
+            self.ui.query_one(ModelsPane).redraw_pools(self.state)
         if POOLS in parts:
             self.ui.query_one(TiersPane).redraw(self.state)
         if MODELS in parts or MANAGER_PART in parts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from speedloader_client.fmt import UNKNOWN, eta, held, model_use, rate, size
+from speedloader_client.fmt import UNKNOWN, eta, held, job_reason, model_use, rate, size, tiering
 
 __all__ = [
     "STATE_STYLES",
@@ -13,10 +13,12 @@ __all__ = [
     "bar",
     "eta",
     "held",
+    "job_reason",
     "model_use",
     "rate",
     "size",
     "state",
+    "tiering",
     "usage_style",
 ]
 

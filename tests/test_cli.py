@@ -67,8 +67,9 @@ def test_status_json_contract(daemon):
     for m in data["models"]:
         assert set(m) == {
             "name", "format", "sizeBytes", "tier", "pinnedPool", "state", "problems",
-            "loaded", "holders", "lastUsed", "loadCount",
+            "loaded", "holders", "lastUsed", "loadCount", "useCount", "value", "why",
         }  # fmt: skip
+        assert m["useCount"] == 0 and m["value"] == 0 and m["why"] == ""
         assert m["loaded"] is False and m["holders"] == []
         assert m["lastUsed"] is None and m["loadCount"] == 0  # no backend answers here
         assert m["problems"] == []
@@ -292,6 +293,8 @@ def test_help_everywhere_has_examples():
         ("health",),
         ("install",),
         ("completion",),
+        ("tiering",),
+        ("tiering", "status"),
     ):
         r = subprocess.run([SLCTL, *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (args, r.stderr)

@@ -14,7 +14,7 @@ from speedloader_tui.app import SpeedloaderApp
 from speedloader_tui.screens.dialogs import ConfirmScreen, PickPoolScreen
 
 from .buslab import GUEST, as_user, run
-from .tui_helpers import SIZE, loaded, mask, notifications, rows, transfer_rows, wait
+from .tui_helpers import SIZE, loaded, mask, notifications, row_text, rows, transfer_rows, wait
 
 
 def test_models_tab_shows_the_daemons_models(daemon):
@@ -521,3 +521,43 @@ def test_a_degraded_pools_problem_is_on_its_card(daemon):
 
     shown = run(scenario())
     assert "degraded" in shown and problem in shown
+
+
+def test_why_a_model_is_hot_its_uses_and_the_next_eviction_show(daemon_factory):
+    """Automatic tiering on, a model opened twice through the models dir: the daemon promotes
+    it by itself; the dashboard says why it is hot, how often it was used, that tiering is
+    on and what the next eviction would take, and the job's reason in Transfers."""
+    from .test_autotiering import tiering_lab, use
+
+    dl, models = tiering_lab(daemon_factory)
+    dl.start()
+
+    async def scenario():
+        app = SpeedloaderApp(dl.address, show_path=mask(str(dl.lab.root)))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait(app, loaded(app))
+            strip = app.ui.query_one("#pool-strip")
+
+            def tiering() -> str:
+                return str(strip.render()).splitlines()[-1]
+
+            assert tiering() == "automatic tiering on  next eviction: none"
+            use(dl, models["a:1"], 2)
+            await wait(app, lambda: rows(app, "hot") == ["a:1"])
+            key = app.state.model_by_name("a:1").path
+            await wait(app, lambda: row_text(app, "hot", key)[4:] == ["2", "auto: used 2x in 1 h"])
+            await wait(
+                app,
+                lambda: (
+                    tiering()
+                    == "automatic tiering on  next eviction: a:1 from local (used 2x in 1 h)"
+                ),
+            )
+            await pilot.press("3")
+            await wait(app, lambda: bool(transfer_rows(app)))
+            return row_text(app, "hot", key), transfer_rows(app)
+
+    hot, transfers = run(scenario())
+    assert hot[0] == "a:1" and hot[2] == "local", hot
+    (job,) = transfers.values()
+    assert job[1] == "promote a:1 → local" and job[7].startswith("auto: used 2x in 1 h"), job

@@ -36,6 +36,10 @@ polled. Actions go to the daemon, which asks polkit whether you may.
 | `c` | cancel the selected model's running transfer |
 | `i` / `u` | pin to a pool you pick / unpin |
 
+Under the pools: whether automatic tiering is on and which model its next eviction
+would take. In HOT, *Uses* counts the uses automatic tiering saw and *Why* says why a
+model is in RAM ("pinned to local", "in use (loaded)", "auto: used 4x in 1 h").
+
 ## Tiers (select a card with Tab or a click)
 
 | key | does |

@@ -28,15 +28,19 @@ SORTS: dict[str, Callable[[Model], Any]] = {
     "tier": lambda m: (m.tier, m.name),
     "format": lambda m: (m.format, m.name),
     "pin": lambda m: (m.pinned_pool == "", m.pinned_pool, m.name),
+    "uses": lambda m: (-m.use_count, m.name),  # most used first
 }
 SORT_ORDER = list(SORTS)
 
+# A hot model's pin is in its Why ("pinned to local"): no Pinned column here, so that the
+# Why fits beside the COLD column (which is narrower: 3fr to 2fr, speedloader.tcss).
 HOT_COLUMNS = (
     ("name", "Model"),
     ("size", "Size"),
     ("tier", "Pool"),
-    ("pin", "Pinned"),
     ("state", "State"),
+    ("uses", "Uses"),
+    ("why", "Why"),  # why it is hot: "pinned to local", "in use (loaded)", "auto: used 4x in 1 h"
 )
 COLD_COLUMNS = (
     ("name", "Model"),
@@ -56,6 +60,9 @@ def model_cells(m: Model, columns: Sequence[tuple[str, str]]) -> list[Any]:
         "format": Text(m.format),
         "pin": Text(m.pinned_pool or ""),
         "state": _state_cell(m),
+        # Uses automatic tiering has seen; blank for none (most models, when it is off).
+        "uses": Text(str(m.use_count) if m.use_count else "", justify="right"),
+        "why": Text(m.why, style="cyan"),
     }
     return [cells[key] for key, _ in columns]
 
@@ -89,6 +96,19 @@ def pool_line(
     line.append("  ")
     line.append_text(fmt.state(p.state or "unknown"))
     line.append(f"  {show_path(p.mount)}", style="dim")
+    return line
+
+
+def tiering_line(state: DaemonState) -> Text:
+    """Automatic tiering under the pools: on or off (paused, and why), and the model the
+    next eviction would take, as the Manager says (TieringNextEviction)."""
+    m = state.manager
+    line = Text("automatic tiering ", style="dim")
+    style = "dim" if m.tiering != "on" else "yellow" if m.tiering_paused else "bold green"
+    line.append(fmt.tiering(m.tiering, m.tiering_paused), style=style)
+    if m.tiering == "on":
+        line.append("  next eviction: ", style="dim")
+        line.append(m.tiering_next_eviction or "none")  # the daemon's words: literal
     return line
 
 
@@ -193,17 +213,21 @@ class ModelsPane(Vertical):
         self._set(
             "#cold-title",
             f"COLD — storage only: {len(cold)} model(s)"
-            + (f"   (filter: {len(shown)} of {len(state.models)})" if needle else ""),
+            + (f" (filter: {len(shown)}/{len(state.models)})" if needle else ""),
         )
 
     def redraw_pools(self, state: DaemonState) -> None:
         """The pool strip: also at the transfers' pace, as it shows the copies under way."""
         pools = fastest_first(state.pools.values())
         if pools:
-            lines = (pool_line(p, 24, self.show_path, pool_jobs(state, p)) for p in pools)
-            self._set("#pool-strip", Text("\n").join(lines))
+            lines = [pool_line(p, 24, self.show_path, pool_jobs(state, p)) for p in pools]
         else:
-            self._set("#pool-strip", Text("no RAM pools configured", style="dim"))
+            lines = [Text("no RAM pools configured", style="dim")]
+        # Tiering as the daemon says it; not while it is away or has no configuration
+        # (then there is no tiering to speak of, and the banner says why).
+        if state.online and state.manager.config_valid:
+            lines.append(tiering_line(state))
+        self._set("#pool-strip", Text("\n").join(lines))
 
     def _set(self, selector: str, content: Text | str) -> None:
         """Update a Static only when its content changed (an update costs a layout)."""

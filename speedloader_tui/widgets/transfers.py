@@ -57,6 +57,8 @@ def job_cells(job: Job, now: float) -> list[Any]:
         message = Text(f"step: {job.step}", style="yellow")
     else:
         message = Text(job.message, style="dim")
+    if job.reason:  # started by automatic tiering: why, before what it said
+        message = Text.assemble((job.reason, "cyan"), "  " if message else "", message)
     return [
         Text(f"#{job.id}", style="dim"),
         Text(what),  # the daemon's names: literal, never markup
