@@ -170,6 +170,9 @@ def test_status_json_returns_every_model_in_its_shape(big: Served):
         "holders",
         "lastUsed",
         "loadCount",
+        "useCount",
+        "value",
+        "why",
     }
     assert [p["name"] for p in doc["pools"]] == ["local"]
     big.assert_alive()
