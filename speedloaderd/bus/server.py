@@ -268,9 +268,10 @@ def model_values(
     usage: tuple[int, int] = (0, 0),
     tiering: AutoTiering | None = None,
 ) -> dict[str, Any]:
+    # LastUsed stays the backend's word (usage.py); the opens tiering saw are in UseCount
+    # and Why.
     last_used, uses, value, why = usage[0], 0, 0.0, ""
     if tiering is not None:
-        last_used = max(last_used, tiering.last_used(st.name))
         uses = min(tiering.use_count(st.name), MAX_U32)
         value = tiering.value(st.name)
         why = tiering.why(st.name, st.tier, st.pinned_pool)
