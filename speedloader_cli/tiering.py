@@ -79,6 +79,12 @@ def known_models(snap: Snapshot) -> list[Model]:
     return sorted(known, key=lambda m: (-m.value, m.name))
 
 
+# A model in ``slctl tiering status --json``: these keys of ``slctl status --json``'s model
+# (records.Model.to_json, the one spelling of them).
+MODEL_KEYS = ("name", "tier", "state", "pinnedPool", "sizeBytes", "useCount", "value",
+              "lastUsed", "why")  # fmt: skip
+
+
 def status_json(snap: Snapshot, settings: dict[str, Any]) -> dict[str, Any]:
     """``slctl tiering status --json``: a contract with scripts (add keys, never rename or
     remove one; tests/test_cli.py pins them)."""
@@ -90,18 +96,7 @@ def status_json(snap: Snapshot, settings: dict[str, Any]) -> dict[str, Any]:
         "settings": settings,
         "nextEviction": m.tiering_next_eviction or None,
         "models": [
-            {
-                "name": v.name,
-                "tier": v.tier,
-                "state": v.state,
-                "pinnedPool": v.pinned_pool or None,
-                "sizeBytes": v.size_bytes,
-                "useCount": v.use_count,
-                "value": v.value,
-                "lastUsed": v.to_json()["lastUsed"],
-                "why": v.why,
-            }
-            for v in known_models(snap)
+            {k: j[k] for k in MODEL_KEYS} for j in (v.to_json() for v in known_models(snap))
         ],
     }
 

@@ -262,11 +262,6 @@ class AutoTiering:
         uses = self.policy.history.models.get(name)
         return uses.count if uses is not None else 0
 
-    def last_used(self, name: str) -> int:
-        """µs since the epoch of the last use seen (0: none)."""
-        uses = self.policy.history.models.get(name)
-        return int(uses.last * 1_000_000) if uses is not None and uses.count else 0
-
     def value(self, name: str) -> float:
         return self.policy.value(name, time.time())
 
@@ -298,10 +293,10 @@ class AutoTiering:
 
     def _next_eviction(self, models: list[Model], now: float) -> str:
         """The model the next eviction would take ("model from pool (why)"), or ""."""
-        ok = [m for m in models if m.pool is not None and self.policy.may_evict(m, now)]
+        ok = self.policy.evictable(models, now)
         if not ok:
             return ""
-        m = min(ok, key=lambda m: (self.policy.value(m.name, now), -m.size, m.name))
+        m = ok[0]
         return f"{m.name} from {m.pool} ({self.policy.why(m.name, now)})"
 
     async def _run(self) -> None:
@@ -343,7 +338,8 @@ class AutoTiering:
         actions = self.policy.plan(models, pools, now)
         self.last_plan = actions
         if actions:
-            log.info("automatic tiering plan: %s", "; ".join(describe_plan(actions, {})))
+            sizes = {m.name: m.size for m in models}
+            log.info("automatic tiering plan: %s", "; ".join(describe_plan(actions, sizes)))
         for action in actions:
             if self._stopping or not self.enabled or self.daemon.engine is not engine:
                 return

@@ -307,18 +307,23 @@ def test_shell_completion_offers_model_and_pool_names(daemon):
     for shell in ("bash", "zsh", "fish"):
         r = slctl(daemon, "completion", shell)
         assert r.returncode == 0 and "_SLCTL_COMPLETE" in r.stdout
+    offered = bash_complete(daemon, "slctl promote ti", 2)
+    assert "plain,tiny:1b" in offered, offered
+    offered = bash_complete(daemon, "slctl pool resize lo", 3)
+    assert "plain,local" in offered, offered
+
+
+def bash_complete(daemon, words: str, cword: int) -> list[str]:
+    """What bash's completion of slctl offers for ``words`` (click's ``type,value`` lines),
+    with the daemon on the test bus to ask for names."""
     env = {
         **os.environ,
         "DBUS_SYSTEM_BUS_ADDRESS": daemon.address,
         "_SLCTL_COMPLETE": "bash_complete",
-        "COMP_WORDS": "slctl promote ti",
-        "COMP_CWORD": "2",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(cword),
     }
-    r = subprocess.run([SLCTL], capture_output=True, text=True, env=env)
-    assert "plain,tiny:1b" in r.stdout.splitlines(), r.stdout
-    env |= {"COMP_WORDS": "slctl pool resize lo", "COMP_CWORD": "3"}
-    r = subprocess.run([SLCTL], capture_output=True, text=True, env=env)
-    assert "plain,local" in r.stdout.splitlines(), r.stdout
+    return subprocess.run([SLCTL], capture_output=True, text=True, env=env).stdout.splitlines()
 
 
 # --- progress and Ctrl-C on a terminal --------------------------------------------------------

@@ -6,7 +6,6 @@ the daemon sees the opens by fanotify) while tiering is off, so nothing moves.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 from speedloader_client.client import MANAGER
@@ -14,7 +13,7 @@ from speedloaderd.bus.names import ROOT
 
 from .buslab import ADMIN, run
 from .test_autotiering import in_pool, jobs, model, tiering_lab, tiers, until, use
-from .test_cli import SLCTL, one_error_line, slctl
+from .test_cli import SLCTL, bash_complete, one_error_line, slctl
 
 SETTINGS = {
     "enabled", "policy", "highWatermark", "lowWatermark", "minResidency", "halfLife",
@@ -194,16 +193,8 @@ def test_help_and_completion_of_the_tiering_commands(daemon):
         r = subprocess.run([SLCTL, *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "Usage: slctl tiering" in r.stdout, r.stderr
         assert "Examples:" in r.stdout
-    env = {
-        **os.environ,
-        "DBUS_SYSTEM_BUS_ADDRESS": daemon.address,
-        "_SLCTL_COMPLETE": "bash_complete",
-        "COMP_WORDS": "slctl tiering ",
-        "COMP_CWORD": "2",
-    }
-    r = subprocess.run([SLCTL], capture_output=True, text=True, env=env)
-    offered = {line.split(",", 1)[1] for line in r.stdout.splitlines()}
-    assert offered == {"status", "plan", "on", "off"}, r.stdout
-    env |= {"COMP_WORDS": "slctl ti", "COMP_CWORD": "1"}
-    r = subprocess.run([SLCTL], capture_output=True, text=True, env=env)
-    assert "plain,tiering" in r.stdout.splitlines(), r.stdout
+    lines = bash_complete(daemon, "slctl tiering ", 2)
+    offered = {line.split(",", 1)[1] for line in lines}
+    assert offered == {"status", "plan", "on", "off"}, lines
+    lines = bash_complete(daemon, "slctl ti", 1)
+    assert "plain,tiering" in lines, lines

@@ -60,6 +60,34 @@ def timed_run(lab, op: str, model: str, config: Path | None = None) -> tuple[flo
     return t1 - t0, t2 - t1
 
 
+def kill_at_random(
+    proc: subprocess.Popen,
+    rng: random.Random,
+    in_startup: bool,
+    start_s: float,
+    op_s: float,
+    outcomes: dict[str, int],
+) -> None:
+    """SIGKILL the worker at a random instant of its start-up (``in_startup``) or of its
+    operation (up to 1.3 times its measured length: some kills land after it), and count
+    whether the operation finished first."""
+    if in_startup:
+        time.sleep(rng.uniform(0, start_s))
+        outcomes["startup"] += 1
+    else:
+        assert read_line(proc) == "READY"
+        time.sleep(rng.uniform(0, 1.3 * op_s))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rest = proc.stdout.read()
+    outcomes["finished" if "DONE" in rest else "interrupted"] += 1
+
+
+def journal_entries(lab) -> list[str]:
+    """Complete entries only: one killed while being written never described a started op."""
+    return [n for n in os.listdir(lab.state / "journal") if n.endswith(".json")]
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -119,18 +147,10 @@ def test_sigkill_at_random_points_of_promote_demote_and_startup(lab):
             break
         op = "promote" if state == "cold" else "demote"
         proc = spawn(lab, op, "big:1")
-        if i % 5 == 4:  # every fifth kill lands in start-up, i.e. inside recovery itself
-            time.sleep(rng.uniform(0, start_s))
-            outcomes["startup"] += 1
-        else:
-            assert read_line(proc) == "READY"
-            time.sleep(rng.uniform(0, 1.3 * (promote_s if op == "promote" else demote_s)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read()
-        outcomes["finished" if "DONE" in rest else "interrupted"] += 1
-        # Complete entries only: one killed while being written never described a started op.
-        pending = [n for n in os.listdir(lab.state / "journal") if n.endswith(".json")]
+        # every fifth kill lands in start-up, i.e. inside recovery itself
+        op_s = promote_s if op == "promote" else demote_s
+        kill_at_random(proc, rng, i % 5 == 4, start_s, op_s, outcomes)
+        pending = journal_entries(lab)
 
         async def restart():
             engine = await lab.engine(config)
@@ -199,17 +219,10 @@ def test_sigkill_during_automatic_promotes_and_evictions(lab):
         if op == "promote":
             seed_uses(lab, "big:1")
         proc = spawn(lab, "auto", "big:1", paths[op])
-        if i % 4 == 3:  # every fourth kill lands in start-up (recovery, the first plan)
-            time.sleep(rng.uniform(0, start_s))
-            outcomes["startup"] += 1
-        else:
-            assert read_line(proc) == "READY"
-            time.sleep(rng.uniform(0, 1.3 * (promote_s if op == "promote" else evict_s)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read()
-        outcomes["finished" if "DONE" in rest else "interrupted"] += 1
-        pending = [n for n in os.listdir(lab.state / "journal") if n.endswith(".json")]
+        # every fourth kill lands in start-up (recovery, the first plan)
+        op_s = promote_s if op == "promote" else evict_s
+        kill_at_random(proc, rng, i % 4 == 3, start_s, op_s, outcomes)
+        pending = journal_entries(lab)
         state = run(_state_after_restart(lab, config, blobs))
         if pending:
             outcomes["replayed"] += 1

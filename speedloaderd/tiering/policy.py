@@ -336,13 +336,17 @@ class Policy:
         """The evictions (least valuable first) that let ``need`` more bytes into ``pool``
         without passing its high watermark; [] if they fit already, None if they cannot.
         For a manual promote when tiering is on: it makes room the way the plan does."""
-        models = sorted(models, key=lambda m: m.name)
-        ok = [m for m in models if m.pool == pool.name and self.may_evict(m, now)]
-        ok.sort(key=lambda m: (self.value(m.name, now), -m.size, m.name))
+        ok = self.evictable([m for m in models if m.pool == pool.name], now)
         victims = self._victims(_Room(pool), ok, need)
         if victims is None:
             return None
         return [Evict(v.name, f"made room for a promote into {pool.name}") for v in victims]
+
+    def evictable(self, models: Iterable[Model], now: float) -> list[Model]:
+        """The models in a pool that may be evicted now, least valuable first (ties: the
+        larger, then by name), as make_room takes them; the first is the next eviction."""
+        ok = [m for m in models if m.pool is not None and self.may_evict(m, now)]
+        return sorted(ok, key=lambda m: (self.value(m.name, now), -m.size, m.name))
 
     def _evicted_lately(self, model: str, now: float) -> bool:
         uses = self.history.models.get(model)
