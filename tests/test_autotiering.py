@@ -21,7 +21,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from speedloader_client.client import JOB, MANAGER, MODEL, Client
+import pytest
+
+from speedloader_client.client import JOB, MANAGER, MODEL, Client, ClientError
 from speedloader_lab.fake_backend import FakeProcess
 from speedloader_lab.modelgen import OllamaModel, make_ollama_model
 from speedloaderd.bus.names import ROOT, model_path
@@ -417,3 +419,38 @@ def test_the_history_survives_a_restart_and_a_bad_state_file_starts_it_afresh(da
     assert dl.stop() == 0
     assert target.read_text() == "root's"
     assert not state.is_symlink()
+
+
+# --- bad settings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tiering", "said"),
+    [
+        ({"lowWatermark": 0.99}, "0 < lowWatermark < highWatermark <= 1"),
+        ({"policy": "arc"}, "policy 'arc' is unknown: use one of gdsf, lru"),
+        ({"interval": 0}, "autoTiering.interval = 0"),
+        ({"admitAccesses": 0}, "admitAccesses must be 1 to 16"),
+        ({"halfLife": 5}, "halfLife must be 60 to 2592000 seconds"),
+        ({"enabeld": True}, "unknown key 'enabeld'"),
+    ],
+)
+def test_bad_tiering_settings_are_refused_by_name_and_change_nothing(daemon_factory, tiering, said):
+    dl, _ = tiering_lab(daemon_factory, enabled=False)
+    dl.start()
+    saved = dl.lab.config_path.read_bytes()
+
+    async def go() -> None:
+        async with await dl.client() as c:
+            before = await c.manager("GetConfig")
+            data = json.loads(before)
+            data["autoTiering"] |= {"enabled": True, **tiering}
+            with pytest.raises(ClientError) as exc:
+                await c.manager("SetConfig", "s", json.dumps(data))
+            assert exc.value.name == "InvalidArgument", exc.value
+            assert said in exc.value.message, exc.value.message
+            assert await c.manager("GetConfig") == before
+            assert (await c.get_all(ROOT, MANAGER))["Tiering"] == "off"
+
+    run(go())
+    assert dl.lab.config_path.read_bytes() == saved
