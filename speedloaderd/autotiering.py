@@ -140,6 +140,7 @@ class AutoTiering:
         self._task: asyncio.Task[None] | None = None
         self._remark: asyncio.Task[None] | None = None
         self._remark_again = False
+        self._said_watched = ""
         self._stopping = False
         self._dirty = False
         self._last_write = float("-inf")
@@ -605,6 +606,22 @@ class AutoTiering:
             ]
         self.watch.set_mounts(mounts)
         self.watch.set_files(files)
+        self._say_watched()
+
+    def _say_watched(self) -> None:
+        """One log line each time what is watched changes: opens before it are not seen
+        (the marks are placed in a thread after the daemon is on the bus), so a sysadmin
+        reading why a use was missed, and the tests, can tell from when it counts."""
+        w = self.watch
+        if w.state != "watching":
+            return
+        said = (
+            f"watching the opens of model files: {w.mounts_marked} mount(s)"
+            f", {w.files_marked} cold storage file(s)"
+        )
+        if said != self._said_watched:
+            self._said_watched = said
+            log.info("%s", said)
 
     def _letting_go(self, path: Path) -> None:
         """Engine.before_unmount (blocking): stop watching the pool's mount first."""

@@ -413,6 +413,14 @@ class OpenWatch:
         if batch:
             self._on_opens(batch)
 
+    @property
+    def mounts_marked(self) -> int:
+        return len(self._marked)
+
+    @property
+    def files_marked(self) -> int:
+        return len(self._marked_files)
+
     # --- marks
 
     def set_mounts(self, mounts: Iterable[Path | str]) -> None:

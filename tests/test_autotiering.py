@@ -19,6 +19,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -40,7 +41,6 @@ __all__ = ["fakes", "holders"]  # the fixtures
 WAIT = 60.0
 NAMES = ("a:1", "b:1", "c:1")
 POOL = 12 * MiB
-SPACING = 2.5  # seconds between two uses of one model (see use())
 
 
 def tiering_lab(
@@ -69,16 +69,42 @@ def tiering_lab(
 
 def use(dl: DaemonLab, model: OllamaModel, times: int = 1) -> None:
     """Open the model's weights through the models dir, as a loader does: ``times`` uses,
-    each in its own window of the open watch (opens.WINDOW, 1 s) so none is merged. The
-    watch stamps an open when it reads it, and its thread may read late on a loaded machine
-    (two opens 1.2 s apart were once read as one window while a CI run shared the cores):
-    2.5 s apart leaves room for that."""
+    each seen before the next is made. The marks are placed in a thread after the daemon is
+    on the bus (an open before them is not seen: a CI run on shared cores once lost the first
+    of two that way), so the first waits for the daemon's "watching" line; the watch stamps
+    an open when it reads it, and each open here waits for the model's UseCount to rise (the
+    window it fell in was delivered), so two are never read as one window however late the
+    watch's thread reads."""
+    watched(dl)
     link = dl.lab.models / model.layers[0].rel
-    for i in range(times):
-        if i:
-            time.sleep(SPACING)
-        with open(link, "rb") as f:
-            f.read(4096)
+    path = model_path(model.name)
+    with ThreadPoolExecutor(1) as pool:  # callers may be inside an event loop themselves
+
+        def count() -> int:
+            async def read() -> int:
+                async with await dl.client() as c:
+                    return int((await c.get_all(path, MODEL))["UseCount"])
+
+            return pool.submit(asyncio.run, read()).result()
+
+        for i in range(times):
+            before = count()
+            with open(link, "rb") as f:
+                f.read(4096)
+            deadline = time.monotonic() + WAIT
+            while count() == before:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"use {i + 1} of {model.name} not seen in {WAIT:.0f} s")
+                time.sleep(0.1)
+
+
+def watched(dl: DaemonLab) -> None:
+    """Until the daemon says it watches the model files' opens (autotiering._say_watched)."""
+    deadline = time.monotonic() + WAIT
+    while "watching the opens of model files:" not in dl.log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the open watch not in place within {WAIT:.0f} s:\n{dl.log()}")
+        time.sleep(0.1)
 
 
 async def until(c: Client, what: str, ok: Callable[[], Any], timeout: float = WAIT) -> Any:

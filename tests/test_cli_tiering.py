@@ -121,7 +121,7 @@ def test_plan_after_uses_lists_a_promote_and_nothing_moves_while_off(daemon_fact
 
             await until(c, "a:1's two uses", twice)
 
-    use(dl, models["a:1"], 2)  # two opens, use()'s SPACING apart: two uses
+    use(dl, models["a:1"], 2)  # two opens, each seen before the next: two uses
     run(used_twice())
     r = slctl(dl, "tiering", "plan")
     assert r.returncode == 0, r.stderr
