@@ -40,7 +40,7 @@ from .backends.http import HttpProblem
 from .config import BackendConfig, DemotePolicy
 from .errors import Busy, Cancelled
 from .holders import FileKey, Process
-from .jobs import Job
+from .jobs import Job, first_of
 from .sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,10 @@ def held_bytes(who: Mapping[Copy, frozenset[Process]]) -> int:
 
 async def or_cancel(job: Job, work: Awaitable[T], doing: str) -> T:
     """``work``, unless the job is cancelled first (then Cancelled, nothing deleted)."""
-    task = asyncio.ensure_future(work)
-    cancel = asyncio.ensure_future(job.cancel_requested.wait())
-    try:
-        await asyncio.wait({task, cancel}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        cancel.cancel()
-    if not task.done():
-        task.cancel()
+    done = await first_of(job, work)
+    if done is None:
         raise Cancelled(f"demote of {job.model} cancelled while {doing}; nothing was deleted")
-    return task.result()
+    return done.result()
 
 
 def server_names(

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import errors
 from .errors import Cancelled, SpeedloaderError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ids = itertools.count(1)
 
@@ -100,6 +102,21 @@ class Job:
         if self.error is not None:
             raise self.error
         return self.message
+
+
+async def first_of(job: Job, work: Awaitable[T]) -> asyncio.Future[T] | None:
+    """``work`` raced against the job's cancel: its future once done, or None when the cancel
+    came first (``work`` is then cancelled; the caller raises its own Cancelled, saying what
+    was left undone)."""
+    task = asyncio.ensure_future(work)
+    cancel = asyncio.ensure_future(job.cancel_requested.wait())
+    try:
+        await asyncio.wait({task, cancel}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancel.cancel()
+        if not task.done():
+            task.cancel()  # also when this wait itself was cancelled
+    return task if task.done() and not task.cancelled() else None
 
 
 def run_job(job: Job, body: Callable[[Job], Awaitable[str]]) -> asyncio.Task[None]:
