@@ -118,9 +118,24 @@ class RamdiskConfig(_Model):
     size: Size
 
 
+# Copies that read one source filesystem at once (storage.copyStreams), shared by every
+# running promote: the files of one model, and of several models, copy side by side up to
+# this many per cold-storage device (speedloaderd/streams.py). Measured 2026-12-02 (README
+# "Parallel copies"), a 4-shard model, page cache dropped before each promote, per-round
+# ratios to 1 stream: from this machine kind's virtual disk (4 GiB, bench/parallel.py)
+# 2 streams 1.35x, 4 streams 1.88x; from NFS in the TCG guests (64 MiB, test_vm_nfs.py)
+# 1.08x and 1.13x, bound by the guest's one emulated CPU (86-96 % busy), never slower.
+# 4: the most measured, and what the copy executor had before the bound existed.
+DEFAULT_COPY_STREAMS = 4
+# More streams than this buy nothing on any source measured and multiply the threads a hung
+# source can hold (copies.COPY_WORKERS is sized from it).
+MAX_COPY_STREAMS = 16
+
+
 class StorageConfig(_Model):
     path: AbsPath
     type: StorageType = StorageType.LOCAL
+    copy_streams: int = Field(default=DEFAULT_COPY_STREAMS, ge=1, le=MAX_COPY_STREAMS)
 
 
 class DemotePolicy(str, Enum):

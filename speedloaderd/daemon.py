@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 # The backend keys are read afresh at each use (the backend watch's next look, the next
 # demote or promote): nothing is rebuilt for them.
 _BACKEND_LIVE = ("apiUrl", "demotePolicy", "demoteTimeout", "reloadAfterPromote")
+# storage.copyStreams bounds the copies started from now on (streams.py); a new bound is
+# adopted at once, copies running beyond a lower one finish.
+_STORAGE_LIVE = ("copyStreams",)
+# Sections of which some keys are live: a change of only those is reported key by key.
+_LIVE_PARTS = {"backend": _BACKEND_LIVE, "storage": _STORAGE_LIVE}
 # metrics: the exposition restarts on its own (metrics_export.py); no engine state depends on it.
 # autoTiering: the policy's settings are replaced, its history kept (autotiering.py).
 LIVE_KEYS = {
@@ -48,25 +53,27 @@ LIVE_KEYS = {
     "modelPlacement",
     "sshKeyPath",
     "metrics",
-    *(f"backend.{k}" for k in _BACKEND_LIVE),
+    *(f"{part}.{k}" for part, keys in _LIVE_PARTS.items() for k in keys),
 }
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Top-level keys whose values differ between two dump_config() outputs; a backend that
-    differs only in keys read at each use (its apiUrl, demote policy...) is reported as
-    ``backend.<key>`` for each. Extension keys (``_``, ``x-``) are left out: nothing reads
-    them."""
+    """Top-level keys whose values differ between two dump_config() outputs; a backend (or
+    storage) that differs only in keys read at each use (its apiUrl, demote policy...; the
+    storage's copyStreams) is reported as ``backend.<key>`` (``storage.<key>``) for each.
+    Extension keys (``_``, ``x-``) are left out: nothing reads them."""
     changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
     changed -= {k for k in changed if k.startswith(("_", "x-"))}
-    if "backend" in changed:
-        a, b = old.get("backend") or {}, new.get("backend") or {}
-        same_server = isinstance(a, dict) and isinstance(b, dict)
-        if same_server and {k: v for k, v in a.items() if k not in _BACKEND_LIVE} == {
-            k: v for k, v in b.items() if k not in _BACKEND_LIVE
+    for part, live in _LIVE_PARTS.items():
+        if part not in changed:
+            continue
+        a, b = old.get(part) or {}, new.get(part) or {}
+        both = isinstance(a, dict) and isinstance(b, dict)
+        if both and {k: v for k, v in a.items() if k not in live} == {
+            k: v for k, v in b.items() if k not in live
         }:
-            keys = {f"backend.{k}" for k in _BACKEND_LIVE if a.get(k) != b.get(k)}
-            changed = (changed - {"backend"}) | keys
+            keys = {f"{part}.{k}" for k in live if a.get(k) != b.get(k)}
+            changed = (changed - {part}) | keys
     return changed
 
 

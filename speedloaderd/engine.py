@@ -38,7 +38,7 @@ from .config import (
     without_pool,
 )
 from .copies import Copies
-from .errors import Busy, Failed, NoSpace, NoSuchModel
+from .errors import Busy, Cancelled, Failed, NoSpace, NoSuchModel
 from .events import EventKind, Listener
 from .health import HealthReport
 from .hostmem import MemInfo, read_meminfo
@@ -126,6 +126,7 @@ class Engine:
             self._collect,
             lambda pool: self.emit(EventKind.POOL, pool),
             self.verified,
+            lambda: self.config.storage.copy_streams,  # live: read at each admission
         )
         self._mounted_by_start: set[str] = set()  # pools this engine's start mounted
         self._rr_cursor = -1
@@ -715,10 +716,7 @@ class Engine:
         started = time.monotonic()
         ok = False
         try:
-            trusted = 0
-            for f in to_copy:
-                result = await self.copies.copy(target, f, meter, job)
-                trusted += result is not None and result.trusted
+            trusted = await self._copy_files(target, to_copy, meter, job)
             meter.finish()
             async with self.lock:
                 if not await asyncio.to_thread(self.pools[target].takes_links):
@@ -745,6 +743,38 @@ class Engine:
             f"promoted {model.name} to pool {target}: "
             f"{format_size(job.bytes_total)} copied in {secs:.1f}s{again}"
         )
+
+    async def _copy_files(
+        self, pool: str, files: list[ModelFile], meter: ProgressMeter, job: Job
+    ) -> int:
+        """Copy a promote's files side by side, each as soon as its source filesystem has a
+        stream free (copies.py, streams.py); returns how many blobs were trusted without a
+        new hash. The first failure stops the others as a cancel would (at their next chunk,
+        or abandoned after the cancel grace) and is what the job reports; this returns only
+        once every copy has ended, so the caller's clean-up sees no copy still running."""
+        tasks = [asyncio.ensure_future(self.copies.copy(pool, f, meter, job)) for f in files]
+        if not tasks:
+            return 0
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:  # the job's task itself: stop the copies, then go
+            job.cancel_event.set()
+            job.cancel_requested.set()
+            raise
+        failed = [e for t in done if (e := t.exception()) is not None]
+        if pending:
+            # One file failed: every partial copy of the promote goes, so the others need
+            # not run on. The job's own cancel flags are what the copies watch.
+            job.cancel_event.set()
+            job.cancel_requested.set()
+            await asyncio.wait(pending)
+        errors = [e for t in tasks if (e := t.exception()) is not None]
+        if errors:
+            # The cause: a failure seen first, before the Cancelled it gave its siblings
+            # (a user's cancel is a Cancelled everywhere).
+            first = [e for e in failed if not isinstance(e, Cancelled)] or failed or errors
+            raise first[0]
+        return sum(1 for t in tasks if (r := t.result()) is not None and r.trusted)
 
     def clear_stale_reservations(self) -> list[str]:
         """Drop reservations no running promote owns (a bug's leak must not hold a pool's
@@ -980,6 +1010,7 @@ class Engine:
         if self.config_path is not None:
             await asyncio.to_thread(save_config, new, self.config_path)
         old_pins, self.config = self.config.model_placement.pinned, new
+        self.copies.streams.limit_changed()  # storage.copyStreams may have grown
         for pool in self.pools.remote():
             pool.ssh_key_path = new.ssh_key_path
         self.emit(EventKind.CONFIG, "")

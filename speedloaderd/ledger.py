@@ -65,8 +65,9 @@ class SpaceLedger:
     def allocated(self, job_id: int, size: int) -> None:
         """A file of ``job_id`` of ``size`` bytes now takes its room in the pool (its copy
         preallocated it, or another promote's copy did): no longer promised. The copy
-        thread calls this inside ``lock``, right after posix_fallocate; the event loop calls
-        it for a file another promote's copy already took (statvfs counts it either way)."""
+        thread calls this inside ``lock``, right after posix_fallocate; for a file another
+        promote's copy already took (statvfs counts it either way) it is called inside
+        ``lock`` too, since the job's other files may be copying at the same time."""
         entry = self._unstarted.get(job_id)
         if entry is not None:
             self._unstarted[job_id] = (entry[0], max(entry[1] - size, 0))

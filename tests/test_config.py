@@ -298,3 +298,24 @@ def test_backend_demote_keys_default_round_trip_and_change_live(tmp_path):
     assert changed_keys(old, new) <= LIVE_KEYS
     other = dump_config(parse_config(minimal(backend={"type": "ollama"})))
     assert changed_keys(old, other) == {"backend"}
+
+
+def test_storage_copy_streams_is_validated_defaulted_and_live():
+    from speedloaderd.config import DEFAULT_COPY_STREAMS, MAX_COPY_STREAMS
+
+    c = parse_config(minimal())
+    assert c.storage.copy_streams == DEFAULT_COPY_STREAMS
+    assert "copyStreams" not in dump_config(c)["storage"]  # a default is not written
+    for bad in (0, -1, MAX_COPY_STREAMS + 1, "two", 1.5):
+        with pytest.raises(ConfigError, match=r"storage\.copyStreams") as refused:
+            parse_config(minimal(storage={"path": "/cold", "copyStreams": bad}))
+        assert repr(bad) in str(refused.value)
+    four = minimal(storage={"path": "/cold", "copyStreams": 4})
+    assert parse_config(four).storage.copy_streams == 4
+    assert dump_config(parse_config(four))["storage"] == four["storage"]
+    # Read at each copy's admission: a change of it alone is live; of the path, it is not.
+    old, new = dump_config(c), dump_config(parse_config(four))
+    assert changed_keys(old, new) == {"storage.copyStreams"}
+    assert changed_keys(old, new) <= LIVE_KEYS
+    moved = dump_config(parse_config(minimal(storage={"path": "/elsewhere", "copyStreams": 4})))
+    assert changed_keys(old, moved) == {"storage"}

@@ -354,7 +354,13 @@ def test_pool_filling_up_mid_copy_rolls_back(lab):
     lab.seal()
 
     async def scenario():
-        engine = await lab.engine(lab.config(pools=(("local", 40 * MiB, 100),)))
+        from speedloaderd.config import dump_config, parse_config
+
+        data = dump_config(lab.config(pools=(("local", 40 * MiB, 100),)))
+        # One stream: the second blob is preallocated only after the first is copied, so
+        # the pool can fill in between (with parallel streams both take their room at once).
+        data["storage"]["copyStreams"] = 1
+        engine = await lab.engine(parse_config(data))
         job = engine.promote("m:1")
         filler = lab.pool_path("local") / "filler"
 
@@ -823,3 +829,189 @@ def test_a_symlinked_verified_file_is_not_followed(lab, tmp_path):
     run(scenario())
     assert target.read_text() == "untouched"
     assert not (lab.state / "verified.json").is_symlink()
+
+
+# --- parallel copies (issue 15) -----------------------------------------------------------
+# Cold storage is hangfs (tests/robustness/hangfs.py): a real FUSE mount over the lab's cold
+# dir whose reads of the chosen blobs wait in the kernel until the test says "release". A
+# copy is "in flight" when its read is parked there; hangfs reports each change of the count.
+
+
+def _on_hangfs(lab, fs, streams: int, pool_mib: int = 64):
+    from speedloaderd.config import dump_config, parse_config
+
+    data = dump_config(lab.config(pools=(("local", pool_mib * MiB, 100),)))
+    data["storage"]["path"] = str(fs.mountpoint)
+    data["storage"]["copyStreams"] = streams
+    return parse_config(data)
+
+
+def _blob_names(*models) -> list[str]:
+    return [layer.rel.rpartition("/")[2] for m in models for layer in m.layers]
+
+
+async def _until(what: str, cond, timeout: float = 60) -> None:
+    """Wait on the event loop until ``cond()`` holds (a failure after ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, f"never saw {what}"
+        await asyncio.sleep(0.02)
+
+
+def _dev(engine, name: str) -> int:
+    (dev,) = {f.ident.dev for f in engine.catalog.models[name].data_files}
+    return dev
+
+
+@pytest.fixture
+def hangfs(lab, workdir):
+    from .robustness.test_lifecycle import HangFS
+
+    made = []
+
+    def make(stuck: list[str]) -> HangFS:
+        fs = HangFS(lab.cold, workdir / "coldfs", stuck)
+        made.append(fs)
+        return fs
+
+    yield make
+    for fs in made:
+        fs.close()
+
+
+def _assert_nothing_left(lab, engine, m, journal: bool = True) -> None:
+    assert lab.pool_files("local") == []  # no copy, no partial file
+    for rel in (x.rel for x in m.blobs):
+        assert lab.link(rel) == str(engine.config.storage.path / rel), rel
+    if journal:
+        assert os.listdir(lab.state / "journal") == []
+
+
+async def _parked_promote(lab, fs, name: str, streams: int):
+    """An engine on the hanging cold storage with ``streams`` copy streams, promoting
+    ``name`` until as many of its reads as there are streams wait in the kernel."""
+    engine = await lab.engine(_on_hangfs(lab, fs, streams=streams))
+    dev = _dev(engine, name)
+    job = engine.promote(name)
+    await asyncio.to_thread(fs.wait_parked, streams)
+    return engine, dev, job
+
+
+def test_a_models_files_copy_side_by_side_up_to_copy_streams(lab, hangfs):
+    m = make_ollama_model(lab.cold, "m:1", [2 * MiB] * 4)
+    lab.seal()
+    fs = hangfs(_blob_names(m))
+
+    async def scenario():
+        engine, dev, job = await _parked_promote(lab, fs, "m:1", streams=3)
+        # Three reads wait in the kernel at once: three files of one model in flight; the
+        # fourth layer waits for a stream, and none can free while the reads hang.
+        await _until("the fourth layer queued", lambda: engine.copies.streams.waiting(dev))
+        fs.drain()
+        seen = (fs.parked, engine.copies.streams.running(dev))
+        fs.command("release")
+        msg = await job.wait()
+        assert job.bytes_done == job.bytes_total == m.size  # one meter across the files
+        engine.close()
+        return seen, msg
+
+    (parked, running), msg = run(scenario())
+    assert (parked, running) == (3, 3)
+    assert msg.startswith("promoted m:1 to pool local")
+    for rel in (x.rel for x in m.blobs):
+        assert sha(lab.pool_path("local") / rel) == sha(lab.cold / rel)
+
+
+def test_the_stream_bound_holds_across_two_promotes_and_grows_live(lab, hangfs):
+    from speedloaderd.config import with_changes
+
+    a = make_ollama_model(lab.cold, "a:1", [2 * MiB] * 2)
+    b = make_ollama_model(lab.cold, "b:1", [2 * MiB] * 2)
+    lab.seal()
+    fs = hangfs(_blob_names(a, b))
+
+    async def scenario():
+        engine = await lab.engine(_on_hangfs(lab, fs, streams=2))
+        dev = _dev(engine, "a:1")
+        assert dev == _dev(engine, "b:1")  # one cold filesystem
+        ja, jb = engine.promote("a:1"), engine.promote("b:1")
+        await asyncio.to_thread(fs.wait_parked, 2)
+        # Four stuck layers, two streams for both promotes: two read, two wait.
+        await _until("two layers queued", lambda: engine.copies.streams.waiting(dev) >= 2)
+        fs.drain()
+        bounded = (fs.parked, engine.copies.streams.running(dev))
+        # storage.copyStreams is live: raised, the waiting layers start at once.
+        storage = engine.config.storage.model_copy(update={"copy_streams": 4})
+        storage.model_fields_set.add("copy_streams")
+        await engine.set_config(with_changes(engine.config, storage=storage))
+        await asyncio.to_thread(fs.wait_parked, 4)
+        raised = fs.parked
+        fs.command("release")
+        await asyncio.gather(ja.wait(), jb.wait())
+        states = [engine.model_status(n).state for n in ("a:1", "b:1")]
+        left = engine.copies.streams.running(dev)
+        engine.close()
+        return bounded, raised, states, left
+
+    bounded, raised, states, left = run(scenario())
+    assert bounded == (2, 2)
+    assert raised == 4
+    assert states == ["hot", "hot"]
+    assert left == 0  # every stream given back
+
+
+def test_one_shard_changed_mid_copy_fails_the_promote_and_leaves_nothing(lab, hangfs):
+    m = make_ollama_model(lab.cold, "m:1", [256 * 1024, 4 * MiB, 4 * MiB, 4 * MiB])
+    lab.seal()
+    fs = hangfs(_blob_names(m))
+    first = lab.cold / m.layers[0].rel
+
+    async def scenario():
+        engine = await lab.engine(_on_hangfs(lab, fs, streams=4))
+        job = engine.promote("m:1")
+        await asyncio.to_thread(fs.wait_parked, 4)  # all four shards mid-copy
+        # A cold-storage writer changes one shard under the running copies (same size).
+        lab.sealed = None  # this test changes cold storage on purpose
+        data = bytearray(first.read_bytes())
+        data[11] ^= 0xFF
+        first.write_bytes(bytes(data))
+        fs.command("release")
+        with pytest.raises(Failed) as failed:  # VerificationFailed is a Failed
+            await job.wait()
+        await _until("the copy threads returned", lambda: not engine.copies.abandoned)
+        dev = _dev(engine, "m:1")
+        await _until("every stream given back", lambda: not engine.copies.streams.running(dev))
+        _assert_nothing_left(lab, engine, m)
+        engine.close()
+        return failed.value, job
+
+    err, job = run(scenario())
+    assert m.layers[0].rel.rpartition("/")[2] in str(err), err  # the shard that changed
+    assert job.error_name in (
+        "org.speedloader.Speedloader1.Error.Failed",
+        "org.speedloader.Speedloader1.Error.VerificationFailed",
+    ), job.error_name
+
+
+def test_cancel_mid_parallel_copy_leaves_nothing(lab, hangfs):
+    m = make_ollama_model(lab.cold, "m:1", [2 * MiB] * 4)
+    lab.seal()
+    fs = hangfs(_blob_names(m))
+
+    async def scenario():
+        engine, dev, job = await _parked_promote(lab, fs, "m:1", streams=2)
+        await _until("two layers queued", lambda: engine.copies.streams.waiting(dev) >= 2)
+        job.cancel()  # two copies in the kernel's read, two waiting for a stream
+        fs.command("release")  # the reads return; the copies stop at their chunk's end
+        with pytest.raises(Cancelled):
+            await job.wait()
+        await _until("the copy threads returned", lambda: not engine.copies.abandoned)
+        await _until("every stream given back", lambda: not engine.copies.streams.running(dev))
+        waiting = engine.copies.streams.waiting(dev)
+        _assert_nothing_left(lab, engine, m)
+        engine.close()
+        return job, waiting
+
+    job, waiting = run(scenario())
+    assert job.state is JobState.CANCELLED
+    assert waiting == 0

@@ -28,8 +28,7 @@ from speedloader_client.client import JOB, MANAGER, MODEL, ROOT, Client, ClientE
 from speedloader_lab.modelgen import make_ollama_model
 from speedloader_lab.sandbox import REPO
 from speedloaderd.bus.names import model_path
-from speedloaderd.config import parse_config, save_config
-from speedloaderd.copies import COPY_WORKERS
+from speedloaderd.config import DEFAULT_COPY_STREAMS, parse_config, save_config
 from speedloaderd.pools import mount_at
 
 from ..buslab import MiB, run
@@ -320,8 +319,9 @@ def test_stuck_copies_stall_nothing_cancel_at_once_and_sigterm_ends(hanging_lab)
             done = await c.follow_job(await c.promote("free:1b"), timeout=60)
             assert done.success, done.message
             jobs = [await c.promote(m) for m in stuck]
-            # the six copies start; each blocks in the kernel reading its blob
-            await asyncio.to_thread(fs.wait_parked, COPY_WORKERS)
+            # as many copies start as cold storage has streams (storage.copyStreams); each
+            # blocks in the kernel reading its blob, the others wait for a stream
+            await asyncio.to_thread(fs.wait_parked, DEFAULT_COPY_STREAMS)
             # metadata never queues behind them (today: the default executor's six threads
             # are all blocked, and each of these waits forever)
             await asyncio.wait_for(c.pin("free:1b", "local"), 60)
@@ -340,17 +340,19 @@ def test_stuck_copies_stall_nothing_cancel_at_once_and_sigterm_ends(hanging_lab)
     config, demoted, parked, results, states = run(scenario())
     assert config["storage"]["path"] == str(fs.mountpoint)
     assert demoted.success, demoted.message
-    assert parked == COPY_WORKERS, (
-        f"{parked} copies ran at once; the copy executor has {COPY_WORKERS}"
+    assert parked == DEFAULT_COPY_STREAMS, (
+        f"{parked} copies ran at once from one cold filesystem; copyStreams is "
+        f"{DEFAULT_COPY_STREAMS}"
     )
     assert all(not r.success for r in results) and states == ["cancelled"] * 6, states
     fs.drain()
-    assert fs.parked == COPY_WORKERS, "the cancelled reads were expected to be still hanging"
+    assert fs.parked == DEFAULT_COPY_STREAMS, "the cancelled reads were expected to still hang"
 
     stop_seconds = _sigterm(dl)
     assert "still blocked" in dl.log()
     print(
-        f"SIGTERM with {COPY_WORKERS} copies blocked in the kernel: exited in {stop_seconds:.1f} s"
+        f"SIGTERM with {DEFAULT_COPY_STREAMS} copies blocked in the kernel: exited in "
+        f"{stop_seconds:.1f} s"
     )
     _assert_restart_is_clean(dl, fs, stuck)
 
