@@ -18,6 +18,7 @@ from speedloader_lab.llama import CannotBuild
 
 from .bus import bench_bus, print_bus
 from .demote_loaded import bench_demote_loaded, print_demote_loaded
+from .parallel import bench_parallel, print_parallel
 from .promote import bench_promote
 from .scan import bench_scan
 from .tiering import bench_tiering, print_tiering
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["promote", "scan", "bus", "demote-loaded", "tiering"],
+        choices=["promote", "parallel", "scan", "bus", "demote-loaded", "tiering"],
         help="run one part (default: all)",
     )
     args = ap.parse_args(argv)
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()}}
     if args.only in (None, "promote"):
         results["promote"] = bench_promote(args.size_gib, args.rounds, log=log)
+    if args.only in (None, "parallel"):
+        results["parallel"] = bench_parallel(args.size_gib, args.rounds, log=log)
     if args.only in (None, "scan"):
         results["scan"] = bench_scan(args.models)
     if args.only in (None, "bus"):
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if "promote" in results:
         print_promote(results["promote"])
+    if "parallel" in results:
+        print_parallel(results["parallel"])
     if "scan" in results:
         scan = results["scan"]
         print(

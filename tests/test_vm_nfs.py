@@ -10,7 +10,8 @@ nothing partial in the pool, the link stays on cold, a retry works once the serv
 the daemon started before the mount (cold storage unavailable, nothing wiped, the models back
 at the Rescan after the mount); the export unmounted or emptied at a Rescan (nothing wiped,
 hot models keep serving from RAM). Then the copy itself is measured on NFS: which method
-(copy_file_range, sendfile...), O_NOATIME, page cache residue, and a promote against `cp`.
+(copy_file_range, sendfile...), O_NOATIME, page cache residue, and a promote against `cp`;
+and a 4-shard model promoted with storage.copyStreams 1, 2 and 4 (reported, not asserted).
 
 The guests are booted once for this module (test_vm_nvmeof.py boots its own pair later).
 Needs root and the packages of tests/vm/README.md; skipped loudly without them, failed with
@@ -315,3 +316,90 @@ def test_nfs_copy_method_noatime_page_cache_and_cp_benchmark(request, lab):
         f"(copy) / {m['cached_kib_after_cp']} (cp); server atime {atime0} -> {atime1}; "
         f"f_fsid of the mount {m['f_fsid']}",
     )
+
+
+PAR_SHARDS = 4
+PAR_SHARD_MIB = 16  # 64 MiB: ~5 s a promote at the ~12 MB/s of the TCG guests' NFS
+PAR_ROUNDS = 3
+
+
+def test_nfs_parallel_copy_streams_measured(request, lab):
+    """A 4-shard split GGUF on the export promoted by the engine in the local guest with
+    storage.copyStreams 1, 2 and 4, interleaved rounds (tests/vm/parallel_probe.py). Reported,
+    never asserted: the speed-up of parallel streams and how busy each guest's one vCPU was,
+    which says whether NFS itself or the TCG CPU bounds a promote here."""
+    lab.stop()  # the daemon is not needed; its catalog would otherwise see the new model
+    local, remote = lab.local, lab.remote
+    src = f"{nfs.EXPORT}/parallel"
+    names = [f"par-{i + 1:05d}-of-{PAR_SHARDS:05d}.gguf" for i in range(PAR_SHARDS)]
+    assert remote.run(["mkdir", "-p", "-m", "0755", src]).returncode == 0
+    work = f"{ROOT}/parallel"
+    try:
+        for n in names:
+            r = remote.run(["dd", "if=/dev/urandom", f"of={src}/{n}", "bs=1M",
+                            f"count={PAR_SHARD_MIB}"])  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        assert remote.run(["chmod", "0644", *(f"{src}/{n}" for n in names)]).returncode == 0
+        assert local.run(["mkdir", "-p", "-m", "0755", work]).returncode == 0
+        idle0, total0 = _cpu(remote)
+        r = local.run(["sh", "-c", f"cd {PROJECT_IN_GUEST} && PYTHONPATH={PROJECT_IN_GUEST} "
+                       f"PYTHONDONTWRITEBYTECODE=1 {VENV}/bin/python -m tests.vm.parallel_probe "
+                       f"{COLD}/parallel {work} {PAR_ROUNDS}"])  # fmt: skip
+        idle1, total1 = _cpu(remote)
+        assert r.returncode == 0, r.stderr
+    finally:
+        local.run(["rm", "-rf", work])
+        remote.run(["rm", "-rf", src])
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines() if line.startswith("{")]
+    size = rows[-1]["size"]
+    assert rows[-1]["done"] and size == PAR_SHARDS * PAR_SHARD_MIB << 20, rows[-1]
+    runs = [x for x in rows[:-1] if "streams" in x]
+    assert len(runs) == 3 * PAR_ROUNDS, runs
+    by = {s: [x for x in runs if x["streams"] == s] for s in (1, 2, 4)}
+    cats = {n: [x for x in rows[:-1] if x.get("cat") == n] for n in (1, 4)}
+    assert [len(c) for c in cats.values()] == [PAR_ROUNDS, PAR_ROUNDS], rows
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    def speed(s: int) -> float:
+        return size / median([x["seconds"] for x in by[s]]) / 1e6
+
+    def ratio(s: int) -> float:  # per round, against that round's 1-stream promote
+        one = {x["round"]: x["seconds"] for x in by[1]}
+        return median([one[x["round"]] / x["seconds"] for x in by[s]])
+
+    def busy(s: int) -> float:
+        return 100 * median([x["cpu_busy"] for x in by[s]])
+
+    def cat_ratio() -> float:  # per round: one cat of the four shards / four cats at once
+        one = {x["round"]: x["seconds"] for x in cats[1]}
+        return median([one[x["round"]] / x["seconds"] for x in cats[4]])
+
+    def cat_speed(n: int) -> float:
+        return size / median([x["seconds"] for x in cats[n]]) / 1e6
+
+    def cat_busy(n: int) -> float:
+        return 100 * median([x["cpu_busy"] for x in cats[n]])
+
+    remote_busy = 100 * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+    _report(
+        request,
+        f"NFS promote of a {PAR_SHARDS}-shard {size >> 20} MiB model, median of {PAR_ROUNDS} "
+        "interleaved rounds: "
+        + ", ".join(
+            f"copyStreams {s} {speed(s):.1f} MB/s ({ratio(s):.2f}x, local vCPU busy "
+            f"{busy(s):.0f} %)"
+            for s in (1, 2, 4)
+        )
+        + f"; reference without the engine: cat of the shards in turn {cat_speed(1):.1f} MB/s "
+        f"(local vCPU busy {cat_busy(1):.0f} %), four cats at once {cat_speed(4):.1f} MB/s "
+        f"({cat_ratio():.2f}x, busy {cat_busy(4):.0f} %); server vCPU busy "
+        f"{remote_busy:.0f} % over the run",
+    )
+
+
+def _cpu(runner: SshRunner) -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of a guest's /proc/stat."""
+    fields = [int(x) for x in runner.run(["head", "-n1", "/proc/stat"]).stdout.split()[1:]]
+    return fields[3] + fields[4], sum(fields)
