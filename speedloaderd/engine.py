@@ -30,6 +30,7 @@ from .catalog import availability, scan
 from .catalog.types import FileRole, Model, ModelFile, ScanResult
 from .config import (
     Config,
+    DemotePolicy,
     PoolConfig,
     save_config,
     with_pin,
@@ -697,8 +698,20 @@ class Engine:
                 return f"{model.name} is already hot in pool {tier}"
             target = await asyncio.to_thread(self._choose_pool, model, job.pool, mounted)
             job.pool = target
+            moving = await asyncio.to_thread(self._copies_elsewhere, model, target)
             tree = self.models_dir.pool(target)
             to_copy = [f for f in files if tree.lstat(f.rel) is None]
+            if moving and self.config.backend.demote_policy is DemotePolicy.REFUSE:
+                # The move deletes the copy in the old pool once the links point at the new
+                # one: under refuse that is refused while anybody maps it, as a demote is.
+                still = await asyncio.to_thread(freeing.held, moving)
+                if still:
+                    raise Busy(
+                        f"{freeing.describe(still)} maps {model.name}'s RAM copy in pool "
+                        f"{still_pool(still)} ({format_size(freeing.held_bytes(still))}); "
+                        "moving it would delete that copy and free nothing: stop it, or "
+                        "set backend.demotePolicy to wait or force; nothing was copied"
+                    )
             entry = Entry(
                 f"promote-{job.id}-{secrets.token_hex(3)}", "promote", model.name, target, rels
             )
@@ -739,10 +752,35 @@ class Engine:
         if trusted:
             blobs = "blob" if trusted == 1 else "blobs"
             again = f"; {trusted} {blobs} verified before and unchanged, not hashed again"
+        held = ""
+        if moving:
+            # The old pool's copies are gone from the links and deleted; tmpfs keeps their
+            # pages while a process maps them (the server loaded it from there): say so, as
+            # a demote does, and the pool's HeldBytes counts them until it lets go.
+            still = await asyncio.to_thread(self._held_deleted, moving)
+            if still:
+                held = (
+                    f"; {format_size(freeing.held_bytes(still))} stays in use in pool "
+                    f"{still_pool(still)} while {freeing.describe(still)} maps the old copy "
+                    "(it reads the new one once it loads the model again)"
+                )
         return (
             f"promoted {model.name} to pool {target}: "
-            f"{format_size(job.bytes_total)} copied in {secs:.1f}s{again}"
+            f"{format_size(job.bytes_total)} copied in {secs:.1f}s{again}{held}"
         )
+
+    def _held_deleted(
+        self, copies: list[freeing.Copy]
+    ) -> dict[freeing.Copy, frozenset[holders.Process]]:
+        """Of ``copies``, those deleted (no longer in their pool) that a process still holds:
+        a blob another model keeps in the old pool was not deleted (blocking)."""
+        who = freeing.held(copies)
+        return {c: p for c, p in who.items() if self.models_dir.pool(c.pool).lstat(c.rel) is None}
+
+    def _copies_elsewhere(self, model: Model, target: str) -> list[freeing.Copy]:
+        """The model's copies in pools other than ``target``: a promote there moves it, and
+        the swap deletes these (blocking: an fstat each)."""
+        return [c for c in self._cold_and_pool_files(model)[1] if c.pool != target]
 
     async def _copy_files(
         self, pool: str, files: list[ModelFile], meter: ProgressMeter, job: Job
@@ -1174,6 +1212,11 @@ class Engine:
                 log.exception("cold storage retry failed")
             if self.cold_problem != before:
                 self.emit(EventKind.CATALOG, "")
+
+
+def still_pool(who: dict[freeing.Copy, frozenset[holders.Process]]) -> str:
+    """The pool (or pools, joined) of the held copies, for a message."""
+    return ", ".join(sorted({c.pool for c in who}))
 
 
 def _unique(files: Iterable[ModelFile]) -> list[ModelFile]:

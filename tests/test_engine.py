@@ -1015,3 +1015,53 @@ def test_cancel_mid_parallel_copy_leaves_nothing(lab, hangfs):
     job, waiting = run(scenario())
     assert job.state is JobState.CANCELLED
     assert waiting == 0
+
+
+def test_moving_a_mapped_model_names_who_holds_the_old_copy_and_refuse_copies_nothing(lab):
+    """A pin to another pool moves a hot model: the old pool's copy is deleted once the
+    links point at the new one, and tmpfs keeps its pages while a process maps it (a server
+    that loaded it from there). The move says so; under demotePolicy refuse it is refused
+    before anything is copied, as a demote of a mapped copy is."""
+    from speedloaderd.config import DemotePolicy, with_changes
+
+    from .test_holders import Holder
+
+    m = make_ollama_model(lab.cold, "m:1", [2 * MiB])
+    lab.seal()
+    layer = m.layers[0].rel
+    pools = (("fast", 8 * MiB, 200), ("slow", 8 * MiB, 50))
+
+    async def scenario():
+        engine = await lab.engine(lab.config(pools=pools))
+        await engine.promote("m:1", "fast").wait()
+        server = Holder("map", lab.pool_path("fast") / layer, "llama-server")
+        try:
+            job = await engine.pin("m:1", "slow")  # demotePolicy wait (the default)
+            assert job is not None
+            moved = await job.wait()
+        finally:
+            server.stop()
+        assert engine.model_status("m:1").tier == "slow"
+        assert lab.link(layer) == str(lab.pool_path("slow") / layer)
+        assert lab.pool_files("fast") == []  # deleted; its pages were held until the stop
+
+        backend = engine.config.backend.model_copy(update={"demote_policy": DemotePolicy.REFUSE})
+        backend.model_fields_set.add("demote_policy")
+        await engine.set_config(with_changes(engine.config, backend=backend))
+        server = Holder("map", lab.pool_path("slow") / layer, "llama-server")
+        try:
+            with pytest.raises(Busy) as refused:
+                await (await engine.pin("m:1", "fast")).wait()
+            after = (engine.model_status("m:1").tier, lab.link(layer), lab.pool_files("fast"))
+        finally:
+            server.stop()
+        engine.close()
+        return moved, server.pid, str(refused.value), after
+
+    moved, pid, refused, (tier, link, fast_files) = run(scenario())
+    assert moved.startswith("promoted m:1 to pool slow: 2.0M copied"), moved
+    assert "; 2M stays in use in pool fast while llama-server (pid " in moved, moved
+    assert f"llama-server (pid {pid}) maps m:1's RAM copy in pool slow (2M)" in refused
+    assert "nothing was copied" in refused
+    # Refused: still in the slow pool, its link unchanged, nothing copied into fast.
+    assert (tier, link, fast_files) == ("slow", str(lab.pool_path("slow") / layer), [])
