@@ -1081,6 +1081,24 @@ class Engine:
             self._release(model, pool, None)
         return [m.name for m, _ in affected], sum(hot for _, hot in affected)
 
+    async def let_go_of_pool(self, job: Job, pool: str) -> None:
+        """Before a disconnect: whoever maps a model's copy in ``pool`` is asked to let go, per
+        model as its demote would ask (the backend unloads it, then demotePolicy); Busy when
+        one does not, nothing changed."""
+        async with self.lock:  # a consistent look at the links
+            by_model = await asyncio.to_thread(self._copies_in, pool)
+        for name, copies in sorted(by_model.items()):
+            await freeing.let_go(job, name, copies, self.config.backend, self.models_of_path)
+
+    def _copies_in(self, pool: str) -> dict[str, list[freeing.Copy]]:
+        """Each model's copies in ``pool`` (blocking: a readlink and an fstat per file)."""
+        out = {}
+        for model in self.catalog.models.values():
+            its = [c for c in self._cold_and_pool_files(model)[1] if c.pool == pool]
+            if its:
+                out[model.name] = its
+        return out
+
     async def add_pool(self, pc: PoolConfig) -> None:
         old = self.config
         await self.set_config(with_pool(old, pc))

@@ -33,6 +33,11 @@ class PoolHost(Protocol):
         returns (models touched, models that were wholly hot there)."""
         ...
 
+    async def let_go_of_pool(self, job: Job, pool: str) -> None:
+        """Have whoever maps a copy in ``pool`` let go, as a demote does (freeing.py):
+        Busy, with nothing changed, when one does not."""
+        ...
+
     def gc_pool(self, pool: str) -> list[str]:
         """Blocking, under the lock: delete what no link in ``pool`` points to."""
         ...
@@ -94,7 +99,8 @@ class PoolJobs:
         return self._start("pool-connect", name, body, started_by_uid)
 
     def disconnect(self, name: str, started_by_uid: int = 0) -> Job:
-        """Demote everything the pool holds (links back to cold first), then unmount."""
+        """Demote everything the pool holds (its holders let go first, then the links back to
+        cold), then unmount."""
         host = self.host
         if host.cold_problem:  # its models would be left with links to nothing
             raise Busy(
@@ -104,6 +110,12 @@ class PoolJobs:
 
         async def body(job: Job) -> str:
             pool = host.pools[name]
+            # A copy still mapped keeps its pages after the evacuation deletes it, and the
+            # tmpfs busy: the unmount would fail with every model already made cold.
+            try:
+                await host.let_go_of_pool(job, name)
+            except Busy as err:
+                raise Busy(f"cannot disconnect pool {name!r}: {err}") from None
             async with host.lock:
                 touched, hot = await asyncio.to_thread(host.evacuate, name)
                 await asyncio.to_thread(host.unmounting, pool.path)

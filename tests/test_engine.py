@@ -1065,3 +1065,58 @@ def test_moving_a_mapped_model_names_who_holds_the_old_copy_and_refuse_copies_no
     assert "nothing was copied" in refused
     # Refused: still in the slow pool, its link unchanged, nothing copied into fast.
     assert (tier, link, fast_files) == ("slow", str(lab.pool_path("slow") / layer), [])
+
+
+def test_disconnecting_a_pool_a_process_maps_waits_then_refuses_and_changes_nothing(lab):
+    """A disconnect deletes the pool's copies and unmounts it; a process mapping one keeps its
+    pages and the tmpfs busy. So the holders are asked first, as a demote asks them
+    (demotePolicy wait, here 1 s): still held, the disconnect is refused naming the process,
+    with the links, the copy and the mount as they were; once it lets go, it goes through."""
+    from speedloaderd.config import with_changes
+    from speedloaderd.pools import PoolState
+
+    from .test_holders import Holder
+
+    m = make_ollama_model(lab.cold, "m:1", [2 * MiB])
+    lab.seal()
+    layer = m.layers[0].rel
+
+    async def scenario():
+        engine = await lab.engine()
+        backend = engine.config.backend.model_copy(update={"demote_timeout": 1})
+        backend.model_fields_set.add("demote_timeout")
+        await engine.set_config(with_changes(engine.config, backend=backend))
+        await engine.promote("m:1").wait()
+        before = lab.pool_files("local")
+        server = Holder("map", lab.pool_path("local") / layer, "llama-server")
+        try:
+            with pytest.raises(Busy) as refused:
+                await engine.disconnect_pool("local").wait()
+            after = (
+                engine.pools["local"].state(),
+                lab.link(layer),
+                lab.pool_files("local"),
+                engine.model_status("m:1").state.value,
+            )
+        finally:
+            server.stop()
+        msg = await engine.disconnect_pool("local").wait()
+        gone = (engine.pools["local"].state(), lab.link(layer))
+        engine.close()
+        return str(refused.value), server.pid, before, after, msg, gone
+
+    refused, pid, before, after, msg, gone = run(scenario())
+    assert refused.startswith("cannot disconnect pool 'local': llama-server (pid "), refused
+    assert f"(pid {pid}) still maps m:1's RAM copy (2M) after 1 s" in refused
+    assert "(ollama at http://127.0.0.1:11434: cannot connect" in refused  # asked, down
+    assert refused.endswith("; nothing was deleted: stop it, or raise backend.demoteTimeout, "
+                            "or set backend.demotePolicy to force"), refused  # fmt: skip
+    assert after == (
+        PoolState.MOUNTED,
+        str(lab.pool_path("local") / layer),
+        before,
+        "hot",
+    )
+    assert layer in before
+    assert msg == "pool local disconnected; 1 model(s) now served from cold storage"
+    assert gone == (PoolState.UNMOUNTED, str(lab.cold / layer))
