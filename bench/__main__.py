@@ -18,36 +18,9 @@ from speedloader_lab.llama import CannotBuild
 
 from .bus import bench_bus, print_bus
 from .demote_loaded import bench_demote_loaded, print_demote_loaded
-from .promote import bench_promote
+from .promote import bench_promote, print_promote
 from .scan import bench_scan
 from .tiering import bench_tiering, print_tiering
-
-
-def print_promote(p: dict) -> None:
-    print(
-        f"promote of a {p['size_bytes'] / (1 << 30):g} GiB model, median of {p['rounds']} "
-        "interleaved rounds, source read from disk:"
-    )
-    print(
-        f"  cp                       {p['cp_GBps']:6.2f} GB/s   1.00x   "
-        f"source left in page cache {p['cp_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote                  {p['promote_GBps']:6.2f} GB/s  {p['promote_vs_cp']:5.2f}x"
-        f"   source left in page cache {p['promote_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote + sha256 verify  {p['promote_verified_GBps']:6.2f} GB/s  "
-        f"{p['promote_verified_vs_cp']:5.2f}x   source left in page cache "
-        f"{p['promote_verified_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote, verified before {p['promote_verified_again_GBps']:6.2f} GB/s  "
-        f"{p['promote_verified_again_vs_cp']:5.2f}x   source left in page cache "
-        f"{p['promote_verified_again_residue_pct']:5.1f} %   "
-        f"({p['promote_verified_again_vs_promote']:.2f}x the unverified promote)"
-    )
-    print(f"  demote                   {p['demote_ms']:.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
