@@ -21,7 +21,9 @@ not take would show):
   it was not hashed again), then ``demote``.
 
 Reported: GB/s (10^9 bytes/s); per round each method's speed ratio to every reference,
-median over rounds; the source's page-cache residue after each method; demote time; and the
+median over rounds; the source's page-cache residue after each method; what the source's
+device read meanwhile (/proc/diskstats, the whole machine's reads, as a share of the file:
+about 100 % says the copy really read the disk); demote time; and the
 two targets: an unverified promote at >= 90 % of the O_DIRECT limit, a repeated verified
 promote at >= 0.9x an unverified one. The content is random bytes: the catalog does not
 parse model content, and the tests check real readers.
@@ -46,7 +48,7 @@ from speedloaderd.config import parse_config
 from speedloaderd.engine import Engine
 from speedloaderd.verified import FILE as VERIFIED_FILE
 
-from .copyspeed import drop_caches, make_source, page_cache_resident, tmpfs
+from .copyspeed import device_bytes_read, drop_caches, make_source, page_cache_resident, tmpfs
 
 GIB = 1 << 30
 MiB = 1 << 20
@@ -161,6 +163,14 @@ def _first_read(src: Path, size: int, row: dict[str, Any], label: str) -> None:
     """Drop the page cache and record how much of the source it left resident."""
     drop_caches()
     row[f"{label}_after_drop"] = page_cache_resident(src) / size
+    row[f"{label}_disk0"] = device_bytes_read(src)
+
+
+def _done(src: Path, size: int, row: dict[str, Any], label: str, t0: float) -> None:
+    """Record the time since ``t0``, the source's residue and what the disk gave meanwhile."""
+    row[f"{label}_s"] = time.perf_counter() - t0
+    row[f"{label}_disk_read"] = (device_bytes_read(src) - row.pop(f"{label}_disk0")) / size
+    row[f"{label}_residue"] = page_cache_resident(src) / size
 
 
 async def _rounds(
@@ -189,15 +199,13 @@ async def _rounds(
             _first_read(src, size, row, label)
             t0 = time.perf_counter()
             await asyncio.to_thread(odirect_read, src, readers)
-            row[f"{label}_s"] = time.perf_counter() - t0
-            row[f"{label}_residue"] = page_cache_resident(src) / size
+            _done(src, size, row, label, t0)
         row["odirect_s"] = min(row[f"odirect{n}_s"] for n in ODIRECT_READERS)
         for label, dest in (("cp", pool), ("cp_plain", plain)):
             _first_read(src, size, row, label)
             t0 = time.perf_counter()
             subprocess.run(["cp", str(src), str(dest / "cp-copy")], check=True)
-            row[f"{label}_s"] = time.perf_counter() - t0
-            row[f"{label}_residue"] = page_cache_resident(src) / size
+            _done(src, size, row, label, t0)
             os.unlink(dest / "cp-copy")
         for label, engine, name in (
             ("promote", gguf_engine, "bench-model"),
@@ -213,8 +221,7 @@ async def _rounds(
             _first_read(src, size, row, label)
             t0 = time.perf_counter()
             message = await engine.promote(name).wait()
-            row[f"{label}_s"] = time.perf_counter() - t0
-            row[f"{label}_residue"] = page_cache_resident(src) / size
+            _done(src, size, row, label, t0)
             assert engine.model_status(name).state == "hot"
             skipped = "not hashed again" in message  # the engine says so when it trusts a record
             if label != "promote" and skipped != (label == "promote_verified_again"):
@@ -254,6 +261,7 @@ def _summary(runs: list[dict[str, Any]], size: int, rounds: int) -> dict[str, An
         out[f"{key}_GBps"] = round(size / med(f"{key}_s") / 1e9, 2)
         if key != "odirect":
             out[f"{key}_residue_pct"] = round(100 * med(f"{key}_residue"), 1)
+            out[f"{key}_disk_read_pct"] = round(100 * med(f"{key}_disk_read"), 1)
     for m in (*METHODS, "cp", "cp_plain"):
         for ref in REFERENCES:
             if m != ref:
@@ -301,14 +309,17 @@ def print_promote(p: dict[str, Any]) -> None:
     )
     print(
         f"  {'':32}{'GB/s':>6} {'vs O_DIRECT':>12} {'vs cp':>7} {'vs cp plain':>12}   "
-        "source left in page cache"
+        "left in page cache   read from disk"
     )
     for title, key in rows:
         if key.startswith("odirect"):
             ratios = f"{'':12} {'':7} {'':12}"
         else:
             ratios = f"{cell(key, 'odirect'):>12} {cell(key, 'cp'):>7} {cell(key, 'cp_plain'):>12}"
-        print(f"  {title:32}{p[f'{key}_GBps']:6.2f} {ratios}   {p[f'{key}_residue_pct']:5.1f} %")
+        print(
+            f"  {title:32}{p[f'{key}_GBps']:6.2f} {ratios}   {p[f'{key}_residue_pct']:5.1f} %"
+            f"{p[f'{key}_disk_read_pct']:15.1f} %"
+        )
     print(
         f"  the O_DIRECT limit, the fastest of its rows each round: {p['odirect_GBps']:.2f} GB/s "
         f"({chunk} MiB requests into an aligned buffer, nothing kept)"
