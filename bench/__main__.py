@@ -2,7 +2,8 @@
 
 As root (mounts tmpfs, drops the page cache). Prints a summary and writes all figures to
 bench/out/results.json. Each figure is a ratio against a reference run in the same process
-(promote vs cp of the same file), because this machine kind is shared and noisy.
+(promote vs cp of the same file and vs an O_DIRECT read of it; a load from the pool vs from
+the disk, cold and warm), because this machine kind is shared and noisy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from speedloader_lab.llama import CannotBuild
 
 from .bus import bench_bus, print_bus
 from .demote_loaded import bench_demote_loaded, print_demote_loaded
+from .load import bench_load, print_load
 from .promote import bench_promote, print_promote
 from .scan import bench_scan
 from .tiering import bench_tiering, print_tiering
@@ -35,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["promote", "scan", "bus", "demote-loaded", "tiering"],
+        choices=["promote", "scan", "bus", "demote-loaded", "load", "tiering"],
         help="run one part (default: all)",
+    )
+    ap.add_argument(
+        "--load-mib", type=int, default=512, help="GGUF size for the load part (512 MiB)"
     )
     args = ap.parse_args(argv)
     if os.geteuid() != 0 and args.only != "tiering":  # tiering replays traces, no I/O
@@ -59,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             results["demote_loaded"] = bench_demote_loaded(args.rounds, log=log)
         except CannotBuild as err:  # no compiler here: the other parts still count
             not_run.append(f"demote-loaded not run: cannot build llama-server: {err}")
+    if args.only in (None, "load"):
+        try:
+            results["load"] = bench_load(args.rounds, args.load_mib, log=log)
+        except CannotBuild as err:
+            not_run.append(f"load not run: cannot build llama-server: {err}")
     if args.only in (None, "tiering"):
         results["tiering"] = bench_tiering(log=log)
     out = Path(__file__).parent / "out"
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print_bus(results["bus"])
     if "demote_loaded" in results:
         print_demote_loaded(results["demote_loaded"])
+    if "load" in results:
+        print_load(results["load"])
     if "tiering" in results:
         print_tiering(results["tiering"])
     print(f"all figures: {out / 'results.json'}")
