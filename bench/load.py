@@ -29,7 +29,9 @@ llama-server answers 503 until the model is loaded and its warm-up run has touch
 weights); then one completion of one token; **first token** is the time from the start to that
 answer (load + prompt + one token); and what the disk read meanwhile (/proc/diskstats, the
 whole machine, as a share of the model). The run checks that the server maps the file it was
-given with mmap and does not without it. Ratios are per round (the cold, warm or plain load's
+given with mmap and does not without it, and how much of the model the server maps with 2 MiB
+entries (ShmemPmdMapped + FilePmdMapped in /proc/PID/smaps_rollup: huge pages of tmpfs, large
+folios of the page cache). Ratios are per round (the cold, warm or plain load's
 time / this one's: higher is faster), then the
 median over rounds, as are the times.
 """
@@ -94,6 +96,16 @@ def mount_options(path: Path) -> str:
         if fields[1] == str(path):
             return fields[3]
     raise RuntimeError(f"{path} is not a mount point")
+
+
+def pmd_mapped(pid: int) -> int:
+    """Bytes ``pid`` maps with 2 MiB page-table entries, shmem (tmpfs) and file (page cache)
+    together (/proc/PID/smaps_rollup): whether its mapping of the model got huge pages."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
+            total += int(line.split()[1]) * 1024
+    return total
 
 
 def read_all(path: Path) -> None:
@@ -165,6 +177,7 @@ class Loads:
             if answer.get("tokens_predicted") != 1:
                 raise RuntimeError(f"the completion did not run: {answer}")
             row["prompt_ms"] = answer["timings"]["prompt_ms"]
+            row["pmd_mapped"] = pmd_mapped(server.pid) / self.size
             mapped = bool(mappings_of(server.pid, path))
             if mapped != mmap:
                 raise RuntimeError(
@@ -255,9 +268,10 @@ def _summary(
             entry["resident_before_pct"] = (
                 None if resident[0] is None else round(100 * statistics.median(resident), 1)
             )
-            entry["disk_read_pct"] = round(
-                100 * statistics.median(r["disk_read"] for r in mine.values()), 1
-            )
+            for key in ("disk_read", "pmd_mapped"):
+                entry[f"{key}_pct"] = round(
+                    100 * statistics.median(r[key] for r in mine.values()), 1
+                )
             per_source[source] = entry
         results[mode] = per_source
     defaults = {
@@ -293,7 +307,8 @@ def print_load(d: dict[str, Any]) -> None:
     print("  mmap = --load-mode mmap, no-mmap = --load-mode none (reads the file into buffers)")
     head = (
         f"  {'':8}{'source':29}{'load ms':>9}{'vs cold':>9}{'vs warm':>9}"
-        f"{'1st token ms':>14}{'vs cold':>9}{'vs warm':>9}   page cache before   read from disk"
+        f"{'1st token ms':>14}{'vs cold':>9}{'vs warm':>9}"
+        "   page cache before   read from disk   huge-mapped"
     )
     print(head)
     for mode, title in (("mmap", "mmap"), ("no_mmap", "no-mmap")):  # --load-mode mmap, none
@@ -307,6 +322,7 @@ def print_load(d: dict[str, Any]) -> None:
                 f"{e['load_s_vs_cold']:8.2f}x{e['load_s_vs_warm']:8.2f}x"
                 f"{e['first_token_s'] * 1000:14.0f}{e['first_token_s_vs_cold']:8.2f}x"
                 f"{e['first_token_s_vs_warm']:8.2f}x   {resident:>17}   {e['disk_read_pct']:9.1f} %"
+                f"{e['pmd_mapped_pct']:12.1f} %"
             )
     m, n = d["mmap"], d["no_mmap"]
     print(

@@ -46,6 +46,7 @@ def test_the_load_bench_measures_every_source_with_and_without_mmap(llama_binary
                 assert e["first_token_s"] >= e["load_s"]  # the same clock, started once
                 for ref in ("cold", "warm", "plain"):
                     assert e[f"{key}_vs_{ref}"] > 0, (mode, source, key, ref)
+            assert e["pmd_mapped_pct"] >= 0  # a 400 KiB model fills no 2 MiB page
             assert e["disk_read_pct"] >= 0  # the whole disk's reads: 0 when all came from RAM
             if source in ("pool", "plain"):
                 assert e["resident_before_pct"] is None  # a tmpfs file is its pages
