@@ -2,7 +2,8 @@
 
 As root (mounts tmpfs, drops the page cache). Prints a summary and writes all figures to
 bench/out/results.json. Each figure is a ratio against a reference run in the same process
-(promote vs cp of the same file), because this machine kind is shared and noisy.
+(promote vs cp of the same file and vs an O_DIRECT read of it; a load from the pool vs from
+the disk, cold and warm), because this machine kind is shared and noisy.
 """
 
 from __future__ import annotations
@@ -18,37 +19,11 @@ from speedloader_lab.llama import CannotBuild
 
 from .bus import bench_bus, print_bus
 from .demote_loaded import bench_demote_loaded, print_demote_loaded
+from .load import bench_load, print_load
 from .parallel import bench_parallel, print_parallel
-from .promote import bench_promote
+from .promote import bench_promote, print_promote
 from .scan import bench_scan
 from .tiering import bench_tiering, print_tiering
-
-
-def print_promote(p: dict) -> None:
-    print(
-        f"promote of a {p['size_bytes'] / (1 << 30):g} GiB model, median of {p['rounds']} "
-        "interleaved rounds, source read from disk:"
-    )
-    print(
-        f"  cp                       {p['cp_GBps']:6.2f} GB/s   1.00x   "
-        f"source left in page cache {p['cp_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote                  {p['promote_GBps']:6.2f} GB/s  {p['promote_vs_cp']:5.2f}x"
-        f"   source left in page cache {p['promote_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote + sha256 verify  {p['promote_verified_GBps']:6.2f} GB/s  "
-        f"{p['promote_verified_vs_cp']:5.2f}x   source left in page cache "
-        f"{p['promote_verified_residue_pct']:5.1f} %"
-    )
-    print(
-        f"  promote, verified before {p['promote_verified_again_GBps']:6.2f} GB/s  "
-        f"{p['promote_verified_again_vs_cp']:5.2f}x   source left in page cache "
-        f"{p['promote_verified_again_residue_pct']:5.1f} %   "
-        f"({p['promote_verified_again_vs_promote']:.2f}x the unverified promote)"
-    )
-    print(f"  demote                   {p['demote_ms']:.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["promote", "parallel", "scan", "bus", "demote-loaded", "tiering"],
+        choices=["promote", "parallel", "scan", "bus", "demote-loaded", "load", "tiering"],
         help="run one part (default: all)",
+    )
+    ap.add_argument(
+        "--load-mib", type=int, default=512, help="GGUF size for the load part (512 MiB)"
     )
     args = ap.parse_args(argv)
     if os.geteuid() != 0 and args.only != "tiering":  # tiering replays traces, no I/O
@@ -89,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             results["demote_loaded"] = bench_demote_loaded(args.rounds, log=log)
         except CannotBuild as err:  # no compiler here: the other parts still count
             not_run.append(f"demote-loaded not run: cannot build llama-server: {err}")
+    if args.only in (None, "load"):
+        try:
+            results["load"] = bench_load(args.rounds, args.load_mib, log=log)
+        except CannotBuild as err:
+            not_run.append(f"load not run: cannot build llama-server: {err}")
     if args.only in (None, "tiering"):
         results["tiering"] = bench_tiering(log=log)
     out = Path(__file__).parent / "out"
@@ -109,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print_bus(results["bus"])
     if "demote_loaded" in results:
         print_demote_loaded(results["demote_loaded"])
+    if "load" in results:
+        print_load(results["load"])
     if "tiering" in results:
         print_tiering(results["tiering"])
     print(f"all figures: {out / 'results.json'}")

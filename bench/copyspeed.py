@@ -92,6 +92,19 @@ def page_cache_resident(path: str | os.PathLike[str]) -> int:
     return resident
 
 
+def device_bytes_read(path: str | os.PathLike[str]) -> int:
+    """Bytes read so far from the block device ``path`` lives on (/proc/diskstats, whole
+    machine: other work's reads count too). The difference over a copy says whether its
+    source really came from the disk."""
+    st = os.stat(path)
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if int(fields[0]) == major and int(fields[1]) == minor:
+            return int(fields[5]) * 512  # sectors read, always in 512-byte units
+    raise RuntimeError(f"{path}: device {major}:{minor} is not in /proc/diskstats")
+
+
 def drop_caches() -> None:
     """Write back dirty pages, then drop the whole page cache (root only)."""
     os.sync()

@@ -418,7 +418,9 @@ class LlamaServer:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, ready_timeout: float = 60) -> LlamaServer:
+    def start(self, ready_timeout: float = 60, poll: float = 0.05) -> LlamaServer:
+        """Start it and wait for ``/health`` 200 (looked at every ``poll`` s: bench/load.py
+        times a load by this, and its loads from RAM take ~0.1 s)."""
         argv = [str(server_binary()), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -426,7 +428,7 @@ class LlamaServer:
                 start_new_session=True,
             )  # fmt: skip
         try:
-            wait_for(self._healthy, ready_timeout, f"llama-server on {self.url} /health")
+            wait_for(self._healthy, ready_timeout, f"llama-server on {self.url} /health", poll)
         except BaseException:
             self.stop()
             raise
