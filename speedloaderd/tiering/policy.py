@@ -48,6 +48,13 @@ Read: GDSF (Cherkasova 1998), LRU-K (O'Neil, O'Neil, Weikum 1993), ARC (Megiddo 
   are a few per day, so ``L`` would hardly move and a model hot last month would stay;
   instead the count decays in wall time (half-life, LRFU-style), which the daily-cycle and
   shifting traces need.
+- Two counts, as a short and a long window (the idea of ARC's two lists, and of
+  TinyLFU's window beside its main cache): the slow one (the half-life, 24 h) is a steady
+  model's rate, exact enough that two models close in worth are told apart; the fast one
+  (2 h, ``history.FAST_HALF_LIFE``) sees a model that just became popular within a few
+  uses, where the slow one needs most of a day and the model waits outside meanwhile.
+  A model's value is the higher of the two rates, the fast one less its noise (one square
+  root of its count: history.py ``Uses.rate`` has the figures for why).
 - LRU-K's lesson, taken with K=2: a model seen once is no evidence. Nothing is promoted
   automatically before ``admit_accesses`` uses within about a half-life, so a scan (one
   open of each model) promotes and evicts nothing. This is also the economics: a copy from
@@ -195,7 +202,7 @@ class Policy:
         hl = self.settings.half_life
         if self.settings.policy == "lru":
             return 3600.0 * math.log(2) / hl * 2.0 ** (-max(0.0, now - uses.last) / hl)
-        return 3600.0 * uses.rate(now, hl)
+        return 3600.0 * uses.rate(now, hl, self.history.fast_half_life)
 
     def _values(
         self, models: Sequence[Model], now: float
