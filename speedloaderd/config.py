@@ -244,7 +244,7 @@ class AutoTieringConfig(_Model):
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     min_residency: float = 600.0
-    half_life: float = 24 * 3600.0
+    half_life: float = 12 * 3600.0
     admit_accesses: int = 2
     coalesce: float = 60.0
     interval: float = Field(default=DEFAULT_TIERING_INTERVAL, ge=1.0, le=3600.0)

@@ -90,7 +90,7 @@ def test_status_json_contract(daemon):
     # No autoTiering in the file: the daemon's defaults (speedloaderd/config.py).
     assert data["settings"] == {
         "enabled": False, "policy": "gdsf", "highWatermark": 0.95, "lowWatermark": 0.85,
-        "minResidency": 600.0, "halfLife": 86400.0, "admitAccesses": 2, "coalesce": 60.0,
+        "minResidency": 600.0, "halfLife": 43200.0, "admitAccesses": 2, "coalesce": 60.0,
         "interval": 30.0,
     }  # fmt: skip
     assert data["nextEviction"] is None and data["models"] == []  # nothing used, nothing hot

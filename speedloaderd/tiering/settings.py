@@ -43,16 +43,11 @@ class Settings:
     a 70 GB model from disk takes ~40 s (1.73 GB/s, README promote bench); ten minutes is
     long enough that no model is copied in and thrown out before a second load could use it."""
 
-    half_life: float = 24 * 3600.0
-    """Seconds after which a use counts half as much (the slow count; a fast one with a 2 h
-    half-life beside it sees a model that just became popular, policy.py). A day remembers
-    the day's favourites overnight, lets last week's fade, and counts enough uses that two
-    models close in worth are told apart. In the bench (seed 13, pool 20 %, fraction of the
-    offline optimum's byte hit ratio, zipf / shifting / daily), with the slow count only:
-    1 h 0.86/0.79/0.76, 6 h 0.90/0.83/0.78, 12 h 0.91/0.83/0.79 with half the copies of
-    6 h, 48 h 0.90/0.75/0.79 (a model that became popular waited too long). With the fast
-    count beside it: 12 h 0.909/0.838/0.795, 24 h 0.911/0.846/0.802, 48 h 0.912/0.846/0.805
-    copying 2.5 TB instead of 1.3-1.9."""
+    half_life: float = 12 * 3600.0
+    """Seconds after which a use counts half as much. Twelve hours remembers the day's
+    favourites overnight and lets last week's fade. In the bench (fraction of the offline
+    optimum's byte hit ratio, zipf / shifting / daily): 1 h 0.86/0.79/0.76, 6 h
+    0.90/0.83/0.78, 12 h 0.91/0.83/0.79 with half the copies of 6 h, 48 h 0.90/0.75/0.79."""
 
     admit_accesses: int = 2
     """Uses within about one half-life before a model is promoted automatically (LRU-2's
