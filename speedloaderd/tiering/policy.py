@@ -49,7 +49,7 @@ Read: GDSF (Cherkasova 1998), LRU-K (O'Neil, O'Neil, Weikum 1993), ARC (Megiddo 
   instead the count decays in wall time (half-life, LRFU-style), which the daily-cycle and
   shifting traces need.
 - Two counts, as a short and a long window (the idea of ARC's two lists, and of
-  TinyLFU's window beside its main cache): the slow one (the half-life, 24 h) is a steady
+  TinyLFU's window beside its main cache): the slow one (the half-life, 12 h) is a steady
   model's rate, exact enough that two models close in worth are told apart; the fast one
   (2 h, ``history.FAST_HALF_LIFE``) sees a model that just became popular within a few
   uses, where the slow one needs most of a day and the model waits outside meanwhile.
