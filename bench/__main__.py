@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         "--big", type=int, default=100_000, help="models for the paged bus part (0: skip)"
     )
     ap.add_argument(
+        "--seed", type=int, default=13, help="the tiering replay's catalog and traces (13)"
+    )
+    ap.add_argument(
         "--only",
         choices=["promote", "parallel", "scan", "bus", "demote-loaded", "load", "tiering"],
         help="run one part (default: all)",
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         except CannotBuild as err:
             not_run.append(f"load not run: cannot build llama-server: {err}")
     if args.only in (None, "tiering"):
-        results["tiering"] = bench_tiering(log=log)
+        results["tiering"] = bench_tiering(args.seed, log=log)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -30,7 +30,7 @@ from speedloaderd.tiering import (
     Settings,
     StateError,
 )
-from speedloaderd.tiering.history import RECENT
+from speedloaderd.tiering.history import FAST_HALF_LIFE, RECENT
 
 GB = 10**9
 NOW = 10 * 86_400.0
@@ -246,9 +246,18 @@ def test_why_and_value_say_what_the_uses_were() -> None:
     assert policy.why("never", NOW) == "not used since tiering began"
     assert policy.why("m", NOW + 3 * 86_400) == "used 14x in 7 d"
     assert policy.why("m", NOW + 9 * 86_400) == "last used 9 d ago"
-    # 14 uses within the hour, decayed over a 12 h half-life: about 14 ln2 / 12 per hour.
-    assert policy.value("m", NOW) == pytest.approx(14 * math.log(2) / 12, rel=0.05)
-    assert policy.value("m", NOW + S.half_life) == pytest.approx(policy.value("m", NOW) / 2)
+    # 14 uses within the hour. The fast count (2 h half-life) sees 14 uses decayed by at
+    # most an hour, taken one square root below itself; a day later only the slow count
+    # is left, and it halves in each half-life.
+    fast = sum(2.0 ** (-(NOW - (NOW - 3500 + i * 240)) / FAST_HALF_LIFE) for i in range(14))
+    expected = (fast - math.sqrt(fast)) * math.log(2) / (FAST_HALF_LIFE / 3600)
+    assert policy.value("m", NOW) == pytest.approx(expected)
+    day = NOW + 86_400
+    slow = 14 * 2.0 ** (-(day - NOW) / S.half_life)  # within 5 %: the uses span an hour
+    assert policy.value("m", day) == pytest.approx(
+        slow * math.log(2) / (S.half_life / 3600), rel=0.05
+    )
+    assert policy.value("m", day + S.half_life) == pytest.approx(policy.value("m", day) / 2)
 
 
 @pytest.mark.parametrize(
@@ -295,11 +304,11 @@ def test_state_round_trip(world) -> None:
 
 
 def _state(**entry) -> str:
-    row = {"heat": 2.0, "at": 100.0, "last": 100.0, "count": 2, "evicted": None}
+    row = {"heat": 2.0, "at": 100.0, "last": 100.0, "count": 2, "evicted": None, "fast": 2.0}
     row.update(entry)
     recent = row.pop("recent", [50.0, 100.0])
     values = [row["heat"], row["at"], row["last"], row["count"], row["evicted"], recent]
-    return json.dumps({"version": 1, "models": {"m": values}})
+    return json.dumps({"version": 2, "models": {"m": [*values, row["fast"]]}})
 
 
 @pytest.mark.parametrize(
@@ -309,12 +318,17 @@ def _state(**entry) -> str:
         "{",
         b"\xff\xfe",
         "[]",
-        '{"version": 2, "models": {}}',
-        '{"version": 1}',
-        '{"version": 1, "models": []}',
-        '{"version": 1, "models": {"m": [1, 2, 3]}}',
-        '{"version": 1, "models": {"": [0, 0, 0, 0, null, []]}}',
+        '{"version": 3, "models": {}}',
+        '{"version": true, "models": {}}',
+        '{"version": 2}',
+        '{"version": 2, "models": []}',
+        '{"version": 2, "models": {"m": [1, 2, 3]}}',
+        '{"version": 2, "models": {"m": [0, 0, 0, 0, null, []]}}',  # a version 1 row
+        '{"version": 1, "models": {"m": [0, 0, 0, 0, null, [], 0]}}',  # a version 2 row
+        '{"version": 2, "models": {"": [0, 0, 0, 0, null, [], 0]}}',
         _state(heat=-1.0),
+        _state(fast=-1.0),
+        _state(fast=float("inf")),
         _state(heat=float("nan")),
         _state(at="soon"),
         _state(count=True),
@@ -324,7 +338,9 @@ def _state(**entry) -> str:
         _state(recent=[float(i) for i in range(RECENT + 1)], count=99),
         _state(last=75.0),
         _state(evicted="yesterday"),
-        json.dumps({"version": 1, "models": {f"m{i}": [0, 0, 0, 0, None, []] for i in range(11)}}),
+        json.dumps(
+            {"version": 2, "models": {f"m{i}": [0, 0, 0, 0, None, [], 0] for i in range(11)}}
+        ),
     ],
 )
 def test_a_corrupt_state_is_refused_in_one_sentence(text) -> None:
@@ -334,6 +350,21 @@ def test_a_corrupt_state_is_refused_in_one_sentence(text) -> None:
     assert message.startswith("the tiering state") and message.endswith("it was ignored.")
     assert "\n" not in message
     assert Policy.from_json(_state(), S).value("m", 100.0) > 0  # the good one loads
+
+
+def test_a_version_1_state_loads_with_its_fast_counts_rebuilt() -> None:
+    """Version 1 had no fast count: it is rebuilt from the recent uses, which hold all of it
+    for a model used at most RECENT times (here: three uses, so exactly)."""
+    policy = Policy(S)
+    for t in (NOW - 7200, NOW - 3600, NOW - 60):
+        policy.record(Access("m", GB, t, "load"))
+    data = json.loads(policy.to_json())
+    assert data["version"] == 2
+    data["version"] = 1
+    data["models"]["m"] = data["models"]["m"][:6]
+    old = Policy.from_json(json.dumps(data), S)
+    assert old.value("m", NOW) == pytest.approx(policy.value("m", NOW), rel=1e-9)
+    assert json.loads(old.to_json())["version"] == 2
 
 
 @pytest.mark.parametrize(
