@@ -774,8 +774,12 @@ class Engine:
     ) -> dict[freeing.Copy, frozenset[holders.Process]]:
         """Of ``copies``, those deleted (no longer in their pool) that a process still holds:
         a blob another model keeps in the old pool was not deleted (blocking)."""
-        who = freeing.held(copies)
-        return {c: p for c, p in who.items() if self.models_dir.pool(c.pool).lstat(c.rel) is None}
+        out = {}
+        for copy, procs in freeing.held(copies).items():
+            tree = self.models_dir.pool(copy.pool)
+            if tree.lstat(copy.rel) is None:
+                out[copy] = procs
+        return out
 
     def _copies_elsewhere(self, model: Model, target: str) -> list[freeing.Copy]:
         """The model's copies in pools other than ``target``: a promote there moves it, and
