@@ -22,8 +22,9 @@ module is what it is told and what is done with the plan:
   with room and tiering is on, the least valuable evictable models of the target pool are
   demoted first (steps on the promote's Job), as the policy's ``make_room`` says.
 - **Residency**: the time each automatic or manual promote ended, for the minimum
-  residency. Kept in memory only: after a restart a model in RAM counts as resident long
-  enough (the policy's rule for an unknown time).
+  residency, kept in the state file with the history (a model in RAM whose time is unknown,
+  e.g. promoted by a daemon without tiering's state, counts as resident long enough: the
+  policy's rule).
 - **State**: the policy's history in ``<stateDir>/tiering.json`` (through roots.Root, as
   usage.json), written at most every ``WRITE_EVERY`` seconds and at shutdown; an unusable
   file is logged and replaced (the policy then starts without memory).
@@ -131,7 +132,6 @@ class AutoTiering:
         self.counters = Counters()
         self.state_dir: Path | None = None
         self._tree: Root | None = None
-        self.resident_since: dict[str, float] = {}  # model -> when its promote ended
         self._evicted_at: dict[str, float] = {}  # model -> when tiering evicted it
         self._auto: dict[int, tuple[str, str]] = {}  # automatic job id -> (op, pool)
         self._index: _Index | None = None
@@ -154,6 +154,11 @@ class AutoTiering:
     @property
     def enabled(self) -> bool:
         return self.config.enabled
+
+    @property
+    def resident_since(self) -> dict[str, float]:
+        """Model -> when its promote ended (kept in tiering.json with the history)."""
+        return self.policy.history.resident
 
     def attach(self, engine: Engine) -> None:
         """Hook into an engine that is (or is about to be) in charge."""
@@ -190,6 +195,7 @@ class AutoTiering:
             history = self.policy.history
             self.policy = Policy(config.settings())
             self.policy.history.models = history.models  # same shape: settings only rank it
+            self.policy.history.resident = history.resident
         if config.enabled != was.enabled:
             log.info("automatic tiering turned %s", "on" if config.enabled else "off")
             self.daemon.emit_tiering()
@@ -534,7 +540,11 @@ class AutoTiering:
         ok = job.error is None
         model = job.model
         if job.operation == "promote" and ok and model is not None:
-            self.resident_since[model] = now
+            resident = self.resident_since
+            resident[model] = now
+            if len(resident) > self.policy.history.max_tracked:  # kept as the state allows
+                del resident[min(resident, key=resident.__getitem__)]
+            self._dirty = True
             if auto is not None:
                 pool = job.pool or auto[1]
                 self.counters.promotions[pool] += 1
@@ -649,6 +659,7 @@ class AutoTiering:
             try:
                 history = Policy.from_json(raw, self.policy.settings).history
                 self.policy.history.models = history.models
+                self.policy.history.resident = history.resident
                 return
             except StateError as err:
                 why = str(err)

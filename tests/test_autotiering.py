@@ -447,6 +447,51 @@ def test_the_history_survives_a_restart_and_a_bad_state_file_starts_it_afresh(da
     assert not state.is_symlink()
 
 
+def test_residency_survives_a_restart_so_a_fresh_copy_is_not_evicted_at_once(daemon_factory):
+    """minResidency 600 s: a copy promoted a moment ago stays, however hot another model is,
+    also after a restart (the promote's time is in tiering.json); the same copy with its time
+    moved an hour back is what the plan evicts for the hotter model."""
+    dl, m = tiering_lab(daemon_factory, enabled=False, minResidency=600)
+    state = dl.lab.state / "tiering.json"
+    dl.start()
+    t0 = time.time()
+
+    async def promote_two() -> None:
+        async with await dl.client() as c:
+            await c.subscribe()
+            for name in ("a:1", "b:1"):
+                assert (await c.follow_job(await c.promote(name), timeout=WAIT)).success
+
+    run(promote_two())
+    t1 = time.time()
+    assert dl.stop() == 0
+    resident = json.loads(state.read_text())["resident"]
+    assert set(resident) == {"a:1", "b:1"} and all(t0 <= t <= t1 for t in resident.values())
+
+    async def plan_after_c_is_used() -> list:
+        async with await dl.client() as c:
+            use(dl, m["c:1"], 4)  # worth more than either: it would take the place of one
+            return [tuple(p[:3]) for p in await c.manager("TieringPlan")]
+
+    dl.start()
+    assert run(plan_after_c_is_used()) == []  # both are fresh: nothing may go yet
+    assert dl.stop() == 0
+    # The control: the same state with the promotes an hour old.
+    data = json.loads(state.read_text())
+    assert data["resident"] == resident  # read back and written again as it was
+    data["resident"] = {name: t - 3600 for name, t in resident.items()}
+    state.write_text(json.dumps(data))
+    dl.start()
+
+    async def plan() -> list:
+        async with await dl.client() as c:
+            return [tuple(p[:3]) for p in await c.manager("TieringPlan")]
+
+    actions = run(plan())
+    assert actions[-1] == ("promote", "c:1", "local"), actions
+    assert [a[0] for a in actions[:-1]] == ["evict"] and actions[0][1] in ("a:1", "b:1"), actions
+
+
 # --- bad settings -----------------------------------------------------------------------------
 
 

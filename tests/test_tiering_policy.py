@@ -341,6 +341,11 @@ def _state(**entry) -> str:
         json.dumps(
             {"version": 2, "models": {f"m{i}": [0, 0, 0, 0, None, [], 0] for i in range(11)}}
         ),
+        '{"version": 2, "models": {}, "resident": []}',
+        '{"version": 2, "models": {}, "resident": {"m": "at noon"}}',
+        '{"version": 2, "models": {}, "resident": {"m": true}}',
+        '{"version": 2, "models": {}, "resident": {"": 1.0}}',
+        json.dumps({"version": 2, "models": {}, "resident": {f"m{i}": 1.0 for i in range(11)}}),
     ],
 )
 def test_a_corrupt_state_is_refused_in_one_sentence(text) -> None:
@@ -350,6 +355,19 @@ def test_a_corrupt_state_is_refused_in_one_sentence(text) -> None:
     assert message.startswith("the tiering state") and message.endswith("it was ignored.")
     assert "\n" not in message
     assert Policy.from_json(_state(), S).value("m", 100.0) > 0  # the good one loads
+
+
+def test_residency_times_survive_the_state_and_a_version_1_state_has_none() -> None:
+    policy = Policy(S)
+    policy.record(Access("m", GB, NOW, "load"))
+    policy.history.resident.update({"m": NOW + 5.0, "pinned-only": NOW - 30.0})
+    again = Policy.from_json(policy.to_json(), S)
+    assert again.history.resident == {"m": NOW + 5.0, "pinned-only": NOW - 30.0}
+    data = json.loads(policy.to_json())
+    data["version"] = 1
+    del data["resident"]
+    data["models"]["m"] = data["models"]["m"][:6]
+    assert Policy.from_json(json.dumps(data), S).history.resident == {}
 
 
 def test_a_version_1_state_loads_with_its_fast_counts_rebuilt() -> None:

@@ -96,6 +96,10 @@ class History:
         self.coalesce = coalesce
         self.max_tracked = max_tracked
         self.models: dict[str, Uses] = {}
+        self.resident: dict[str, float] = {}
+        """When each model now in RAM got there (its promote's end, wall clock), for the
+        minimum residency; kept in the state so a restart does not forget it (a model in RAM
+        whose time is unknown counts as resident long enough, and could be evicted at once)."""
 
     def record(self, model: str, when: float) -> bool:
         """Count a use of ``model`` at ``when``; False if it was coalesced into the last one."""
@@ -147,6 +151,7 @@ class History:
                     name: [u.heat, u.at, u.last, u.count, u.evicted, u.recent, u.fast]
                     for name, u in sorted(self.models.items())
                 },
+                "resident": dict(sorted(self.resident.items())),
             },
             separators=(",", ":"),
         )
@@ -185,7 +190,20 @@ class History:
                 uses.fast = sum(
                     2.0 ** (-max(0.0, uses.at - t) / self.fast_half_life) for t in uses.recent
                 )
+        resident = data.get("resident", {})  # version 1 had none
+        if not isinstance(resident, dict) or len(resident) > self.max_tracked:
+            raise StateError(
+                "the tiering state's resident table is not a table of at most maxTracked "
+                f"({self.max_tracked}) models; it was ignored."
+            )
+        for name, when in resident.items():
+            if not name or len(name) > MAX_NAME or "\0" in name or not _finite(when):
+                raise StateError(
+                    f"the tiering state's resident time of {name[:80]!r} is not a model and a "
+                    "finite number; it was ignored."
+                )
         self.models = loaded
+        self.resident = {name: float(when) for name, when in resident.items()}
 
 
 def _uses(name: str, row: Any, version: int) -> Uses:
