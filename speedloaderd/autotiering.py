@@ -593,8 +593,7 @@ class AutoTiering:
         """Blocking: the engine's file index, and the marks that follow from it."""
         if engine is None:
             self._index = None
-            self.watch.set_mounts(())
-            self.watch.set_files(())
+            self.watch.set_marks((), ())
             return
         index = engine.file_index()
         sizes = {name: m.size for name, m in engine.catalog.models.items()}
@@ -614,21 +613,16 @@ class AutoTiering:
                 for f in m.data_files
                 if f.ident is not None
             ]
-        self.watch.set_mounts(mounts)
-        self.watch.set_files(files)
-        self._say_watched()
+        marked = self.watch.set_marks(mounts, files)
+        if marked is not None:
+            self._say_watched(*marked)
 
-    def _say_watched(self) -> None:
-        """One log line each time what is watched changes: opens before it are not seen
-        (the marks are placed in a thread after the daemon is on the bus), so a sysadmin
-        reading why a use was missed, and the tests, can tell from when it counts."""
-        w = self.watch
-        if w.state != "watching":
-            return
-        said = (
-            f"watching the opens of model files: {w.mounts_marked} mount(s)"
-            f", {w.files_marked} cold storage file(s)"
-        )
+    def _say_watched(self, mounts: int, files: int) -> None:
+        """One log line each time what is watched changes, once those marks are in place:
+        opens before it are not seen (the marks are placed in a thread after the daemon is
+        on the bus), so a sysadmin reading why a use was missed, and the tests, can tell
+        from when it counts."""
+        said = f"watching the opens of model files: {mounts} mount(s), {files} cold storage file(s)"
         if said != self._said_watched:
             self._said_watched = said
             log.info("%s", said)

@@ -327,13 +327,17 @@ class OpenWatch:
         self._own = os.getpid()
         self._coalescer = Coalescer(max_pending)
         self._lock = threading.Lock()  # the fanotify fd's reading and the pending entries
+        # The marks: start() (in a thread) and a re-mark (in another) once ran together, and
+        # a file marked by one before the other's flush stayed counted but unmarked: its
+        # opens were never seen (a CI run lost a model's every use that way).
+        self._marking = threading.RLock()
         self._fd = -1
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._marked: dict[str, int] = {}  # mount path -> its st_dev when marked
-        self._marked_files: set[FileKey] = set()
+        self._marked_files: dict[FileKey, Identity] = {}
         self._accept: frozenset[int] = frozenset()  # devices of the marked mounts
         self._accept_files: frozenset[FileKey] = frozenset()
         self._last_overflow = -BURST_QUIET  # monotonic time of the last overflow
@@ -353,6 +357,10 @@ class OpenWatch:
         """Open fanotify and mark; False (``state`` "unavailable", one log line) when the
         kernel or the privileges do not allow it. ``loop``: where on_opens runs (by default
         the running one; pass it to start in a thread: ``asyncio.to_thread(w.start, loop)``)."""
+        with self._marking:
+            return self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop | None) -> bool:
         if self.state == "watching":
             return True
         self._loop = loop or asyncio.get_running_loop()
@@ -375,7 +383,7 @@ class OpenWatch:
         self.state = "watching"
         self.reason = ""
         self._apply_mounts(self._want_mounts)
-        self._apply_files(self._want_files, flush=False)
+        self._apply_files(self._want_files)
         self._thread = threading.Thread(target=self._run, name="opens", daemon=True)
         self._thread.start()
         return True
@@ -404,12 +412,26 @@ class OpenWatch:
             return
         with self._lock:
             batch = self._coalescer.take()
-        for fd in (self._fd, self._wake_r, self._wake_w):
-            os.close(fd)
-        self._fd = self._wake_r = self._wake_w = -1
-        self._marked.clear()
-        self._marked_files.clear()
-        self.state = "off"
+        # A re-mark still running (a thread waiting on a cold storage that does not answer)
+        # is not waited for past the grace; the fd is left to it then (closed, its number
+        # could be another file's by the time that thread marks).
+        marking = self._marking.acquire(timeout=STOP_GRACE)
+        try:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if marking:
+                os.close(self._fd)
+            else:
+                log.warning(
+                    "the open watch is blocked marking a file on storage that does not answer"
+                )
+            self._fd = self._wake_r = self._wake_w = -1
+            self._marked.clear()
+            self._marked_files.clear()
+            self.state = "off"
+        finally:
+            if marking:
+                self._marking.release()
         if batch:
             self._on_opens(batch)
 
@@ -424,14 +446,29 @@ class OpenWatch:
     # --- marks
 
     def set_mounts(self, mounts: Iterable[Path | str]) -> None:
-        self._want_mounts = [str(m) for m in mounts]
-        if self.state == "watching":
-            self._apply_mounts(self._want_mounts)
+        with self._marking:
+            self._want_mounts = [str(m) for m in mounts]
+            if self.state == "watching":
+                self._apply_mounts(self._want_mounts)
 
     def set_files(self, files: Iterable[ColdFile]) -> None:
-        self._want_files = list(files)
-        if self.state == "watching":
-            self._apply_files(self._want_files, flush=True)
+        with self._marking:
+            self._want_files = list(files)
+            if self.state == "watching":
+                self._apply_files(self._want_files)
+
+    def set_marks(
+        self, mounts: Iterable[Path | str], files: Iterable[ColdFile]
+    ) -> tuple[int, int] | None:
+        """set_mounts and set_files as one step: the (mounts, files) marked when it returned,
+        which no other re-mark or start can have changed in between; None when not watching
+        (the wanted marks are placed by start())."""
+        with self._marking:
+            self.set_mounts(mounts)
+            self.set_files(files)
+            if self.state != "watching":
+                return None
+            return self.mounts_marked, self.files_marked
 
     def _unmarkable(self, path: str, why: str) -> None:
         if self.unmarked.get(path) != why:
@@ -483,17 +520,20 @@ class OpenWatch:
             self.unmarked.pop(path, None)
         self._accept = frozenset(self._marked.values())
 
-    def _apply_files(self, files: list[ColdFile], *, flush: bool) -> None:
-        if flush and self._marked_files:
+    def _apply_files(self, files: list[ColdFile]) -> None:
+        wanted = {f.key: f.ident for f in files}
+        if any(wanted.get(k) != ident for k, ident in self._marked_files.items()):
             # Dropping one inode mark needs its file again (by path, which may be gone or
             # another file now): all of them go and the wanted ones are marked afresh.
-            # 10,000 files take about 0.1 s; opens of them in between are not seen.
+            # 10,000 files take about 0.1 s; opens of them in between are not seen, so
+            # this is done only when a marked file is no longer wanted (or was replaced),
+            # not at each re-mark (one follows every promote and demote).
             fanotify_mark(self._fd, FAN_MARK_FLUSH, 0, None)
-            self._marked_files = set()
+            self._marked_files = {}
             self._drain()
         bad = 0
         for f in files:
-            if f.key in self._marked_files:
+            if self._marked_files.get(f.key) == f.ident:
                 continue
             try:
                 with f.root.directory() as rfd:
@@ -512,7 +552,7 @@ class OpenWatch:
             except OSError:
                 bad += 1
                 continue
-            self._marked_files.add(f.key)
+            self._marked_files[f.key] = f.ident
         if bad:
             log.info("%d cold storage files changed or went since the scan: not watched", bad)
         self._accept_files = frozenset(self._marked_files)

@@ -8,11 +8,14 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from speedloaderd import opens as opens_mod
 from speedloaderd.opens import Coalescer, ColdFile, Open, OpenWatch, by_model, own_mount
 from speedloaderd.roots import Identity, Root
 
@@ -410,6 +413,106 @@ def test_cold_files_on_a_shared_mount_are_watched_by_inode_marks(tmp_path, child
     mine = [o for o in opens if o.pid == child.pid]
     assert sum(o.count for o in mine if o.key == key(model)) == 1  # before set_files
     assert {o.key for o in mine} == {key(model), key(other)}
+
+
+def test_re_marking_the_same_files_loses_no_open(tmp_path, child, monkeypatch):
+    """Autotiering re-marks after every promote and demote, mostly the same cold files: that
+    drops no mark (no FAN_MARK_FLUSH) and so no open, here 40 opens each waited for while
+    another thread re-marks without pause."""
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    paths = [cold / f"m{i}.gguf" for i in range(20)]
+    for p in paths:
+        p.write_bytes(b"c")
+    root = Root(cold, "cold storage", links=True)
+    files = [ColdFile(root, p.name, ident(p)) for p in paths]
+    flushes = []
+    real_mark = opens_mod.fanotify_mark
+
+    def mark(fd, flags, mask, path):
+        if flags & opens_mod.FAN_MARK_FLUSH:
+            flushes.append(path)
+        return real_mark(fd, flags, mask, path)
+
+    monkeypatch.setattr(opens_mod, "fanotify_mark", mark)
+
+    async def go() -> int:
+        seen = Seen()
+        watch = OpenWatch([], seen, files=files, window=0.02)
+        assert watch.start()
+        stop = threading.Event()
+
+        def remark() -> None:
+            while not stop.is_set():
+                watch.set_files(files)
+
+        t = threading.Thread(target=remark)
+        t.start()
+        try:
+            target = key(paths[7])
+            for n in range(1, 41):
+                child.open(paths[7])
+                await seen.until(lambda o, n=n: sum(x.count for x in o if x.key == target) >= n)
+            return sum(o.count for o in seen.opens if o.key == target)
+        finally:
+            stop.set()
+            t.join()
+            watch.stop()
+
+    assert asyncio.run(go()) == 40
+    assert flushes == []
+
+
+def test_a_start_and_a_re_mark_together_leave_every_file_marked(tmp_path, child, monkeypatch):
+    """The daemon starts the watch in one thread while a re-mark of the catalog's files may
+    run in another: whichever goes first, every file is marked and counted once, and its
+    open is seen (a file counted but not marked was never seen again). Marking is slowed
+    (1 ms per file, after the mark and before it is counted) so that the two overlap."""
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    paths = [cold / f"m{i}.gguf" for i in range(30)]
+    for p in paths:
+        p.write_bytes(b"c")
+    root = Root(cold, "cold storage", links=True)
+    files = [ColdFile(root, p.name, ident(p)) for p in paths]
+    real_mark = opens_mod.fanotify_mark
+    calls = []
+    begun = threading.Event()
+
+    def slow(*args):
+        done = real_mark(*args)
+        calls.append(args)
+        if len(calls) == 5:
+            begun.set()  # the start is marking: the re-mark goes now
+        time.sleep(0.001)
+        return done
+
+    monkeypatch.setattr(opens_mod, "fanotify_mark", slow)
+
+    def remark(watch: OpenWatch) -> None:
+        begun.wait(TIMEOUT)
+        watch.set_marks([], files)
+
+    async def go() -> tuple[int, list[Open]]:
+        seen = Seen()
+        watch = OpenWatch([], seen, files=files, window=0.02)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(
+                asyncio.to_thread(watch.start, loop), asyncio.to_thread(remark, watch)
+            )
+            marked = watch.files_marked
+            for p in paths:
+                child.open(p)
+            want = {key(p) for p in paths}
+            found = await seen.until(lambda o: want <= {x.key for x in o if x.pid == child.pid})
+            return marked, found
+        finally:
+            watch.stop()
+
+    marked, found = asyncio.run(go())
+    assert marked == len(paths)
+    assert {o.key for o in found if o.pid == child.pid} == {key(p) for p in paths}
 
 
 def test_no_fd_leaks_and_stop_is_clean(tmpfs):
