@@ -164,12 +164,14 @@ class DaemonLab:
         self.config = self.lab.config(pools=(("local", self.pool_size, 100),))
         save_config(self.config, self.lab.config_path)
         self.proc: subprocess.Popen | None = None
+        self._log_start = 0
 
     @property
     def address(self) -> str:
         return self.sandbox.address
 
     def start(self) -> None:
+        self._log_start = len(self.log())  # the log file is appended to by each start
         self.proc = self.sandbox.start_daemon(self.lab.config_path)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -180,6 +182,11 @@ class DaemonLab:
 
     def log(self) -> str:
         return self.sandbox.daemon_log()
+
+    def log_of_this_run(self) -> str:
+        """What the daemon started last has logged (a line of an earlier run says nothing
+        of this one: a test once took the first run's "watching" line for the second's)."""
+        return self.log()[self._log_start :]
 
     async def client(self) -> Client:
         return await Client.connect(self.address)

@@ -99,9 +99,10 @@ def use(dl: DaemonLab, model: OllamaModel, times: int = 1) -> None:
 
 
 def watched(dl: DaemonLab) -> None:
-    """Until the daemon says it watches the model files' opens (autotiering._say_watched)."""
+    """Until the daemon started last says it watches the model files' opens
+    (autotiering._say_watched)."""
     deadline = time.monotonic() + WAIT
-    while "watching the opens of model files:" not in dl.log():
+    while "watching the opens of model files:" not in dl.log_of_this_run():
         if time.monotonic() > deadline:
             raise AssertionError(f"the open watch not in place within {WAIT:.0f} s:\n{dl.log()}")
         time.sleep(0.1)
