@@ -49,15 +49,19 @@ def read_line(proc: subprocess.Popen, timeout: float = 60.0) -> str:
 
 
 def timed_run(lab, op: str, model: str, config: Path | None = None) -> tuple[float, float]:
-    """Run one op to completion; return (start-up seconds, op seconds)."""
+    """Run one op to completion; return (start-up seconds, op seconds: for ``auto`` from
+    its job's start, see tests/crash_worker.py)."""
     t0 = time.monotonic()
     proc = spawn(lab, op, model, config)
     assert read_line(proc) == "READY"
-    t1 = time.monotonic()
+    t1 = t_op = time.monotonic()
+    if op == "auto":
+        assert read_line(proc) == "STARTED"
+        t_op = time.monotonic()
     assert read_line(proc) == "DONE"
     t2 = time.monotonic()
     assert proc.wait() == 0
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t_op
 
 
 def kill_at_random(
@@ -67,15 +71,18 @@ def kill_at_random(
     start_s: float,
     op_s: float,
     outcomes: dict[str, int],
+    op_starts: tuple[str, ...] = ("READY",),
 ) -> None:
     """SIGKILL the worker at a random instant of its start-up (``in_startup``) or of its
-    operation (up to 1.3 times its measured length: some kills land after it), and count
-    whether the operation finished first."""
+    operation (up to 1.3 times its measured length: some kills land after it; timed from
+    the last of ``op_starts``), and count whether the operation finished first."""
     if in_startup:
         time.sleep(rng.uniform(0, start_s))
         outcomes["startup"] += 1
     else:
-        assert read_line(proc) == "READY"
+        for line in op_starts:
+            said = read_line(proc)
+            assert said == line, (said, line)
         time.sleep(rng.uniform(0, 1.3 * op_s))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -221,7 +228,7 @@ def test_sigkill_during_automatic_promotes_and_evictions(lab):
         proc = spawn(lab, "auto", "big:1", paths[op])
         # every fourth kill lands in start-up (recovery, the first plan)
         op_s = promote_s if op == "promote" else evict_s
-        kill_at_random(proc, rng, i % 4 == 3, start_s, op_s, outcomes)
+        kill_at_random(proc, rng, i % 4 == 3, start_s, op_s, outcomes, ("READY", "STARTED"))
         pending = journal_entries(lab)
         state = run(_state_after_restart(lab, config, blobs))
         if pending:
